@@ -1,0 +1,1 @@
+"""The kopf operator: API models, pure manifest builders, thin handlers."""

@@ -1,0 +1,7 @@
+"""CLI commands of this part (registered by kubetune.cli)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass
