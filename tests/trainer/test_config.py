@@ -1,0 +1,90 @@
+"""TrainerConfig: camelCase aliases, defaults, and errors that name the field."""
+
+import json
+
+import pytest
+
+from kubetune.trainer.config import ConfigError, TrainerConfig, load_config, parse_config
+
+MINIMAL = {
+    "baseModel": {"uri": "s3://models/tiny-llama/"},
+    "dataset": {"uri": "s3://data/train.jsonl"},
+    "output": {"uri": "s3://artifacts/job/"},
+}
+
+
+def test_minimal_config_gets_defaults():
+    cfg = parse_config(MINIMAL)
+    assert cfg.dataset.format == "auto"
+    assert cfg.method.type == "lora"
+    assert cfg.training.batch_size == "auto"
+    assert cfg.base_model.served_name == "tiny-llama"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    data = {**MINIMAL, "training": {"batchSize": 4, "maxSteps": 10, "checkpointEvery": 5}}
+    cfg = parse_config(data)
+    path = tmp_path / "train.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg
+    assert again.training.batch_size == 4
+    assert "checkpointEvery" in again.to_dict()["training"]
+
+
+def test_json_file(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(MINIMAL))
+    assert load_config(path).output.uri == "s3://artifacts/job/"
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ({"dataset": {"uri": "x", "validationSplit": 1.5}}, "dataset.validationSplit"),
+        ({"dataset": {"uri": "x", "format": "csvish"}}, "dataset.format"),
+        ({"dataset": {"uri": "x", "overLength": "ignore"}}, "dataset.overLength"),
+        ({"method": {"type": "full"}}, "method.type"),
+        ({"method": {"r": 0}}, "method.r"),
+        ({"method": {"targetModules": []}}, "method.targetModules"),
+        ({"method": {"quantization": {"bits": 3}}}, "method.quantization.bits"),
+        ({"training": {"batchSize": 0}}, "training.batchSize"),
+        ({"training": {"batchSize": "big"}}, "training.batchSize"),
+        ({"training": {"learningRate": -1}}, "training.learningRate"),
+        ({"training": {"checkpointEvery": 0}}, "training.checkpointEvery"),
+        ({"training": {"epochz": 3}}, "training.epochz"),
+        ({"evaluation": {"minImprovement": 2}}, "evaluation.minImprovement"),
+    ],
+)
+def test_bad_field_is_named(patch, field):
+    with pytest.raises(ConfigError) as exc:
+        parse_config({**MINIMAL, **patch}, source="t.yaml")
+    assert field in str(exc.value)
+
+
+def test_missing_required_section_is_named():
+    data = dict(MINIMAL)
+    del data["output"]
+    with pytest.raises(ConfigError, match="output"):
+        parse_config(data)
+
+
+def test_qlora_with_zero3_rejected():
+    with pytest.raises(ConfigError, match="qlora"):
+        parse_config({**MINIMAL, "method": {"type": "qlora"}, "training": {"strategy": "deepspeed-zero3"}})
+
+
+def test_unparseable_file_is_clear(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("baseModel: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot be parsed"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_snake_case_names_accepted_for_python_callers():
+    cfg = TrainerConfig(
+        base_model={"uri": "/m"}, dataset={"uri": "/d.jsonl", "max_length": 64}, output={"uri": "/o"}
+    )
+    assert cfg.dataset.max_length == 64
