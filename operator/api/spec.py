@@ -1,0 +1,294 @@
+"""FineTuneJob `spec`: what a user asks for.
+
+Every field has a description (it is what `kubectl explain ftj.spec...`
+prints), a default where one is sensible, and bounds. Invariants that span
+fields are `Rule`s: the CRD carries them as CEL, the model checks them in
+Python too.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import AfterValidator, Field
+
+from .rules import ApiModel, Rule, immutable, matches, string_rule
+
+# Patterns avoid backslashes so that they read the same in Python and inside
+# CEL string literals.
+S3_URI = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
+HF_ID = "^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+MODEL_URI = f"^(s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/.*)?|{HF_ID[1:-1]})$"
+HTTP_URL = "^https?://[^ /]+(/.*)?$"
+DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+LABEL_VALUE = "^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+
+
+def _pattern_str(pattern: str, message: str, max_length: int, description: str):
+    def check(value: str) -> str:
+        if not matches(pattern, value):
+            raise ValueError(message)
+        return value
+
+    return Annotated[
+        str,
+        Field(min_length=1, max_length=max_length, description=description, json_schema_extra=string_rule(pattern, message)),
+        AfterValidator(check),
+    ]
+
+
+S3Uri = _pattern_str(S3_URI, "must be an s3:// URI (s3://bucket/prefix)", 1024, "An s3://bucket/prefix URI.")
+ModelUri = _pattern_str(
+    MODEL_URI,
+    "must be an s3:// URI (s3://bucket/prefix/) or a Hugging Face model id (org/name)",
+    1024,
+    "s3://bucket/prefix/ of a Hugging Face model directory, or a Hugging Face id (org/name) "
+    "resolved from the offline cache of the trainer image.",
+)
+DnsLabel = _pattern_str(DNS_LABEL, "must be a DNS label (lowercase letters, digits, '-')", 63, "A DNS label.")
+ObjectName = _pattern_str(DNS_SUBDOMAIN, "must be a valid Kubernetes object name", 253, "A Kubernetes object name.")
+HttpUrl = _pattern_str(HTTP_URL, "must be an http:// or https:// URL", 512, "An http(s) URL.")
+LabelValue = _pattern_str(LABEL_VALUE, "must be a valid label value", 63, "A Kubernetes label value.")
+
+DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt-completion", "text"]
+MethodType = Literal["lora", "qlora"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
+Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+ServingMode = Literal["merged", "adapter"]
+
+
+class BaseModelSpec(ApiModel):
+    """The model to fine-tune."""
+
+    uri: ModelUri = Field(description="s3://bucket/prefix/ of a Hugging Face model directory, or a Hugging Face id (org/name).")
+    revision: Optional[str] = Field(default=None, max_length=128, description="Revision (branch, tag or commit) of a Hugging Face id.")
+    name: Optional[str] = Field(
+        default=None,
+        max_length=128,
+        description="Name the base model is known by (adapter metadata, vLLM); defaults to the last segment of uri.",
+    )
+
+
+class DatasetSpec(ApiModel):
+    """Training data: one file in S3."""
+
+    uri: S3Uri = Field(description="s3://bucket/key of a .jsonl, .json, .parquet or .csv file.")
+    format: DatasetFormat = Field(default="auto", description="Row format; auto detects it from the first rows.")
+    validation_split: float = Field(default=0.05, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss.")
+    max_length: int = Field(default=2048, ge=16, le=1_048_576, description="Maximum tokens per training example.")
+    over_length: Literal["truncate", "drop"] = Field(default="truncate", description="What to do with longer examples.")
+
+
+class QuantizationSpec(ApiModel):
+    """bitsandbytes quantization of the frozen base weights (qlora only)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="4 or 8 bit base weights.")
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
+
+
+class MethodSpec(ApiModel):
+    """Parameter-efficient fine-tuning method."""
+
+    type: MethodType = Field(default="qlora", description="qlora (4/8-bit base + LoRA) or lora (bf16 base + LoRA).")
+    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(default=32, gt=0, le=4096, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or [all-linear] for every linear layer but the output head.",
+    )
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Used when type is qlora.")
+
+
+class TrainingSpec(ApiModel):
+    """Optimizer, schedule and checkpointing."""
+
+    __rules__ = (
+        Rule(
+            cel="type(self.batchSize) == int ? self.batchSize >= 1 : self.batchSize == 'auto'",
+            message="batchSize must be 'auto' or an integer >= 1",
+            field_path=".batchSize",
+            check=lambda t: t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size >= 1),
+        ),
+    )
+
+    epochs: float = Field(default=3, gt=0, le=1000, description="Passes over the training split.")
+    max_steps: Optional[int] = Field(default=None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
+    scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
+    batch_size: Union[int, Literal["auto"]] = Field(
+        default="auto",
+        description="Per-device micro batch size, or auto (largest that fits).",
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    gradient_accumulation: int = Field(default=1, ge=1, le=1024, description="Micro batches per optimizer step.")
+    packing: bool = Field(default=True, description="Pack short examples into full-length sequences.")
+    seed: int = Field(default=42, ge=0, description="Random seed (data order, LoRA init).")
+    checkpoint_every: int = Field(default=200, ge=1, description="Steps between checkpoints written to S3.")
+    gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
+    precision: Precision = Field(default="auto", description="auto: bf16 where the GPU supports it.")
+
+
+class ResourcesSpec(ApiModel):
+    """Where and how wide training runs."""
+
+    nodes: int = Field(default=1, ge=1, le=64, description="Machines; each runs one pod of the Indexed train Job.")
+    gpus_per_node: int = Field(default=1, ge=1, le=8, description="GPUs per machine (nvidia.com/gpu).")
+    gpu_type: Optional[LabelValue] = Field(
+        default=None, description="Value of the nvidia.com/gpu.product node label to schedule on, e.g. NVIDIA-H100-80GB-HBM3."
+    )
+    strategy: Strategy = Field(default="ddp", description="ddp, or DeepSpeed ZeRO stage 2 or 3 (rendered into a ConfigMap).")
+    cpu: str = Field(default="4", max_length=32, description="CPU request per training pod.")
+    memory: str = Field(default="32Gi", max_length=32, description="Memory request and limit per training pod.")
+    shm_size: str = Field(default="16Gi", max_length=32, description="Size of /dev/shm (NCCL, data loader workers).")
+    queue_name: Optional[DnsLabel] = Field(
+        default=None, description="Kueue LocalQueue: the Jobs are created suspended and Kueue admits them."
+    )
+    priority_class_name: Optional[ObjectName] = Field(default=None, description="PriorityClass of the training pods.")
+
+
+class OutputSpec(ApiModel):
+    """Where artifacts go (layout: docs/contracts.md). Deleting the FineTuneJob
+    never deletes them: artifacts outlive the object that produced them."""
+
+    uri: S3Uri = Field(description="s3://bucket/prefix/ receiving checkpoints, adapter, merged model and reports.")
+    merge: bool = Field(default=True, description="Fold the adapter into the base and write bf16 safetensors to merged/.")
+
+
+class EvaluationSpec(ApiModel):
+    """Held-out loss before vs after, sample generations, optional gate."""
+
+    enabled: bool = Field(default=True, description="Run the evaluate stage.")
+    prompts: list[Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=list, max_length=32, description="Prompts whose generations are stored in the report."
+    )
+    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per prompt.")
+    min_improvement: Optional[float] = Field(
+        default=None,
+        ge=-1.0,
+        le=1.0,
+        description="Gate: minimum relative drop of held-out loss, (base - tuned) / base, for the model to be served.",
+    )
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FineTuneJob's namespace."""
+
+    name: ObjectName = Field(description="Secret name.")
+    key: str = Field(default="api-key", min_length=1, max_length=253, description="Key inside the Secret.")
+
+
+class ServingSpec(ApiModel):
+    """vLLM serving of the result."""
+
+    __rules__ = (
+        Rule(
+            cel="self.mode != 'adapter' || self.enabled",
+            message="mode adapter only applies when serving is enabled",
+            field_path=".mode",
+        ),
+    )
+
+    enabled: bool = Field(default=True, description="Serve the fine-tuned model with vLLM.")
+    mode: ServingMode = Field(
+        default="merged", description="merged: serve merged/ from S3; adapter: load the adapter onto a base-model server."
+    )
+    replicas: int = Field(default=1, ge=0, le=64, description="vLLM replicas (the only field that may change after creation).")
+    gpus: int = Field(default=1, ge=1, le=8, description="GPUs per replica (tensor parallel size).")
+    gpu_type: Optional[LabelValue] = Field(default=None, description="nvidia.com/gpu.product of the serving nodes.")
+    max_model_len: Optional[int] = Field(default=None, ge=16, le=1_048_576, description="vLLM --max-model-len.")
+    served_model_name: Optional[DnsLabel] = Field(default=None, description="Model name in the OpenAI API; the job name by default.")
+    api_key_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Secret key holding the API key clients must send.")
+
+
+class SecretRef(ApiModel):
+    name: ObjectName = Field(description="Secret name (keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY).")
+
+
+class StorageSpec(ApiModel):
+    """S3 access for every stage."""
+
+    __rules__ = (
+        Rule(
+            cel="!(has(self.credentialsSecretRef) && has(self.serviceAccountName))",
+            message="set credentialsSecretRef or serviceAccountName (IRSA), not both",
+            field_path=".serviceAccountName",
+            check=lambda s: not (s.credentials_secret_ref and s.service_account_name),
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    endpoint_url: Optional[HttpUrl] = Field(default=None, description="S3-compatible endpoint (AWS_ENDPOINT_URL).")
+    region: Optional[str] = Field(default=None, max_length=64, description="AWS_REGION.")
+    credentials_secret_ref: Optional[SecretRef] = Field(default=None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.")
+    service_account_name: Optional[ObjectName] = Field(
+        default=None, description="Existing ServiceAccount with cloud credentials (IRSA / workload identity) to run stages as."
+    )
+
+
+class FineTuneJobSpec(ApiModel):
+    """One fine-tuning run: validate -> train -> merge -> evaluate -> serve."""
+
+    __rules__ = (
+        Rule(
+            cel="!(self.method.type == 'qlora' && self.resources.strategy == 'deepspeed-zero3')",
+            message="method.type qlora cannot be combined with resources.strategy deepspeed-zero3",
+            field_path=".resources.strategy",
+            check=lambda s: not (s.method.type == "qlora" and s.resources.strategy == "deepspeed-zero3"),
+        ),
+        Rule(
+            cel="!self.serving.enabled || self.serving.mode != 'merged' || self.output.merge",
+            message="serving.mode merged needs output.merge: true",
+            field_path=".serving.mode",
+            check=lambda s: not s.serving.enabled or s.serving.mode != "merged" or s.output.merge,
+        ),
+        Rule(
+            cel="!self.serving.enabled || self.serving.mode != 'adapter' || self.method.type in ['lora', 'qlora']",
+            message="serving.mode adapter needs method.type lora or qlora",
+            field_path=".serving.mode",
+        ),
+        Rule(
+            cel="!has(self.evaluation.minImprovement) || self.evaluation.enabled",
+            message="evaluation.minImprovement needs evaluation.enabled: true",
+            field_path=".evaluation.minImprovement",
+            check=lambda s: s.evaluation.min_improvement is None or s.evaluation.enabled,
+        ),
+        Rule(
+            cel="self.resources.nodes * self.resources.gpusPerNode <= 512",
+            message="resources.nodes * resources.gpusPerNode must be <= 512",
+            field_path=".resources.nodes",
+            check=lambda s: s.resources.nodes * s.resources.gpus_per_node <= 512,
+        ),
+        immutable("baseModel", "spec.baseModel"),
+        immutable("dataset", "spec.dataset"),
+        immutable("method", "spec.method"),
+        immutable("training", "spec.training"),
+        immutable("resources", "spec.resources"),
+        immutable("output", "spec.output"),
+        immutable("evaluation", "spec.evaluation"),
+        immutable("storage", "spec.storage"),
+        Rule(
+            cel="self.serving.enabled == oldSelf.serving.enabled && self.serving.mode == oldSelf.serving.mode",
+            message="spec.serving.enabled and spec.serving.mode are immutable (spec.serving.replicas may change)",
+            field_path=".serving",
+        ),
+    )
+
+    base_model: BaseModelSpec = Field(description="The model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="LoRA / QLoRA settings.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Optimizer, schedule, checkpoints.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Nodes, GPUs, strategy, queue.")
+    output: OutputSpec = Field(description="Artifact location.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation and serving gate.")
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="vLLM serving.")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
+    image: Optional[str] = Field(
+        default=None, max_length=512, description="Trainer image for every stage; the operator's default when unset."
+    )

@@ -1,0 +1,47 @@
+"""The FineTuneJob pydantic model: defaults, bounds and cross-field rules."""
+
+import pytest
+from pydantic import ValidationError
+
+from kubetune.operator.api import FineTuneJob
+
+from .jobs import job
+
+
+def test_minimal_job_gets_defaults():
+    ftj = FineTuneJob.from_body(job())
+    assert ftj.spec.method.type == "qlora"
+    assert ftj.spec.resources.nodes == 1 and ftj.spec.resources.gpus_per_node == 1
+    assert ftj.spec.training.batch_size == "auto"
+    assert ftj.spec.output.merge is True
+    assert ftj.spec.serving.mode == "merged"
+
+
+@pytest.mark.parametrize(
+    "overrides, field, text",
+    [
+        ({"baseModel": {"uri": "gs://models/x/"}}, "spec.baseModel.uri", "Hugging Face model id"),
+        ({"dataset": {"uri": "https://example.org/x.jsonl"}}, "spec.dataset.uri", "s3://"),
+        ({"output": {"uri": "/tmp/out"}}, "spec.output.uri", "s3://"),
+        ({"resources": {"gpusPerNode": 9}}, "spec.resources.gpusPerNode", "less than or equal to 8"),
+        ({"resources": {"gpusPerNode": 0}}, "spec.resources.gpusPerNode", "greater than or equal to 1"),
+        ({"method": {"type": "full"}}, "spec.method.type", "'lora' or 'qlora'"),
+        ({"training": {"batchSize": 0}}, "spec.training", "batchSize"),
+        ({"storage": {"credentialsSecretRef": {"name": "s3"}, "serviceAccountName": "irsa"}}, "spec.storage", "not both"),
+        ({"resources": {"strategy": "deepspeed-zero3"}}, "spec", "qlora cannot be combined"),
+        ({"output": {"merge": False}}, "spec", "serving.mode merged needs output.merge"),
+        ({"evaluation": {"enabled": False, "minImprovement": 0.1}}, "spec", "evaluation.minImprovement needs"),
+        ({"resources": {"queueName": "Team_A"}}, "spec.resources.queueName", "DNS label"),
+    ],
+)
+def test_bad_spec_is_rejected_naming_the_field(overrides, field, text):
+    with pytest.raises(ValidationError) as err:
+        FineTuneJob.from_body(job(**overrides))
+    rendered = str(err.value)
+    assert field in rendered
+    assert text in rendered
+
+
+def test_hugging_face_id_is_a_valid_base_model():
+    ftj = FineTuneJob.from_body(job(baseModel={"uri": "meta-llama/Llama-3.1-8B"}))
+    assert ftj.spec.base_model.uri == "meta-llama/Llama-3.1-8B"
