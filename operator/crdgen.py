@@ -1,0 +1,181 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic API.
+
+`python -m kubetune.operator.crdgen [-o crds/finetunejob.yaml]` or
+`kubetune crd`. Pure except for `main`: `build_crd()` returns the manifest.
+
+pydantic emits JSON Schema; a CRD wants a *structural* OpenAPI v3 schema, so:
+`$ref`s are inlined, `Optional[X]` (anyOf X|null) becomes X (optional fields
+are simply not required), JSON-Schema-2020 numeric exclusive bounds become
+OpenAPI 3.0 booleans, `const` becomes a one-value enum, and `title` and
+`additionalProperties: false` go (the API server prunes unknown fields).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .api import FineTuneJobSpec, FineTuneJobStatus
+from .api.constants import CATEGORIES, GROUP, KIND, LIST_KIND, MAX_NAME_LENGTH, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+
+CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / "finetunejob.yaml"
+
+_DROP = {"title", "additionalProperties", "$defs"}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Training progress in percent."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.url", "priority": 1, "description": "Serving URL."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, list):
+        return [_resolve(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+        # The field's own description/default win over the class docstring.
+        target.update(node)
+        node = target
+    if "anyOf" in node:
+        branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+        if node.get("x-kubernetes-int-or-string"):
+            # An int-or-string's constraints are CEL rules on the parent model.
+            node.pop("anyOf")
+        elif len(branches) == 1:
+            node.pop("anyOf")
+            branch = _resolve(branches[0], defs)
+            merged = {**branch, **{k: v for k, v in node.items() if k != "default" or v is not None}}
+            if "x-kubernetes-validations" in branch and "x-kubernetes-validations" in node:
+                merged["x-kubernetes-validations"] = branch["x-kubernetes-validations"] + node["x-kubernetes-validations"]
+            node = merged
+        else:
+            raise ValueError(f"union without a structural equivalent: {node}")
+    if node.get("default", 0) is None:
+        node.pop("default")
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(node.get(bound), (int, float)) and not isinstance(node.get(bound), bool):
+            node[plain] = node.pop(bound)
+            node[bound] = True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    out = {}
+    for key, value in node.items():
+        if key in _DROP:
+            continue
+        if key == "properties":
+            out[key] = {name: _resolve(prop, defs) for name, prop in value.items()}
+        elif key == "items":
+            out[key] = _resolve(value, defs)
+        else:
+            out[key] = value
+    if "properties" in out:
+        out.setdefault("type", "object")
+        # Sections with a default_factory and no required fields default to {}
+        # so that the API server fills in their nested defaults.
+        required = set(out.get("required", []))
+        for name, prop in out["properties"].items():
+            if name not in required and prop.get("type") == "object" and "default" not in prop and not prop.get("required"):
+                if name in _DEFAULTED_SECTIONS:
+                    prop["default"] = {}
+    return out
+
+
+# The spec sections built with default_factory (present even when omitted).
+_DEFAULTED_SECTIONS = {"method", "training", "resources", "evaluation", "serving", "storage", "quantization"}
+
+
+def schema_of(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
+    return _resolve(raw, raw.get("$defs", {}))
+
+
+def build_crd() -> dict[str, Any]:
+    spec_schema = schema_of(FineTuneJobSpec)
+    status_schema = schema_of(FineTuneJobStatus)
+    status_schema.pop("required", None)
+    root = {
+        "type": "object",
+        "description": "FineTuneJob: one fine-tuning run, from data validation to a served model.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+                "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+                "(child objects and pod hostnames append suffixes)",
+            },
+            {
+                "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+                "message": "metadata.name must be a DNS-1035 label (it names Services): "
+                "lowercase letters, digits and '-', starting with a letter",
+            },
+        ],
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": LIST_KIND,
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": list(SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# GENERATED by `kubetune crd` from kubetune.operator.api; do not edit.\n"
+
+
+def render_crd() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the FineTuneJob CRD generated from the API model.")
+    parser.add_argument("-o", "--output", default=str(CRD_PATH), help="file to write, '-' for stdout")
+    args = parser.parse_args(argv)
+    text = render_crd()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
