@@ -99,6 +99,7 @@ class TrainingSpec(_Model):
     packing: bool = True
     seed: int = Field(default=42, ge=0)
     checkpoint_every: int = Field(default=200, ge=1, description="Steps between checkpoints uploaded to S3.")
+    keep_checkpoints: int = Field(default=3, ge=1, description="Complete checkpoints kept in S3 (older ones are deleted).")
     eval_every: Optional[int] = Field(default=None, ge=1, description="Steps between eval-loss passes; default: with checkpoints.")
     log_every: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False

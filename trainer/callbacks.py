@@ -1,0 +1,127 @@
+"""Trainer callbacks: checkpoints to S3, graceful SIGTERM, progress reporting.
+
+They glue transformers' Trainer loop to the project's modules; the logic they
+call (artifacts, progress) is testable on its own.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+from typing import Optional
+
+from transformers import TrainerCallback
+
+from kubetune.trainer import artifacts
+from kubetune.trainer.progress import ProgressReporter
+from kubetune.trainer.storage import Store
+
+EXTRAS_DIR = "kubetune"  # inside a checkpoint: metrics.jsonl + tensorboard/ so a resumed run continues the curve
+
+
+class GracefulStop:
+    """SIGTERM sets a flag; the step in flight finishes, a checkpoint is saved and uploaded, then the run exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> "GracefulStop":
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Any rank asked to stop -> every rank stops at the same step (collectives must match)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            import torch
+
+            flag = torch.tensor([1 if self.requested else 0], device=_dist_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            self.requested = bool(flag.item())
+        return self.requested
+
+
+def _dist_device():
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class StopOnSignal(TrainerCallback):
+    def __init__(self, stop: GracefulStop):
+        self.stop = stop
+        self.stopped_at: Optional[int] = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop.agreed():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
+
+
+class UploadCheckpoints(TrainerCallback):
+    """After the Trainer writes checkpoint-N locally, publish it to checkpoints/step-N/ (rank 0)."""
+
+    def __init__(self, store: Store, run_dir: Path, reporter: Optional[ProgressReporter], keep: int, is_main: bool):
+        self.store, self.run_dir, self.reporter, self.keep, self.is_main = store, run_dir, reporter, keep, is_main
+        self.last_step: Optional[int] = None
+
+    def on_save(self, args, state, control, **kwargs):
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        if self.is_main and local.is_dir():
+            if self.reporter is not None:
+                self.reporter.flush()
+            extras = local / EXTRAS_DIR
+            extras.mkdir(exist_ok=True)
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():
+                shutil.copyfile(metrics, extras / "metrics.jsonl")
+            tb = self.run_dir / "tensorboard"
+            if tb.is_dir():
+                shutil.copytree(tb, extras / "tensorboard", dirs_exist_ok=True)
+            prefix = artifacts.checkpoint_prefix(step)
+            artifacts.publish_dir(self.store, local, prefix, meta={"step": step, "epoch": state.epoch})
+            self.last_step = step
+            if self.reporter is not None:
+                self.reporter.checkpoint(step, f"{self.store.uri.rstrip('/')}/{prefix}/")
+            artifacts.prune_checkpoints(self.store, self.keep)
+        _barrier()
+        return control
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class ReportProgress(TrainerCallback):
+    def __init__(self, reporter: ProgressReporter):
+        self.reporter = reporter
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.reporter.start(state.global_step, state.max_steps, state.num_input_tokens_seen or 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.reporter.step(state.global_step, state.max_steps)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs or "eval_loss" in logs:
+            self.reporter.record(state.global_step, state.max_steps, state.epoch or 0.0, logs,
+                                 state.num_input_tokens_seen or 0)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.reporter.close()

@@ -1,0 +1,46 @@
+"""The termination message a stage pod leaves for the operator (docs/contracts.md).
+
+One compact JSON object, under 4 KiB (the kubelet's limit for
+`terminationMessagePath`), written to /dev/termination-log or to the path in
+KUBETUNE_TERMINATION_LOG. Long messages are shortened and list fields trimmed
+until the object fits, so the operator always gets valid JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = "/dev/termination-log"
+ENV_PATH = "KUBETUNE_TERMINATION_LOG"
+MAX_BYTES = 4096
+
+
+def build_message(stage: str, ok: bool, reason: str, message: str, **fields: Any) -> str:
+    """Pure: the JSON text, guaranteed < MAX_BYTES."""
+    obj: dict[str, Any] = {"stage": stage, "ok": ok, "reason": reason, "message": message, **fields}
+    text = json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+    while len(text.encode()) >= MAX_BYTES:
+        lists = [k for k, v in obj.items() if isinstance(v, list) and v]
+        if lists:
+            longest = max(lists, key=lambda k: len(json.dumps(obj[k], default=str)))
+            obj[longest] = obj[longest][: len(obj[longest]) // 2]
+        elif len(obj["message"]) > 200:
+            obj["message"] = obj["message"][: len(obj["message"]) // 2] + "…"
+        else:
+            obj = {k: obj[k] for k in ("stage", "ok", "reason", "message")}
+            obj["message"] = obj["message"][:1000]
+        text = json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+    return text
+
+
+def write_message(stage: str, ok: bool, reason: str, message: str, **fields: Any) -> str:
+    text = build_message(stage, ok, reason, message, **fields)
+    path = Path(os.environ.get(ENV_PATH, DEFAULT_PATH))
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError:
+        pass  # outside a pod (no /dev/termination-log): the stdout summary is the record
+    return text

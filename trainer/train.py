@@ -1,0 +1,286 @@
+"""The train stage: LoRA / QLoRA supervised fine-tuning with TRL's SFTTrainer.
+
+Run as `kubetune train --config x.yaml`, directly or under `accelerate launch`
+(1..N processes and machines; DDP or DeepSpeed ZeRO-2/3). S3 is the source of
+truth: a (re)started run resumes from the newest manifested checkpoint under
+output.uri, and the local run directory is scratch space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from kubetune.trainer import artifacts
+from kubetune.trainer.config import TrainerConfig
+from kubetune.trainer.storage import cache_root
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what Kubernetes expects from a pod that stopped on its signal
+CPU_BATCH_SIZE = 4
+GPU_BATCH_SIZE = 8
+
+
+class TrainingError(RuntimeError):
+    """A configuration that cannot train here; the message says which field and why."""
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    global_step: int
+    adapter_uri: Optional[str] = None
+    eval_loss: Optional[float] = None
+    stopped_by_signal: bool = False
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def resolve_precision(cfg: TrainerConfig, cuda: bool, bf16_supported: bool) -> str:
+    p = cfg.training.precision
+    if p == "auto":
+        return "bf16" if cuda and bf16_supported else "fp32"
+    if p in ("bf16", "fp16") and not cuda:
+        raise TrainingError(f"training.precision={p} needs a CUDA GPU; use 'auto' or 'fp32' on CPU")
+    return p
+
+
+def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
+    if cfg.method.type == "qlora" and not cuda:
+        raise TrainingError(
+            "method.type=qlora needs a CUDA GPU (bitsandbytes 4-bit weights); this machine has none. "
+            "Use method.type=lora to train on CPU."
+        )
+    if cfg.training.strategy.startswith("deepspeed") and not cuda:
+        raise TrainingError(f"training.strategy={cfg.training.strategy} needs CUDA GPUs; use 'ddp' on CPU")
+
+
+def deepspeed_config(cfg: TrainerConfig) -> Optional[dict[str, Any]]:
+    """The DeepSpeed config for the strategy ('auto' values are filled in by transformers)."""
+    if not cfg.training.strategy.startswith("deepspeed"):
+        return None
+    stage = 3 if cfg.training.strategy.endswith("zero3") else 2
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
+                     "stage3_param_persistence_threshold": "auto"})
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto", "train_batch_size": "auto"}
+
+
+def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision: str, has_eval: bool) -> dict[str, Any]:
+    """Pure: keyword arguments for trl.SFTConfig."""
+    t = cfg.training
+    batch = t.batch_size if isinstance(t.batch_size, int) else (GPU_BATCH_SIZE if cuda else CPU_BATCH_SIZE)
+    eval_every = t.eval_every or t.checkpoint_every
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
+        auto_find_batch_size=cuda and t.batch_size == "auto",
+        gradient_accumulation_steps=t.gradient_accumulation,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        logging_steps=t.log_every,
+        save_strategy="steps",
+        save_steps=t.checkpoint_every,
+        save_total_limit=2,  # local scratch only; S3 keeps training.keepCheckpoints
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_every if has_eval else None,
+        report_to="none",  # metrics go through ProgressReporter (metrics.jsonl, TensorBoard, status)
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=cuda,
+        max_length=cfg.dataset.max_length,
+        packing=t.packing,
+        packing_strategy="bfd",  # padding-free: position_ids restart per sample, no cross-sample attention
+        ddp_find_unused_parameters=False,
+    )
+    ds = deepspeed_config(cfg)
+    if ds is not None:
+        kwargs["deepspeed"] = ds
+    return kwargs
+
+
+def lora_config(cfg: TrainerConfig):
+    from peft import LoraConfig
+
+    m = cfg.method
+    return LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def run_dir_for(cfg: TrainerConfig) -> Path:
+    key = hashlib.sha256(cfg.output.uri.encode()).hexdigest()[:16]
+    return cache_root(cfg.storage.cache_dir) / "runs" / key
+
+
+def _kernels():
+    try:
+        from kubetune.trainer import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: str, local_rank: int):
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kernels = _kernels()
+    attn = "sdpa"
+    if kernels is not None and hasattr(kernels, "attention_implementation"):
+        attn = kernels.attention_implementation(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
+    if cfg.method.type == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        q = cfg.method.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=q.bits == 4, load_in_8bit=q.bits == 8, bnb_4bit_quant_type=q.type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        )
+        kwargs["device_map"] = {"": local_rank}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    if cfg.method.type == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    if kernels is not None and hasattr(kernels, "apply_fast_paths"):
+        kernels.apply_fast_paths(model, cfg)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
+    """vLLM only loads an adapter whose base_model_name_or_path equals the served model's name."""
+    path = adapter_dir / "adapter_config.json"
+    conf = json.loads(path.read_text())
+    conf["base_model_name_or_path"] = served_name
+    path.write_text(json.dumps(conf, indent=2))
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run_train(cfg: TrainerConfig) -> TrainResult:
+    from kubetune.trainer.callbacks import EXTRAS_DIR, GracefulStop, ReportProgress, StopOnSignal, UploadCheckpoints
+
+    stop = GracefulStop().install()  # first thing: a SIGTERM during setup still ends in a clean exit
+
+    import torch
+    from accelerate import PartialState
+
+    from kubetune.trainer.dataset import prepare, to_hf_dataset
+    from kubetune.trainer.kubestatus import StatusPatcher, job_from_env
+    from kubetune.trainer.modelio import base_model_dir, load_tokenizer, output_store
+    from kubetune.trainer.progress import ProgressReporter, plot_loss_curve, read_metrics, truncate_metrics
+
+    cuda = torch.cuda.is_available()
+    check_method_supported(cfg, cuda)
+    precision = resolve_precision(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
+    state = PartialState(cpu=not cuda)
+    store = output_store(cfg)
+    run_dir = run_dir_for(cfg)
+    hf_dir = run_dir / "hf"
+
+    with state.local_main_process_first():
+        if state.is_local_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)  # scratch; S3 holds the truth
+            run_dir.mkdir(parents=True)
+        model_dir = base_model_dir(cfg)
+        resume_step = artifacts.latest_checkpoint(store)
+        resume_dir = None
+        if resume_step is not None:
+            resume_dir = hf_dir / f"checkpoint-{resume_step}"
+            if state.is_local_main_process:
+                artifacts.fetch_dir(store, artifacts.checkpoint_prefix(resume_step), resume_dir)
+    if resume_dir is not None and state.is_main_process:
+        extras = resume_dir / EXTRAS_DIR
+        if (extras / "metrics.jsonl").exists():
+            shutil.copyfile(extras / "metrics.jsonl", run_dir / "metrics.jsonl")
+            truncate_metrics(run_dir / "metrics.jsonl", resume_step)
+        if (extras / "tensorboard").is_dir():
+            shutil.copytree(extras / "tensorboard", run_dir / "tensorboard", dirs_exist_ok=True)
+        print(f"resuming from {store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(resume_step)}/", flush=True)
+
+    tokenizer = load_tokenizer(model_dir)
+    data = prepare(cfg, tokenizer)
+    if not data.ok:
+        first = "; ".join(str(e) for e in data.errors[:5]) or "no rows to train on"
+        raise TrainingError(f"dataset {cfg.dataset.uri} has {len(data.errors)} bad rows (run validate): {first}")
+
+    from trl import SFTConfig, SFTTrainer
+
+    model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
+    train_ds = to_hf_dataset(data.train)
+    eval_ds = to_hf_dataset(data.validation) if data.validation else None
+    args = SFTConfig(**sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None))
+
+    reporter = None
+    if state.is_main_process:
+        job = job_from_env(cfg.job.name, cfg.job.namespace)
+        reporter = ProgressReporter(run_dir / "metrics.jsonl", run_dir / "tensorboard",
+                                    StatusPatcher(*job) if job else None)
+    stop_cb = StopOnSignal(stop)
+    callbacks = [stop_cb, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process)]
+    if reporter is not None:
+        callbacks.append(ReportProgress(reporter))
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=callbacks)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressReporter formats progress instead
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    step = trainer.state.global_step
+
+    if stop_cb.stopped_at is not None:
+        uri = f"{store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(step)}/"
+        if state.is_main_process:
+            print(f"stopped on SIGTERM after step {step}; checkpoint {uri}", flush=True)
+        return TrainResult(EXIT_PREEMPTED, step, stopped_by_signal=True)
+
+    eval_loss = None
+    if eval_ds is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        if reporter is not None:
+            reporter.record(step, trainer.state.max_steps, trainer.state.epoch or 0.0, {"eval_loss": eval_loss})
+            reporter.close()
+    adapter_uri = None
+    if state.is_main_process:
+        adapter_dir = run_dir / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        set_adapter_base_name(adapter_dir, cfg.base_model.served_name)
+        shutil.copyfile(run_dir / "metrics.jsonl", adapter_dir / "metrics.jsonl")
+        plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), adapter_dir / "loss_curve.png")
+        if (run_dir / "tensorboard").is_dir():
+            shutil.copytree(run_dir / "tensorboard", adapter_dir / "tensorboard", dirs_exist_ok=True)
+        artifacts.publish_dir(store, adapter_dir, artifacts.ADAPTER,
+                              meta={"step": step, "evalLoss": eval_loss, "baseModel": cfg.base_model.served_name})
+        adapter_uri = f"{store.uri.rstrip('/')}/{artifacts.ADAPTER}/"
+        print(f"adapter: {adapter_uri} (step {step}, eval loss {eval_loss})", flush=True)
+    state.wait_for_everyone()
+    return TrainResult(0, step, adapter_uri, eval_loss)
