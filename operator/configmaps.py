@@ -1,0 +1,28 @@
+"""The `<job>-config` ConfigMap: the rendered TrainerConfig (and the DeepSpeed
+config when the strategy is DeepSpeed). It holds no secret: credentials stay
+in Secrets referenced by the pods' env."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import deepspeed, names
+from .api import FineTuneJob
+from .pods import metadata
+from .render import CONFIG_FILE, trainer_config_for
+
+
+def config_map(job: FineTuneJob) -> dict[str, Any]:
+    data = {CONFIG_FILE: trainer_config_for(job).to_yaml()}
+    ds = deepspeed.render(job)
+    if ds is not None:
+        data[deepspeed.DEEPSPEED_FILE] = ds
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(job, names.config_map(job.metadata.name), "config"),
+        # Spec edits of running fields are rejected by CEL; the config a run
+        # started with is the config it finishes with.
+        "immutable": True,
+        "data": data,
+    }

@@ -1,0 +1,175 @@
+"""What a child object's state means for the pipeline (pure).
+
+Reads a batch/v1 Job (and its pods) or an apps/v1 Deployment as plain dicts
+and condenses them into a `StageOutcome`: the reason a person should see
+(BackoffLimitExceeded, OOMKilled, ImagePullBackOff, the pod's own reason from
+its termination message) and the stage's JSON result.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+State = Literal["absent", "suspended", "running", "succeeded", "failed"]
+
+# Waiting reasons that will not fix themselves; surfaced while the Job runs.
+STUCK_WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+MAX_MESSAGE = 2000
+
+
+@dataclass
+class StageOutcome:
+    state: State
+    reason: str = ""
+    message: str = ""
+    result: Optional[dict[str, Any]] = None  # the stage's termination message (docs/contracts.md)
+    generation: Optional[str] = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> Optional[dict[str, Any]]:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def parse_termination_message(text: Optional[str]) -> Optional[dict[str, Any]]:
+    """The JSON object a stage writes; None when the pod left none (or log text)."""
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _terminated(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if term:
+            return term
+    return None
+
+
+def _waiting(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason") in STUCK_WAITING_REASONS:
+            return waiting
+    return None
+
+
+def _pod_index(pod: dict[str, Any]) -> int:
+    ann = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        return int(ann.get("batch.kubernetes.io/job-completion-index", "0"))
+    except ValueError:
+        return 0
+
+
+def _by_recency(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # Rank 0 first (its verdict is the job's), newest pod first within a rank.
+    return sorted(
+        pods,
+        key=lambda p: (_pod_index(p), "".join(chr(255 - ord(c)) for c in (p.get("metadata") or {}).get("creationTimestamp", ""))),
+    )
+
+
+def _shorten(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 1] + "…"
+
+
+def failure_of_pods(pods: list[dict[str, Any]]) -> tuple[str, str, Optional[dict[str, Any]]]:
+    """(reason, message, result) of the most telling failed pod."""
+    failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+    for pod in _by_recency(failed):
+        term = _terminated(pod)
+        name = (pod.get("metadata") or {}).get("name", "?")
+        if term is None:
+            status = pod.get("status") or {}
+            if status.get("reason"):
+                return status["reason"], _shorten(f"pod {name}: {status.get('message') or status['reason']}"), None
+            continue
+        result = parse_termination_message(term.get("message"))
+        if result is not None:
+            reason = result.get("reason") or term.get("reason") or "Error"
+            return reason, _shorten(f"pod {name}: {result.get('message') or reason}"), result
+        reason = term.get("reason") or "Error"  # OOMKilled, Error, ContainerCannotRun, ...
+        detail = (term.get("message") or "").strip()
+        exit_code = term.get("exitCode")
+        text = f"pod {name}: container terminated with {reason} (exit code {exit_code})"
+        return reason, _shorten(f"{text}: {detail}" if detail else text), None
+    return "", "", None
+
+
+def result_of_pods(pods: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The termination message of the succeeded rank-0 pod."""
+    done = [p for p in pods if (p.get("status") or {}).get("phase") == "Succeeded"]
+    for pod in _by_recency(done):
+        term = _terminated(pod)
+        if term:
+            result = parse_termination_message(term.get("message"))
+            if result is not None:
+                return result
+    return None
+
+
+def job_outcome(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> StageOutcome:
+    if job is None:
+        return StageOutcome("absent")
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    generation = labels.get("kubetune.io/generation")
+    spec = job.get("spec") or {}
+    failed = _job_condition(job, "Failed")
+    if failed is not None:
+        job_reason = failed.get("reason") or "JobFailed"
+        reason, message, result = failure_of_pods(pods)
+        if not reason:
+            reason, message = job_reason, failed.get("message") or job_reason
+        elif job_reason not in (reason, "PodFailurePolicy"):
+            message = f"{message} (Job: {job_reason})"
+        return StageOutcome("failed", reason, message, result, generation, {"jobReason": job_reason})
+    if _job_condition(job, "Complete") is not None or _job_condition(job, "SuccessCriteriaMet") is not None:
+        result = result_of_pods(pods)
+        return StageOutcome("succeeded", "Completed", (result or {}).get("message", ""), result, generation)
+    if spec.get("suspend"):
+        return StageOutcome("suspended", "Queued", "waiting for admission by the queue", None, generation)
+    for pod in pods:
+        waiting = _waiting(pod)
+        if waiting:
+            name = (pod.get("metadata") or {}).get("name", "?")
+            msg = _shorten(f"pod {name}: {waiting.get('message') or waiting['reason']}")
+            return StageOutcome("running", waiting["reason"], msg, None, generation)
+    active = (job.get("status") or {}).get("active") or 0
+    return StageOutcome("running", "Running" if active else "Starting", "", None, generation)
+
+
+def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> StageOutcome:
+    """succeeded == Available (at least the minimum of replicas Ready)."""
+    if deployment is None:
+        return StageOutcome("absent")
+    status = deployment.get("status") or {}
+    labels = (deployment.get("metadata") or {}).get("labels") or {}
+    details = {"replicas": (deployment.get("spec") or {}).get("replicas"), "readyReplicas": status.get("readyReplicas", 0)}
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            return StageOutcome("failed", cond.get("reason") or "ProgressDeadlineExceeded", cond.get("message", ""), None,
+                                labels.get("kubetune.io/generation"), details)
+    available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
+    wanted = min(1, details["replicas"] if details["replicas"] is not None else 1)
+    if available and available.get("status") == "True" and status.get("readyReplicas", 0) >= wanted:
+        return StageOutcome("succeeded", available.get("reason") or "MinimumReplicasAvailable", available.get("message", ""),
+                            None, labels.get("kubetune.io/generation"), details)
+    for pod in pods:
+        waiting = _waiting(pod)
+        if waiting:
+            name = (pod.get("metadata") or {}).get("name", "?")
+            return StageOutcome("running", waiting["reason"], _shorten(f"pod {name}: {waiting.get('message') or waiting['reason']}"),
+                                None, labels.get("kubetune.io/generation"), details)
+    return StageOutcome("running", "Deploying", "waiting for vLLM replicas to become ready", None,
+                        labels.get("kubetune.io/generation"), details)

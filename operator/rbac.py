@@ -1,0 +1,59 @@
+"""The operator's own permissions: ONE list of rules, from which the Helm
+chart's ClusterRole and the test RBAC are generated (`python -m
+kubetune.operator.rbac`, a unit test checks the chart still matches).
+
+Least privilege: no Secrets at all (pods reference them, the operator never
+reads them), no delete (children go by garbage collection), and Roles only
+as wide as the per-job Role it creates (RBAC forbids granting more than one
+holds, so the operator holds exactly `finetunejobs/status` get+patch).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from .api.constants import GROUP, PLURAL
+
+CLUSTER_ROLE_NAME = "kubetune-operator"
+
+RULES: list[dict[str, Any]] = [
+    # The custom resource: watched, status written, ownership (blockOwnerDeletion
+    # on children requires update on the owner's finalizers subresource).
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
+    # Children.
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create"]},
+    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts"], "verbs": ["get", "create"]},
+    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
+    # Pods: read only, for termination messages and failure reasons.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    # Events on FineTuneJobs (kopf posts core/v1 Events).
+    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # kopf discovers resources and watches namespaces/CRDs for changes.
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+]
+
+
+def cluster_role(name: str = CLUSTER_ROLE_NAME) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "rules": RULES,
+    }
+
+
+def main() -> int:
+    sys.stdout.write(yaml.safe_dump(cluster_role(), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

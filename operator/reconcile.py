@@ -1,0 +1,141 @@
+"""One reconcile of one FineTuneJob: observe children, decide, act, report.
+
+The only stateful step is `act`, which creates at most one stage's children
+(idempotently) per pass; the status patch is returned to kopf, which writes
+it after the handler. An operator killed between the two simply decides the
+same thing again on restart and finds the children already there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Optional
+
+from . import configmaps, job_rbac, lifecycle, metrics, names, serving, stage_jobs, training
+from .api import FineTuneJob
+from .conditions import now
+from .kube import Kube
+from .outcomes import StageOutcome, deployment_outcome, job_outcome
+from .pods import selector_labels
+from .settings import OperatorSettings
+
+log = logging.getLogger("kubetune.operator")
+
+EventFn = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+
+
+def crash_point(settings: OperatorSettings, point: str) -> None:
+    """Fault injection for the restart tests: die like `kill -9` right here."""
+    if settings.crash_after and settings.crash_after == point:
+        log.warning("crash point %s reached: SIGKILL", point)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stage_children(stage: str, job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Everything a stage needs, in creation order; shared objects first (idempotent)."""
+    shared = job_rbac.rbac_objects(job) + [configmaps.config_map(job)]
+    if stage == "validate":
+        return shared + [stage_jobs.validate_job(job, settings)]
+    if stage == "train":
+        return shared + [training.train_service(job, settings), training.train_job(job, settings)]
+    if stage == "merge":
+        return shared + [stage_jobs.merge_job(job, settings)]
+    if stage == "evaluate":
+        return shared + [stage_jobs.evaluate_job(job, settings)]
+    if stage == "serve":
+        return serving.serving_objects(job, settings, job.spec.serving.mode)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def observe(kube: Kube, job: FineTuneJob) -> dict[str, StageOutcome]:
+    ns, name = job.metadata.namespace, job.metadata.name
+    observed: dict[str, StageOutcome] = {}
+    for stage in lifecycle.pipeline(job):
+        child = kube.get("batch/v1", "Job", ns, names.stage_job(name, stage))
+        pods = kube.list_pods(ns, selector_labels(job, stage)) if child else []
+        observed[stage] = job_outcome(child, pods)
+        if observed[stage].state != "succeeded":
+            break  # later stages cannot have started
+    else:
+        if job.spec.serving.enabled and job.spec.serving.mode in serving.SUPPORTED_MODES:
+            dep = kube.get("apps/v1", "Deployment", ns, names.serving(name))
+            pods = kube.list_pods(ns, selector_labels(job, "serve")) if dep else []
+            observed["serve"] = deployment_outcome(dep, pods)
+    return observed
+
+
+def act(kube: Kube, job: FineTuneJob, decision: lifecycle.Decision, settings: OperatorSettings) -> None:
+    if decision.create:
+        for obj in stage_children(decision.create, job, settings):
+            if kube.ensure(obj):
+                metrics.CHILDREN_CREATED.labels(kind=obj["kind"]).inc()
+                log.info("created %s %s/%s", obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+            crash_point(settings, f"create-{decision.create}-{obj['kind'].lower()}")
+    if decision.scale_to is not None:
+        kube.scale_deployment(job.metadata.namespace, names.serving(job.metadata.name), decision.scale_to)
+
+
+def reconcile(
+    body: dict[str, Any],
+    kube: Kube,
+    settings: OperatorSettings,
+    emit: EventFn,
+) -> Optional[dict[str, Any]]:
+    """Returns the status merge patch (None: nothing to change)."""
+    started = time.monotonic()
+    try:
+        return _reconcile(body, kube, settings, emit)
+    except Exception as e:
+        metrics.RECONCILE_ERRORS.labels(error=type(e).__name__).inc()
+        raise
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+
+
+def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emit: EventFn) -> Optional[dict[str, Any]]:
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    status = dict(body.get("status") or {})
+    phase = status.get("phase")
+    job = FineTuneJob.from_body(body)
+    generation = meta.get("generation")
+    metrics.observe_phase(meta.get("uid", ""), phase or "Pending")
+    if phase in ("Failed", "Succeeded"):
+        # Terminal: children stay for inspection; nothing is retried behind the user's back.
+        return None
+    if not phase:
+        emit("Normal", "Pending", "accepted; validation starts next")
+        return {
+            "phase": "Pending",
+            "message": "accepted",
+            "observedGeneration": generation,
+            "startTime": now(),
+        }
+
+    decision = lifecycle.decide(job, observe(kube, job))
+    act(kube, job, decision, settings)
+    patch = lifecycle.status_update(status, decision, generation, now())
+    if decision.phase != phase:
+        metrics.TRANSITIONS.labels(phase=decision.phase).inc()
+        metrics.observe_phase(meta.get("uid", ""), decision.phase)
+        emit("Warning" if decision.failed else "Normal", decision.phase, decision.message)
+    if _unchanged(status, patch):
+        return None
+    return patch
+
+
+def _unchanged(status: dict[str, Any], patch: dict[str, Any]) -> bool:
+    for key, value in patch.items():
+        if key in ("startTime", "completionTime"):
+            continue
+        current = status.get(key)
+        if isinstance(value, dict) and isinstance(current, dict):
+            if any(current.get(k) != v for k, v in value.items()):
+                return False
+        elif current != value:
+            return False
+    return True

@@ -1,0 +1,55 @@
+"""Operator settings, read once from the environment at startup.
+
+Everything a platform team tunes per installation (images, timings, retry
+limits) lives here; the Helm chart sets these variables. Builders receive an
+`OperatorSettings` instead of reading the environment themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping, Optional
+
+ENV_PREFIX = "KUBETUNE_"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    # Image of the trainer stages (validate/train/merge/evaluate); spec.image overrides it.
+    trainer_image: str = "ghcr.io/kubetune/kubetune:0.1.0"
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    image_pull_policy: str = "IfNotPresent"
+    # Level-based reconcile: how often each FineTuneJob is looked at.
+    reconcile_interval: float = 10.0
+    # Retries of a failed training pod (preemptions, marked DisruptionTarget, are not counted).
+    train_backoff_limit: int = 2
+    stage_backoff_limit: int = 0
+    validate_deadline_seconds: int = 1800
+    main_process_port: int = 29500
+    # UID/GID the stage containers run as (the trainer image's non-root user).
+    run_as_user: int = 1000
+    # kopf watch timeouts (seconds): the server ends a watch after server_timeout,
+    # the client gives up after client_timeout, so a silently dead connection is
+    # noticed instead of leaving the operator blind.
+    watch_server_timeout: int = 300
+    watch_client_timeout: int = 330
+    metrics_port: int = 8080
+    # Test-only fault injection: the operator process SIGKILLs itself right
+    # after the named step (e.g. "create-train-job"). Empty in production.
+    crash_after: str = ""
+
+    @classmethod
+    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "OperatorSettings":
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: expected {kind.__name__}, got {raw!r}") from None
+        return cls(**values)

@@ -1,0 +1,137 @@
+"""batch/v1 Jobs of the single-pod stages: validate, merge, evaluate (pure).
+
+Each runs `kubetune <stage> --config /etc/kubetune/trainer.yaml` and leaves a
+JSON termination message for the operator (docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from . import names, pods
+from .api import FineTuneJob
+from .api.constants import LABEL_KUEUE_QUEUE
+from .render import CONFIG_PATH
+from .settings import OperatorSettings
+
+CONTAINER = "kubetune"
+
+
+def container(
+    job: FineTuneJob,
+    settings: OperatorSettings,
+    command: list[str],
+    mounts: list[dict[str, Any]],
+    resources: dict[str, Any],
+    extra_env: Optional[list[dict[str, Any]]] = None,
+) -> dict[str, Any]:
+    return {
+        "name": CONTAINER,
+        "image": pods.trainer_image(job, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command,
+        "env": pods.job_env(job) + pods.s3_env(job) + (extra_env or []),
+        "volumeMounts": mounts,
+        "resources": resources,
+        "securityContext": pods.container_security_context(),
+        # The stage writes its JSON verdict here; when it dies before writing,
+        # the log tail is the message instead.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def pod_spec(
+    job: FineTuneJob,
+    settings: OperatorSettings,
+    containers: list[dict[str, Any]],
+    volumes: list[dict[str, Any]],
+    gpu_type: Optional[str],
+    automount_token: bool,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": pods.service_account_for_stages(job),
+        "automountServiceAccountToken": automount_token,
+        "securityContext": pods.pod_security_context(settings),
+        "containers": containers,
+        "volumes": volumes,
+        "enableServiceLinks": False,
+        **pods.gpu_scheduling(gpu_type),
+    }
+    if job.spec.resources.priority_class_name:
+        spec["priorityClassName"] = job.spec.resources.priority_class_name
+    return spec
+
+
+def queue_fields(job: FineTuneJob) -> tuple[dict[str, str], bool]:
+    """(extra labels, suspend): Kueue admits suspended Jobs carrying its label."""
+    queue = job.spec.resources.queue_name
+    return ({LABEL_KUEUE_QUEUE: queue}, True) if queue else ({}, False)
+
+
+def batch_job(
+    job: FineTuneJob,
+    stage: str,
+    pod: dict[str, Any],
+    backoff_limit: int,
+    queued: bool,
+    extra: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    queue_labels, suspend = queue_fields(job) if queued else ({}, False)
+    meta = pods.metadata(job, names.stage_job(job.metadata.name, stage), stage, queue_labels)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "suspend": suspend,
+            **(extra or {}),
+            "template": {"metadata": {"labels": pods.labels(job, stage)}, "spec": pod},
+        },
+    }
+
+
+def _cpu_resources(job: FineTuneJob, gpus: int = 0) -> dict[str, Any]:
+    r = job.spec.resources
+    requests: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
+    limits: dict[str, Any] = {"memory": r.memory}
+    if gpus:
+        requests[pods.GPU_RESOURCE] = gpus
+        limits[pods.GPU_RESOURCE] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def validate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Pre-flight of data and spec on CPU: fails in seconds, not after an hour of GPU."""
+    volumes, mounts = pods.stage_volumes(job)
+    c = container(
+        job,
+        settings,
+        ["kubetune", "validate", "--config", CONFIG_PATH],
+        mounts,
+        {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+    )
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
+    # Validation needs no GPU node; no toleration either.
+    pod.pop("tolerations")
+    return batch_job(
+        job, "validate", pod, backoff_limit=0, queued=False, extra={"activeDeadlineSeconds": settings.validate_deadline_seconds}
+    )
+
+
+def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Folds the adapter into the base weights on CPU (bf16), writes merged/."""
+    volumes, mounts = pods.stage_volumes(job)
+    c = container(job, settings, ["kubetune", "merge", "--config", CONFIG_PATH], mounts, _cpu_resources(job))
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
+    return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit, queued=True)
+
+
+def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Held-out loss before vs after on one GPU; the verdict is its termination message."""
+    volumes, mounts = pods.stage_volumes(job, shm_size="1Gi")
+    c = container(job, settings, ["kubetune", "evaluate", "--config", CONFIG_PATH], mounts, _cpu_resources(job, gpus=1))
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
+    return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit, queued=True)

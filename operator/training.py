@@ -1,0 +1,97 @@
+"""The train stage: an Indexed Job (one pod per node) behind a headless Service,
+each pod running `accelerate launch` with its machine rank (pure builders).
+
+Pod `i` of Indexed Job `<job>-train` gets hostname `<job>-train-i` and, with the
+Service as its subdomain, the stable DNS name `<job>-train-i.<job>-train.<ns>.svc`;
+rank 0's name is the rendezvous address of every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import deepspeed, names, pods
+from .api import FineTuneJob
+from .render import CONFIG_DIR, CONFIG_PATH
+from .settings import OperatorSettings
+from .stage_jobs import _cpu_resources, batch_job, container, pod_spec
+
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
+
+
+def accelerate_args(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    r = job.spec.resources
+    name, ns = job.metadata.name, job.metadata.namespace
+    world = r.nodes * r.gpus_per_node
+    args = [
+        "accelerate",
+        "launch",
+        "--num_machines", str(r.nodes),
+        "--num_processes", str(world),
+        # Expanded by the kubelet from the env var the Job controller sets.
+        "--machine_rank", f"$({COMPLETION_INDEX_ENV})",
+        "--main_process_ip", names.train_pod_host(name, 0, ns),
+        "--main_process_port", str(settings.main_process_port),
+        "--dynamo_backend", "no",
+    ]
+    if r.strategy == "ddp":
+        if world > 1:
+            args.append("--multi_gpu")
+    else:
+        args += [
+            "--use_deepspeed",
+            "--deepspeed_config_file", f"{CONFIG_DIR}/{deepspeed.DEEPSPEED_FILE}",
+            # Each pod starts its own local ranks (no pdsh/ssh between pods).
+            "--deepspeed_multinode_launcher", "standard",
+        ]
+    args += ["-m", "kubetune", "train", "--config", CONFIG_PATH]
+    return args
+
+
+def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    r = job.spec.resources
+    volumes, mounts = pods.stage_volumes(job, shm_size=r.shm_size)
+    env = [
+        # The Job controller sets this too; declaring it from the pod
+        # annotation keeps $(JOB_COMPLETION_INDEX) expansion independent of
+        # the order in which the controller injects it.
+        {
+            "name": COMPLETION_INDEX_ENV,
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        },
+        {"name": "NCCL_DEBUG", "value": "WARN"},
+    ]
+    c = container(job, settings, accelerate_args(job, settings), mounts, _cpu_resources(job, gpus=r.gpus_per_node), env)
+    c["ports"] = [{"name": "rendezvous", "containerPort": settings.main_process_port}]
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=r.gpu_type, automount_token=True)
+    pod["subdomain"] = names.train_service(job.metadata.name)
+    return batch_job(
+        job,
+        "train",
+        pod,
+        backoff_limit=settings.train_backoff_limit,
+        queued=True,
+        extra={
+            "completions": r.nodes,
+            "parallelism": r.nodes,
+            "completionMode": "Indexed",
+            # Preempted pods (evicted for a higher priority, node drained) resume
+            # from the latest checkpoint without using up a retry.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+        },
+    )
+
+
+def train_service(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": pods.metadata(job, names.train_service(job.metadata.name), "train"),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 must resolve before any pod is Ready: ranks rendezvous first.
+            "publishNotReadyAddresses": True,
+            "selector": pods.selector_labels(job, "train"),
+            "ports": [{"name": "rendezvous", "port": settings.main_process_port, "targetPort": settings.main_process_port}],
+        },
+    }

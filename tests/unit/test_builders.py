@@ -1,0 +1,243 @@
+"""Pure manifest builders: every child of a FineTuneJob, no cluster."""
+
+import json
+
+import pytest
+import yaml
+
+from kubetune.operator import configmaps, deepspeed, job_rbac, names, serving, stage_jobs, training
+from kubetune.operator.api import FineTuneJob
+from kubetune.operator.settings import OperatorSettings
+from kubetune.trainer.config import parse_config
+
+from .jobs import job
+
+SETTINGS = OperatorSettings(trainer_image="registry.local/kubetune:test", vllm_image="registry.local/vllm:test")
+
+
+def ftj(**overrides):
+    return FineTuneJob.from_body(job(**overrides))
+
+
+def env_of(container):
+    return {e["name"]: e for e in container["env"]}
+
+
+def assert_restricted(pod_spec):
+    psc = pod_spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod_spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["runAsNonRoot"] is True
+
+
+def assert_owned(obj, name="support-bot", uid="1111-2222"):
+    (ref,) = obj["metadata"]["ownerReferences"]
+    assert ref == {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": name, "uid": uid,
+        "controller": True, "blockOwnerDeletion": True,
+    }
+    assert obj["metadata"]["labels"]["kubetune.io/job"] == name
+    assert obj["metadata"]["namespace"] == "tenant-a"
+
+
+def test_child_names_are_deterministic():
+    assert names.stage_job("a", "train") == "a-train"
+    assert names.train_pod_host("a", 1, "ns") == "a-train-1.a-train.ns.svc"
+    with pytest.raises(ValueError):
+        names.stage_job("a", "serve")
+
+
+def test_single_node_train_job():
+    obj = training.train_job(ftj(method={"type": "lora"}), SETTINGS)
+    assert_owned(obj)
+    spec = obj["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 1 and spec["parallelism"] == 1
+    assert spec["suspend"] is False and "kueue.x-k8s.io/queue-name" not in obj["metadata"]["labels"]
+    pod = spec["template"]["spec"]
+    assert_restricted(pod)
+    assert pod["subdomain"] == "support-bot-train"
+    assert pod["restartPolicy"] == "Never"
+    assert pod["automountServiceAccountToken"] is True  # rank 0 patches status
+    assert pod["serviceAccountName"] == "support-bot-trainer"
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.local/kubetune:test"
+    args = c["command"]
+    assert args[:2] == ["accelerate", "launch"]
+    assert args[args.index("--num_processes") + 1] == "1"
+    assert "--multi_gpu" not in args and "--use_deepspeed" not in args
+    assert args[-5:] == ["-m", "kubetune", "train", "--config", "/etc/kubetune/trainer.yaml"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert "nodeSelector" not in pod
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/etc/kubetune"] == "config" and mounts["/dev/shm"] == "dshm"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert vols["config"]["configMap"]["name"] == "support-bot-config"
+    env = env_of(c)
+    assert env["KUBETUNE_JOB_NAME"]["value"] == "support-bot"
+    assert env["KUBETUNE_JOB_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_multi_node_deepspeed_train_job_ranks_and_dns():
+    job_ = ftj(
+        method={"type": "lora"},
+        resources={"nodes": 2, "gpusPerNode": 4, "strategy": "deepspeed-zero3", "gpuType": "NVIDIA-H100-80GB-HBM3"},
+    )
+    obj = training.train_job(job_, SETTINGS)
+    spec = obj["spec"]
+    assert spec["completions"] == 2 and spec["parallelism"] == 2 and spec["completionMode"] == "Indexed"
+    pod = spec["template"]["spec"]
+    (c,) = pod["containers"]
+    args = c["command"]
+    assert args[args.index("--num_machines") + 1] == "2"
+    assert args[args.index("--num_processes") + 1] == "8"
+    assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert args[args.index("--main_process_ip") + 1] == "support-bot-train-0.support-bot-train.tenant-a.svc"
+    assert args[args.index("--main_process_port") + 1] == "29500"
+    assert args[args.index("--deepspeed_config_file") + 1] == "/etc/kubetune/deepspeed.json"
+    assert "--use_deepspeed" in args and args[args.index("--deepspeed_multinode_launcher") + 1] == "standard"
+    index_env = env_of(c)["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert index_env == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    svc = training.train_service(job_, SETTINGS)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["metadata"]["name"] == pod["subdomain"]
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def test_multi_gpu_ddp_uses_multi_gpu_flag():
+    args = training.accelerate_args(ftj(resources={"gpusPerNode": 2}), SETTINGS)
+    assert "--multi_gpu" in args and "--use_deepspeed" not in args
+
+
+def test_queue_name_creates_suspended_jobs_with_kueue_label():
+    job_ = ftj(resources={"queueName": "team-a"})
+    for obj in (training.train_job(job_, SETTINGS), stage_jobs.evaluate_job(job_, SETTINGS), stage_jobs.merge_job(job_, SETTINGS)):
+        assert obj["spec"]["suspend"] is True
+        assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    # Validation is a CPU pre-flight: never queued behind GPU quota.
+    validate = stage_jobs.validate_job(job_, SETTINGS)
+    assert validate["spec"]["suspend"] is False
+    assert "kueue.x-k8s.io/queue-name" not in validate["metadata"]["labels"]
+
+
+def test_s3_env_references_secrets_and_never_copies_them():
+    job_ = ftj(storage={"endpointUrl": "http://s3.local:9000", "region": "eu-1", "credentialsSecretRef": {"name": "s3-creds"}})
+    for obj in (stage_jobs.validate_job(job_, SETTINGS), training.train_job(job_, SETTINGS)):
+        env = env_of(obj["spec"]["template"]["spec"]["containers"][0])
+        assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.local:9000"
+        assert env["AWS_REGION"]["value"] == "eu-1"
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": key}}}
+
+
+def test_irsa_service_account_runs_the_pods_and_gets_the_role_binding():
+    job_ = ftj(storage={"serviceAccountName": "irsa-sa"})
+    pod = training.train_job(job_, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "irsa-sa"
+    kinds = [o["kind"] for o in job_rbac.rbac_objects(job_)]
+    assert kinds == ["Role", "RoleBinding"]
+    binding = job_rbac.role_binding(job_)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "irsa-sa", "namespace": "tenant-a"}]
+
+
+def test_per_job_role_may_only_patch_its_own_status():
+    (rule,) = job_rbac.role(ftj())["rules"]
+    assert rule == {
+        "apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
+        "resourceNames": ["support-bot"], "verbs": ["get", "patch"],
+    }
+    sa = job_rbac.service_account(ftj())
+    assert sa["automountServiceAccountToken"] is False
+    assert_owned(sa)
+
+
+@pytest.mark.parametrize("stage, command", [("validate", "validate"), ("merge", "merge"), ("evaluate", "evaluate")])
+def test_stage_jobs_run_their_command(stage, command):
+    build = {"validate": stage_jobs.validate_job, "merge": stage_jobs.merge_job, "evaluate": stage_jobs.evaluate_job}[stage]
+    obj = build(ftj(), SETTINGS)
+    assert_owned(obj)
+    assert obj["metadata"]["name"] == f"support-bot-{stage}"
+    assert obj["spec"]["backoffLimit"] == 0
+    pod = obj["spec"]["template"]["spec"]
+    assert_restricted(pod)
+    assert pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    assert c["command"] == ["kubetune", command, "--config", "/etc/kubetune/trainer.yaml"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    gpus = c["resources"]["requests"].get("nvidia.com/gpu", 0)
+    assert gpus == (1 if stage == "evaluate" else 0)
+
+
+def test_generation_label_records_the_spec_generation():
+    obj = training.train_job(FineTuneJob.from_body(job(generation=7)), SETTINGS)
+    assert obj["metadata"]["labels"]["kubetune.io/generation"] == "7"
+    assert obj["spec"]["template"]["metadata"]["labels"]["kubetune.io/generation"] == "7"
+
+
+def test_config_map_holds_the_trainer_config_and_deepspeed():
+    job_ = ftj(method={"type": "lora"}, resources={"strategy": "deepspeed-zero2"}, training={"maxSteps": 10})
+    cm = configmaps.config_map(job_)
+    assert_owned(cm)
+    assert cm["metadata"]["name"] == "support-bot-config"
+    cfg = parse_config(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    assert cfg.training.max_steps == 10 and cfg.job.name == "support-bot"
+    ds = json.loads(cm["data"]["deepspeed.json"])
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == "auto"
+    assert "deepspeed.json" not in configmaps.config_map(ftj())["data"]
+
+
+def test_deepspeed_zero3_gathers_weights_on_save_and_ddp_has_none():
+    z3 = deepspeed.deepspeed_config(ftj(method={"type": "lora"}, resources={"strategy": "deepspeed-zero3"}))
+    assert z3["zero_optimization"]["stage"] == 3
+    assert z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert deepspeed.deepspeed_config(ftj()) is None
+
+
+def test_merged_serving_deployment():
+    job_ = ftj(
+        serving={"gpus": 2, "maxModelLen": 4096, "apiKeySecretRef": {"name": "vllm-key"}, "replicas": 2},
+        storage={"endpointUrl": "http://s3.local:9000"},
+    )
+    dep, svc = serving.serving_objects(job_, SETTINGS, "merged")
+    assert_owned(dep)
+    assert_owned(svc)
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    assert_restricted(pod)
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.local/vllm:test"
+    args = c["command"]
+    assert args[:3] == ["vllm", "serve", "s3://artifacts/tenant-a/support-bot/merged/"]
+    assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8000"
+    assert args[args.index("--served-model-name") + 1] == "support-bot"
+    assert args[args.index("--load-format") + 1] == "runai_streamer"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--max-model-len") + 1] == "4096"
+    assert "--api-key" not in args
+    env = env_of(c)
+    assert env["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "vllm-key", "key": "api-key"}}
+    assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"]["value"] == "0"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert serving.endpoint(job_)["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
+
+
+def test_adapter_serving_mode_is_a_seam_that_says_so():
+    with pytest.raises(serving.ServingModeNotSupported, match="adapter"):
+        serving.serving_objects(ftj(serving={"mode": "adapter"}, output={"merge": False}), SETTINGS, "adapter")
+
+
+def test_children_need_an_owner_uid():
+    body = job()
+    del body["metadata"]["uid"]
+    with pytest.raises(ValueError, match="uid"):
+        training.train_job(FineTuneJob.from_body(body), SETTINGS)
