@@ -1,0 +1,131 @@
+"""The pipeline decision (pure): observed children -> phase, conditions, next action."""
+
+from kubetune.operator.api import FineTuneJob
+from kubetune.operator.lifecycle import decide, progress_percent, status_update
+from kubetune.operator.outcomes import StageOutcome
+
+from .jobs import job
+
+OK = StageOutcome("succeeded", "Completed", "done")
+
+
+def ftj(**overrides):
+    return FineTuneJob.from_body(job(**overrides))
+
+
+def conds(decision):
+    return {t: (s, r) for t, s, r, _ in decision.conditions}
+
+
+def test_nothing_observed_creates_validation():
+    d = decide(ftj(), {})
+    assert d.phase == "Validating" and d.create == "validate"
+    assert conds(d)["Validated"] == ("Unknown", "Pending")
+
+
+def test_each_stage_in_order_with_merge_and_evaluation():
+    observed = {}
+    seen = []
+    for stage in ("validate", "train", "merge", "evaluate"):
+        d = decide(ftj(), observed)
+        seen.append((d.phase, d.create))
+        observed[stage] = OK
+    d = decide(ftj(), observed)
+    seen.append((d.phase, d.create))
+    assert seen == [
+        ("Validating", "validate"), ("Training", "train"), ("Merging", "merge"),
+        ("Evaluating", "evaluate"), ("Deploying", "serve"),
+    ]
+    observed["serve"] = StageOutcome("succeeded", "MinimumReplicasAvailable", "", details={"replicas": 1})
+    d = decide(ftj(), observed)
+    assert d.phase == "Serving" and d.create is None
+    assert conds(d) == {
+        "Validated": ("True", "DatasetValid"), "Trained": ("True", "TrainingSucceeded"),
+        "Merged": ("True", "MergeSucceeded"), "Evaluated": ("True", "EvaluationPassed"),
+        "Ready": ("True", "DeploymentAvailable"),
+    }
+    assert d.status["endpoint"]["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
+    assert d.status["artifacts"]["merged"] == "s3://artifacts/tenant-a/support-bot/merged/"
+    assert d.status["artifacts"]["adapter"] == "s3://artifacts/tenant-a/support-bot/adapter/"
+
+
+def test_without_merge_evaluation_and_serving_the_job_succeeds():
+    job_ = ftj(output={"merge": False}, evaluation={"enabled": False}, serving={"enabled": False})
+    d = decide(job_, {"validate": OK, "train": OK})
+    assert d.phase == "Succeeded" and d.create is None
+    assert "Merged" not in conds(d)
+
+
+def test_suspended_train_job_is_queued():
+    d = decide(ftj(resources={"queueName": "team-a"}), {"validate": OK, "train": StageOutcome("suspended", "Queued", "waiting")})
+    assert d.phase == "Queued" and d.create is None
+    assert conds(d)["Trained"] == ("Unknown", "Queued")
+    assert "team-a" in d.message
+
+
+def test_validation_failure_names_rows_and_copies_the_verdict():
+    result = {"stage": "validate", "ok": False, "reason": "InvalidRows", "message": "2 bad rows: row 3 text: empty",
+              "errors": [{"row": 3, "field": "text", "message": "empty"}]}
+    d = decide(ftj(), {"validate": StageOutcome("failed", "InvalidRows", "pod x: 2 bad rows: row 3 text: empty", result)})
+    assert d.phase == "Failed"
+    assert conds(d)["Validated"] == ("False", "InvalidRows")
+    assert "row 3" in d.message
+    assert d.status["validation"]["errors"][0]["row"] == 3 and "stage" not in d.status["validation"]
+
+
+def test_train_failure_keeps_the_pod_reason():
+    d = decide(ftj(), {"validate": OK, "train": StageOutcome("failed", "OOMKilled", "pod t-0: OOMKilled")})
+    assert d.phase == "Failed" and conds(d)["Trained"] == ("False", "OOMKilled")
+    assert conds(d)["Validated"][0] == "True"
+
+
+def test_evaluation_gate_stops_serving():
+    worse = StageOutcome("succeeded", "Completed", "", {"ok": True, "improvement": 0.01})
+    observed = {"validate": OK, "train": OK, "merge": OK, "evaluate": worse}
+    d = decide(ftj(evaluation={"minImprovement": 0.05}), observed)
+    assert d.phase == "Failed" and d.create is None
+    assert conds(d)["Evaluated"] == ("False", "EvaluationGateFailed")
+    # The same numbers pass a lower gate.
+    assert decide(ftj(evaluation={"minImprovement": 0.0}), observed).create == "serve"
+    # The evaluator's own verdict counts too.
+    refused = StageOutcome("succeeded", "Completed", "", {"ok": False, "message": "tuned loss 2.1 > base 2.0"})
+    d = decide(ftj(), {**observed, "evaluate": refused})
+    assert conds(d)["Evaluated"][1] == "EvaluationGateFailed" and "2.1" in d.message
+
+
+def test_adapter_serving_mode_fails_clearly():
+    job_ = ftj(output={"merge": False}, serving={"mode": "adapter"})
+    d = decide(job_, {"validate": OK, "train": OK, "evaluate": OK})
+    assert d.phase == "Failed" and conds(d)["Ready"] == ("False", "ServingModeNotSupported")
+
+
+def test_serving_replica_edit_scales_the_deployment():
+    observed = {s: OK for s in ("validate", "train", "merge", "evaluate")}
+    observed["serve"] = StageOutcome("succeeded", "", "", details={"replicas": 1})
+    assert decide(ftj(serving={"replicas": 3}), observed).scale_to == 3
+    assert decide(ftj(), observed).scale_to is None
+
+
+def test_status_update_keeps_transition_time_when_status_is_unchanged():
+    d1 = decide(ftj(), {"validate": StageOutcome("running", "Running", "")})
+    s1 = status_update({}, d1, 1, "2026-01-01T00:00:00Z")
+    assert s1["phase"] == "Validating" and s1["observedGeneration"] == 1 and s1["startTime"] == "2026-01-01T00:00:00Z"
+    (c1,) = s1["conditions"]
+    d2 = decide(ftj(), {"validate": StageOutcome("running", "Running", "still")})
+    s2 = status_update(s1, d2, 2, "2026-01-01T00:05:00Z")
+    (c2,) = s2["conditions"]
+    assert c2["lastTransitionTime"] == c1["lastTransitionTime"] and c2["observedGeneration"] == 2
+    assert "startTime" not in s2
+    d3 = decide(ftj(), {"validate": OK})
+    s3 = status_update(s2, d3, 2, "2026-01-01T00:06:00Z")
+    validated = next(c for c in s3["conditions"] if c["type"] == "Validated")
+    assert validated["status"] == "True" and validated["lastTransitionTime"] == "2026-01-01T00:06:00Z"
+
+
+def test_progress_percent():
+    assert progress_percent({"step": 25, "totalSteps": 100}, trained=False) == 25
+    assert progress_percent({"step": 5}, trained=False) is None
+    assert progress_percent(None, trained=True) == 100
+    assert progress_percent({"step": 150, "totalSteps": 100}, trained=False) == 100
+    s = status_update({"progress": {"step": 10, "totalSteps": 40}}, decide(ftj(), {"validate": OK}), 1, "t")
+    assert s["progress"] == {"percent": 25}

@@ -1,0 +1,36 @@
+"""Operator settings from the environment; the operator's RBAC rules."""
+
+import pytest
+
+from kubetune.operator import rbac
+from kubetune.operator.settings import OperatorSettings
+
+
+def test_settings_from_env_with_types():
+    s = OperatorSettings.from_env({"KUBETUNE_RECONCILE_INTERVAL": "0.5", "KUBETUNE_TRAIN_BACKOFF_LIMIT": "0",
+                                   "KUBETUNE_VLLM_IMAGE": "vllm:x", "KUBETUNE_CRASH_AFTER": ""})
+    assert s.reconcile_interval == 0.5 and s.train_backoff_limit == 0 and s.vllm_image == "vllm:x"
+    assert s.crash_after == ""
+
+
+def test_bad_setting_names_the_variable():
+    with pytest.raises(ValueError, match="KUBETUNE_TRAIN_BACKOFF_LIMIT"):
+        OperatorSettings.from_env({"KUBETUNE_TRAIN_BACKOFF_LIMIT": "many"})
+
+
+def test_operator_never_reads_secrets_nor_deletes():
+    for rule in rbac.RULES:
+        assert "secrets" not in rule["resources"]
+        assert "delete" not in rule["verbs"] and "*" not in rule["verbs"]
+
+
+def test_operator_can_grant_what_the_per_job_role_grants():
+    # RBAC escalation check: one may only grant permissions one holds.
+    from kubetune.operator.job_rbac import trainer_role_rules
+
+    for wanted in trainer_role_rules("x"):
+        assert any(
+            set(wanted["apiGroups"]) <= set(r["apiGroups"]) and set(wanted["resources"]) <= set(r["resources"])
+            and set(wanted["verbs"]) <= set(r["verbs"])
+            for r in rbac.RULES
+        ), wanted
