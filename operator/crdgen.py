@@ -91,7 +91,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
 
 
 # The spec sections built with default_factory (present even when omitted).
-_DEFAULTED_SECTIONS = {"method", "training", "resources", "evaluation", "serving", "storage", "quantization"}
+_DEFAULTED_SECTIONS = {"method", "training", "resources", "evaluation", "serving", "storage", "quantization", "podMetadata"}
 
 
 def schema_of(model: type) -> dict[str, Any]:

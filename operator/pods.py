@@ -41,6 +41,16 @@ def labels(job: FineTuneJob, stage: str) -> dict[str, str]:
     }
 
 
+def pod_template_metadata(job: FineTuneJob, stage: str) -> dict[str, Any]:
+    """Pod labels/annotations: the user's (spec.podMetadata) under the operator's own,
+    which always win so that selectors and ownership lookups keep working."""
+    user_labels, annotations = job.spec.pod_metadata.for_stage(stage)
+    meta: dict[str, Any] = {"labels": {**user_labels, **labels(job, stage)}}
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
 def selector_labels(job: FineTuneJob, stage: str) -> dict[str, str]:
     """The stable subset used in selectors (never the generation)."""
     return {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage}

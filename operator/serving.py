@@ -111,7 +111,7 @@ def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         "spec": {
             "replicas": s.replicas,
             "selector": {"matchLabels": pods.selector_labels(job, "serve")},
-            "template": {"metadata": {"labels": pods.labels(job, "serve")}, "spec": pod_spec},
+            "template": {"metadata": pods.pod_template_metadata(job, "serve"), "spec": pod_spec},
         },
     }
 

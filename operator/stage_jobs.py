@@ -88,7 +88,7 @@ def batch_job(
             "backoffLimit": backoff_limit,
             "suspend": suspend,
             **(extra or {}),
-            "template": {"metadata": {"labels": pods.labels(job, stage)}, "spec": pod},
+            "template": {"metadata": pods.pod_template_metadata(job, stage), "spec": pod},
         },
     }
 

@@ -232,6 +232,38 @@ class StorageSpec(ApiModel):
     )
 
 
+class PodMeta(ApiModel):
+    """Extra labels and annotations for pods (cost allocation, mesh or monitoring opt-ins)."""
+
+    labels: dict[str, Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=dict, max_length=32, description="Labels added to the pods; the operator's own labels win."
+    )
+    annotations: dict[str, Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=dict, max_length=32, description="Annotations added to the pods."
+    )
+
+
+class PodMetadataSpec(ApiModel):
+    """Pod labels/annotations for all stages, and per stage (merged over `all`)."""
+
+    all: Optional[PodMeta] = Field(default=None, description="Every stage's pods.")
+    validate_: Optional[PodMeta] = Field(default=None, alias="validate", description="Pods of the validate Job.")
+    train: Optional[PodMeta] = Field(default=None, description="Pods of the train Job.")
+    merge: Optional[PodMeta] = Field(default=None, description="Pods of the merge Job.")
+    evaluate: Optional[PodMeta] = Field(default=None, description="Pods of the evaluate Job.")
+    serve: Optional[PodMeta] = Field(default=None, description="vLLM pods.")
+
+    def for_stage(self, stage: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(labels, annotations) for `stage`: `all`, then the stage's own."""
+        labels: dict[str, str] = {}
+        annotations: dict[str, str] = {}
+        for meta in (self.all, getattr(self, "validate_" if stage == "validate" else stage)):
+            if meta is not None:
+                labels.update(meta.labels)
+                annotations.update(meta.annotations)
+        return labels, annotations
+
+
 class FineTuneJobSpec(ApiModel):
     """One fine-tuning run: validate -> train -> merge -> evaluate -> serve."""
 
@@ -291,4 +323,7 @@ class FineTuneJobSpec(ApiModel):
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
     image: Optional[str] = Field(
         default=None, max_length=512, description="Trainer image for every stage; the operator's default when unset."
+    )
+    pod_metadata: PodMetadataSpec = Field(
+        default_factory=PodMetadataSpec, description="Extra pod labels and annotations, for all stages or per stage."
     )

@@ -241,3 +241,18 @@ def test_children_need_an_owner_uid():
     del body["metadata"]["uid"]
     with pytest.raises(ValueError, match="uid"):
         training.train_job(FineTuneJob.from_body(body), SETTINGS)
+
+
+def test_pod_metadata_per_stage_never_overrides_operator_labels():
+    job_ = ftj(podMetadata={
+        "all": {"labels": {"team": "search", "kubetune.io/job": "hijack"}, "annotations": {"cost": "a"}},
+        "train": {"annotations": {"cost": "b", "sidecar": "off"}},
+    })
+    train_meta = training.train_job(job_, SETTINGS)["spec"]["template"]["metadata"]
+    assert train_meta["labels"]["team"] == "search"
+    assert train_meta["labels"]["kubetune.io/job"] == "support-bot"
+    assert train_meta["annotations"] == {"cost": "b", "sidecar": "off"}
+    validate_meta = stage_jobs.validate_job(job_, SETTINGS)["spec"]["template"]["metadata"]
+    assert validate_meta["annotations"] == {"cost": "a"}
+    dep, _ = serving.serving_objects(job_, SETTINGS, "merged")
+    assert dep["spec"]["template"]["metadata"]["annotations"] == {"cost": "a"}
