@@ -1,0 +1,210 @@
+"""Build the control-plane binaries with the machine's Go, once per version.
+
+A binary is reused when `<bin_dir>/<name>-<version>` exists and its `.stamp`
+names the same version and Go wrapper module; otherwise the wrapper module is
+generated (see gomodules), `go mod tidy` resolves it and `go build` writes the
+binary to a temporary name that is renamed into place, so an interrupted build
+never leaves a binary that looks finished. A file lock keeps test runs started
+at the same time from building the same thing twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.devcluster import gomodules, paths, versions
+
+
+class GoMissingError(RuntimeError):
+    """Raised when a binary must be built and no Go toolchain is on PATH."""
+
+
+GO_MISSING_MESSAGE = (
+    "The test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) "
+    "is built from Go modules on first use, and no `go` command was found. Install Go >= 1.26 "
+    "(the official linux-amd64 tarball unpacked to /usr/local/go) and put /usr/local/go/bin on PATH, "
+    "or point KUBETUNE_GO at the go binary. Built binaries are cached under {bin_dir}."
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A binary and the Go wrapper module that builds it."""
+
+    name: str
+    version: str
+    family: str  # names the wrapper module; targets of one family build together
+    module: str  # the upstream module the wrapper requires
+    package: str  # the main package to build
+
+    @property
+    def module_dir_name(self) -> str:
+        return f"{self.family}-{self.version}"
+
+
+def targets() -> list[Target]:
+    k8s = [
+        Target(cmd, versions.KUBERNETES, "kubernetes", "k8s.io/kubernetes", f"k8s.io/kubernetes/cmd/{cmd}")
+        for cmd in versions.KUBERNETES_COMMANDS
+    ]
+    return [
+        Target("etcd", versions.ETCD, "etcd", "go.etcd.io/etcd/server/v3", "go.etcd.io/etcd/server/v3"),
+        Target("kwok", versions.KWOK, "kwok", "sigs.k8s.io/kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+        *k8s,
+    ]
+
+
+def _unpublished(go: str, modules: list[str], version: str, log: Callable[[str], None]) -> frozenset[str]:
+    """The modules among `modules` that the module proxy cannot serve at `version`."""
+    result = subprocess.run(
+        [go, "mod", "download", "-json", *(f"{m}@{version}" for m in modules)],
+        cwd=Path.cwd(), env=_go_env(), capture_output=True, text=True,
+    )
+    missing = frozenset(info["Path"] for info in _json_stream(result.stdout) if info.get("Error"))
+    if missing:
+        log(f"not on the module proxy, replaced by empty stubs: {', '.join(sorted(missing))}")
+    return missing
+
+
+def _json_stream(text: str) -> list[dict]:
+    decoder, index, found = json.JSONDecoder(), 0, []
+    while True:
+        while index < len(text) and text[index].isspace():
+            index += 1
+        if index >= len(text):
+            return found
+        value, index = decoder.raw_decode(text, index)
+        found.append(value)
+
+
+def _wrapper_gomod(go: str, target: Target, upstream_gomod: str, directory: Path, log: Callable[[str], None]) -> str:
+    if target.family == "kubernetes":
+        staging = gomodules.staging_modules(upstream_gomod)
+        unpublished = _unpublished(go, staging, versions.staging_version(target.version), log)
+        for module in unpublished:
+            stub = directory / gomodules.stub_dir(module)
+            stub.mkdir(parents=True, exist_ok=True)
+            (stub / "go.mod").write_text(gomodules.stub_gomod(module))
+        return gomodules.kubernetes_wrapper(target.version, upstream_gomod, versions.KUBERNETES_COMMANDS, unpublished)
+    if target.family == "etcd":
+        return gomodules.etcd_wrapper(target.version, upstream_gomod)
+    return gomodules.kwok_wrapper(target.version, upstream_gomod)
+
+
+def binary_path(target: Target) -> Path:
+    return paths.bin_dir() / f"{target.name}-{target.version}"
+
+
+def _stamp_path(target: Target) -> Path:
+    return binary_path(target).with_name(binary_path(target).name + ".stamp")
+
+
+def _stamp(target: Target) -> dict:
+    return {"name": target.name, "version": target.version, "module": target.module, "package": target.package}
+
+
+def is_built(target: Target) -> bool:
+    try:
+        stamp = json.loads(_stamp_path(target).read_text())
+    except (OSError, ValueError):
+        return False
+    return binary_path(target).is_file() and stamp == _stamp(target)
+
+
+def find_go() -> str:
+    go = os.environ.get("KUBETUNE_GO") or shutil.which("go")
+    if not go:
+        raise GoMissingError(GO_MISSING_MESSAGE.format(bin_dir=paths.bin_dir()))
+    return go
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # -trimpath and no VCS stamping keep builds reproducible and the link step short.
+    env["GOFLAGS"] = " ".join(filter(None, [env.get("GOFLAGS", ""), "-trimpath", "-buildvcs=false"]))
+    # The wrapper's `go` line must be honoured by the Go on this machine, not a downloaded toolchain.
+    env.setdefault("GOTOOLCHAIN", "local")
+    return env
+
+
+def _run(argv: list[str], cwd: Path, log: Callable[[str], None]) -> str:
+    # nice: the build shares the machine with whatever else runs (tests, editors).
+    result = subprocess.run(["nice", "-n", "10", *argv], cwd=cwd, env=_go_env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` failed in {cwd} (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+@contextmanager
+def _build_lock():
+    paths.cache_root().mkdir(parents=True, exist_ok=True)
+    with open(paths.cache_root() / "build.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prepare_module(go: str, target: Target, log: Callable[[str], None]) -> Path:
+    """Write the wrapper module for `target` (if its go.mod changed) and resolve it."""
+    info = json.loads(_run([go, "mod", "download", "-json", f"{target.module}@{target.version}"], Path.cwd(), log))
+    directory = paths.gomod_dir() / target.module_dir_name
+    directory.mkdir(parents=True, exist_ok=True)
+    gomod = _wrapper_gomod(go, target, Path(info["GoMod"]).read_text(), directory, log)
+    digest = hashlib.sha256(gomod.encode()).hexdigest()
+    marker = directory / ".tidy"
+    if (directory / "go.mod").is_file() and marker.is_file() and marker.read_text() == digest:
+        return directory
+    (directory / "go.mod").write_text(gomod)
+    log(f"resolving Go module {target.module}@{target.version} in {directory}")
+    _run([go, "mod", "tidy"], directory, log)
+    marker.write_text(digest)
+    return directory
+
+
+def ensure_built(log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Path]:
+    """Component name -> binary path, building what is missing."""
+    wanted = targets()
+    missing = [t for t in wanted if not is_built(t)]
+    if missing:
+        go = find_go()
+        with _build_lock():
+            # Another process may have built them while this one waited for the lock.
+            missing = [t for t in missing if not is_built(t)]
+            _build(go, missing, log)
+    return {t.name: binary_path(t) for t in wanted}
+
+
+def _build(go: str, missing: list[Target], log: Callable[[str], None]) -> None:
+    # Targets of one wrapper module build in one `go build` so shared packages compile once.
+    by_module: dict[str, list[Target]] = {}
+    for target in missing:
+        by_module.setdefault(target.module_dir_name, []).append(target)
+    paths.bin_dir().mkdir(parents=True, exist_ok=True)
+    for group in by_module.values():
+        directory = _prepare_module(go, group[0], log)
+        out = directory / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        started = time.monotonic()
+        log(f"building {', '.join(t.name + ' ' + t.version for t in group)} (first time only; can take many minutes)")
+        argv = [go, "build", "-ldflags=-s -w", "-o"]
+        argv += [str(out / group[0].name), group[0].package] if len(group) == 1 else [str(out) + "/", *(t.package for t in group)]
+        _run(argv, directory, log)
+        for target in group:
+            built = out / target.package.rstrip("/").split("/")[-1] if len(group) > 1 else out / target.name
+            os.replace(built, binary_path(target))
+            _stamp_path(target).write_text(json.dumps(_stamp(target)))
+        log(f"built {', '.join(t.name for t in group)} in {time.monotonic() - started:.0f}s")

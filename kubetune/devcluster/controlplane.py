@@ -1,0 +1,226 @@
+"""Start and stop one control plane: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler and kwok, all on loopback, in one run directory.
+
+The run directory holds the certificates, a kubeconfig per component, every
+component's log (`logs/<component>.log`) and `state.json` (pids and
+addresses), which lets `kubetune dev cluster down` stop a control plane that
+another process started.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from kubetune.devcluster import build, commandlines, layout as L, paths, pki as pki_mod, processes
+from kubetune.devcluster.kubeconfig import kubeconfig, write_kubeconfig
+from kubetune.devcluster.layout import Layout, Ports
+
+START_TIMEOUT_SECONDS = 90.0
+
+_COMMANDLINES = {
+    L.ETCD: commandlines.etcd,
+    L.APISERVER: commandlines.kube_apiserver,
+    L.CONTROLLER_MANAGER: commandlines.kube_controller_manager,
+    L.SCHEDULER: commandlines.kube_scheduler,
+    L.KWOK: commandlines.kwok,
+}
+
+# Which client identity each component's kubeconfig carries.
+_IDENTITY = {
+    L.CONTROLLER_MANAGER: pki_mod.CONTROLLER_MANAGER,
+    L.SCHEDULER: pki_mod.SCHEDULER,
+    L.KWOK: pki_mod.KWOK,
+}
+
+
+class StartError(RuntimeError):
+    """The control plane did not come up; the message carries the component logs."""
+
+
+@dataclass
+class ControlPlane:
+    layout: Layout
+    binaries: dict[str, Path]
+    # False for `kubetune dev cluster up`, whose components outlive the command.
+    die_with_parent: bool = True
+    pids: dict[str, int] = field(default_factory=dict)
+    _children: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.run_dir
+
+    @property
+    def kubeconfig(self) -> Path:
+        """Admin kubeconfig (group system:masters)."""
+        return self.layout.admin_kubeconfig
+
+    @property
+    def server(self) -> str:
+        return self.layout.server
+
+    def admin_ssl_context(self) -> ssl.SSLContext:
+        pki = self.layout.pki
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.load_cert_chain(str(pki.client_cert(pki_mod.ADMIN)), str(pki.client_key(pki_mod.ADMIN)))
+        return context
+
+    def dead_component(self) -> str | None:
+        for name, pid in self.pids.items():
+            child = self._children.get(name)
+            if (child.poll() is not None) if child is not None else not processes.is_alive(pid):
+                return name
+        return None
+
+    def log_tails(self, lines: int = 30) -> str:
+        parts = []
+        for name in L.COMPONENTS:
+            path = self.layout.log(name)
+            if path.exists():
+                parts.append(f"----- {name} ({path}) -----\n{processes.tail(path, lines)}")
+        return "\n".join(parts)
+
+    def stop(self, remove_run_dir: bool = False) -> None:
+        """Stop components in reverse start order (clients before the API server, etcd last)."""
+        for name in reversed(L.COMPONENTS):
+            pid = self.pids.get(name)
+            if pid is not None:
+                processes.stop_group(pid)
+        self.pids.clear()
+        self._children.clear()
+        if remove_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        elif self.layout.state_file.exists():
+            self.layout.state_file.unlink()
+
+    def _spawn(self, name: str) -> None:
+        argv = _COMMANDLINES[name](self.binaries[name], self.layout)
+        child = processes.spawn(argv, self.layout.log(name), die_with_parent=self.die_with_parent)
+        self._children[name] = child
+        self.pids[name] = child.pid
+        self._write_state()
+
+    def _write_state(self) -> None:
+        state = {
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "pids": self.pids,
+            "binaries": {name: str(path) for name, path in self.binaries.items()},
+        }
+        self.layout.state_file.write_text(json.dumps(state, indent=2))
+
+
+def _prepare(run_dir: Path) -> Layout:
+    ports = Ports(*processes.free_ports(6))
+    lay = Layout(run_dir, ports)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    for name in L.COMPONENTS:
+        lay.cert_dir(name).mkdir(parents=True, exist_ok=True)
+    pki = pki_mod.write_pki(lay.pki.directory, L.SERVICE_IP)
+    write_kubeconfig(
+        lay.admin_kubeconfig,
+        kubeconfig(lay.server, pki.ca_cert, pki.client_cert(pki_mod.ADMIN), pki.client_key(pki_mod.ADMIN)),
+    )
+    for component, who in _IDENTITY.items():
+        write_kubeconfig(
+            lay.kubeconfig(component),
+            kubeconfig(lay.server, pki.ca_cert, pki.client_cert(who), pki.client_key(who)),
+        )
+    lay.kwok_config.write_text(resources.files("kubetune.devcluster").joinpath("kwok.yaml").read_text())
+    return lay
+
+
+def start(
+    run_dir: Path | None = None,
+    binaries: dict[str, Path] | None = None,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    die_with_parent: bool = True,
+) -> ControlPlane:
+    """Build what is missing, start every component and wait until the cluster is usable.
+
+    Usable means: the API server is ready, the controller-manager, scheduler and
+    kwok answer their health checks, and the service-account controller has
+    created the `default` ServiceAccount (so pods can be admitted).
+    """
+    binaries = binaries or build.ensure_built(log)
+    if run_dir is None:
+        paths.run_root().mkdir(parents=True, exist_ok=True)
+        run_dir = Path(tempfile.mkdtemp(prefix="cluster-", dir=paths.run_root()))
+    started = time.monotonic()
+    plane = ControlPlane(_prepare(run_dir), binaries, die_with_parent=die_with_parent)
+    try:
+        _start_components(plane)
+    except BaseException as error:
+        tails = plane.log_tails(40)
+        plane.stop()
+        if isinstance(error, (RuntimeError, TimeoutError)):
+            raise StartError(f"control plane in {run_dir} did not start: {error}\n{tails}") from error
+        raise
+    log(f"control plane ready in {time.monotonic() - started:.1f}s: {plane.server} (KUBECONFIG={plane.kubeconfig})")
+    return plane
+
+
+def _start_components(plane: ControlPlane) -> None:
+    lay = plane.layout
+    admin = plane.admin_ssl_context()
+    # Self-signed serving certs of the controller-manager and scheduler: only liveness is checked.
+    insecure = ssl._create_unverified_context()
+
+    plane._spawn(L.ETCD)
+    plane._spawn(L.APISERVER)  # retries etcd until it listens
+    processes.wait_until(
+        "kube-apiserver /readyz",
+        lambda: processes.http_ok(f"{lay.server}/readyz", admin),
+        START_TIMEOUT_SECONDS,
+        plane.dead_component,
+    )
+    for name in (L.CONTROLLER_MANAGER, L.SCHEDULER, L.KWOK):
+        plane._spawn(name)
+    checks = {
+        "kube-controller-manager /healthz": lambda: processes.http_ok(
+            f"https://127.0.0.1:{lay.ports.controller_manager}/healthz", insecure
+        ),
+        "kube-scheduler /healthz": lambda: processes.http_ok(f"https://127.0.0.1:{lay.ports.scheduler}/healthz", insecure),
+        "kwok /healthz": lambda: processes.http_ok(f"http://127.0.0.1:{lay.ports.kwok}/healthz"),
+        "ServiceAccount default/default": lambda: processes.http_ok(
+            f"{lay.server}/api/v1/namespaces/default/serviceaccounts/default", admin
+        ),
+    }
+    for what, check in checks.items():
+        processes.wait_until(what, check, START_TIMEOUT_SECONDS, plane.dead_component)
+
+
+def load(run_dir: Path) -> dict:
+    """The state.json of a started control plane."""
+    return json.loads(Layout(run_dir, Ports(0, 0, 0, 0, 0, 0)).state_file.read_text())
+
+
+def stop_from_state(run_dir: Path) -> list[str]:
+    """Stop the components listed in a run directory's state.json; returns their names."""
+    state = load(run_dir)
+    stopped = []
+    for name in reversed(L.COMPONENTS):
+        pid = state["pids"].get(name)
+        # Only signal a pid that still runs our binary: pids are reused after a reboot.
+        if pid is not None and _runs_binary(pid, state["binaries"].get(name, "")):
+            processes.stop_group(pid)
+            stopped.append(name)
+    (run_dir / "state.json").unlink(missing_ok=True)
+    return stopped
+
+
+def _runs_binary(pid: int, binary: str) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0].decode()
+    except OSError:
+        return False
+    return bool(binary) and argv0 == binary

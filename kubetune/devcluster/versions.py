@@ -1,0 +1,20 @@
+"""Versions of the control-plane components: the one place to change them.
+
+Kubernetes is built from the `k8s.io/kubernetes` Go module; its staging
+modules are published as `v0.<minor>.<patch>` twins of `v1.<minor>.<patch>`.
+"""
+
+KUBERNETES = "v1.36.3"
+ETCD = "v3.6.16"
+KWOK = "v0.8.0"
+
+# Binaries built from k8s.io/kubernetes/cmd/<name>.
+KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+
+
+def staging_version(kubernetes_version: str) -> str:
+    """`v1.36.3` -> `v0.36.3`, the version the staging modules are published under."""
+    major, sep, rest = kubernetes_version.partition(".")
+    if major != "v1" or not sep or not rest:
+        raise ValueError(f"kubernetes version must look like v1.X.Y, got {kubernetes_version!r}")
+    return "v0." + rest

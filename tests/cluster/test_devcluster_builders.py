@@ -1,0 +1,185 @@
+"""The harness's pure parts and its build cache, without starting a control plane."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.devcluster import build, commandlines, fakenodes, gomodules, paths, versions
+from kubetune.devcluster.layout import Layout, Ports
+
+# An excerpt in the shape of k8s.io/kubernetes' own go.mod.
+KUBERNETES_GOMOD = """module k8s.io/kubernetes
+
+go 1.26.0
+
+require (
+\tk8s.io/api v0.0.0
+\tk8s.io/client-go v0.0.0
+\tgithub.com/spf13/cobra v1.10.2
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go // a comment
+\tk8s.io/sample-cli-plugin => ./staging/src/k8s.io/sample-cli-plugin
+)
+"""
+
+ETCD_GOMOD = """module go.etcd.io/etcd/server/v3
+
+go 1.26.0
+
+replace (
+\tgo.etcd.io/etcd/api/v3 => ../api
+\tgo.etcd.io/etcd/client/v3 => ../client/v3
+)
+
+replace go.etcd.io/etcd => ./FORBIDDEN_DEPENDENCY
+"""
+
+
+def _replace_block(gomod: str) -> dict[str, str]:
+    block = gomod.split("replace (", 1)[1].split(")", 1)[0]
+    pairs = (line.strip().split(" => ") for line in block.strip().splitlines())
+    return {left: right for left, right in pairs}
+
+
+def test_staging_version_maps_v1_to_v0():
+    assert versions.staging_version("v1.36.3") == "v0.36.3"
+    with pytest.raises(ValueError, match="v1.X.Y"):
+        versions.staging_version("1.36.3")
+
+
+def test_kubernetes_wrapper_replaces_every_staging_module_with_its_published_twin():
+    gomod = gomodules.kubernetes_wrapper("v1.36.3", KUBERNETES_GOMOD, ("kube-apiserver",), frozenset({"k8s.io/sample-cli-plugin"}))
+    assert "\tk8s.io/kubernetes v1.36.3\n" in gomod
+    assert "go 1.26.0" in gomod
+    assert _replace_block(gomod) == {
+        "k8s.io/api": "k8s.io/api v0.36.3",
+        "k8s.io/client-go": "k8s.io/client-go v0.36.3",
+        "k8s.io/sample-cli-plugin": "./stub/k8s.io_sample-cli-plugin",
+    }
+    assert "\tk8s.io/kubernetes/cmd/kube-apiserver\n" in gomod.split("tool (", 1)[1]
+
+
+def test_kubernetes_wrapper_refuses_a_gomod_without_staging_replaces():
+    with pytest.raises(ValueError, match="no staging replaces"):
+        gomodules.kubernetes_wrapper("v1.36.3", "module k8s.io/kubernetes\n\ngo 1.26.0\n", ("kubectl",))
+
+
+def test_etcd_wrapper_pins_siblings_and_skips_forbidden_markers():
+    gomod = gomodules.etcd_wrapper("v3.6.16", ETCD_GOMOD)
+    assert _replace_block(gomod) == {
+        "go.etcd.io/etcd/api/v3": "go.etcd.io/etcd/api/v3 v3.6.16",
+        "go.etcd.io/etcd/client/v3": "go.etcd.io/etcd/client/v3 v3.6.16",
+    }
+    assert "FORBIDDEN" not in gomod
+
+
+def test_cache_root_prefers_kubetune_cache_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("KUBETUNE_CACHE", raising=False)
+    assert paths.bin_dir() == tmp_path / "xdg" / "kubetune" / "bin"
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path / "explicit"))
+    assert paths.bin_dir() == tmp_path / "explicit" / "bin"
+
+
+def test_cached_binaries_are_reused_without_go(monkeypatch, tmp_path):
+    """A second run finds binary + stamp and never calls Go (here Go is not even on PATH)."""
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("KUBETUNE_GO", raising=False)
+    for target in build.targets():
+        binary = build.binary_path(target)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        binary.write_text("#!/bin/sh\n")
+        binary.with_name(binary.name + ".stamp").write_text(json.dumps(build._stamp(target)))
+    found = build.ensure_built(log=lambda m: pytest.fail(f"unexpected build: {m}"))
+    assert found["kube-apiserver"] == tmp_path / "bin" / f"kube-apiserver-{versions.KUBERNETES}"
+    assert set(found) == {"etcd", "kwok", *versions.KUBERNETES_COMMANDS}
+
+
+def test_a_stamp_for_another_version_means_rebuild(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    target = build.targets()[0]
+    binary = build.binary_path(target)
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.with_name(binary.name + ".stamp").write_text(json.dumps({**build._stamp(target), "version": "v0.0.1"}))
+    assert not build.is_built(target)
+
+
+def test_missing_go_is_an_error_that_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("KUBETUNE_GO", raising=False)
+    with pytest.raises(build.GoMissingError, match=r"Install Go >= 1\.26") as error:
+        build.ensure_built(log=lambda m: None)
+    assert str(tmp_path / "bin") in str(error.value)
+
+
+def test_cluster_fixture_fails_not_skips_without_go(tmp_path):
+    """Run a tiny suite with the real conftest, no Go and an empty cache: the test must error."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "conftest.py", suite / "conftest.py")
+    (suite / "test_needs_cluster.py").write_text("def test_uses_cluster(cluster):\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "KUBETUNE_GO"}
+    env.update(PATH="", KUBETUNE_CACHE=str(tmp_path / "empty-cache"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(suite)],
+        cwd=suite, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "1 error" in result.stdout and "skipped" not in result.stdout, result.stdout
+    assert "no `go` command was found" in result.stdout and "Install Go" in result.stdout, result.stdout
+
+
+def test_kwok_config_has_exclusive_complete_and_fail_stages():
+    documents = list(yaml.safe_load_all(resources.files("kubetune.devcluster").joinpath("kwok.yaml").read_text()))
+    assert documents[0]["kind"] == "KwokConfiguration"
+    stages = {d["metadata"]["name"]: d["spec"] for d in documents[1:]}
+    assert {"node-initialize", "node-heartbeat", "pod-ready", "pod-complete", "pod-fail", "pod-delete"} <= set(stages)
+
+    def fail_label_rule(stage):
+        (rule,) = [r for r in stage["selector"]["matchExpressions"] if "kwok.kubetune.io/fail" in r["key"]]
+        return rule["operator"], rule["values"]
+
+    assert fail_label_rule(stages["pod-complete"]) == ("NotIn", ["true"])
+    assert fail_label_rule(stages["pod-fail"]) == ("In", ["true"])
+    for name in ("pod-complete", "pod-fail"):
+        assert "kwok.kubetune.io/run-duration" in stages[name]["delay"]["durationFrom"]["expressionFrom"]
+        assert "kwok.kubetune.io/termination-message" in stages[name]["next"]["statusTemplate"]
+
+
+def test_component_command_lines_enable_real_auth_and_controllers(tmp_path):
+    lay = Layout(tmp_path, Ports(1, 2, 3, 4, 5, 6))
+    apiserver = commandlines.kube_apiserver(tmp_path / "kube-apiserver", lay)
+    assert "--authorization-mode=Node,RBAC" in apiserver
+    assert f"--client-ca-file={lay.pki.ca_cert}" in apiserver
+    assert not any(flag.startswith("--disable-admission-plugins") for flag in apiserver)
+    assert "--bind-address=127.0.0.1" in apiserver and "--secure-port=3" in apiserver
+    kcm = commandlines.kube_controller_manager(tmp_path / "kcm", lay)
+    assert {"--controllers=*", "--use-service-account-credentials=true", f"--root-ca-file={lay.pki.ca_cert}"} <= set(kcm)
+    kwok = commandlines.kwok(tmp_path / "kwok", lay)
+    assert "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake" in kwok
+    assert "--manage-all-nodes=false" in kwok
+
+
+def test_fake_gpu_node_manifest():
+    node = fakenodes.gpu_node("n1", gpus=4)
+    assert node["metadata"]["annotations"] == {"kwok.x-k8s.io/node": "fake"}
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "4"
+    assert node["metadata"]["labels"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert node["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    with pytest.raises(ValueError, match="gpus must be >= 0"):
+        fakenodes.gpu_node("n2", gpus=-1)

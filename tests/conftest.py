@@ -1,0 +1,111 @@
+"""Session fixtures shared by every test suite.
+
+`cluster` starts a real control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, kwok) on loopback, once per test
+run and only when a test asks for it: unit and trainer tests never start it.
+`s3` starts a moto S3 server on loopback. Everything started here is stopped
+at the end of the session, on Ctrl-C, and (through atexit and the
+components' parent-death signal) when the run dies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+
+import pytest
+
+_PLANE = pytest.StashKey()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests that use the control plane are `cluster` tests wherever they live,
+    # so `-m "not cluster"` deselects them without anyone marking them by hand.
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    plane = item.config.stash.get(_PLANE, None)
+    if report.failed and plane is not None and "cluster" in getattr(item, "fixturenames", ()):
+        report.sections.append((f"control plane logs ({plane.run_dir}/logs)", plane.log_tails(25)))
+    return report
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@pytest.fixture(scope="session")
+def cluster(request):
+    """A running control plane; a `kubetune.devcluster.cluster.Cluster`."""
+    from kubetune.devcluster import build, controlplane
+    from kubetune.devcluster.cluster import Cluster
+
+    try:
+        plane = controlplane.start()
+    except build.GoMissingError as error:
+        # Never skip: a suite that silently skips its cluster tests proves nothing.
+        pytest.fail(str(error), pytrace=False)
+    except controlplane.StartError as error:
+        pytest.fail(str(error), pytrace=False)
+
+    keep = os.environ.get("KUBETUNE_KEEP_RUN") == "1"
+    atexit.register(plane.stop)
+    # A plain SIGTERM would end the run without teardown; make it behave like Ctrl-C.
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    if previous_sigterm is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    request.config.stash[_PLANE] = plane
+    try:
+        yield Cluster(plane)
+    finally:
+        request.config.stash[_PLANE] = None
+        plane.stop(remove_run_dir=not keep)
+        atexit.unregister(plane.stop)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+@pytest.fixture
+def namespace(cluster):
+    """A fresh namespace enforcing Pod Security `restricted`, deleted after the test."""
+    from kubetune.devcluster.cluster import RESTRICTED_LABELS
+
+    name = cluster.create_namespace("t", labels=RESTRICTED_LABELS)
+    yield name
+    cluster.delete_namespace(name)
+
+
+@pytest.fixture
+def gpu_nodes(cluster):
+    """Factory of fake GPU nodes (kwok-managed, Ready); they are deleted after the test.
+
+    `gpu_nodes()` -> node name; keyword arguments go to
+    `kubetune.devcluster.fakenodes.gpu_node` (gpus=8, product=..., labels=...).
+    """
+    created: list[str] = []
+
+    def make(name: str | None = None, **kwargs) -> str:
+        node = cluster.create_gpu_node(name, **kwargs)
+        created.append(node)
+        return node
+
+    yield make
+    for node in created:
+        cluster.delete_node(node)
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on loopback: `.endpoint_url`, `.client` (boto3, path-style, dummy credentials)."""
+    from kubetune.devcluster.s3server import start_s3_server
+
+    server = start_s3_server()
+    try:
+        yield server
+    finally:
+        server.stop()
