@@ -1,0 +1,61 @@
+"""Generated packaging files (chart CRD copy, ClusterRoles) match their sources;
+the chart and kustomize base keep their production guarantees; examples are valid."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.operator import rbac
+from kubetune.operator.api import FineTuneJob
+from kubetune.operator.packaging import ROOT, generated_files
+
+
+@pytest.mark.parametrize("path", sorted(generated_files()), ids=lambda p: str(p.relative_to(ROOT)))
+def test_generated_file_is_up_to_date(path):
+    assert path.read_text() == generated_files()[path], f"{path} is stale: run python -m kubetune.operator.packaging"
+
+
+def test_chart_crd_is_the_generated_crd():
+    assert (ROOT / "charts/kubetune/crds/finetunejob.yaml").read_text() == (ROOT / "crds/finetunejob.yaml").read_text()
+
+
+def test_kustomize_cluster_role_rules_are_the_python_rules():
+    role = yaml.safe_load((ROOT / "manifests/base/clusterrole.yaml").read_text())
+    assert role["rules"] == rbac.RULES
+
+
+def _chart_template(name):
+    return (ROOT / "charts/kubetune/templates" / name).read_text()
+
+
+def test_chart_cluster_role_rules_are_the_python_rules():
+    text = _chart_template("clusterrole.yaml")
+    # The rules part has no template expressions; it parses as YAML on its own.
+    rules = yaml.safe_load(text[text.index("rules:"):])["rules"]
+    assert rules == rbac.RULES
+
+
+def test_chart_operator_deployment_is_single_replica_recreate_and_restricted():
+    text = _chart_template("deployment.yaml")
+    assert "replicas: 1" in text
+    assert "type: Recreate" in text
+    for needle in ("runAsNonRoot: true", "allowPrivilegeEscalation: false", 'drop: ["ALL"]', "type: RuntimeDefault"):
+        assert needle in text, needle
+
+
+def test_kustomize_operator_matches_the_chart_guarantees():
+    docs = list(yaml.safe_load_all((ROOT / "manifests/base/operator.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == rbac.CLUSTER_ROLE_NAME
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "manifests/examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid_finetunejobs(path: Path):
+    for doc in yaml.safe_load_all(path.read_text()):
+        job = FineTuneJob.from_body(doc)
+        assert job.kind == "FineTuneJob" and job.metadata.name
