@@ -33,7 +33,7 @@ def etcd(binary: Path, lay: Layout) -> list[str]:
         f"--initial-cluster=kubetune={peer}",
         # Test data is thrown away: skip fsync, it dominates etcd latency on slow disks.
         "--unsafe-no-fsync=true",
-        "--log-level=warn",
+        "--log-level=info",
     ]
 
 

@@ -68,10 +68,10 @@ def up(
         plane = controlplane.start(run_dir=run_dir, die_with_parent=foreground)
     except build.GoMissingError as error:
         typer.echo(str(error), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except controlplane.StartError as error:
         typer.echo(str(error), err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     cluster = Cluster(plane)
     for index in range(gpu_nodes):
         cluster.create_gpu_node(f"gpu-node-{index}")

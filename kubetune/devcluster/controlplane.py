@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from kubetune.devcluster import build, commandlines, layout as L, paths, pki as pki_mod, processes
+from kubetune.devcluster import build, commandlines, paths, processes
+from kubetune.devcluster import layout as L
+from kubetune.devcluster import pki as pki_mod
 from kubetune.devcluster.kubeconfig import kubeconfig, write_kubeconfig
 from kubetune.devcluster.layout import Layout, Ports
 
@@ -154,7 +156,8 @@ def start(
     binaries = binaries or build.ensure_built(log)
     if run_dir is None:
         paths.run_root().mkdir(parents=True, exist_ok=True)
-        run_dir = Path(tempfile.mkdtemp(prefix="cluster-", dir=paths.run_root()))
+        prune_stale_runs()
+        run_dir = Path(tempfile.mkdtemp(prefix=_TEST_RUN_PREFIX, dir=paths.run_root()))
     started = time.monotonic()
     plane = ControlPlane(_prepare(run_dir), binaries, die_with_parent=die_with_parent)
     try:
@@ -197,6 +200,28 @@ def _start_components(plane: ControlPlane) -> None:
     }
     for what, check in checks.items():
         processes.wait_until(what, check, START_TIMEOUT_SECONDS, plane.dead_component)
+
+
+_TEST_RUN_PREFIX = "cluster-"
+# A run directory this old with no live component is left over from a killed run.
+_STALE_SECONDS = 600
+
+
+def prune_stale_runs() -> list[Path]:
+    """Delete leftover `cluster-*` run directories of test runs that were killed."""
+    pruned = []
+    now = time.time()
+    for run_dir in paths.run_root().glob(_TEST_RUN_PREFIX + "*"):
+        try:
+            if now - run_dir.stat().st_mtime < _STALE_SECONDS:
+                continue
+            pids = load(run_dir)["pids"].values() if (run_dir / "state.json").exists() else []
+        except (OSError, ValueError, KeyError):
+            pids = []
+        if not any(processes.is_alive(pid) for pid in pids):
+            shutil.rmtree(run_dir, ignore_errors=True)
+            pruned.append(run_dir)
+    return pruned
 
 
 def load(run_dir: Path) -> dict:

@@ -131,6 +131,9 @@ def test_server_version_and_authentication(cluster):
 
 
 def test_every_component_logs_to_its_own_file(cluster):
-    logs = {p.name: p.stat().st_size for p in (cluster.plane.run_dir / "logs").iterdir()}
+    logs = {p.name: p.read_text(errors="replace").splitlines() for p in (cluster.plane.run_dir / "logs").iterdir()}
     for component in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"):
-        assert logs.get(f"{component}.log", 0) > 0, logs
+        lines = logs[f"{component}.log"]
+        # The harness writes the command line first; the component's own output follows.
+        assert lines[0].startswith("$ ") and component in lines[0]
+        assert len(lines) > 1, f"{component} wrote nothing to its log"
