@@ -16,6 +16,7 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from kubetune import localrun
     from kubetune.devcluster import commands as devcluster
     from kubetune.operator import commands as operator
     from kubetune.trainer import commands as trainer
@@ -23,6 +24,7 @@ def _register() -> None:
     trainer.register(app)
     operator.register(app)
     devcluster.register(app)
+    localrun.register(app)
 
 
 _register()

@@ -122,6 +122,3 @@ class ReportProgress(TrainerCallback):
         if "loss" in logs or "eval_loss" in logs:
             self.reporter.record(state.global_step, state.max_steps, state.epoch or 0.0, logs,
                                  state.num_input_tokens_seen or 0)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.reporter.close()

@@ -1,7 +1,109 @@
-"""CLI commands of this part (registered by kubetune.cli)."""
+"""CLI commands of the trainer: `kubetune validate|train|merge|evaluate --config X`.
+
+Heavy imports (torch, transformers) happen inside the commands so that
+`kubetune --help` stays fast. Config errors exit 2 with the field named.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+CONFIG_HELP = "Trainer config file (YAML or JSON), as rendered by the operator."
+
+
+def _load(config: Path):
+    from kubetune.trainer.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+
+
+def _fail(stage: str, reason: str, err: Exception) -> None:
+    from kubetune.trainer.termination import write_message
+
+    write_message(stage, False, reason, str(err))
+    typer.echo(f"{stage} failed: {err}", err=True)
+    raise typer.Exit(1)
+
+
+def validate(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here instead of stdout."),
+    no_upload: bool = typer.Option(False, "--no-upload", help="Do not publish validation/report.json."),
+) -> None:
+    """Check every dataset row and the token lengths against the base model; exit 1 on bad rows."""
+    from kubetune.trainer.validate import run_validate
+
+    code, _ = run_validate(_load(config), report, publish=not no_upload)
+    raise typer.Exit(code)
+
+
+def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
+    """LoRA/QLoRA fine-tuning; resumes from the newest complete checkpoint; exits 143 after SIGTERM."""
+    from kubetune.trainer.storage import StorageError
+    from kubetune.trainer.train import TrainingError, run_train
+
+    cfg = _load(config)
+    try:
+        result = run_train(cfg)
+    except (TrainingError, StorageError) as e:
+        _fail("train", "TrainingRejected" if isinstance(e, TrainingError) else "StorageError", e)
+    from kubetune.trainer.termination import write_message
+
+    if result.stopped_by_signal:
+        write_message("train", False, "Preempted", f"stopped on SIGTERM at step {result.global_step}; checkpoint saved",
+                      step=result.global_step)
+    else:
+        write_message("train", True, "Trained", f"adapter at {result.adapter_uri}", step=result.global_step,
+                      evalLoss=result.eval_loss, adapter=result.adapter_uri)
+    sys.stdout.flush()
+    raise typer.Exit(result.exit_code)
+
+
+def merge(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
+    """Fold the adapter into the bf16 base model and publish merged/ (sharded safetensors + tokenizer)."""
+    from kubetune.trainer.merge import run_merge
+
+    raise typer.Exit(run_merge(_load(config)))
+
+
+def evaluate(
+    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    fail_on_gate: bool = typer.Option(False, "--fail-on-gate", help="Exit 3 when the gate fails (the pod always exits 0 "
+                                      "and reports the verdict in its termination message)."),
+) -> None:
+    """Held-out loss/perplexity of base vs tuned, sample generations, and the minImprovement gate."""
+    from kubetune.trainer.evaluate import run_evaluate
+
+    code, report = run_evaluate(_load(config))
+    if code == 0 and fail_on_gate and not report.get("ok"):
+        code = 3
+    raise typer.Exit(code)
+
+
+def make_tiny_model(
+    out: Path = typer.Argument(..., help="Directory to write the model and tokenizer to."),
+    dataset: Optional[Path] = typer.Option(None, "--dataset", help="JSON Lines file whose text trains the tokenizer."),
+    hidden_size: int = typer.Option(64, "--hidden-size"),
+    layers: int = typer.Option(2, "--layers"),
+) -> None:
+    """Write a tiny random-weight Llama-style model + locally trained tokenizer (no downloads)."""
+    from kubetune.trainer.tinymodel import DEFAULT_TEXTS, texts_of_jsonl, write_tiny_model
+
+    texts = texts_of_jsonl(dataset) if dataset else DEFAULT_TEXTS
+    typer.echo(str(write_tiny_model(out, texts, hidden_size=hidden_size, layers=layers)))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("validate")(validate)
+    app.command("train")(train)
+    app.command("merge")(merge)
+    app.command("evaluate")(evaluate)
+    app.command("tiny-model")(make_tiny_model)

@@ -60,6 +60,7 @@ def write_tiny_model(
     vocab_size: int = 512,
     max_positions: int = 1024,
     seed: int = 0,
+    initializer_range: float = 0.2,
 ) -> Path:
     """Write a random-weight LlamaForCausalLM + tokenizer to `out_dir` (safetensors)."""
     import torch
@@ -80,6 +81,9 @@ def write_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        # Wider than the usual 0.02: behind the final RMSNorm a frozen head with tiny weights caps how far
+        # LoRA can move the logits, and a random model would then barely learn in a test-sized run.
+        initializer_range=initializer_range,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
@@ -111,3 +115,12 @@ def texts_of_jsonl(path: str | Path) -> list[str]:
         if line.strip():
             walk(json.loads(line))
     return out
+
+
+# Enough text for a usable byte-level BPE when no dataset is given.
+DEFAULT_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "How do I reset my password? Open Settings, then Security, then Reset password.",
+    "You are a helpful assistant. Answer briefly and precisely.",
+    "Kubernetes runs containers in pods; a Job runs pods to completion.",
+] * 50

@@ -265,10 +265,9 @@ def run_train(cfg: TrainerConfig) -> TrainResult:
 
     eval_loss = None
     if eval_ds is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-        if reporter is not None:
-            reporter.record(step, trainer.state.max_steps, trainer.state.epoch or 0.0, {"eval_loss": eval_loss})
-            reporter.close()
+        eval_loss = float(trainer.evaluate()["eval_loss"])  # logged through ReportProgress.on_log
+    if reporter is not None:
+        reporter.close()
     adapter_uri = None
     if state.is_main_process:
         adapter_dir = run_dir / "adapter"

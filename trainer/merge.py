@@ -1,0 +1,61 @@
+"""The merge stage: fold the adapter into the base model and publish bf16 safetensors.
+
+The base is always loaded in bf16 from its original weights (never from 4-bit
+weights: dequantized NF4 values are not the base the adapter should be added
+to, and the rounding would end up in every served token).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from kubetune.trainer import artifacts
+from kubetune.trainer.config import TrainerConfig
+from kubetune.trainer.termination import write_message
+
+STAGE = "merge"
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str = "2GB") -> Path:
+    """Write base+adapter as one bf16 model (sharded safetensors + tokenizer) to `out_dir`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    merged = model.merge_and_unload(safe_merge=True)  # safe_merge: fail on NaNs instead of publishing them
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    merged.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def run_merge(cfg: TrainerConfig) -> int:
+    from kubetune.trainer.modelio import base_model_dir, output_store
+    from kubetune.trainer.train import run_dir_for
+
+    if not cfg.merge.enabled:
+        write_message(STAGE, True, "MergeDisabled", "merge.enabled is false; nothing to do")
+        print("merge disabled (merge.enabled=false)")
+        return 0
+    store = output_store(cfg)
+    work = run_dir_for(cfg) / "merge"
+    try:
+        artifacts.fetch_dir(store, artifacts.ADAPTER, work / "adapter")
+    except FileNotFoundError:
+        msg = f"no complete adapter under {cfg.output.uri} (run train first)"
+        write_message(STAGE, False, "AdapterMissing", msg)
+        print(msg, file=sys.stderr)
+        return 1
+    out = merge_adapter(base_model_dir(cfg), work / "adapter", work / "merged", cfg.merge.max_shard_size)
+    manifest = artifacts.publish_dir(store, out, artifacts.MERGED, meta={"baseModel": cfg.base_model.served_name,
+                                                                         "dtype": "bfloat16"})
+    uri = f"{store.uri.rstrip('/')}/{artifacts.MERGED}/"
+    size = sum(f["size"] for f in manifest["files"].values())
+    write_message(STAGE, True, "Merged", f"merged model at {uri}", uri=uri, bytes=size)
+    print(f"merged model: {uri} ({len(manifest['files'])} files, {size / 1e6:.1f} MB)")
+    return 0
