@@ -14,6 +14,8 @@ import signal
 import time
 from typing import Any, Callable, Optional
 
+from pydantic import ValidationError
+
 from . import configmaps, job_rbac, lifecycle, metrics, names, serving, stage_jobs, training
 from .api import FineTuneJob
 from .conditions import now
@@ -95,20 +97,37 @@ def reconcile(
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
 
+# The phase this process last recorded per FineTuneJob uid. kopf hands timers
+# the body from its watch stream, which can lag our own status patch by a
+# moment: this keeps a lagging body from repeating an Event or a transition.
+_recorded: dict[str, str] = {}
+
+
 def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emit: EventFn) -> Optional[dict[str, Any]]:
     meta = body.get("metadata") or {}
+    uid = meta.get("uid", "")
     if meta.get("deletionTimestamp"):
+        _recorded.pop(uid, None)
         return None
     status = dict(body.get("status") or {})
-    phase = status.get("phase")
-    job = FineTuneJob.from_body(body)
+    phase = status.get("phase") or _recorded.get(uid)
     generation = meta.get("generation")
-    metrics.observe_phase(meta.get("uid", ""), phase or "Pending")
+    metrics.observe_phase(uid, phase or "Pending")
     if phase in ("Failed", "Succeeded"):
         # Terminal: children stay for inspection; nothing is retried behind the user's back.
         return None
+    try:
+        # Only metadata and spec: status belongs to the observers, and a field
+        # a newer trainer writes must not stop the reconcile.
+        job = FineTuneJob.from_body({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    except ValidationError as e:
+        # The API server admitted it (CEL/OpenAPI), the operator's model did not:
+        # say so once instead of retrying forever.
+        message = "; ".join(f"spec.{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())[:2000]
+        _record(uid, "Failed", emit, "Warning", "InvalidSpec", message, phase)
+        return {"phase": "Failed", "message": message, "observedGeneration": generation}
     if not phase:
-        emit("Normal", "Pending", "accepted; validation starts next")
+        _record(uid, "Pending", emit, "Normal", "Pending", "accepted; validation starts next", phase)
         return {
             "phase": "Pending",
             "message": "accepted",
@@ -119,13 +138,20 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     decision = lifecycle.decide(job, observe(kube, job))
     act(kube, job, decision, settings)
     patch = lifecycle.status_update(status, decision, generation, now())
-    if decision.phase != phase:
-        metrics.TRANSITIONS.labels(phase=decision.phase).inc()
-        metrics.observe_phase(meta.get("uid", ""), decision.phase)
-        emit("Warning" if decision.failed else "Normal", decision.phase, decision.message)
+    _record(uid, decision.phase, emit, "Warning" if decision.failed else "Normal", decision.phase, decision.message, phase)
     if _unchanged(status, patch):
         return None
     return patch
+
+
+def _record(uid: str, phase: str, emit: EventFn, type_: str, reason: str, message: str, previous: Optional[str]) -> None:
+    """An Event and metrics for a transition, once per transition per process."""
+    if phase == previous or _recorded.get(uid) == phase:
+        return
+    _recorded[uid] = phase
+    metrics.TRANSITIONS.labels(phase=phase).inc()
+    metrics.observe_phase(uid, phase)
+    emit(type_, reason, message)
 
 
 def _unchanged(status: dict[str, Any], patch: dict[str, Any]) -> bool:

@@ -110,7 +110,8 @@ class TrainingSpec(ApiModel):
 
     __rules__ = (
         Rule(
-            cel="type(self.batchSize) == int ? self.batchSize >= 1 : self.batchSize == 'auto'",
+            # has(): the API server also checks this rule against the section's default ({}).
+            cel="!has(self.batchSize) || (type(self.batchSize) == int ? self.batchSize >= 1 : self.batchSize == 'auto')",
             message="batchSize must be 'auto' or an integer >= 1",
             field_path=".batchSize",
             check=lambda t: t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size >= 1),
@@ -186,14 +187,6 @@ class SecretKeyRef(ApiModel):
 
 class ServingSpec(ApiModel):
     """vLLM serving of the result."""
-
-    __rules__ = (
-        Rule(
-            cel="self.mode != 'adapter' || self.enabled",
-            message="mode adapter only applies when serving is enabled",
-            field_path=".mode",
-        ),
-    )
 
     enabled: bool = Field(default=True, description="Serve the fine-tuned model with vLLM.")
     mode: ServingMode = Field(

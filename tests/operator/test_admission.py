@@ -1,0 +1,111 @@
+"""Invalid FineTuneJobs are rejected by the API server itself (OpenAPI schema +
+CEL rules of the generated CRD), each with a message naming the field."""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from .ftj import Api, body
+
+# (case id, spec sections to merge, text that must appear in the rejection)
+INVALID = [
+    ("base-model-scheme", {"baseModel": {"uri": "gs://models/x/"}}, "spec.baseModel.uri"),
+    ("base-model-empty", {"baseModel": {"uri": ""}}, "spec.baseModel.uri"),
+    ("dataset-scheme", {"dataset": {"uri": "https://example.org/data.jsonl"}}, "spec.dataset.uri"),
+    ("output-scheme", {"output": {"uri": "/mnt/out"}}, "spec.output.uri"),
+    ("output-bucket-uppercase", {"output": {"uri": "s3://Bad_Bucket/x"}}, "spec.output.uri"),
+    ("dataset-format", {"dataset": {"format": "csv-ish"}}, "spec.dataset.format"),
+    ("validation-split", {"dataset": {"validationSplit": 1.0}}, "spec.dataset.validationSplit"),
+    ("max-length", {"dataset": {"maxLength": 8}}, "spec.dataset.maxLength"),
+    ("method-type", {"method": {"type": "full"}}, "spec.method.type"),
+    ("lora-rank", {"method": {"r": 0}}, "spec.method.r"),
+    ("lora-dropout", {"method": {"dropout": 1.5}}, "spec.method.dropout"),
+    ("quant-bits", {"method": {"type": "qlora", "quantization": {"bits": 3}}}, "spec.method.quantization.bits"),
+    ("target-modules-empty", {"method": {"targetModules": []}}, "spec.method.targetModules"),
+    ("learning-rate", {"training": {"learningRate": 0}}, "spec.training.learningRate"),
+    ("epochs", {"training": {"epochs": -1}}, "spec.training.epochs"),
+    ("batch-size-zero", {"training": {"batchSize": 0}}, "spec.training.batchSize"),
+    ("batch-size-word", {"training": {"batchSize": "big"}}, "spec.training.batchSize"),
+    ("scheduler", {"training": {"scheduler": "sawtooth"}}, "spec.training.scheduler"),
+    ("gpus-per-node-high", {"resources": {"gpusPerNode": 9}}, "spec.resources.gpusPerNode"),
+    ("gpus-per-node-zero", {"resources": {"gpusPerNode": 0}}, "spec.resources.gpusPerNode"),
+    ("nodes", {"resources": {"nodes": 0}}, "spec.resources.nodes"),
+    ("strategy", {"resources": {"strategy": "fsdp"}}, "spec.resources.strategy"),
+    ("qlora-zero3", {"method": {"type": "qlora"}, "resources": {"strategy": "deepspeed-zero3"}}, "spec.resources.strategy"),
+    ("queue-name", {"resources": {"queueName": "Team_A"}}, "spec.resources.queueName"),
+    ("credentials-and-irsa", {"storage": {"credentialsSecretRef": {"name": "s3"}, "serviceAccountName": "irsa"}},
+     "spec.storage.serviceAccountName"),
+    ("endpoint-url", {"storage": {"endpointUrl": "s3.local:9000"}}, "spec.storage.endpointUrl"),
+    ("merged-serving-without-merge", {"output": {"merge": False}}, "spec.serving.mode"),
+    ("gate-without-evaluation", {"evaluation": {"enabled": False, "minImprovement": 0.1}}, "spec.evaluation.minImprovement"),
+    ("min-improvement-range", {"evaluation": {"minImprovement": 2}}, "spec.evaluation.minImprovement"),
+    ("serving-replicas", {"serving": {"replicas": -1}}, "spec.serving.replicas"),
+    ("serving-gpus", {"serving": {"gpus": 9}}, "spec.serving.gpus"),
+    ("api-key-secret-name", {"serving": {"apiKeySecretRef": {"name": "Not_A_Name"}}}, "spec.serving.apiKeySecretRef.name"),
+]
+
+
+@pytest.fixture
+def api(cluster, crd, namespace):
+    return Api(cluster, namespace)
+
+
+def _rejection(api: Api, obj: dict) -> str:
+    with pytest.raises(ApiException) as err:
+        api.create(obj)
+    assert err.value.status == 422, err.value.body
+    return err.value.body
+
+
+@pytest.mark.parametrize("case, spec, field", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_spec_is_rejected_naming_the_field(api, case, spec, field):
+    obj = body(f"bad-{case}"[:40].rstrip("-"), **spec)
+    assert field in _rejection(api, obj)
+
+
+def test_missing_required_section(api):
+    obj = body("no-dataset")
+    del obj["spec"]["dataset"]
+    assert "spec.dataset" in _rejection(api, obj)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("a" * 41, "at most 40 characters"),
+    ("1-starts-with-digit", "DNS-1035"),
+])
+def test_bad_names(api, name, text):
+    assert text in _rejection(api, body(name))
+
+
+def test_defaults_are_applied_by_the_api_server(api):
+    created = api.create(body("defaults"))
+    spec = created["spec"]
+    assert spec["resources"]["nodes"] == 1 and spec["resources"]["gpusPerNode"] == 1
+    assert spec["training"]["batchSize"] == "auto" and spec["training"]["checkpointEvery"] == 200
+    assert spec["serving"] == {**spec["serving"], "enabled": True, "mode": "merged", "replicas": 1}
+    assert spec["output"]["merge"] is True
+
+
+@pytest.mark.parametrize("field, patch", [
+    ("spec.dataset", {"dataset": {"uri": "s3://data/other.jsonl"}}),
+    ("spec.baseModel", {"baseModel": {"uri": "s3://models/other/"}}),
+    ("spec.method", {"method": {"r": 64}}),
+    ("spec.training", {"training": {"learningRate": 0.001}}),
+    ("spec.resources", {"resources": {"gpusPerNode": 2}}),
+    ("spec.output", {"output": {"uri": "s3://artifacts/elsewhere/"}}),
+    ("spec.serving", {"serving": {"enabled": False}}),
+])
+def test_fields_that_cannot_change_mid_run_are_immutable(api, field, patch):
+    name = f"imm-{field.split('.')[-1].lower()}"
+    api.create(body(name))
+    with pytest.raises(ApiException) as err:
+        api.patch(name, {"spec": patch})
+    assert err.value.status == 422
+    assert field in err.value.body and "immutable" in err.value.body
+
+
+def test_serving_replicas_may_change(api):
+    api.create(body("scalable"))
+    patched = api.patch("scalable", {"spec": {"serving": {"replicas": 3}}})
+    assert patched["spec"]["serving"]["replicas"] == 3 and patched["metadata"]["generation"] == 2
