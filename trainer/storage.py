@@ -42,16 +42,19 @@ def s3_client(endpoint_url: Optional[str] = None, region: Optional[str] = None, 
     import boto3
     from botocore.config import Config
 
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     cfg = Config(
         retries={"max_attempts": 8, "mode": "adaptive"},
         max_pool_connections=max_pool,
         # S3-compatible servers (MinIO, Ceph, moto) may reject the default CRC checksums of boto3 >= 1.36.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        # Custom endpoints rarely have wildcard DNS for virtual-hosted buckets.
+        s3={"addressing_style": "path" if endpoint_url else "auto"},
     )
     return boto3.client(
         "s3",
-        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None,
+        endpoint_url=endpoint_url,
         region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         config=cfg,
     )

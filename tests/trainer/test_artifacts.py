@@ -1,0 +1,145 @@
+"""Manifested artifacts on a real S3 server: atomic from a reader's view, checksummed, resumable downloads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer import artifacts
+from kubetune.trainer.storage import LocalStore, S3Store, fetch, s3_client
+
+
+def _ckpt_dir(root: Path, step: int, files: int = 4, size: int = 1000) -> Path:
+    d = root / f"ckpt-{step}"
+    (d / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (d / ("sub" if i % 2 else "") / f"f{i}.bin").write_bytes(bytes([step % 256, i]) * size)
+    return d
+
+
+@pytest.fixture
+def store(bucket, s3_env):
+    return S3Store(f"s3://{bucket}/job", s3_client(s3_env.endpoint_url))
+
+
+def test_publish_and_fetch_round_trip(store, tmp_path):
+    src = _ckpt_dir(tmp_path, 4)
+    manifest = artifacts.publish_dir(store, src, artifacts.checkpoint_prefix(4), meta={"step": 4})
+    assert set(manifest["files"]) == {"f0.bin", "sub/f1.bin", "f2.bin", "sub/f3.bin"}
+    assert artifacts.complete_checkpoints(store) == [4]
+    got = tmp_path / "got"
+    artifacts.fetch_dir(store, artifacts.checkpoint_prefix(4), got)
+    for name in manifest["files"]:
+        assert (got / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_interrupted_upload_is_invisible(store, tmp_path, s3_env, bucket):
+    """A writer SIGKILLed mid-upload leaves files but no manifest: readers keep seeing the previous checkpoint."""
+    artifacts.publish_dir(store, _ckpt_dir(tmp_path, 4), artifacts.checkpoint_prefix(4))
+    src = _ckpt_dir(tmp_path, 8, files=6)
+    script = textwrap.dedent(f"""
+        import sys, time
+        from kubetune.trainer import artifacts
+        from kubetune.trainer.storage import S3Store, s3_client
+        store = S3Store("s3://{bucket}/job", s3_client("{s3_env.endpoint_url}"))
+        def slow(name):
+            print("uploaded", name, flush=True)
+            time.sleep(30)  # killed here, after the first file
+        artifacts.publish_dir(store, sys.argv[1], artifacts.checkpoint_prefix(8), on_file=slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("uploaded")
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    keys = [o.key for o in store.list(artifacts.checkpoint_prefix(8))]
+    assert keys and artifacts.MANIFEST not in [k.rsplit("/", 1)[-1] for k in keys]  # a torn upload is there...
+    assert artifacts.complete_checkpoints(store) == [4]  # ...but nobody trusts it
+    assert artifacts.latest_checkpoint(store) == 4
+    with pytest.raises(FileNotFoundError, match="not a complete artifact"):
+        artifacts.fetch_dir(store, artifacts.checkpoint_prefix(8), tmp_path / "x")
+
+
+def test_republish_interrupted_never_mixes_versions(store, tmp_path):
+    """Re-publishing drops the old manifest first: during and after a failed re-upload the prefix reads as absent."""
+    v1 = _ckpt_dir(tmp_path / "v1", 1)
+    artifacts.publish_dir(store, v1, artifacts.ADAPTER)
+    v2 = _ckpt_dir(tmp_path / "v2", 2)
+
+    def crash(name):
+        raise ConnectionError("network gone")
+
+    with pytest.raises(ConnectionError):
+        artifacts.publish_dir(store, v2, artifacts.ADAPTER, on_file=crash)
+    assert artifacts.read_manifest(store, artifacts.ADAPTER) is None
+    with pytest.raises(FileNotFoundError):
+        artifacts.fetch_dir(store, artifacts.ADAPTER, tmp_path / "r")
+    artifacts.publish_dir(store, v2, artifacts.ADAPTER)
+    got = tmp_path / "r2"
+    artifacts.fetch_dir(store, artifacts.ADAPTER, got)
+    assert (got / "f0.bin").read_bytes() == (v2 / "f0.bin").read_bytes()
+
+
+def test_corrupted_file_is_detected(store, tmp_path):
+    artifacts.publish_dir(store, _ckpt_dir(tmp_path, 3), artifacts.checkpoint_prefix(3))
+    store.put_bytes(b"tampered", f"{artifacts.checkpoint_prefix(3)}/f0.bin")
+    with pytest.raises(artifacts.IntegrityError, match="f0.bin"):
+        artifacts.fetch_dir(store, artifacts.checkpoint_prefix(3), tmp_path / "x")
+
+
+def test_json_artifact_and_prune(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    assert artifacts.read_json(store, artifacts.VALIDATION) is None
+    artifacts.publish_json(store, artifacts.VALIDATION, {"ok": True})
+    assert artifacts.read_json(store, artifacts.VALIDATION) == {"ok": True}
+    for step in (2, 4, 6, 8):
+        artifacts.publish_dir(store, _ckpt_dir(tmp_path, step, files=1), artifacts.checkpoint_prefix(step))
+    assert artifacts.prune_checkpoints(store, keep=2) == [2, 4]
+    assert artifacts.complete_checkpoints(store) == [6, 8]
+    assert not list((tmp_path / "out" / artifacts.checkpoint_prefix(2)).rglob("*.bin"))
+
+
+def test_fetch_caches_by_etag_and_resumes(s3_env, bucket, tmp_path):
+    client = s3_env.client
+    for i in range(5):
+        client.put_object(Bucket=bucket, Key=f"model/shard-{i}.bin", Body=bytes([i]) * 4096)
+    cache = str(tmp_path / "cache")
+    first = fetch(f"s3://{bucket}/model/", cache_dir=cache)
+    assert sorted(p.name for p in first.glob("shard-*")) == [f"shard-{i}.bin" for i in range(5)]
+    assert fetch(f"s3://{bucket}/model/", cache_dir=cache) == first  # same ETags: cache hit
+
+    # An interrupted download: the completion marker and one file are missing. Only that file comes again.
+    (first / ".complete").unlink()
+    (first / "shard-3.bin").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*")}
+    time.sleep(0.01)
+    assert fetch(f"s3://{bucket}/model/", cache_dir=cache) == first
+    after = {p.name: p.stat().st_mtime_ns for p in first.glob("shard-*")}
+    assert (first / "shard-3.bin").read_bytes() == bytes([3]) * 4096
+    assert all(after[n] == before[n] for n in before)
+
+    # A changed object is a new version: a new cache entry, never stale content.
+    client.put_object(Bucket=bucket, Key="model/shard-0.bin", Body=b"new")
+    second = fetch(f"s3://{bucket}/model/", cache_dir=cache)
+    assert second != first and (second / "shard-0.bin").read_bytes() == b"new"
+
+    single = fetch(f"s3://{bucket}/model/shard-1.bin", cache_dir=cache)
+    assert single.name == "shard-1.bin" and single.read_bytes() == bytes([1]) * 4096
+
+
+def test_fetch_errors_name_the_uri(s3_env, bucket, tmp_path):
+    from kubetune.trainer.storage import StorageError
+
+    with pytest.raises(StorageError, match=f"nothing found at s3://{bucket}/nope"):
+        fetch(f"s3://{bucket}/nope/", cache_dir=str(tmp_path))
+    with pytest.raises(StorageError, match="does not exist"):
+        fetch(str(tmp_path / "missing.jsonl"))
