@@ -31,6 +31,11 @@ class GracefulStop:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
     def _handle(self, signum, frame) -> None:
         self.requested = True
 

@@ -186,9 +186,17 @@ def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
 
 
 def run_train(cfg: TrainerConfig) -> TrainResult:
-    from kubetune.trainer.callbacks import EXTRAS_DIR, GracefulStop, ReportProgress, StopOnSignal, UploadCheckpoints
+    from kubetune.trainer.callbacks import GracefulStop
 
     stop = GracefulStop().install()  # first thing: a SIGTERM during setup still ends in a clean exit
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg: TrainerConfig, stop) -> TrainResult:
+    from kubetune.trainer.callbacks import EXTRAS_DIR, ReportProgress, StopOnSignal, UploadCheckpoints
 
     import torch
     from accelerate import PartialState
