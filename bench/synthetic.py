@@ -1,0 +1,119 @@
+"""The benchmark's model and data (protocol: /shared/bench/README.md of the team).
+
+- Model: Llama-3-8B shape with random weights, saved once as bf16
+  safetensors, plus a word-level tokenizer whose words are the vocabulary
+  ids ("w17" -> 17), so that synthetic token ids survive the trainer's real
+  text -> tokenizer path unchanged (one word, one token).
+- Data: rows of random words with lognormal lengths: the "instruct" profile
+  (median ~250 tokens, tail to 2,000) and the "long" profile (multi-turn
+  conversations, median ~1,000).
+
+Weights do not change speed, so random ones stand in for a download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+
+# (mu, sigma, min, cap) of the lognormal token count per row.
+PROFILES = {
+    "instruct": (math.log(250), 0.6, 24, 2000),
+    "long": (math.log(1000), 0.5, 128, 4000),
+}
+
+
+def word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def make_model(model_dir: str | Path, layers: int | None = None) -> float:
+    """Write the random model + tokenizer once; returns seconds spent (0 if present)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
+        return 0.0
+    t = time.time()
+    shape = dict(LLAMA3_8B)
+    if layers:
+        shape["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**shape, dtype="bfloat16")
+    if not (model_dir / "config.json").exists():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+        model.save_pretrained(model_dir, safe_serialization=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    word_tokenizer(cfg.vocab_size).save_pretrained(model_dir)
+    return time.time() - t
+
+
+def row_lengths(n: int, profile: str, seed: int) -> list[int]:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    mu, sigma, lo, cap = PROFILES[profile]
+    rng = random.Random(seed)
+    return [int(min(cap, max(lo, rng.lognormvariate(mu, sigma)))) for _ in range(n)]
+
+
+def make_dataset(path: str | Path, n: int, profile: str = "instruct", seed: int = 0, vocab_size: int = 128256) -> dict:
+    """Write a jsonl dataset in the trainer's "text" format; returns length stats.
+
+    The text has one word fewer than the target length, leaving room for the
+    end-of-sequence token the trainer may append.
+    """
+    rng = random.Random(seed + 1)
+    lengths = row_lengths(n, profile, seed)
+    lo = len(SPECIALS)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for L in lengths:
+            words = " ".join(f"w{rng.randrange(lo, vocab_size)}" for _ in range(L - 1))
+            f.write(json.dumps({"text": words}) + "\n")
+    s = sorted(lengths)
+    return {"rows": n, "profile": profile, "seed": seed, "tokens": sum(lengths), "median": s[n // 2],
+            "p99": s[min(n - 1, int(n * 0.99))], "max": s[-1]}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the benchmark model and/or dataset")
+    ap.add_argument("--model-dir")
+    ap.add_argument("--data")
+    ap.add_argument("--rows", type=int, default=6000)
+    ap.add_argument("--profile", default="instruct", choices=sorted(PROFILES))
+    a = ap.parse_args()
+    if a.model_dir:
+        print(f"model: {make_model(a.model_dir):.1f}s", flush=True)
+    if a.data:
+        print(make_dataset(a.data, a.rows, a.profile), flush=True)
+    if not (a.model_dir or a.data):
+        ap.error("nothing to do: give --model-dir and/or --data")
+    os.sys.exit(0)
