@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune.devcluster import layout as L
 from kubetune.devcluster.layout import Layout
+from kubetune.devcluster.pki import FRONT_PROXY
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Annotation selecting the nodes kwok manages (fake nodes carry it).
@@ -49,6 +50,15 @@ def kube_apiserver(binary: Path, lay: Layout) -> list[str]:
         f"--tls-cert-file={pki.serving_cert}",
         f"--tls-private-key-file={pki.serving_key}",
         f"--client-ca-file={pki.ca_cert}",
+        # Request-header (front proxy) authentication: aggregated API servers need it,
+        # and the controller-manager and scheduler read it at start-up.
+        f"--requestheader-client-ca-file={pki.ca_cert}",
+        f"--requestheader-allowed-names={FRONT_PROXY.user}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.client_cert(FRONT_PROXY)}",
+        f"--proxy-client-key-file={pki.client_key(FRONT_PROXY)}",
         "--authorization-mode=Node,RBAC",
         "--anonymous-auth=false",
         # The default plugin set includes ServiceAccount, NamespaceLifecycle and

@@ -37,7 +37,9 @@ CONTROLLER_MANAGER = ClientIdentity("kube-controller-manager", "system:kube-cont
 SCHEDULER = ClientIdentity("kube-scheduler", "system:kube-scheduler")
 # kwok patches node and pod status and deletes pods of any namespace.
 KWOK = ClientIdentity("kwok", "kubetune:kwok", ("system:masters",))
-CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK)
+# The API server's identity towards aggregated API servers (front proxy).
+FRONT_PROXY = ClientIdentity("front-proxy-client", "front-proxy-client")
+CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, FRONT_PROXY)
 
 
 @dataclass(frozen=True)

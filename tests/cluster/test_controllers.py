@@ -3,6 +3,8 @@ deletion, service-account tokens; RBAC is really enforced."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kubetune.devcluster.cluster import wait_for
@@ -80,7 +82,8 @@ def test_unprivileged_service_account_is_forbidden(cluster, namespace):
     with pytest.raises(ApiException) as denied:
         client.CoreV1Api(as_nobody).list_namespaced_secret(namespace)
     assert denied.value.status == 403
-    assert f'User "system:serviceaccount:{namespace}:nobody" cannot list resource "secrets"' in denied.value.body
+    message = json.loads(denied.value.body)["message"]
+    assert f'User "system:serviceaccount:{namespace}:nobody" cannot list resource "secrets"' in message
 
     # Granting exactly that permission flips the answer: RBAC, not something else, said no.
     rbac = client.RbacAuthorizationV1Api(cluster.api_client())
