@@ -596,3 +596,24 @@ def apply_fast_paths(model, cfg: Any = None) -> None:
         n = fuse_lora_layers(model)
         if n:
             log.info("fused %d LoRA linear layers", n)
+
+
+def tune_sft_arguments(kwargs: dict, model, cfg: Any) -> dict:
+    """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
+    loaded: with `training.batchSize: auto`, the micro-batch (rows of
+    dataset.maxLength tokens) and whether to checkpoint activations come from
+    `auto_micro_batch`; an explicit batch size is left alone. Checkpointing
+    always uses the non-reentrant implementation (no need for inputs that
+    require grad, works with frozen embeddings)."""
+    out = dict(kwargs)
+    t = getattr(cfg, "training", None)
+    if t is not None and t.batch_size == "auto":
+        plan = auto_micro_batch(model, cfg, cfg.dataset.max_length)
+        out["per_device_train_batch_size"] = plan.rows
+        out["per_device_eval_batch_size"] = plan.rows
+        out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
+        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s (%.1f of %.1f GiB budget fixed)", plan.rows,
+                 cfg.dataset.max_length, out["gradient_checkpointing"], plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
+    if out.get("gradient_checkpointing"):
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return out

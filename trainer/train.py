@@ -169,9 +169,10 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(cfg))
     if kernels is not None and hasattr(kernels, "apply_fast_paths"):
-        kernels.apply_fast_paths(model, cfg)
-    return get_peft_model(model, lora_config(cfg))
+        kernels.apply_fast_paths(model, cfg)  # after PEFT: it fuses the LoRA layers
+    return model
 
 
 def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
@@ -245,7 +246,11 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
     train_ds = to_hf_dataset(data.train)
     eval_ds = to_hf_dataset(data.validation) if data.validation else None
-    args = SFTConfig(**sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None))
+    sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
+    kernels = _kernels()
+    if cuda and kernels is not None and hasattr(kernels, "tune_sft_arguments"):
+        sft_kwargs = kernels.tune_sft_arguments(sft_kwargs, model, cfg)  # micro-batch and checkpointing for this GPU
+    args = SFTConfig(**sft_kwargs)
 
     reporter = None
     if state.is_main_process:
