@@ -30,5 +30,10 @@ def gomod_dir() -> Path:
 
 
 def run_root() -> Path:
-    """Run directories of started control planes (certs, kubeconfigs, logs, etcd data)."""
-    return cache_root() / "run"
+    """Run directories of started control planes (certs, kubeconfigs, logs, etcd data).
+
+    `$KUBETUNE_RUN_ROOT` moves them (and with them the `kubetune dev cluster`
+    state) elsewhere while binaries stay shared.
+    """
+    explicit = os.environ.get("KUBETUNE_RUN_ROOT")
+    return Path(explicit).expanduser() if explicit else cache_root() / "run"
