@@ -43,7 +43,11 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def make_model(model_dir: str | Path, layers: int | None = None) -> float:
+TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
+
+
+def make_model(model_dir: str | Path, tiny: bool = False) -> float:
     """Write the random model + tokenizer once; returns seconds spent (0 if present)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,9 +56,7 @@ def make_model(model_dir: str | Path, layers: int | None = None) -> float:
     if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
         return 0.0
     t = time.time()
-    shape = dict(LLAMA3_8B)
-    if layers:
-        shape["num_hidden_layers"] = layers
+    shape = dict(TINY if tiny else LLAMA3_8B)
     cfg = LlamaConfig(**shape, dtype="bfloat16")
     if not (model_dir / "config.json").exists():
         device = "cuda" if torch.cuda.is_available() else "cpu"

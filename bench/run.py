@@ -1,0 +1,319 @@
+"""Trainer speed benchmark: the project's own `kubetune train` path on the
+protocol's model and data, beside the team's reference recipe, same GPU,
+same invocation.
+
+    python3 bench/run.py --cases qlora-instruct,qlora-long,lora-instruct \\
+        --reference B,pf --steps 30 --out $OUT
+
+Each case runs in its own process (clean CUDA memory statistics): it writes
+a TrainerConfig (synthetic "text" dataset, the random Llama-3-8B-shaped
+model on local disk) and calls `kubetune.trainer.train.run_train`, exactly
+what `kubetune train --config` does. Instrumentation only wraps it:
+`load_model` and `dataset.prepare` are timed, and `BenchClock`, a
+TrainerCallback added to the SFTTrainer the stage builds, times every
+optimizer step (CUDA-synchronised) and counts non-pad tokens with a forward
+pre-hook. Reported per case: non-pad tokens/s (median over the steady steps,
+after `--warmup`), MFU (4*N per token, N = 7.5e9, 989 TFLOP/s dense bf16),
+peak GPU memory of loading and of training alone (peak reset after
+loading), time to first optimizer step split into load+quantize, data prep,
+trainer setup and first step, and the loss curve.
+
+The reference recipe (`--reference-script`, default .bench/reference_recipe.py,
+a copy of the team's) runs after the cases; the ratio to each reference
+recipe is printed and everything is appended to `<out>/results.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T_PROCESS = time.time()
+HERE = Path(__file__).resolve().parent
+N_MATMUL = 7.5e9
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+CASES = {
+    # name: (method, profile, maxLength)
+    "qlora-instruct": ("qlora", "instruct", 2048),
+    "qlora-long": ("qlora", "long", 4096),
+    "lora-instruct": ("lora", "instruct", 2048),
+    # plumbing check of the harness itself on a CPU (with --tiny): no figures
+    "cpu-smoke": ("lora", "instruct", 512),
+}
+
+
+def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int) -> dict:
+    method, _, max_len = CASES[case]
+    return {
+        "baseModel": {"uri": model_dir},
+        "dataset": {"uri": data, "format": "text", "validationSplit": 0.0, "maxLength": max_len},
+        "method": {"type": method, "r": 16, "alpha": 32, "targetModules": "all-linear"},
+        "training": {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
+                     "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": 1},
+        "output": {"uri": out},
+        "storage": {"cacheDir": str(Path(out).parent / "cache")},
+    }
+
+
+# ---------------------------------------------------------------- one case (child process)
+
+def run_case(args) -> dict:
+    import torch
+    import trl
+    from transformers import TrainerCallback
+
+    import kubetune.trainer.dataset as dataset_mod
+    import kubetune.trainer.train as train_mod
+    from kubetune.trainer.config import parse_config
+
+    t_imports = time.time()
+    marks: dict = {}
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def max_mem():
+        return torch.cuda.max_memory_allocated() if cuda else 0
+
+    class BenchClock(TrainerCallback):
+        def __init__(self):
+            self.step_end, self.step_tokens, self.losses = [], [], {}
+            self.tokens = 0
+            self.peak_train = 0
+
+        def _count(self, module, a, kw):
+            if not module.training:
+                return
+            am, ids = kw.get("attention_mask"), kw.get("input_ids")
+            self.tokens += int(am.sum()) if am is not None else int(ids.numel())
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            sync()
+            marks["train_begin"] = time.time()
+            model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            self.step_end.append(time.time())
+            self.step_tokens.append(self.tokens)
+            self.tokens = 0
+            self.peak_train = max(self.peak_train, max_mem())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = logs["loss"]
+
+    clock = BenchClock()
+    real_load, real_prepare = train_mod.load_model, dataset_mod.prepare
+
+    def load_model(*a, **kw):
+        t = time.time()
+        m = real_load(*a, **kw)
+        sync()
+        marks["load_s"] = time.time() - t
+        marks["load_peak"] = max_mem()
+        marks["after_load"] = torch.cuda.memory_allocated() if cuda else 0
+        marks["attn"] = m.get_base_model().config._attn_implementation
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        marks["after_load_t"] = time.time()
+        return m
+
+    def prepare(*a, **kw):
+        t = time.time()
+        d = real_prepare(*a, **kw)
+        marks["data_prep_s"] = time.time() - t
+        return d
+
+    class BenchSFTTrainer(trl.SFTTrainer):
+        def __init__(self, *a, callbacks=None, **kw):
+            super().__init__(*a, callbacks=[*(callbacks or []), clock], **kw)
+            marks["micro_batch"] = self.args.per_device_train_batch_size
+            marks["gradient_checkpointing"] = self.args.gradient_checkpointing
+
+    train_mod.load_model, dataset_mod.prepare, trl.SFTTrainer = load_model, prepare, BenchSFTTrainer
+
+    cfg = parse_config(json.loads(args.config_json), source="bench")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    result = train_mod.run_train(cfg)
+    assert result.exit_code == 0, f"train stage exited {result.exit_code}"
+
+    ends, toks = clock.step_end, clock.step_tokens
+    steady = range(args.warmup, len(ends))
+    if len(steady) < 20:
+        print(f"warning: only {len(steady)} steady steps (protocol: >= 20)", flush=True)
+    rates = [toks[i] / (ends[i] - ends[i - 1]) for i in steady]
+    sec = [ends[i] - ends[i - 1] for i in steady]
+    tps = statistics.median(rates)
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), 989e12)
+    first_step = ends[0] - marks["train_begin"]
+    return {
+        "case": args.case,
+        "method": cfg.method.type,
+        "profile": CASES[args.case][1],
+        "max_length": cfg.dataset.max_length,
+        "micro_batch_rows": marks.get("micro_batch"),
+        "gradient_checkpointing": marks.get("gradient_checkpointing"),
+        "attention": marks.get("attn"),
+        "steps": len(ends),
+        "steady_steps": len(rates),
+        "tokens_per_step_median": statistics.median(toks[i] for i in steady),
+        "sec_per_step_median": round(statistics.median(sec), 4),
+        "tokens_per_s": round(tps),
+        "tokens_per_s_min_max": [round(min(rates)), round(max(rates))],
+        "mfu_4N": round(4 * N_MATMUL * tps / peak, 4),
+        "peak_gib_load": round(marks["load_peak"] / 2**30, 2),
+        "after_load_gib": round(marks["after_load"] / 2**30, 2),
+        "peak_gib_train": round(clock.peak_train / 2**30, 2),
+        "ttfs": {
+            "process_start_to_first_step_s": round(ends[0] - T_PROCESS, 1),
+            "imports_s": round(t_imports - T_PROCESS, 1),
+            "data_prep_s": round(marks["data_prep_s"], 1),
+            "load_quantize_s": round(marks["load_s"], 1),
+            "trainer_setup_s": round(marks["train_begin"] - marks["after_load_t"], 1),
+            "first_step_s": round(first_step, 1),
+            "run_train_to_first_step_s": round(ends[0] - t0, 1),
+        },
+        "loss": {str(k): round(v, 4) for k, v in sorted(clock.losses.items())},
+        "env": {k: v for k, v in os.environ.items() if k.startswith("KUBETUNE_")},
+    }
+
+
+# ---------------------------------------------------------------- parent
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for n in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "liger_kernel", "datasets", "kubetune"):
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="qlora-instruct")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the steady-state median")
+    ap.add_argument("--batch", default="auto", help="training.batchSize: auto or rows per micro-batch")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--rows", type=int, default=6000)
+    ap.add_argument("--model-dir", default="/tmp/llama8b-rand")
+    ap.add_argument("--work", default="/tmp/kubetune-bench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reference", default="", help="reference recipes to run too: comma list of A, B, pf")
+    ap.add_argument("--reference-script", default=str(HERE.parent / ".bench" / "reference_recipe.py"))
+    ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--config-json", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.case:  # child
+        res = run_case(args)
+        print("CASE " + json.dumps(res), flush=True)
+        return 0
+
+    sys.path.insert(0, str(HERE))
+    from synthetic import make_dataset, make_model
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    vocab = 1024 if args.tiny else 128256
+    made = make_model(args.model_dir, tiny=args.tiny)
+    print(f"model ready ({made:.0f}s to make)", flush=True)
+    results, data_stats = [], {}
+    for case in [c for c in args.cases.split(",") if c]:
+        if case not in CASES:
+            ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}")
+        profile = CASES[case][1]
+        data = work / f"{profile}.jsonl"
+        if profile not in data_stats:
+            data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
+        batch = args.batch if args.batch == "auto" else int(args.batch)
+        cfg = trainer_config(case, args.model_dir, str(data), str(work / f"out-{case}"), args.steps, batch, args.seed)
+        cmd = [sys.executable, __file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup)]
+        t = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("CASE ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"case {case} FAILED (rc {proc.returncode}, {time.time() - t:.0f}s)\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}",
+                  flush=True)
+            results.append({"case": case, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-1500:]})
+            continue
+        r = json.loads(line[5:])
+        r["config"] = cfg
+        r["data"] = data_stats[profile]
+        results.append(r)
+        print(f"case {case}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
+              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']}, "
+              f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
+
+    refs = []
+    if args.reference:
+        env = dict(os.environ, OUT=str(work))
+        script = Path(args.reference_script)
+        proc = subprocess.run([sys.executable, script.name, *args.reference.split(",")], cwd=script.parent, env=env,
+                              capture_output=True, text=True)
+        refs = [json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0:
+            print(f"reference FAILED rc {proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+
+    import torch
+
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": versions(),
+        "commit": git_commit(),
+        "label": args.label,
+        "results": results,
+        "reference": refs,
+    }
+    ratios = {}
+    for r in results:
+        if r.get("failed"):
+            continue
+        for ref in refs:
+            ratios[f"{r['case']}/{ref['name']}"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2)
+    record["ratio_vs_reference"] = ratios
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print("\n{:<16} {:>9} {:>6} {:>9} {:>9} {:>8}".format("case", "tok/s", "MFU", "peak GiB", "load GiB", "1st step"))
+    for r in results:
+        if not r.get("failed"):
+            print("{:<16} {:>9} {:>6.3f} {:>9} {:>9} {:>7}s".format(r["case"], r["tokens_per_s"], r["mfu_4N"], r["peak_gib_train"],
+                                                              r["peak_gib_load"], r["ttfs"]["process_start_to_first_step_s"]))
+    for ref in refs:
+        print("{:<16} {:>9} {:>6.3f} {:>9}  (reference)".format(ref["name"], ref["tokens_per_s"], ref["mfu_4N_vs_989TF"], ref["peak_mem_gib"]))
+    print("ratios:", json.dumps(ratios), flush=True)
+    return 0 if all(not r.get("failed") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
