@@ -33,15 +33,18 @@ def free_ports(count: int) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL.
+    """In the child before exec: get SIGKILL when the parent dies, even by SIGKILL.
 
     Test runs start components in their own sessions (so Ctrl-C reaches the
     harness first); this makes sure a killed test run leaves nothing behind.
+    SIGKILL, not SIGTERM: all components would get it at once, etcd would exit
+    first and kube-apiserver's graceful shutdown would hang waiting for it;
+    a test cluster's data is thrown away anyway.
     """
     import ctypes
 
     PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def spawn(argv: list[str], log_path: Path, die_with_parent: bool = True) -> subprocess.Popen:
