@@ -26,9 +26,10 @@ def register(app: typer.Typer) -> None:
 
         from kubetune.operator import handlers  # noqa: F401  (registers the handlers)
 
-        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         kopf.configure(verbose=verbose)
+        if not verbose:
+            # kopf logs every timer run ("Timer ... succeeded"): noise at our interval.
+            logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         asyncio.run(
             kopf.operator(
                 standalone=True,  # one replica, Recreate strategy: no peering needed

@@ -24,7 +24,7 @@ from .api.constants import CATEGORIES, GROUP, KIND, LIST_KIND, MAX_NAME_LENGTH, 
 
 CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / "finetunejob.yaml"
 
-_DROP = {"title", "additionalProperties", "$defs"}
+_DROP = {"title", "$defs"}
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
@@ -35,9 +35,10 @@ PRINTER_COLUMNS = [
 ]
 
 
-def _resolve(node: Any, defs: dict[str, Any]) -> Any:
+def _resolve(node: Any, defs: dict[str, Any], defaulted: frozenset[str] = frozenset()) -> Any:
+    """`defaulted`: names of object properties that default to {} (spec sections)."""
     if isinstance(node, list):
-        return [_resolve(n, defs) for n in node]
+        return [_resolve(n, defs, defaulted) for n in node]
     if not isinstance(node, dict):
         return node
     node = dict(node)
@@ -53,7 +54,7 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
             node.pop("anyOf")
         elif len(branches) == 1:
             node.pop("anyOf")
-            branch = _resolve(branches[0], defs)
+            branch = _resolve(branches[0], defs, defaulted)
             merged = {**branch, **{k: v for k, v in node.items() if k != "default" or v is not None}}
             if "x-kubernetes-validations" in branch and "x-kubernetes-validations" in node:
                 merged["x-kubernetes-validations"] = branch["x-kubernetes-validations"] + node["x-kubernetes-validations"]
@@ -73,9 +74,15 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         if key in _DROP:
             continue
         if key == "properties":
-            out[key] = {name: _resolve(prop, defs) for name, prop in value.items()}
+            out[key] = {name: _resolve(prop, defs, defaulted) for name, prop in value.items()}
         elif key == "items":
-            out[key] = _resolve(value, defs)
+            out[key] = _resolve(value, defs, defaulted)
+        elif key == "additionalProperties":
+            # A map's value schema stays; `false` (extra="forbid") is implied by
+            # pruning and not allowed in a structural schema; `true` is said by
+            # x-kubernetes-preserve-unknown-fields instead.
+            if isinstance(value, dict):
+                out[key] = _resolve(value, defs, defaulted)
         else:
             out[key] = value
     if "properties" in out:
@@ -85,22 +92,24 @@ def _resolve(node: Any, defs: dict[str, Any]) -> Any:
         required = set(out.get("required", []))
         for name, prop in out["properties"].items():
             if name not in required and prop.get("type") == "object" and "default" not in prop and not prop.get("required"):
-                if name in _DEFAULTED_SECTIONS:
+                if name in defaulted:
                     prop["default"] = {}
     return out
 
 
 # The spec sections built with default_factory (present even when omitted).
-_DEFAULTED_SECTIONS = {"method", "training", "resources", "evaluation", "serving", "storage", "quantization", "podMetadata"}
+SPEC_DEFAULTED_SECTIONS = frozenset(
+    {"method", "training", "resources", "evaluation", "serving", "storage", "quantization", "podMetadata"}
+)
 
 
-def schema_of(model: type) -> dict[str, Any]:
+def schema_of(model: type, defaulted: frozenset[str] = frozenset()) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
-    return _resolve(raw, raw.get("$defs", {}))
+    return _resolve(raw, raw.get("$defs", {}), defaulted)
 
 
 def build_crd() -> dict[str, Any]:
-    spec_schema = schema_of(FineTuneJobSpec)
+    spec_schema = schema_of(FineTuneJobSpec, SPEC_DEFAULTED_SECTIONS)
     status_schema = schema_of(FineTuneJobStatus)
     status_schema.pop("required", None)
     root = {

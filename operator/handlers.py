@@ -38,7 +38,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = SETTINGS.watch_server_timeout
     settings.watching.client_timeout = SETTINGS.watch_client_timeout
     settings.watching.connect_timeout = 30
-    settings.posting.level = logging.INFO
+    # kopf turns log lines of this level and above into Events on the object;
+    # our transitions are posted explicitly (kopf.event), so only warnings go.
+    settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
     # A failed reconcile is retried soon: it is idempotent.
     settings.execution.default_backoff = max(1.0, SETTINGS.reconcile_interval)

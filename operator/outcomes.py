@@ -63,6 +63,13 @@ def _waiting(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
     return None
 
 
+def _unschedulable(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            return cond
+    return None
+
+
 def _pod_index(pod: dict[str, Any]) -> int:
     ann = (pod.get("metadata") or {}).get("annotations") or {}
     try:
@@ -140,11 +147,15 @@ def job_outcome(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> St
     if spec.get("suspend"):
         return StageOutcome("suspended", "Queued", "waiting for admission by the queue", None, generation)
     for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
         waiting = _waiting(pod)
         if waiting:
-            name = (pod.get("metadata") or {}).get("name", "?")
             msg = _shorten(f"pod {name}: {waiting.get('message') or waiting['reason']}")
             return StageOutcome("running", waiting["reason"], msg, None, generation)
+        unschedulable = _unschedulable(pod)
+        if unschedulable:
+            msg = _shorten(f"pod {name}: {unschedulable.get('message') or 'no node fits'}")
+            return StageOutcome("running", "Unschedulable", msg, None, generation)
     active = (job.get("status") or {}).get("active") or 0
     return StageOutcome("running", "Running" if active else "Starting", "", None, generation)
 

@@ -83,7 +83,7 @@ def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         "command": vllm_args(job, merged_model_uri(job)),
         "env": _env(job),
         "ports": [{"name": "http", "containerPort": PORT}],
-        "resources": {"requests": {pods.GPU_RESOURCE: s.gpus}, "limits": {pods.GPU_RESOURCE: s.gpus}},
+        "resources": {"requests": {pods.GPU_RESOURCE: str(s.gpus)}, "limits": {pods.GPU_RESOURCE: str(s.gpus)}},
         # Loading weights takes minutes: the startup probe holds liveness off.
         "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},

@@ -98,8 +98,9 @@ def _cpu_resources(job: FineTuneJob, gpus: int = 0) -> dict[str, Any]:
     requests: dict[str, Any] = {"cpu": r.cpu, "memory": r.memory}
     limits: dict[str, Any] = {"memory": r.memory}
     if gpus:
-        requests[pods.GPU_RESOURCE] = gpus
-        limits[pods.GPU_RESOURCE] = gpus
+        # Quantities are strings in the API (the client rejects bare integers).
+        requests[pods.GPU_RESOURCE] = str(gpus)
+        limits[pods.GPU_RESOURCE] = str(gpus)
     return {"requests": requests, "limits": limits}
 
 
@@ -125,7 +126,9 @@ def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """Folds the adapter into the base weights on CPU (bf16), writes merged/."""
     volumes, mounts = pods.stage_volumes(job)
     c = container(job, settings, ["kubetune", "merge", "--config", CONFIG_PATH], mounts, _cpu_resources(job))
-    pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
+    # No GPU needed: stay off the (tainted) GPU nodes.
+    pod.pop("tolerations")
     return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit, queued=True)
 
 

@@ -158,7 +158,7 @@ def start_operator(operator_kubeconfig, tmp_path, request):
     rep = getattr(request.node, "rep_call", None)
     if rep is None or rep.failed:
         for i, op in enumerate(started):
-            print(f"----- operator {i} log (tail) -----\n" + "\n".join(op.log().splitlines()[-80:]))
+            print(f"----- operator {i} log -----\n" + op.log()[-20000:])
 
 
 def _healthy(op: OperatorProcess) -> bool:

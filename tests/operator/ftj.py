@@ -111,7 +111,9 @@ class Api:
     def events(self, name: str) -> list[dict]:
         items = self.raw(self.core.list_namespaced_event, self.ns,
                          field_selector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob")["items"]
-        return sorted(items, key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", e["metadata"]["creationTimestamp"]))
+        # Timestamps have one-second resolution; within a second, creation order
+        # is the etcd revision (one etcd here, so resourceVersions are ordered).
+        return sorted(items, key=lambda e: (e.get("firstTimestamp") or e.get("eventTime") or "", int(e["metadata"]["resourceVersion"])))
 
     def children(self, owner: str) -> dict[str, list[str]]:
         """Every namespaced child kind, by name, selected by the operator's label."""
@@ -134,3 +136,10 @@ def condition(status: dict, type_: str) -> dict:
 
 def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def fleet(gpu_nodes, count: int = 1, gpus: int = 8) -> list[str]:
+    """A CPU node (untainted, no GPUs: validation and merge run there) and
+    `count` tainted GPU nodes; returns the GPU node names."""
+    gpu_nodes(gpus=0, tainted=False, product="none")
+    return [gpu_nodes(gpus=gpus) for _ in range(count)]

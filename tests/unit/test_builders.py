@@ -69,8 +69,8 @@ def test_single_node_train_job():
     assert args[args.index("--num_processes") + 1] == "1"
     assert "--multi_gpu" not in args and "--use_deepspeed" not in args
     assert args[-5:] == ["-m", "kubetune", "train", "--config", "/etc/kubetune/trainer.yaml"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert "nodeSelector" not in pod
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
@@ -103,7 +103,7 @@ def test_multi_node_deepspeed_train_job_ranks_and_dns():
     assert "--use_deepspeed" in args and args[args.index("--deepspeed_multinode_launcher") + 1] == "standard"
     index_env = env_of(c)["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert index_env == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     svc = training.train_service(job_, SETTINGS)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
@@ -171,8 +171,8 @@ def test_stage_jobs_run_their_command(stage, command):
     (c,) = pod["containers"]
     assert c["command"] == ["kubetune", command, "--config", "/etc/kubetune/trainer.yaml"]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
-    gpus = c["resources"]["requests"].get("nvidia.com/gpu", 0)
-    assert gpus == (1 if stage == "evaluate" else 0)
+    gpus = c["resources"]["requests"].get("nvidia.com/gpu", "0")
+    assert gpus == ("1" if stage == "evaluate" else "0")
 
 
 def test_generation_label_records_the_spec_generation():
@@ -226,7 +226,7 @@ def test_merged_serving_deployment():
     assert env["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "vllm-key", "key": "api-key"}}
     assert env["RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING"]["value"] == "0"
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     assert serving.endpoint(job_)["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
 
@@ -256,3 +256,27 @@ def test_pod_metadata_per_stage_never_overrides_operator_labels():
     assert validate_meta["annotations"] == {"cost": "a"}
     dep, _ = serving.serving_objects(job_, SETTINGS, "merged")
     assert dep["spec"]["template"]["metadata"]["annotations"] == {"cost": "a"}
+
+
+CLIENT_MODELS = {
+    "Job": "V1Job", "Service": "V1Service", "ConfigMap": "V1ConfigMap", "ServiceAccount": "V1ServiceAccount",
+    "Role": "V1Role", "RoleBinding": "V1RoleBinding", "Deployment": "V1Deployment",
+}
+
+
+@pytest.mark.parametrize("stage", ["validate", "train", "merge", "evaluate", "serve"])
+@pytest.mark.parametrize("variant", [
+    {},
+    {"method": {"type": "lora"}, "resources": {"nodes": 2, "gpusPerNode": 8, "strategy": "deepspeed-zero3", "queueName": "q"},
+     "storage": {"serviceAccountName": "irsa"}, "serving": {"apiKeySecretRef": {"name": "k"}, "gpus": 2}},
+], ids=["defaults", "wide"])
+def test_every_child_is_a_valid_kubernetes_object(stage, variant):
+    """The kubernetes client's own models (unknown fields forbidden, typed
+    quantities) accept every manifest the operator would create."""
+    from kubernetes import client
+
+    from kubetune.operator.reconcile import stage_children
+
+    for obj in stage_children(stage, ftj(**variant), SETTINGS):
+        model = getattr(client, CLIENT_MODELS[obj["kind"]])
+        model.model_validate(obj)

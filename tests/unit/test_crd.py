@@ -92,3 +92,14 @@ def test_status_keeps_kopf_and_stage_results():
 def test_generated_file_parses_as_one_document():
     docs = list(yaml.safe_load_all(CRD_PATH.read_text()))
     assert len(docs) == 1 and docs[0]["kind"] == "CustomResourceDefinition"
+
+
+def test_maps_keep_their_value_schema_so_the_api_server_does_not_prune_them():
+    pod_meta = _schema()["properties"]["spec"]["properties"]["podMetadata"]["properties"]["train"]["properties"]
+    assert pod_meta["annotations"]["additionalProperties"] == {"maxLength": 8192, "type": "string"}
+    assert pod_meta["labels"]["additionalProperties"]["type"] == "string"
+
+
+def test_only_spec_sections_default_to_empty_objects():
+    for path, node in _walk(_schema()["properties"]["status"]):
+        assert not (isinstance(node, dict) and node.get("type") == "object" and "default" in node), path

@@ -107,3 +107,11 @@ def test_set_condition_rejects_bad_status():
         assert "Ready" in str(e)
     else:
         raise AssertionError("accepted status 'yes'")
+
+
+def test_unschedulable_pod_is_surfaced_while_running():
+    p = pod("p", "Pending")
+    p["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                  "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]
+    out = job_outcome(batch_job(active=1), [p])
+    assert out.state == "running" and out.reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in out.message
