@@ -138,7 +138,13 @@ class LocalStore:
         return out
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Like S3, a "directory" exists only while it holds objects.
+        for parent in path.parents:
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 class S3Store:

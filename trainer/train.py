@@ -243,6 +243,11 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
 
     from trl import SFTConfig, SFTTrainer
 
+    from transformers import set_seed
+
+    # Before the adapter exists: LoRA's A matrices are drawn from the global RNG, and training.seed
+    # promises the same initial adapter (and so the same run) every time.
+    set_seed(cfg.training.seed)
     model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
     train_ds = to_hf_dataset(data.train)
     eval_ds = to_hf_dataset(data.validation) if data.validation else None

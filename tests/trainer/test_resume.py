@@ -1,0 +1,146 @@
+"""Kill `kubetune train` mid-run (SIGTERM, and separately SIGKILL), start it again: it resumes from the
+newest complete checkpoint, the step count and loss curve continue, and the final adapter equals the
+one of an uninterrupted run with the same seed. Real subprocesses against the S3 server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer import artifacts
+
+pytestmark = pytest.mark.trainer
+
+STEPS = 12
+STEP_LINE = re.compile(r"^step (\d+)/(\d+)")
+
+
+@pytest.fixture(scope="module")
+def setup(s3, tiny_model, support_rows, tmp_path_factory):
+    """(env, write_config(name) -> path, baseline adapter tensors, store factory)."""
+    from kubetune.devcluster.s3server import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    tmp = tmp_path_factory.mktemp("resume")
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    s3.client.create_bucket(Bucket=bucket)
+    for f in tiny_model.iterdir():
+        s3.client.upload_file(str(f), bucket, f"models/tiny/{f.name}")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in support_rows[:64]))
+    s3.client.upload_file(str(data), bucket, "data/train.jsonl")
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3.endpoint_url, "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+           "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY, "AWS_REGION": REGION, "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"),
+           "PYTHONUNBUFFERED": "1"}
+
+    def write_config(name: str) -> Path:
+        cfg = {
+            "baseModel": {"uri": f"s3://{bucket}/models/tiny/", "name": "tiny-llama"},
+            "dataset": {"uri": f"s3://{bucket}/data/train.jsonl", "validationSplit": 0.1, "maxLength": 128},
+            # Dropout on: the RNG state must be restored too for the resumed run to match.
+            "method": {"type": "lora", "r": 8, "alpha": 16, "dropout": 0.1},
+            "training": {"maxSteps": STEPS, "learningRate": 0.01, "batchSize": 4, "checkpointEvery": 4,
+                         "warmupRatio": 0.1, "seed": 11, "evalEvery": 100},
+            "output": {"uri": f"s3://{bucket}/{name}/"},
+            "storage": {"cacheDir": str(tmp / "cache")},
+        }
+        path = tmp / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        return path
+
+    def store(name: str):
+        from kubetune.trainer.storage import S3Store
+
+        return S3Store(f"s3://{bucket}/{name}", s3.new_client())
+
+    baseline = _train(write_config("baseline"), env)
+    assert baseline.returncode == 0, baseline.stdout[-3000:]
+    return env, write_config, _adapter(store("baseline"), tmp / "baseline"), store, tmp
+
+
+def _train(config: Path, env: dict, stop_after: int | None = None, sig: int | None = None,
+           ready=lambda: True) -> subprocess.CompletedProcess:
+    """Run `kubetune train`; with `sig`, send it once a step >= stop_after was logged and ready() holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune", "train", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = STEP_LINE.match(line)
+            if sig is not None and m and int(m.group(1)) >= stop_after and ready():
+                proc.send_signal(sig)
+                sig = None
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines))
+
+
+def _adapter(store, into: Path) -> dict:
+    from safetensors.torch import load_file
+
+    artifacts.fetch_dir(store, artifacts.ADAPTER, into)
+    return load_file(str(into / "adapter_model.safetensors"))
+
+
+def _train_steps(store, into: Path) -> list[int]:
+    artifacts.fetch_dir(store, artifacts.ADAPTER, into)
+    return [r["step"] for r in map(json.loads, (into / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _assert_same_adapter(got: dict, want: dict) -> None:
+    import torch
+
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_sigterm_checkpoints_and_resumes(setup):
+    env, write_config, baseline, store, tmp = setup
+    config = write_config("sigterm")
+    first = _train(config, env, stop_after=6, sig=signal.SIGTERM)
+    # The step in flight finishes, a checkpoint of exactly that step is uploaded, the exit code says SIGTERM.
+    assert first.returncode == 143, first.stdout[-3000:]
+    stopped = int(re.search(r"stopped on SIGTERM after step (\d+)", first.stdout).group(1))
+    assert 6 <= stopped < STEPS
+    assert artifacts.latest_checkpoint(store("sigterm")) == stopped
+    assert artifacts.read_manifest(store("sigterm"), artifacts.ADAPTER) is None  # not finished: no adapter
+    msg = json.loads((tmp / "termination-log").read_text())
+    assert msg["stage"] == "train" and msg["reason"] == "Preempted" and msg["step"] == stopped
+
+    second = _train(config, env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"step-{stopped:08d}" in second.stdout  # "resuming from .../checkpoints/step-0000000N/"
+    steps = [int(m.group(1)) for m in map(STEP_LINE.match, second.stdout.splitlines()) if m]
+    assert steps[0] == stopped + 1  # the step count continues
+    assert _train_steps(store("sigterm"), tmp / "sigterm-adapter") == list(range(1, STEPS + 1))  # one curve
+    _assert_same_adapter(_adapter(store("sigterm"), tmp / "sigterm-adapter"), baseline)
+
+
+def test_sigkill_resumes_from_last_complete_checkpoint(setup):
+    env, write_config, baseline, store, tmp = setup
+    config = write_config("sigkill")
+    first = _train(config, env, stop_after=6, sig=signal.SIGKILL,
+                   ready=lambda: artifacts.latest_checkpoint(store("sigkill")) == 4)
+    assert first.returncode == -signal.SIGKILL, first.stdout[-3000:]
+    assert artifacts.latest_checkpoint(store("sigkill")) == 4
+
+    second = _train(config, env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "step-00000004" in second.stdout
+    steps = [int(m.group(1)) for m in map(STEP_LINE.match, second.stdout.splitlines()) if m]
+    assert steps[0] == 5  # steps 5.. after the kill are redone from the checkpoint, not skipped
+    assert _train_steps(store("sigkill"), tmp / "sigkill-adapter") == list(range(1, STEPS + 1))
+    _assert_same_adapter(_adapter(store("sigkill"), tmp / "sigkill-adapter"), baseline)
