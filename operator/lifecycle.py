@@ -16,6 +16,7 @@ from kubetune.trainer import artifacts as layout
 from . import serving
 from .api import FineTuneJob
 from .outcomes import StageOutcome
+from .stage_jobs import QUEUED_STAGES
 
 JOB_STAGES = ("validate", "train", "merge", "evaluate")
 CONDITION = {"validate": "Validated", "train": "Trained", "merge": "Merged", "evaluate": "Evaluated", "serve": "Ready"}
@@ -98,6 +99,10 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
         cond = CONDITION[stage]
         status.update(_result_status(stage, outcome))
         if outcome.state == "absent":
+            if job.spec.resources.queue_name and stage in QUEUED_STAGES:
+                # Created suspended: it waits for Kueue from the first moment.
+                conditions.append((cond, "Unknown", "Queued", f"{stage} waits in queue {job.spec.resources.queue_name}"))
+                return _with(job, Decision("Queued", f"{stage} queued", conditions, create=stage), status, done)
             conditions.append((cond, "Unknown", "Pending", f"{stage} not started"))
             return _with(job, Decision(RUNNING_PHASE[stage], f"starting {stage}", conditions, create=stage), status, done)
         if outcome.state == "suspended":

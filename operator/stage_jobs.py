@@ -15,6 +15,9 @@ from .render import CONFIG_PATH
 from .settings import OperatorSettings
 
 CONTAINER = "kubetune"
+# Stages whose Jobs wait in the Kueue queue when spec.resources.queueName is set
+# (the heavy ones; validation is a quick CPU pre-flight and never waits).
+QUEUED_STAGES = ("train", "merge", "evaluate")
 
 
 def container(
@@ -118,7 +121,8 @@ def validate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     # Validation needs no GPU node; no toleration either.
     pod.pop("tolerations")
     return batch_job(
-        job, "validate", pod, backoff_limit=0, queued=False, extra={"activeDeadlineSeconds": settings.validate_deadline_seconds}
+        job, "validate", pod, backoff_limit=0, queued="validate" in QUEUED_STAGES,
+        extra={"activeDeadlineSeconds": settings.validate_deadline_seconds},
     )
 
 
@@ -129,7 +133,7 @@ def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
     # No GPU needed: stay off the (tainted) GPU nodes.
     pod.pop("tolerations")
-    return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit, queued=True)
+    return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit, queued="merge" in QUEUED_STAGES)
 
 
 def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
@@ -137,4 +141,4 @@ def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     volumes, mounts = pods.stage_volumes(job, shm_size="1Gi")
     c = container(job, settings, ["kubetune", "evaluate", "--config", CONFIG_PATH], mounts, _cpu_resources(job, gpus=1))
     pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
-    return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit, queued=True)
+    return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit, queued="evaluate" in QUEUED_STAGES)

@@ -14,7 +14,7 @@ from . import deepspeed, names, pods
 from .api import FineTuneJob
 from .render import CONFIG_DIR, CONFIG_PATH
 from .settings import OperatorSettings
-from .stage_jobs import _cpu_resources, batch_job, container, pod_spec
+from .stage_jobs import QUEUED_STAGES, _cpu_resources, batch_job, container, pod_spec
 
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
@@ -70,7 +70,7 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         "train",
         pod,
         backoff_limit=settings.train_backoff_limit,
-        queued=True,
+        queued="train" in QUEUED_STAGES,
         extra={
             "completions": r.nodes,
             "parallelism": r.nodes,

@@ -56,6 +56,16 @@ def test_without_merge_evaluation_and_serving_the_job_succeeds():
     assert "Merged" not in conds(d)
 
 
+def test_queued_stages_are_created_in_phase_queued_but_validation_is_not():
+    job_ = ftj(resources={"queueName": "team-a"})
+    assert decide(job_, {}).phase == "Validating"
+    d = decide(job_, {"validate": OK})
+    assert (d.phase, d.create) == ("Queued", "train")
+    assert conds(d)["Trained"] == ("Unknown", "Queued")
+    assert decide(job_, {"validate": OK, "train": OK}).phase == "Queued"  # merge waits too
+    assert decide(job_, {"validate": OK, "train": StageOutcome("running", "Running", "")}).phase == "Training"
+
+
 def test_suspended_train_job_is_queued():
     d = decide(ftj(resources={"queueName": "team-a"}), {"validate": OK, "train": StageOutcome("suspended", "Queued", "waiting")})
     assert d.phase == "Queued" and d.create is None
