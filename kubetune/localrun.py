@@ -134,8 +134,8 @@ def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", da
             if is_s3(section.uri):
                 section.uri = local_path_for(section.uri, root)
 
-        def put(local: Path, uri: str) -> None:
-            dst = Path(local_path_for(uri, root))
+        def put(local: Path, uri: str) -> None:  # `uri` was already mapped to a directory above
+            dst = Path(local_path_for(uri, root) if is_s3(uri) else uri)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_bytes(Path(local).read_bytes())
 

@@ -19,20 +19,26 @@ MAX_BYTES = 4096
 
 
 def build_message(stage: str, ok: bool, reason: str, message: str, **fields: Any) -> str:
-    """Pure: the JSON text, guaranteed < MAX_BYTES."""
+    """Pure: the JSON text, guaranteed < MAX_BYTES. Shrinks in order of what matters least:
+    long messages first, then list fields (keeping their first items), then extra fields."""
+    if len(message) > 1500:
+        message = message[:1500] + "…"
     obj: dict[str, Any] = {"stage": stage, "ok": ok, "reason": reason, "message": message, **fields}
-    text = json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+
+    def dump() -> str:
+        return json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+
+    text = dump()
     while len(text.encode()) >= MAX_BYTES:
-        lists = [k for k, v in obj.items() if isinstance(v, list) and v]
+        lists = [k for k, v in obj.items() if isinstance(v, list) and len(v) > 1]
         if lists:
             longest = max(lists, key=lambda k: len(json.dumps(obj[k], default=str)))
             obj[longest] = obj[longest][: len(obj[longest]) // 2]
-        elif len(obj["message"]) > 200:
-            obj["message"] = obj["message"][: len(obj["message"]) // 2] + "…"
+        elif len(obj["message"]) > 300:
+            obj["message"] = obj["message"][:300] + "…"
         else:
             obj = {k: obj[k] for k in ("stage", "ok", "reason", "message")}
-            obj["message"] = obj["message"][:1000]
-        text = json.dumps(obj, separators=(",", ":"), default=str, ensure_ascii=False)
+        text = dump()
     return text
 
 
