@@ -104,6 +104,23 @@ class ControlPlane:
         elif self.layout.state_file.exists():
             self.layout.state_file.unlink()
 
+    def kill(self, name: str, graceful: bool = False) -> None:
+        """Stop one component to inject a fault: SIGKILL (a crash) by default,
+        or SIGTERM with a grace period. kube-apiserver's graceful shutdown takes
+        about 10 s while clients hold watches open."""
+        pid = self.pids.pop(name)
+        self._children.pop(name, None)
+        processes.stop_group(pid, grace_seconds=10.0 if graceful else 0)
+        self._write_state()
+
+    def restart(self, name: str, graceful: bool = False) -> None:
+        """Stop one component if it runs and start it again with the same flags and
+        ports; returns once it is healthy. Its log file is appended to."""
+        if name in self.pids:
+            self.kill(name, graceful=graceful)
+        self._spawn(name)
+        _wait_healthy(self, name)
+
     def _spawn(self, name: str) -> None:
         argv = _COMMANDLINES[name](self.binaries[name], self.layout)
         child = processes.spawn(argv, self.layout.log(name), die_with_parent=self.die_with_parent)
@@ -159,47 +176,72 @@ def start(
         prune_stale_runs()
         run_dir = Path(tempfile.mkdtemp(prefix=_TEST_RUN_PREFIX, dir=paths.run_root()))
     started = time.monotonic()
-    plane = ControlPlane(_prepare(run_dir), binaries, die_with_parent=die_with_parent)
-    try:
-        _start_components(plane)
-    except BaseException as error:
-        tails = plane.log_tails(40)
-        plane.stop()
-        if isinstance(error, (RuntimeError, TimeoutError)):
+    for attempt in (1, 2):
+        plane = ControlPlane(_prepare(run_dir), binaries, die_with_parent=die_with_parent)
+        try:
+            _start_components(plane)
+            break
+        except BaseException as error:
+            tails = plane.log_tails(40)
+            plane.stop()
+            if not isinstance(error, (RuntimeError, TimeoutError)):
+                raise
+            # Ports are picked free, then bound by the components a moment later;
+            # another process can take one in between. Pick new ones once.
+            if attempt == 1 and "address already in use" in tails:
+                log("a port was taken meanwhile; starting again on new ports")
+                # etcd's data names the old peer address; start from nothing.
+                shutil.rmtree(plane.layout.etcd_data, ignore_errors=True)
+                continue
             raise StartError(f"control plane in {run_dir} did not start: {error}\n{tails}") from error
-        raise
     log(f"control plane ready in {time.monotonic() - started:.1f}s: {plane.server} (KUBECONFIG={plane.kubeconfig})")
     return plane
 
 
-def _start_components(plane: ControlPlane) -> None:
+def _health_check(plane: ControlPlane, name: str) -> tuple[str, Callable[[], bool]]:
+    """What "ready" means for one component, as (description, check)."""
     lay = plane.layout
     admin = plane.admin_ssl_context()
     # Self-signed serving certs of the controller-manager and scheduler: only liveness is checked.
     insecure = ssl._create_unverified_context()
+    checks = {
+        L.ETCD: ("etcd /health", lambda: processes.http_ok(f"{lay.etcd_url}/health")),
+        L.APISERVER: ("kube-apiserver /readyz", lambda: processes.http_ok(f"{lay.server}/readyz", admin)),
+        L.CONTROLLER_MANAGER: (
+            "kube-controller-manager /healthz",
+            lambda: processes.http_ok(f"https://127.0.0.1:{lay.ports.controller_manager}/healthz", insecure),
+        ),
+        L.SCHEDULER: (
+            "kube-scheduler /healthz",
+            lambda: processes.http_ok(f"https://127.0.0.1:{lay.ports.scheduler}/healthz", insecure),
+        ),
+        L.KWOK: ("kwok /healthz", lambda: processes.http_ok(f"http://127.0.0.1:{lay.ports.kwok}/healthz")),
+    }
+    return checks[name]
 
+
+def _wait_healthy(plane: ControlPlane, name: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
+    what, check = _health_check(plane, name)
+    processes.wait_until(what, check, timeout, plane.dead_component)
+
+
+def _start_components(plane: ControlPlane) -> None:
     plane._spawn(L.ETCD)
     plane._spawn(L.APISERVER)  # retries etcd until it listens
+    _wait_healthy(plane, L.APISERVER)
+    clients = (L.CONTROLLER_MANAGER, L.SCHEDULER, L.KWOK)
+    for name in clients:
+        plane._spawn(name)
+    for name in clients:
+        _wait_healthy(plane, name)
+    # Pods are only admitted once the service-account controller made `default`.
+    admin = plane.admin_ssl_context()
     processes.wait_until(
-        "kube-apiserver /readyz",
-        lambda: processes.http_ok(f"{lay.server}/readyz", admin),
+        "ServiceAccount default/default",
+        lambda: processes.http_ok(f"{plane.server}/api/v1/namespaces/default/serviceaccounts/default", admin),
         START_TIMEOUT_SECONDS,
         plane.dead_component,
     )
-    for name in (L.CONTROLLER_MANAGER, L.SCHEDULER, L.KWOK):
-        plane._spawn(name)
-    checks = {
-        "kube-controller-manager /healthz": lambda: processes.http_ok(
-            f"https://127.0.0.1:{lay.ports.controller_manager}/healthz", insecure
-        ),
-        "kube-scheduler /healthz": lambda: processes.http_ok(f"https://127.0.0.1:{lay.ports.scheduler}/healthz", insecure),
-        "kwok /healthz": lambda: processes.http_ok(f"http://127.0.0.1:{lay.ports.kwok}/healthz"),
-        "ServiceAccount default/default": lambda: processes.http_ok(
-            f"{lay.server}/api/v1/namespaces/default/serviceaccounts/default", admin
-        ),
-    }
-    for what, check in checks.items():
-        processes.wait_until(what, check, START_TIMEOUT_SECONDS, plane.dead_component)
 
 
 _TEST_RUN_PREFIX = "cluster-"

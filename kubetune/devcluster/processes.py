@@ -63,24 +63,37 @@ def spawn(argv: list[str], log_path: Path, die_with_parent: bool = True) -> subp
 
 
 def is_alive(pid: int) -> bool:
+    """Whether any thread of process `pid` still runs.
+
+    A zombie counts as dead, but only once every thread is gone: the leader of a
+    multi-threaded Go program turns zombie while its other threads still exit,
+    and its listening sockets close only after the last one.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child is dead for our purposes.
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return True
+        return False
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def stop_group(pid: int, grace_seconds: float = 10.0) -> None:
-    """SIGTERM the process group led by `pid`, then SIGKILL it if it outlives the grace period."""
+    """SIGTERM the process group led by `pid`, then SIGKILL it if it outlives the
+    grace period; a grace period of 0 kills at once, as a crash would."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM if grace_seconds > 0 else signal.SIGKILL)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace_seconds
