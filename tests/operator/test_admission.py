@@ -4,9 +4,15 @@ CEL rules of the generated CRD), each with a message naming the field."""
 from __future__ import annotations
 
 import pytest
+import yaml
 from kubernetes.client.exceptions import ApiException
 
-from .ftj import Api, body
+from kubetune.devcluster.cluster import wait_for
+from kubetune.operator.packaging import ROOT
+
+from .ftj import GROUP, PLURAL, VERSION, Api, body
+
+EXAMPLES = ROOT / "manifests" / "examples"
 
 # (case id, spec sections to merge, text that must appear in the rejection)
 INVALID = [
@@ -109,3 +115,30 @@ def test_serving_replicas_may_change(api):
     api.create(body("scalable"))
     patched = api.patch("scalable", {"spec": {"serving": {"replicas": 3}}})
     assert patched["spec"]["serving"]["replicas"] == 3 and patched["metadata"]["generation"] == 2
+
+
+def test_kubectl_explain_reads_the_field_descriptions(cluster, crd):
+    # Discovery and the OpenAPI document pick a new CRD up a moment after Established.
+    explain = lambda: cluster.kubectl("explain", "ftj.spec.resources.gpusPerNode", check=False)  # noqa: E731
+    out = wait_for("kubectl explain ftj", lambda: (r := explain()).returncode == 0 and r.stdout, timeout=30, interval=1)
+    assert "GPUs per machine" in out
+    out = cluster.kubectl("explain", "finetunejob.spec.storage").stdout
+    assert "credentialsSecretRef" in out and "IRSA" in out
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_examples_pass_the_api_servers_validation(api, example):
+    for doc in yaml.safe_load_all(example.read_text()):
+        doc["metadata"].pop("namespace", None)
+        created = api.custom.create_namespaced_custom_object(GROUP, VERSION, api.ns, PLURAL, doc, dry_run="All")
+        assert created["metadata"]["name"] == doc["metadata"]["name"]
+
+
+def test_kustomize_base_renders_the_operator(cluster):
+    docs = list(yaml.safe_load_all(cluster.kubectl("kustomize", str(ROOT / "manifests" / "base")).stdout))
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("CustomResourceDefinition", "finetunejobs.kubetune.io") in kinds
+    assert ("ClusterRole", "kubetune-operator") in kinds and ("Deployment", "kubetune-operator") in kinds
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["metadata"]["namespace"] == "kubetune-system"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubetune/kubetune:0.1.0"

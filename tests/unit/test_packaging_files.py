@@ -59,3 +59,15 @@ def test_examples_are_valid_finetunejobs(path: Path):
     for doc in yaml.safe_load_all(path.read_text()):
         job = FineTuneJob.from_body(doc)
         assert job.kind == "FineTuneJob" and job.metadata.name
+
+
+def test_every_operator_env_var_in_the_packaging_is_a_setting():
+    import re
+
+    from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
+
+    known = {ENV_PREFIX + f.upper() for f in OperatorSettings.__dataclass_fields__}
+    for path in (ROOT / "charts/kubetune/templates/deployment.yaml", ROOT / "manifests/base/operator.yaml"):
+        used = set(re.findall(r"name: (KUBETUNE_[A-Z_]+)", path.read_text()))
+        assert used, path
+        assert used <= known, f"{path}: unknown settings {sorted(used - known)}"
