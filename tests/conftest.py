@@ -48,10 +48,8 @@ def cluster(request):
 
     try:
         plane = controlplane.start()
-    except build.GoMissingError as error:
+    except (build.GoMissingError, build.BuildError, controlplane.StartError) as error:
         # Never skip: a suite that silently skips its cluster tests proves nothing.
-        pytest.fail(str(error), pytrace=False)
-    except controlplane.StartError as error:
         pytest.fail(str(error), pytrace=False)
 
     keep = os.environ.get("KUBETUNE_KEEP_RUN") == "1"

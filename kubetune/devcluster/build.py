@@ -30,6 +30,10 @@ class GoMissingError(RuntimeError):
     """Raised when a binary must be built and no Go toolchain is on PATH."""
 
 
+class BuildError(RuntimeError):
+    """A `go` command failed; the message has the command and its stderr."""
+
+
 GO_MISSING_MESSAGE = (
     "The test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) "
     "is built from Go modules on first use, and no `go` command was found. Install Go >= 1.26 "
@@ -69,7 +73,7 @@ def _unpublished(go: str, modules: list[str], version: str, log: Callable[[str],
     """The modules among `modules` that the module proxy cannot serve at `version`."""
     result = subprocess.run(
         [go, "mod", "download", "-json", *(f"{m}@{version}" for m in modules)],
-        cwd=Path.cwd(), env=_go_env(), capture_output=True, text=True,
+        cwd=paths.gomod_dir(), env=_go_env(), capture_output=True, text=True,
     )
     missing = frozenset(info["Path"] for info in _json_stream(result.stdout) if info.get("Error"))
     if missing:
@@ -166,11 +170,14 @@ def _go_env() -> dict[str, str]:
     return env
 
 
-def _run(argv: list[str], cwd: Path, log: Callable[[str], None]) -> str:
+def _run(argv: list[str], cwd: Path) -> str:
     # nice: the build shares the machine with whatever else runs (tests, editors).
     result = subprocess.run(["nice", "-n", "10", *argv], cwd=cwd, env=_go_env(), capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(argv)}` failed in {cwd} (exit {result.returncode}):\n{result.stderr[-4000:]}")
+        raise BuildError(
+            f"`{' '.join(argv)}` failed in {cwd} (exit {result.returncode}); the control plane needs "
+            f"Go >= 1.26 and access to the Go module proxy for its first build:\n{result.stderr[-4000:]}"
+        )
     return result.stdout
 
 
@@ -187,9 +194,10 @@ def _build_lock():
 
 def _prepare_module(go: str, target: Target, log: Callable[[str], None]) -> Path:
     """Write the wrapper module for `target` (if its go.mod changed) and resolve it."""
-    info = json.loads(_run([go, "mod", "download", "-json", f"{target.module}@{target.version}"], Path.cwd(), log))
     directory = paths.gomod_dir() / target.module_dir_name
     directory.mkdir(parents=True, exist_ok=True)
+    # Run from outside any module, so that nothing around the caller's cwd interferes.
+    info = json.loads(_run([go, "mod", "download", "-json", f"{target.module}@{target.version}"], paths.gomod_dir()))
     gomod = _wrapper_gomod(go, target, Path(info["GoMod"]).read_text(), directory, log)
     digest = hashlib.sha256(gomod.encode()).hexdigest()
     marker = directory / ".tidy"
@@ -197,7 +205,7 @@ def _prepare_module(go: str, target: Target, log: Callable[[str], None]) -> Path
         return directory
     (directory / "go.mod").write_text(gomod)
     log(f"resolving Go module {target.module}@{target.version} in {directory}")
-    _run([go, "mod", "tidy"], directory, log)
+    _run([go, "mod", "tidy"], directory)
     marker.write_text(digest)
     return directory
 
@@ -230,7 +238,7 @@ def _build(go: str, missing: list[Target], log: Callable[[str], None]) -> None:
         log(f"building {', '.join(t.name + ' ' + t.version for t in group)} (only when missing or out of date; a cold build takes minutes)")
         argv = [go, "build", f"-ldflags={_ldflags(group[0])}", "-o"]
         argv += [str(out / group[0].name), group[0].package] if len(group) == 1 else [str(out) + "/", *(t.package for t in group)]
-        _run(argv, directory, log)
+        _run(argv, directory)
         for target in group:
             built = out / target.package.rstrip("/").split("/")[-1] if len(group) > 1 else out / target.name
             os.replace(built, binary_path(target))

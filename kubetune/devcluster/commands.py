@@ -66,7 +66,7 @@ def up(
         shutil.rmtree(run_dir)
     try:
         plane = controlplane.start(run_dir=run_dir, die_with_parent=foreground)
-    except build.GoMissingError as error:
+    except (build.GoMissingError, build.BuildError) as error:
         typer.echo(str(error), err=True)
         raise typer.Exit(2) from None
     except controlplane.StartError as error:
