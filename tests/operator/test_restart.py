@@ -1,5 +1,8 @@
-"""The operator killed (SIGKILL) between creating a child and recording it in
-status, then restarted: nothing is created twice and the job still finishes."""
+"""Faults mid-run: the operator killed (SIGKILL) between creating a child and
+recording it in status, then restarted; the kube-apiserver crashing under a
+running operator. Nothing is created twice and the job still finishes.
+
+This module runs last (alphabetical order): it restarts shared components."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import signal
 
 from kubetune.devcluster.cluster import wait_for
 
-from .ftj import Api, body, fleet
+from kubetune.devcluster.layout import APISERVER
+
+from .ftj import KWOK_DURATION, Api, body, condition, fleet
 
 
 def test_sigkill_after_creating_the_train_job(cluster, namespace, gpu_nodes, start_operator):
@@ -44,3 +49,22 @@ def test_sigkill_after_creating_the_train_job(cluster, namespace, gpu_nodes, sta
     reasons = [e["reason"] for e in api.events("crashy")]
     assert len(reasons) == len(set(reasons)) and reasons[-1] == "Serving", reasons
     assert reasons[:2] == ["Pending", "Validating"]
+
+
+def test_job_survives_a_kube_apiserver_crash_mid_training(cluster, namespace, gpu_nodes, start_operator):
+    fleet(gpu_nodes)
+    api = Api(cluster, namespace)
+    op = start_operator(namespace)
+    api.create(body("survivor", podMetadata={"train": {"annotations": {KWOK_DURATION: "6s"}}}))
+    api.wait_phase("survivor", "Training", timeout=60)
+
+    cluster.plane.restart(APISERVER)  # SIGKILL, then the same flags and ports again
+
+    status = Api(cluster, namespace).wait_phase("survivor", "Serving", timeout=120)
+    assert op.alive(), op.log()[-3000:]
+    assert condition(status, "Ready")["status"] == "True"
+    children = api.children("survivor")
+    assert children["Job"] == ["survivor-evaluate", "survivor-merge", "survivor-train", "survivor-validate"]
+    assert children["Deployment"] == ["survivor-serve"]
+    reasons = [e["reason"] for e in api.events("survivor")]
+    assert len(reasons) == len(set(reasons)), reasons
