@@ -84,6 +84,7 @@ class UploadCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
+        _barrier()  # every rank has written its RNG state into the checkpoint before rank 0 uploads it
         if self.is_main and local.is_dir():
             if self.reporter is not None:
                 self.reporter.flush()

@@ -175,7 +175,7 @@ class S3Store:
 
     def get_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")  # processes sharing a cache never collide
         self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
         os.replace(tmp, local)
 

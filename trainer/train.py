@@ -202,7 +202,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     import torch
     from accelerate import PartialState
 
-    from kubetune.trainer.dataset import prepare, to_hf_dataset
+    from kubetune.trainer.dataset import dataset_path, prepare, to_hf_dataset
     from kubetune.trainer.kubestatus import StatusPatcher, job_from_env
     from kubetune.trainer.modelio import base_model_dir, load_tokenizer, output_store
     from kubetune.trainer.progress import ProgressReporter, plot_loss_curve, read_metrics, truncate_metrics
@@ -219,7 +219,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         if state.is_local_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)  # scratch; S3 holds the truth
             run_dir.mkdir(parents=True)
+        # The local main process downloads; the others then find the ETag-keyed cache complete.
         model_dir = base_model_dir(cfg)
+        data_file = dataset_path(cfg)
         resume_step = artifacts.latest_checkpoint(store)
         resume_dir = None
         if resume_step is not None:
@@ -236,7 +238,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         print(f"resuming from {store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(resume_step)}/", flush=True)
 
     tokenizer = load_tokenizer(model_dir)
-    data = prepare(cfg, tokenizer)
+    data = prepare(cfg, tokenizer, data_file)
     if not data.ok:
         first = "; ".join(str(e) for e in data.errors[:5]) or "no rows to train on"
         raise TrainingError(f"dataset {cfg.dataset.uri} has {len(data.errors)} bad rows (run validate): {first}")

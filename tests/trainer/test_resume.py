@@ -144,3 +144,28 @@ def test_sigkill_resumes_from_last_complete_checkpoint(setup):
     assert steps[0] == 5  # steps 5.. after the kill are redone from the checkpoint, not skipped
     assert _train_steps(store("sigkill"), tmp / "sigkill-adapter") == list(range(1, STEPS + 1))
     _assert_same_adapter(_adapter(store("sigkill"), tmp / "sigkill-adapter"), baseline)
+
+
+def test_two_process_ddp_run(setup):
+    """torchrun with 2 CPU processes (gloo): what `accelerate launch --multi_gpu` starts on GPUs.
+    Only rank 0 reports and uploads; every rank's RNG state is in the checkpoint."""
+    env, write_config, _, store, tmp = setup
+    config = write_config("ddp")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                           "-m", "kubetune", "train", "--config", str(config)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count(f"step {STEPS}/{STEPS} |") >= 1 and proc.stdout.count("step 1/12 |") == 1
+    ckpt = artifacts.read_manifest(store("ddp"), artifacts.checkpoint_prefix(4))
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= set(ckpt["files"])
+    steps = _train_steps(store("ddp"), tmp / "ddp-adapter")
+    assert steps == list(range(1, STEPS + 1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
