@@ -91,3 +91,39 @@ def test_pod_asking_for_more_gpus_than_any_node_has_stays_pending(cluster, names
     wait_for("PodScheduled=False/Unschedulable", unschedulable, timeout=30)
     current = core.read_namespaced_pod(pod.metadata.name, namespace)
     assert current.spec.node_name is None and current.status.phase == "Pending"
+
+
+def test_deployment_pods_keep_running_and_back_a_service(cluster, namespace, gpu_nodes, apis):
+    """Serving pods (not owned by a Job) stay Running and Ready; the Service gets their IPs."""
+    from kubernetes import client
+
+    from kubetune.devcluster.cluster import wait_for
+
+    core, _ = apis
+    apps = client.AppsV1Api(cluster.api_client())
+    discovery = client.DiscoveryV1Api(cluster.api_client())
+    gpu_nodes()
+    pod_spec = gpu_job("unused")["spec"]["template"]["spec"] | {"restartPolicy": "Always"}
+    apps.create_namespaced_deployment(namespace, {
+        "metadata": {"name": "server"},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "server"}},
+            "template": {"metadata": {"labels": {"app": "server"}}, "spec": pod_spec},
+        },
+    })
+    core.create_namespaced_service(namespace, {
+        "metadata": {"name": "server"},
+        "spec": {"selector": {"app": "server"}, "ports": [{"port": 8000}]},
+    })
+
+    wait_for("2 ready replicas", lambda: apps.read_namespaced_deployment("server", namespace).status.ready_replicas == 2, timeout=30)
+
+    def ready_addresses():
+        slices = discovery.list_namespaced_endpoint_slice(namespace, label_selector="kubernetes.io/service-name=server").items
+        return sorted(a for s in slices for e in (s.endpoints or []) if e.conditions.ready for a in e.addresses)
+
+    addresses = wait_for("2 ready endpoints", lambda: len(ready_addresses()) == 2 and ready_addresses(), timeout=30)
+    pod_ips = sorted(p.status.pod_ip for p in core.list_namespaced_pod(namespace, label_selector="app=server").items)
+    assert addresses == pod_ips
+    assert core.read_namespaced_service("server", namespace).spec.cluster_ip.startswith("10.0.0.")
