@@ -20,6 +20,20 @@ def test_import_operator_is_the_standard_library():
     assert Path(path).parent == Path(sysconfig.get_paths()["stdlib"])
 
 
+def test_install_adds_no_top_level_operator_or_trainer():
+    """The install exposes the project only under `kubetune`: nothing named
+    `operator` or `trainer` lands in site-packages, and the editable-install
+    finder maps only `kubetune...` names to folders."""
+    import site
+
+    for directory in site.getsitepackages():
+        for name in ("operator", "trainer"):
+            assert not (Path(directory) / name).exists() and not (Path(directory) / f"{name}.py").exists()
+    finders = [m for n, m in sys.modules.items() if n.startswith("__editable___kubetune")]
+    for finder in finders:
+        assert all(name == "kubetune" or name.startswith("kubetune.") for name in finder.MAPPING), finder.MAPPING
+
+
 def test_project_operator_is_only_reachable_inside_kubetune():
     import kubetune.operator
 
