@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import ssl
 import urllib.error
 import urllib.request
@@ -137,3 +138,19 @@ def test_every_component_logs_to_its_own_file(cluster):
         # The harness writes the command line first; the component's own output follows.
         assert lines[0].startswith("$ ") and component in lines[0]
         assert len(lines) > 1, f"{component} wrote nothing to its log"
+
+
+def test_pod_security_restricted_is_enforced_in_test_namespaces(cluster, namespace):
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    core = client.CoreV1Api(cluster.api_client())
+    root_pod = {
+        "metadata": {"name": "root"},
+        "spec": {"containers": [{"name": "main", "image": "busybox", "securityContext": {"privileged": True}}]},
+    }
+    with pytest.raises(ApiException) as rejected:
+        core.create_namespaced_pod(namespace, root_pod)
+    assert rejected.value.status == 403
+    message = json.loads(rejected.value.body)["message"]
+    assert 'violates PodSecurity "restricted:latest"' in message and "privileged" in message
