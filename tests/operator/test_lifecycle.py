@@ -296,3 +296,36 @@ def test_delete_removes_children_and_keeps_s3_artifacts(cluster, namespace, gpu_
              lambda: all(not names for names in api.children("doomed").values()), timeout=90, interval=0.5)
     keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=bucket, Prefix="doomed/")["Contents"])
     assert keys == ["doomed/adapter/MANIFEST.json", "doomed/merged/MANIFEST.json", "doomed/merged/model.safetensors"]
+
+
+def test_preempted_training_pod_is_replaced_without_using_a_retry(cluster, namespace, gpu_nodes, start_operator):
+    """A preempted pod ends Failed with the DisruptionTarget condition (set by the
+    scheduler or the eviction API, phase by the kubelet; here by the test, as
+    kwok runs no kubelet). The train Job's podFailurePolicy ignores it, so even
+    with no retries left (backoff 0 in these tests) a new pod takes over."""
+    fleet(gpu_nodes)
+    api = Api(cluster, namespace)
+    start_operator(namespace)
+    api.create(body("preempted", output={"merge": False}, evaluation={"enabled": False}, serving={"enabled": False},
+                    podMetadata={"train": {"annotations": {KWOK_DURATION: "4s"}}}))
+    api.wait_phase("preempted", "Training", timeout=60)
+    selector = "kubetune.io/job=preempted,kubetune.io/stage=train"
+    (victim,) = wait_for("a running train pod", lambda: [
+        p for p in api.pods(selector) if p["status"].get("phase") == "Running"
+    ], timeout=30)
+    name = victim["metadata"]["name"]
+    now = victim["status"]["startTime"]
+    api.core.patch_namespaced_pod_status(name, namespace, {"status": {
+        "phase": "Failed",
+        "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                        "message": "preempted by a higher-priority pod", "lastTransitionTime": now}],
+        "containerStatuses": [{"name": "kubetune", "image": "registry.test/kubetune:test", "imageID": "", "ready": False,
+                               "restartCount": 0, "state": {"terminated": {"exitCode": 143, "reason": "Error",
+                                                                           "startedAt": now, "finishedAt": now}}}],
+    }})
+
+    status = api.wait_phase("preempted", "Succeeded", timeout=90)
+    assert condition(status, "Trained")["status"] == "True"
+    train = api.job("preempted-train")
+    # Ignored, not counted: without the policy this Job fails (BackoffLimitExceeded).
+    assert train["status"]["succeeded"] == 1 and train["status"].get("failed", 0) == 0
