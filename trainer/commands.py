@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so that
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -13,6 +14,10 @@ from typing import Optional
 import typer
 
 CONFIG_HELP = "Trainer config file (YAML or JSON), as rendered by the operator."
+
+# bitsandbytes warns on import on every CPU-only machine that its optional CPU kernels are absent;
+# QLoRA is GPU-only here, so that line is noise in every stage's log.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _load(config: Path):
@@ -33,6 +38,26 @@ def _fail(stage: str, reason: str, err: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _expected_errors() -> dict[type, str]:
+    """Errors that are the user's input or the environment, reported in one line (no traceback)."""
+    from kubetune.trainer.artifacts import IntegrityError
+    from kubetune.trainer.dataformats import DatasetError
+    from kubetune.trainer.storage import StorageError
+    from kubetune.trainer.tokenization import TemplateError
+    from kubetune.trainer.train import TrainingError
+
+    return {TrainingError: "TrainingRejected", StorageError: "StorageError", DatasetError: "DatasetUnreadable",
+            TemplateError: "ChatTemplateUnusable", IntegrityError: "ArtifactCorrupted"}
+
+
+def _run_stage(stage: str, fn):
+    errors = _expected_errors()
+    try:
+        return fn()
+    except tuple(errors) as e:
+        _fail(stage, next(r for t, r in errors.items() if isinstance(e, t)), e)
+
+
 def validate(
     config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here instead of stdout."),
@@ -47,15 +72,11 @@ def validate(
 
 def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
     """LoRA/QLoRA fine-tuning; resumes from the newest complete checkpoint; exits 143 after SIGTERM."""
-    from kubetune.trainer.storage import StorageError
-    from kubetune.trainer.train import TrainingError, run_train
+    from kubetune.trainer.termination import write_message
+    from kubetune.trainer.train import run_train
 
     cfg = _load(config)
-    try:
-        result = run_train(cfg)
-    except (TrainingError, StorageError) as e:
-        _fail("train", "TrainingRejected" if isinstance(e, TrainingError) else "StorageError", e)
-    from kubetune.trainer.termination import write_message
+    result = _run_stage("train", lambda: run_train(cfg))
 
     if result.stopped_by_signal:
         write_message("train", False, "Preempted", f"stopped on SIGTERM at step {result.global_step}; checkpoint saved",
@@ -71,7 +92,8 @@ def merge(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) 
     """Fold the adapter into the bf16 base model and publish merged/ (sharded safetensors + tokenizer)."""
     from kubetune.trainer.merge import run_merge
 
-    raise typer.Exit(run_merge(_load(config)))
+    cfg = _load(config)
+    raise typer.Exit(_run_stage("merge", lambda: run_merge(cfg)))
 
 
 def evaluate(
@@ -82,7 +104,8 @@ def evaluate(
     """Held-out loss/perplexity of base vs tuned, sample generations, and the minImprovement gate."""
     from kubetune.trainer.evaluate import run_evaluate
 
-    code, report = run_evaluate(_load(config))
+    cfg = _load(config)
+    code, report = _run_stage("evaluate", lambda: run_evaluate(cfg))
     if code == 0 and fail_on_gate and not report.get("ok"):
         code = 3
     raise typer.Exit(code)
