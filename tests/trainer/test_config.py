@@ -88,3 +88,31 @@ def test_snake_case_names_accepted_for_python_callers():
         base_model={"uri": "/m"}, dataset={"uri": "/d.jsonl", "max_length": 64}, output={"uri": "/o"}
     )
     assert cfg.dataset.max_length == 64
+
+
+@pytest.mark.parametrize("stage", ["validate", "train", "merge", "evaluate"])
+def test_cli_rejects_bad_config_naming_the_field(tmp_path, stage):
+    import subprocess
+    import sys
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**MINIMAL, "training": {"batchSize": -2}}))
+    proc = subprocess.run([sys.executable, "-m", "kubetune", stage, "--config", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "training.batchSize" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shipped_examples_are_valid():
+    from pathlib import Path
+
+    from kubetune.localrun import load_job
+    from kubetune.operator.render import trainer_config_for
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    cfg = load_config(examples / "trainer-config.yaml")
+    assert cfg.method.type == "lora" and cfg.base_model.served_name == "tiny-llama"
+    rendered = trainer_config_for(load_job(examples / "finetunejob.yaml"))
+    assert rendered.base_model.served_name == "tiny-llama"
+    assert rendered.dataset.uri.startswith("s3://") and rendered.evaluation.min_improvement == 0.2
+    assert rendered.job.name == "support-bot" and rendered.job.namespace == "team-a"
