@@ -39,6 +39,36 @@ def register(app: typer.Typer) -> None:
             )
         )
 
+    @app.command("status")
+    def status_cmd(
+        name: str = typer.Argument(..., help="FineTuneJob name."),
+        namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (default: the kubeconfig's)."),
+        output: str = typer.Option("text", "--output", "-o", help="text or json."),
+    ) -> None:
+        """Show a FineTuneJob's phase, progress, conditions, artifacts and endpoint."""
+        import json
+
+        from kubernetes import client, config
+        from kubernetes.client.exceptions import ApiException
+
+        from kubetune.operator.api.constants import GROUP, PLURAL, VERSION
+        from kubetune.operator.describe import describe
+
+        if output not in ("text", "json"):
+            raise typer.BadParameter("must be text or json", param_hint="--output")
+        try:
+            config.load_kube_config()
+            ns = namespace or config.list_kube_config_contexts()[1]["context"].get("namespace") or "default"
+        except config.ConfigException:
+            config.load_incluster_config()
+            ns = namespace or "default"
+        try:
+            obj = client.CustomObjectsApi().get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+        except ApiException as e:
+            typer.echo(f"FineTuneJob {ns}/{name}: {e.reason} ({e.status})", err=True)
+            raise typer.Exit(1)
+        typer.echo(json.dumps(obj.get("status") or {}, indent=2) if output == "json" else describe(obj))
+
     @app.command("crd")
     def crd_cmd(
         output: str = typer.Option("-", "--output", "-o", help="File to write ('-': stdout)."),

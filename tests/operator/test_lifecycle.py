@@ -4,8 +4,11 @@ chart's RBAC."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -19,6 +22,7 @@ from .ftj import (
     Api, body, condition, env_of, fleet, message,
 )
 
+KUBETUNE = Path(sys.executable).with_name("kubetune")
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
 
 
@@ -164,6 +168,13 @@ def test_full_lifecycle_pending_to_serving(cluster, namespace, gpu_nodes, start_
     assert env_of(c)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-key", "key": "api-key"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert (dep["status"].get("readyReplicas") or 0) >= 1
+
+    # What a person sees.
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
+    shown = subprocess.run([str(KUBETUNE), "status", "support-bot", "-n", namespace], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "phase:      Serving" in shown.stdout and "support-bot-serve" in shown.stdout
 
     # The operator's own endpoints.
     with urllib.request.urlopen(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5) as resp:
