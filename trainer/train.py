@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -116,7 +117,9 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         ddp_find_unused_parameters=False,
     )
     ds = deepspeed_config(cfg)
-    if ds is not None:
+    # Under `accelerate launch --use_deepspeed --deepspeed_config_file ...` (how the operator starts
+    # training) the launcher's config is the one in force; ours is only for a bare `kubetune train`.
+    if ds is not None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         kwargs["deepspeed"] = ds
     return kwargs
 

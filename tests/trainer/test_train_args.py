@@ -1,0 +1,61 @@
+"""Pure parts of the train stage: Trainer arguments, precision, DeepSpeed, what CPU machines refuse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer.config import parse_config
+from kubetune.trainer.train import (CPU_BATCH_SIZE, GPU_BATCH_SIZE, TrainingError, check_method_supported,
+                                    deepspeed_config, resolve_precision, run_dir_for, sft_arguments)
+
+BASE = {"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 512}, "output": {"uri": "s3://b/o/"}}
+
+
+def cfg(**sections):
+    return parse_config({**BASE, **sections})
+
+
+def test_cpu_arguments():
+    kw = sft_arguments(cfg(training={"checkpointEvery": 50, "maxSteps": 7}), Path("/w"), cuda=False,
+                       precision="fp32", has_eval=True)
+    assert kw["per_device_train_batch_size"] == CPU_BATCH_SIZE and kw["use_cpu"] and not kw["auto_find_batch_size"]
+    assert kw["max_steps"] == 7 and kw["save_steps"] == 50 and kw["eval_steps"] == 50 and kw["eval_strategy"] == "steps"
+    assert kw["packing"] and kw["packing_strategy"] == "bfd" and kw["max_length"] == 512
+    assert not kw["bf16"] and "deepspeed" not in kw and kw["report_to"] == "none"
+    assert sft_arguments(cfg(), Path("/w"), cuda=False, precision="fp32", has_eval=False)["eval_strategy"] == "no"
+    assert sft_arguments(cfg(), Path("/w"), cuda=False, precision="fp32", has_eval=False)["max_steps"] == -1
+
+
+def test_gpu_arguments_and_deepspeed(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    c = cfg(training={"strategy": "deepspeed-zero3", "batchSize": "auto"})
+    kw = sft_arguments(c, Path("/w"), cuda=True, precision="bf16", has_eval=False)
+    assert kw["per_device_train_batch_size"] == GPU_BATCH_SIZE and kw["auto_find_batch_size"] and kw["bf16"]
+    zero = kw["deepspeed"]["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+    assert deepspeed_config(cfg(training={"strategy": "deepspeed-zero2"}))["zero_optimization"]["stage"] == 2
+    assert deepspeed_config(cfg()) is None
+    # Launched by `accelerate launch --use_deepspeed --deepspeed_config_file ...`: the launcher's config wins.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "deepspeed" not in sft_arguments(c, Path("/w"), cuda=True, precision="bf16", has_eval=False)
+
+
+def test_precision_and_cpu_refusals():
+    assert resolve_precision(cfg(), cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_precision(cfg(), cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_precision(cfg(), cuda=True, bf16_supported=False) == "fp32"
+    with pytest.raises(TrainingError, match="training.precision=bf16 needs a CUDA GPU"):
+        resolve_precision(cfg(training={"precision": "bf16"}), cuda=False, bf16_supported=False)
+    with pytest.raises(TrainingError, match="method.type=qlora needs a CUDA GPU"):
+        check_method_supported(cfg(method={"type": "qlora"}), cuda=False)
+    with pytest.raises(TrainingError, match="training.strategy=deepspeed-zero2 needs CUDA"):
+        check_method_supported(cfg(training={"strategy": "deepspeed-zero2"}), cuda=False)
+    check_method_supported(cfg(method={"type": "qlora"}), cuda=True)  # fine on a GPU
+
+
+def test_run_dir_is_per_output(tmp_path):
+    a = cfg(storage={"cacheDir": str(tmp_path)})
+    b = cfg(storage={"cacheDir": str(tmp_path)}, output={"uri": "s3://b/other/"})
+    assert run_dir_for(a) != run_dir_for(b) and run_dir_for(a).parent == tmp_path / "runs"
