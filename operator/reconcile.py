@@ -123,7 +123,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     except ValidationError as e:
         # The API server admitted it (CEL/OpenAPI), the operator's model did not:
         # say so once instead of retrying forever.
-        message = "; ".join(f"spec.{'.'.join(str(p) for p in err['loc'][1:])}: {err['msg']}" for err in e.errors())[:2000]
+        message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())[:2000]
         _record(uid, "Failed", emit, "Warning", "InvalidSpec", message, phase)
         return {"phase": "Failed", "message": message, "observedGeneration": generation}
     if not phase:
