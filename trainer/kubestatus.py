@@ -35,11 +35,13 @@ def job_from_env(name: Optional[str] = None, namespace: Optional[str] = None) ->
 def _default_api():
     from kubernetes import client, config
 
+    conf = client.Configuration()
     try:
-        config.load_incluster_config()
+        config.load_incluster_config(client_configuration=conf)
     except config.ConfigException:
-        config.load_kube_config()
-    return client.CustomObjectsApi()
+        # Read KUBECONFIG now: the client library resolves its default path once, at import.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=conf)
+    return client.CustomObjectsApi(client.ApiClient(conf))
 
 
 class StatusPatcher:
