@@ -69,6 +69,17 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(1)
         typer.echo(json.dumps(obj.get("status") or {}, indent=2) if output == "json" else describe(obj))
 
+    @app.command("delete-artifacts")
+    def delete_artifacts_cmd(
+        config: str = typer.Option(..., "--config", "-c", help="Trainer config (its output.uri and storage are used)."),
+    ) -> None:
+        """Delete every artifact under output.uri (the cleanup Job of deleteOnJobDeletion)."""
+        from pathlib import Path
+
+        from kubetune.operator.artifact_cleanup import run
+
+        raise typer.Exit(run(Path(config)))
+
     @app.command("crd")
     def crd_cmd(
         output: str = typer.Option("-", "--output", "-o", help="File to write ('-': stdout)."),

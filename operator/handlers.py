@@ -12,7 +12,7 @@ import kopf
 from . import metrics
 from .api.constants import GROUP, PLURAL, VERSION
 from .kube import ChildConflict, Kube, load_config
-from .reconcile import reconcile
+from .reconcile import cleanup_artifacts, reconcile
 from .settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
@@ -64,6 +64,25 @@ def reconcile_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, 
         raise kopf.TemporaryError(str(e), delay=30) from None
     if status:
         patch.status.update(status)
+
+
+def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
+    return bool((spec.get("output") or {}).get("deleteOnJobDeletion"))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_artifacts)
+def delete_artifacts(body: kopf.Body, **_: Any) -> None:
+    """Hold the deletion (kopf's finalizer) until the cleanup Job has emptied
+    spec.output.uri; then the children go by garbage collection as usual."""
+    outcome = cleanup_artifacts(dict(body), _client(), SETTINGS)
+    if outcome.state == "succeeded":
+        kopf.event(body, type="Normal", reason="ArtifactsDeleted", message=outcome.message or "artifacts deleted")
+        return
+    if outcome.state == "failed":
+        kopf.event(body, type="Warning", reason="ArtifactCleanupFailed", message=outcome.message[:1024])
+        # Permanent: the object goes anyway; the failed cleanup Job stays for inspection.
+        raise kopf.PermanentError(f"artifact cleanup failed: {outcome.message}")
+    raise kopf.TemporaryError("waiting for the artifact cleanup Job", delay=max(1.0, SETTINGS.reconcile_interval))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)

@@ -35,6 +35,13 @@ def trainer_account(job: str) -> str:
     return f"{job}-trainer"
 
 
+def cleanup(job: str, uid: str) -> str:
+    """The Job deleting a job's artifacts when it is deleted (deleteOnJobDeletion).
+    It outlives the FineTuneJob for a while, so the name carries the uid: a new
+    job of the same name gets its own cleanup."""
+    return f"{job}-cleanup-{uid.replace('-', '')[:8]}"
+
+
 def serving(job: str) -> str:
     """vLLM Deployment and its Service."""
     return f"{job}-serve"

@@ -69,13 +69,17 @@ def owner_reference(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def metadata(job: FineTuneJob, name: str, stage: str, extra_labels: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    return {
+def metadata(
+    job: FineTuneJob, name: str, stage: str, extra_labels: Optional[dict[str, str]] = None, owned: bool = True
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
         "name": name,
         "namespace": job.metadata.namespace,
         "labels": {**labels(job, stage), **(extra_labels or {})},
-        "ownerReferences": [owner_reference(job)],
     }
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
 
 
 def pod_security_context(settings: OperatorSettings) -> dict[str, Any]:

@@ -80,6 +80,18 @@ def act(kube: Kube, job: FineTuneJob, decision: lifecycle.Decision, settings: Op
         kube.scale_deployment(job.metadata.namespace, names.serving(job.metadata.name), decision.scale_to)
 
 
+def cleanup_artifacts(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> StageOutcome:
+    """Ensure the cleanup Job of a FineTuneJob being deleted; its outcome so far."""
+    job = FineTuneJob.from_body({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    obj = stage_jobs.cleanup_job(job, settings)
+    if kube.ensure(obj):
+        metrics.CHILDREN_CREATED.labels(kind="Job").inc()
+        log.info("created cleanup Job %s/%s", job.metadata.namespace, obj["metadata"]["name"])
+    current = kube.get("batch/v1", "Job", job.metadata.namespace, obj["metadata"]["name"])
+    pods = kube.list_pods(job.metadata.namespace, selector_labels(job, "cleanup")) if current else []
+    return job_outcome(current, pods)
+
+
 def reconcile(
     body: dict[str, Any],
     kube: Kube,

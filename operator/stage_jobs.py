@@ -80,9 +80,11 @@ def batch_job(
     backoff_limit: int,
     queued: bool,
     extra: Optional[dict[str, Any]] = None,
+    name: Optional[str] = None,
+    owned: bool = True,
 ) -> dict[str, Any]:
     queue_labels, suspend = queue_fields(job) if queued else ({}, False)
-    meta = pods.metadata(job, names.stage_job(job.metadata.name, stage), stage, queue_labels)
+    meta = pods.metadata(job, name or names.stage_job(job.metadata.name, stage), stage, queue_labels, owned=owned)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -142,3 +144,25 @@ def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     c = container(job, settings, ["kubetune", "evaluate", "--config", CONFIG_PATH], mounts, _cpu_resources(job, gpus=1))
     pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
     return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit, queued="evaluate" in QUEUED_STAGES)
+
+
+CLEANUP_TTL_SECONDS = 3600
+
+
+def cleanup_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Deletes everything under spec.output.uri (spec.output.deleteOnJobDeletion).
+
+    Deliberately NOT owned by the FineTuneJob: it runs while the job is being
+    deleted (held by the finalizer) and must not be garbage-collected with it;
+    it removes itself ttlSecondsAfterFinished later."""
+    volumes, mounts = pods.stage_volumes(job)
+    c = container(
+        job, settings, ["kubetune", "delete-artifacts", "--config", CONFIG_PATH], mounts,
+        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+    )
+    pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
+    pod.pop("tolerations")
+    return batch_job(
+        job, "cleanup", pod, backoff_limit=2, queued=False, extra={"ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS},
+        name=names.cleanup(job.metadata.name, job.metadata.uid or ""), owned=False,
+    )

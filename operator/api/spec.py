@@ -155,11 +155,15 @@ class ResourcesSpec(ApiModel):
 
 
 class OutputSpec(ApiModel):
-    """Where artifacts go (layout: docs/contracts.md). Deleting the FineTuneJob
-    never deletes them: artifacts outlive the object that produced them."""
+    """Where artifacts go (layout: docs/contracts.md)."""
 
     uri: S3Uri = Field(description="s3://bucket/prefix/ receiving checkpoints, adapter, merged model and reports.")
     merge: bool = Field(default=True, description="Fold the adapter into the base and write bf16 safetensors to merged/.")
+    delete_on_job_deletion: bool = Field(
+        default=False,
+        description="Delete everything under uri when the FineTuneJob is deleted (a cleanup Job runs first). "
+        "By default artifacts outlive the job.",
+    )
 
 
 class EvaluationSpec(ApiModel):
@@ -250,7 +254,7 @@ class PodMetadataSpec(ApiModel):
         """(labels, annotations) for `stage`: `all`, then the stage's own."""
         labels: dict[str, str] = {}
         annotations: dict[str, str] = {}
-        for meta in (self.all, getattr(self, "validate_" if stage == "validate" else stage)):
+        for meta in (self.all, getattr(self, "validate_" if stage == "validate" else stage, None)):
             if meta is not None:
                 labels.update(meta.labels)
                 annotations.update(meta.annotations)

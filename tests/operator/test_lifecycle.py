@@ -340,3 +340,37 @@ def test_preempted_training_pod_is_replaced_without_using_a_retry(cluster, names
     train = api.job("preempted-train")
     # Ignored, not counted: without the policy this Job fails (BackoffLimitExceeded).
     assert train["status"]["succeeded"] == 1 and train["status"].get("failed", 0) == 0
+
+
+def test_delete_on_job_deletion_holds_the_job_until_its_cleanup_job_finishes(cluster, namespace, gpu_nodes, start_operator):
+    fleet(gpu_nodes)
+    api = Api(cluster, namespace)
+    start_operator(namespace)
+    api.create(body("purged", output={"merge": False, "deleteOnJobDeletion": True}, evaluation={"enabled": False},
+                    serving={"enabled": False}, podMetadata={"all": {"annotations": {KWOK_DURATION: "3s"}}}))
+    api.wait_phase("purged", "Succeeded", timeout=90)
+    uid = api.get("purged")["metadata"]["uid"]
+    cleanup_name = f"purged-cleanup-{uid.replace('-', '')[:8]}"
+
+    api.delete("purged")
+    cleanup = wait_for("cleanup Job", lambda: _maybe(lambda: api.job(cleanup_name)), timeout=30)
+    # While the cleanup runs, the finalizer keeps the FineTuneJob (and so its children).
+    assert api.get("purged")["metadata"].get("deletionTimestamp")
+    assert "ownerReferences" not in cleanup["metadata"]
+    assert cleanup["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kubetune", "delete-artifacts"]
+
+    wait_for("FineTuneJob gone", lambda: _maybe(lambda: api.get("purged")) is None, timeout=60, interval=0.5)
+    done = api.job(cleanup_name)
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in done["status"]["conditions"])
+    assert "ArtifactsDeleted" in [e["reason"] for e in api.events("purged")]
+    wait_for("children garbage-collected", lambda: not api.children("purged")["ConfigMap"], timeout=60, interval=0.5)
+    assert api.job(cleanup_name)  # not owned: outlives the job until its TTL
+
+
+def _maybe(read):
+    try:
+        return read()
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
