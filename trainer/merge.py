@@ -24,7 +24,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_si
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16)
+    # On a GPU the merge (one matmul per adapted layer) takes seconds instead of minutes; same bf16 math.
+    device_map = {"": 0} if torch.cuda.is_available() else None
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16, device_map=device_map)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: fail on NaNs instead of publishing them
     out_dir = Path(out_dir)

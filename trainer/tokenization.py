@@ -31,6 +31,11 @@ class Encoded:
 
 
 def _assistant_char_spans(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TemplateError(
+            "the base model's tokenizer has no chat template, so conversations cannot be rendered; "
+            "add one to the model's tokenizer_config.json or use dataset.format prompt-completion or text"
+        )
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, m in enumerate(messages):

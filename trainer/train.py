@@ -246,6 +246,10 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         first = "; ".join(str(e) for e in data.errors[:5]) or "no rows to train on"
         raise TrainingError(f"dataset {cfg.dataset.uri} has {len(data.errors)} bad rows (run validate): {first}")
 
+    if stop.requested:  # SIGTERM while downloading: nothing trained, nothing to save
+        print("stopped on SIGTERM before training started", flush=True)
+        return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True)
+
     from trl import SFTConfig, SFTTrainer
 
     from transformers import set_seed

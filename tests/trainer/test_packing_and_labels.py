@@ -101,3 +101,16 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model, tokenizer, suppo
         leaky = model(input_ids=packed["input_ids"], use_cache=False).logits[0]
     second = slice(len(encoded[0][0]), len(encoded[0][0]) + len(encoded[1][0]))
     assert not torch.allclose(leaky[second], packed_logits[second], atol=1e-3)
+
+
+def test_chat_rows_need_a_chat_template(tiny_model):
+    from kubetune.trainer.modelio import load_tokenizer
+    from kubetune.trainer.tokenization import TemplateError
+
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="no chat template.*prompt-completion or text"):
+        encode_example(tok, Example(1, "chat", messages=[{"role": "user", "content": "a"},
+                                                         {"role": "assistant", "content": "b"}]))
+    ids, labels = encode_example(tok, Example(2, "text", text="still fine"))
+    assert ids == labels
