@@ -112,7 +112,7 @@ def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", da
     from kubetune.operator.render import trainer_config_for
     from kubetune.trainer.evaluate import run_evaluate
     from kubetune.trainer.merge import run_merge
-    from kubetune.trainer.storage import S3Store, open_store, s3_client
+    from kubetune.trainer.storage import open_store, s3_client
     from kubetune.trainer.train import run_train
     from kubetune.trainer.validate import run_validate
 
@@ -167,7 +167,7 @@ def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", da
         if job.spec.evaluation.enabled:
             _, evaluation = _stage("evaluate", lambda: run_evaluate(cfg))
         result = {"output": put_uri(cfg.output.uri), "step": train.global_step, "evalLoss": train.eval_loss,
-                  "evaluation": evaluation}
+                  "evaluation": evaluation, "merged": cfg.merge.enabled}
         if server is not None:
             # The embedded server lives in memory: copy the manifested artifacts out before it stops.
             store = open_store(cfg.output.uri, cfg.storage.endpoint_url)
@@ -204,11 +204,11 @@ def run(
                               tiny_model=tiny_model, max_steps=max_steps)
     except RunError as e:
         typer.secho(str(e), err=True, fg="red")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     out = result["output"].rstrip("/")
     typer.secho("\nartifacts:", bold=True)
     typer.echo(f"  adapter:     {out}/{artifacts.ADAPTER}/  (metrics.jsonl, loss_curve.png, tensorboard/)")
-    if (Path(out) / artifacts.MERGED).exists() or not Path(out).exists():
+    if result["merged"]:
         typer.echo(f"  merged:      {out}/{artifacts.MERGED}/")
     typer.echo(f"  validation:  {out}/{artifacts.VALIDATION_REPORT}")
     typer.echo(f"  evaluation:  {out}/{artifacts.EVALUATION_REPORT}")

@@ -27,7 +27,7 @@ def _load(config: Path):
         return load_config(config)
     except ConfigError as e:
         typer.echo(str(e), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def _fail(stage: str, reason: str, err: Exception) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 from kubetune.trainer import artifacts

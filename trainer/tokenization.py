@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from kubetune.trainer.dataformats import Example, RowError
 

@@ -115,7 +115,7 @@ def test_bad_row_is_reported_with_row_and_field(fmt, row, field, fragment):
     err = result.errors[0]
     assert err.field == field
     assert fragment in err.message
-    assert str(err).startswith(f"row 2")
+    assert str(err).startswith("row 2")
     assert len(result.examples) == 2  # the good rows around it are kept
 
 

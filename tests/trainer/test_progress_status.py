@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 
-import pytest
 
 from kubetune.trainer.kubestatus import GROUP, MERGE_PATCH, PLURAL, VERSION, StatusPatcher, job_from_env, progress_patch
 from kubetune.trainer.progress import ProgressReporter, RateMeter, format_line, read_metrics, truncate_metrics

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -104,7 +103,8 @@ def _assert_same_adapter(got: dict, want: dict) -> None:
 
     assert got.keys() == want.keys() and got
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sigterm_checkpoints_and_resumes(setup):
