@@ -291,7 +291,10 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
 
     eval_loss = None
     if eval_ds is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])  # logged through ReportProgress.on_log
+        # Reuse the eval of the final step when the schedule already ran it; otherwise evaluate now
+        # (logged through ReportProgress.on_log like every other eval).
+        final = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == step]
+        eval_loss = float(final[-1]) if final else float(trainer.evaluate()["eval_loss"])
     if reporter is not None:
         reporter.close()
     adapter_uri = None
