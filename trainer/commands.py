@@ -78,8 +78,11 @@ def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) 
     cfg = _load(config)
     result = _run_stage("train", lambda: run_train(cfg))
 
-    if result.stopped_by_signal:
-        write_message("train", False, "Preempted", f"stopped on SIGTERM at step {result.global_step}; checkpoint saved",
+    if not result.is_main:
+        pass  # one termination message per pod: rank 0's
+    elif result.stopped_by_signal:
+        write_message("train", False, "Preempted", f"stopped on SIGTERM at step {result.global_step}; a restart resumes from the newest "
+                      "complete checkpoint",
                       step=result.global_step)
     else:
         write_message("train", True, "Trained", f"adapter at {result.adapter_uri}", step=result.global_step,

@@ -39,6 +39,7 @@ class TrainResult:
     adapter_uri: Optional[str] = None
     eval_loss: Optional[float] = None
     stopped_by_signal: bool = False
+    is_main: bool = True  # only the main process speaks for the run (termination message, summary)
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -245,9 +246,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         first = "; ".join(str(e) for e in data.errors[:5]) or "no rows to train on"
         raise TrainingError(f"dataset {cfg.dataset.uri} has {len(data.errors)} bad rows (run validate): {first}")
 
-    if stop.requested:  # SIGTERM while downloading: nothing trained, nothing to save
+    if stop.agreed():  # SIGTERM while downloading: nothing trained, nothing to save
         print("stopped on SIGTERM before training started", flush=True)
-        return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True)
+        return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
 
     from trl import SFTConfig, SFTTrainer
 
@@ -287,7 +288,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         uri = f"{store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(step)}/"
         if state.is_main_process:
             print(f"stopped on SIGTERM after step {step}; checkpoint {uri}", flush=True)
-        return TrainResult(EXIT_PREEMPTED, step, stopped_by_signal=True)
+        return TrainResult(EXIT_PREEMPTED, step, stopped_by_signal=True, is_main=state.is_main_process)
 
     eval_loss = None
     if eval_ds is not None:
@@ -311,4 +312,4 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         adapter_uri = f"{store.uri.rstrip('/')}/{artifacts.ADAPTER}/"
         print(f"adapter: {adapter_uri} (step {step}, eval loss {eval_loss})", flush=True)
     state.wait_for_everyone()
-    return TrainResult(0, step, adapter_uri, eval_loss)
+    return TrainResult(0, step, adapter_uri, eval_loss, is_main=state.is_main_process)

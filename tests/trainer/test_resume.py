@@ -68,10 +68,10 @@ def setup(s3, tiny_model, support_rows, tmp_path_factory):
 
 
 def _train(config: Path, env: dict, stop_after: int | None = None, sig: int | None = None,
-           ready=lambda: True) -> subprocess.CompletedProcess:
+           ready=lambda: True, argv: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `kubetune train`; with `sig`, send it once a step >= stop_after was logged and ready() holds."""
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune", "train", "--config", str(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = argv or [sys.executable, "-m", "kubetune", "train", "--config", str(config)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         for line in proc.stdout:
@@ -146,21 +146,33 @@ def test_sigkill_resumes_from_last_complete_checkpoint(setup):
     _assert_same_adapter(_adapter(store("sigkill"), tmp / "sigkill-adapter"), baseline)
 
 
-def test_two_process_ddp_run(setup):
-    """torchrun with 2 CPU processes (gloo): what `accelerate launch --multi_gpu` starts on GPUs.
-    Only rank 0 reports and uploads; every rank's RNG state is in the checkpoint."""
+def _torchrun(config: Path, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    """2 CPU processes (gloo) under torchrun: what `accelerate launch --multi_gpu` starts on GPUs."""
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(_free_port()), "-m", "kubetune", "train", "--config", str(config)]
+    return _train(config, env, argv=[sys.executable, *args], **kwargs)
+
+
+def test_two_process_ddp_run_stops_on_sigterm_and_resumes(setup):
+    """SIGTERM to the launcher reaches every rank; the ranks agree on the step to stop at, rank 0 uploads a
+    checkpoint holding every rank's RNG state, and the resumed run ends where an uninterrupted one does."""
     env, write_config, _, store, tmp = setup
-    config = write_config("ddp")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                           "-m", "kubetune", "train", "--config", str(config)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count(f"step {STEPS}/{STEPS} |") >= 1 and proc.stdout.count("step 1/12 |") == 1
-    ckpt = artifacts.read_manifest(store("ddp"), artifacts.checkpoint_prefix(4))
+    whole = _torchrun(write_config("ddp-whole"), env)
+    assert whole.returncode == 0, whole.stdout[-3000:]
+    assert whole.stdout.count("step 1/12 |") == 1  # only rank 0 reports
+    ckpt = artifacts.read_manifest(store("ddp-whole"), artifacts.checkpoint_prefix(4))
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "adapter_model.safetensors"} <= set(ckpt["files"])
-    steps = _train_steps(store("ddp"), tmp / "ddp-adapter")
-    assert steps == list(range(1, STEPS + 1))
+
+    config = write_config("ddp")
+    first = _torchrun(config, env, stop_after=6, sig=signal.SIGTERM)
+    assert first.returncode != 0  # the launcher reports the signal; the workers saved first:
+    stopped = int(re.search(r"stopped on SIGTERM after step (\d+)", first.stdout).group(1))
+    assert 6 <= stopped < STEPS and artifacts.latest_checkpoint(store("ddp")) == stopped
+    second = _torchrun(config, env)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert f"step-{stopped:08d}" in second.stdout
+    assert _train_steps(store("ddp"), tmp / "ddp-adapter") == list(range(1, STEPS + 1))
+    _assert_same_adapter(_adapter(store("ddp"), tmp / "ddp-adapter"), _adapter(store("ddp-whole"), tmp / "ddp-whole"))
 
 
 def _free_port() -> int:
