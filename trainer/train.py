@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 from kubetune.trainer import artifacts
 from kubetune.trainer.config import TrainerConfig
+from kubetune.trainer.deepspeed import deepspeed_config as deepspeed_strategy_config
 from kubetune.trainer.storage import cache_root
 
 log = logging.getLogger(__name__)
@@ -65,18 +66,8 @@ def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
 
 
 def deepspeed_config(cfg: TrainerConfig) -> Optional[dict[str, Any]]:
-    """The DeepSpeed config for the strategy ('auto' values are filled in by transformers)."""
-    if not cfg.training.strategy.startswith("deepspeed"):
-        return None
-    stage = 3 if cfg.training.strategy.endswith("zero3") else 2
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
-                            "reduce_bucket_size": "auto"}
-    if stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": "auto",
-                     "stage3_param_persistence_threshold": "auto"})
-    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-            "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "gradient_clipping": "auto", "train_batch_size": "auto"}
+    """The DeepSpeed config for the strategy (None for DDP)."""
+    return deepspeed_strategy_config(cfg.training.strategy)
 
 
 def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision: str, has_eval: bool) -> dict[str, Any]:
