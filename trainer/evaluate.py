@@ -8,7 +8,6 @@ and seed), so "tuned" was never trained on them.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Optional
 
 from kubetune.trainer import artifacts
@@ -79,17 +78,13 @@ def run_evaluate(cfg: TrainerConfig) -> tuple[int, dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
     from kubetune.trainer.dataset import prepare
-    from kubetune.trainer.modelio import base_model_dir, load_tokenizer, output_store
+    from kubetune.trainer.modelio import base_model_dir, fetch_adapter, load_tokenizer, output_store
     from kubetune.trainer.train import run_dir_for
 
     store = output_store(cfg)
     work = run_dir_for(cfg) / "evaluate"
-    try:
-        artifacts.fetch_dir(store, artifacts.ADAPTER, work / "adapter")
-    except FileNotFoundError:
-        msg = f"no complete adapter under {cfg.output.uri} (run train first)"
-        write_message(STAGE, False, "AdapterMissing", msg)
-        print(msg, file=sys.stderr)
+    msg = fetch_adapter(cfg, store, work / "adapter", STAGE)
+    if msg is not None:
         return 1, {"ok": False, "message": msg}
     model_dir = base_model_dir(cfg)
     tokenizer = load_tokenizer(model_dir)

@@ -8,7 +8,6 @@ to, and the rounding would end up in every served token).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 from kubetune.trainer import artifacts
@@ -37,7 +36,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_si
 
 
 def run_merge(cfg: TrainerConfig) -> int:
-    from kubetune.trainer.modelio import base_model_dir, output_store
+    from kubetune.trainer.modelio import base_model_dir, fetch_adapter, output_store
     from kubetune.trainer.train import run_dir_for
 
     if not cfg.merge.enabled:
@@ -46,12 +45,8 @@ def run_merge(cfg: TrainerConfig) -> int:
         return 0
     store = output_store(cfg)
     work = run_dir_for(cfg) / "merge"
-    try:
-        artifacts.fetch_dir(store, artifacts.ADAPTER, work / "adapter")
-    except FileNotFoundError:
-        msg = f"no complete adapter under {cfg.output.uri} (run train first)"
-        write_message(STAGE, False, "AdapterMissing", msg)
-        print(msg, file=sys.stderr)
+    msg = fetch_adapter(cfg, store, work / "adapter", STAGE)
+    if msg is not None:
         return 1
     out = merge_adapter(base_model_dir(cfg), work / "adapter", work / "merged", cfg.merge.max_shard_size)
     manifest = artifacts.publish_dir(store, out, artifacts.MERGED, meta={"baseModel": cfg.base_model.served_name,

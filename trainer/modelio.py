@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.storage import Store, fetch, open_store
@@ -24,3 +25,24 @@ def load_tokenizer(model_dir: Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def fetch_adapter(cfg: TrainerConfig, store: Store, dest: Path, stage: str) -> Optional[str]:
+    """Fetches the manifested adapter into `dest` for a stage that needs one.
+
+    Returns None on success, or the error (already written to stderr and the
+    termination message) when no complete adapter exists yet.
+    """
+    import sys
+
+    from kubetune.trainer import artifacts
+    from kubetune.trainer.termination import write_message
+
+    try:
+        artifacts.fetch_dir(store, artifacts.ADAPTER, dest)
+    except FileNotFoundError:
+        msg = f"no complete adapter under {cfg.output.uri} (run train first)"
+        write_message(stage, False, "AdapterMissing", msg)
+        print(msg, file=sys.stderr)
+        return msg
+    return None
