@@ -9,7 +9,7 @@ bootstrap: .venv/.installed
 # The whole pipeline (validate -> train -> merge -> evaluate) on CPU, with a
 # tiny model and an embedded S3 server.
 run: .venv/.installed
-	.venv/bin/kubetune run examples/finetunejob.yaml
+	.venv/bin/kubetune run examples/finetunejob.yaml --dataset-file examples/data/support.jsonl --tiny-model
 
 # Unit, trainer and cluster tests (the cluster suite builds and starts a real
 # control plane; Go must be installed).
