@@ -85,6 +85,7 @@ class UploadCheckpoints(TrainerCallback):
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         _barrier()  # every rank has written its RNG state into the checkpoint before rank 0 uploads it
+        _gather_rng_states(local)
         if self.is_main and local.is_dir():
             if self.reporter is not None:
                 self.reporter.flush()
@@ -104,6 +105,29 @@ class UploadCheckpoints(TrainerCallback):
             artifacts.prune_checkpoints(self.store, self.keep)
         _barrier()
         return control
+
+
+def _gather_rng_states(local: Path) -> None:
+    """Bring every rank's RNG state into rank 0's checkpoint folder.
+
+    Ranks on other machines write `rng_state_<rank>.pth` to their own disk;
+    without this, a multi-node resume would restore only the first machine's
+    RNG streams. Collective: every rank calls it. Files are a few KiB each.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank = dist.get_rank()
+    mine = local / f"rng_state_{rank}.pth"
+    payload = (mine.name, mine.read_bytes()) if mine.is_file() else None
+    gathered: Optional[list] = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(payload, gathered, dst=0)
+    if rank == 0 and gathered is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        for item in gathered:
+            if item is not None and not (local / item[0]).exists():
+                (local / item[0]).write_bytes(item[1])
 
 
 def _barrier() -> None:
