@@ -1,0 +1,95 @@
+"""GPU check: `kubetune train` under the operator's own `accelerate launch` line, one process,
+for each strategy (DDP, DeepSpeed ZeRO-2, ZeRO-3), QLoRA on the benchmark model shape.
+
+Run on the GPU machine after `source bench/device_env.sh`:
+    python3 bench/launch_check.py --model-dir /tmp/m8b --steps 4 --out $OUT/launch_check.json
+Writes one record per strategy: exit code, wall time, the trainer's last step lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic  # noqa: E402
+
+from kubetune.operator import deepspeed, names, training  # noqa: E402
+from kubetune.operator.api import FineTuneJob  # noqa: E402
+from kubetune.operator.settings import OperatorSettings  # noqa: E402
+
+
+# The API rejects QLoRA with ZeRO-3 (4-bit weights cannot be partitioned), so ZeRO-3 runs bf16 LoRA.
+METHOD = {"ddp": "qlora", "deepspeed-zero2": "qlora", "deepspeed-zero3": "lora"}
+
+
+def launch_line(strategy: str, config: Path, ds_file: Path) -> tuple[list[str], str | None]:
+    job = FineTuneJob.from_body({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "gpu-check", "namespace": "bench", "generation": 1, "uid": "u"},
+        "spec": {"baseModel": {"uri": "s3://models/bench/"}, "dataset": {"uri": "s3://data/bench.jsonl"},
+                 "output": {"uri": "s3://artifacts/bench/"},
+                 "method": {"type": METHOD[strategy]}, "resources": {"nodes": 1, "gpusPerNode": 1, "strategy": strategy}},
+    })
+    settings = OperatorSettings()
+    swap = {
+        "accelerate": None,  # replaced below by this interpreter's module
+        f"$({training.COMPLETION_INDEX_ENV})": "0",
+        names.train_pod_host("gpu-check", 0, "bench"): "127.0.0.1",
+        training.CONFIG_PATH: str(config),
+        f"{training.CONFIG_DIR}/{deepspeed.DEEPSPEED_FILE}": str(ds_file),
+    }
+    args = training.accelerate_args(job, settings)
+    assert args[:2] == ["accelerate", "launch"]
+    args = [sys.executable, "-m", "accelerate.commands.launch"] + [swap.get(a, a) for a in args[2:]]
+    return args, deepspeed.render(job)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--strategies", default="ddp,deepspeed-zero2,deepspeed-zero3")
+    a = ap.parse_args()
+    work = Path("/tmp/launch-check")
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    synthetic.make_model(a.model_dir)
+    data = work / "data.jsonl"
+    synthetic.make_dataset(data, 300, "instruct")
+    records = [{"model": "llama-3-8b shape, random bf16", "make_model_s": round(time.time() - t, 1)}]
+    for strategy in a.strategies.split(","):
+        cfg = work / f"{strategy}.yaml"
+        ds_file = work / f"{strategy}-deepspeed.json"
+        args, ds = launch_line(strategy, cfg, ds_file)
+        if ds:
+            ds_file.write_text(ds)
+        cfg.write_text(json.dumps({
+            "baseModel": {"uri": a.model_dir},
+            "dataset": {"uri": str(data), "format": "text", "validationSplit": 0.0, "maxLength": 2048},
+            "method": {"type": METHOD[strategy], "r": 16, "alpha": 32, "targetModules": "all-linear"},
+            "training": {"maxSteps": a.steps, "batchSize": 2, "learningRate": 2e-4, "packing": True, "seed": 42,
+                         "checkpointEvery": 100000, "logEvery": 1, "strategy": strategy},
+            "output": {"uri": str(work / f"out-{strategy}")},
+            "storage": {"cacheDir": str(work / "cache")},
+        }))
+        t = time.time()
+        p = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ})
+        lines = (p.stdout + p.stderr).splitlines()
+        rec = {"strategy": strategy, "method": METHOD[strategy], "rc": p.returncode, "wall_s": round(time.time() - t, 1),
+               "launch": " ".join(args[3:]), "steps": [l for l in lines if l.startswith("step ")][-3:],
+               "tail": lines[-15:] if p.returncode else lines[-3:]}
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+        Path(a.out).write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
