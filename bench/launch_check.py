@@ -80,7 +80,8 @@ def main() -> int:
             "storage": {"cacheDir": str(work / "cache")},
         }))
         t = time.time()
-        p = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ})
+        # Run outside the checkout: its top-level kubetune/ folder would shadow the installed package.
+        p = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ}, cwd=work)
         lines = (p.stdout + p.stderr).splitlines()
         rec = {"strategy": strategy, "method": METHOD[strategy], "rc": p.returncode, "wall_s": round(time.time() - t, 1),
                "launch": " ".join(args[3:]), "steps": [l for l in lines if l.startswith("step ")][-3:],
