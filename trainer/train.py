@@ -169,6 +169,19 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
     return model
 
 
+def check_adapter_complete(adapter_dir: Path) -> None:
+    """Refuse to publish an adapter with empty tensors (ungathered ZeRO-3/FSDP shards)."""
+    from safetensors import safe_open
+
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        raise RuntimeError(f"no adapter_model.safetensors in {adapter_dir}")
+    with safe_open(str(path), framework="pt") as f:
+        empty = [k for k in f.keys() if 0 in f.get_slice(k).get_shape()]
+    if empty:
+        raise RuntimeError(f"adapter has {len(empty)} empty tensors (e.g. {empty[0]}): shards were not gathered")
+
+
 def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
     """vLLM only loads an adapter whose base_model_name_or_path equals the served model's name."""
     path = adapter_dir / "adapter_config.json"
@@ -290,9 +303,12 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     if reporter is not None:
         reporter.close()
     adapter_uri = None
+    adapter_dir = run_dir / "adapter"
+    # Every rank takes part: under DeepSpeed ZeRO-3 the Trainer gathers the sharded weights first
+    # (a plain save_pretrained on rank 0 wrote zero-sized LoRA tensors there).
+    trainer.save_model(str(adapter_dir))
     if state.is_main_process:
-        adapter_dir = run_dir / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        check_adapter_complete(adapter_dir)
         set_adapter_base_name(adapter_dir, cfg.base_model.served_name)
         shutil.copyfile(run_dir / "metrics.jsonl", adapter_dir / "metrics.jsonl")
         plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), adapter_dir / "loss_curve.png")

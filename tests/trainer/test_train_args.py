@@ -59,3 +59,18 @@ def test_run_dir_is_per_output(tmp_path):
     a = cfg(storage={"cacheDir": str(tmp_path)})
     b = cfg(storage={"cacheDir": str(tmp_path)}, output={"uri": "s3://b/other/"})
     assert run_dir_for(a) != run_dir_for(b) and run_dir_for(a).parent == tmp_path / "runs"
+
+
+def test_check_adapter_complete_rejects_empty_tensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from kubetune.trainer.train import check_adapter_complete
+
+    save_file({"a.lora_A.weight": torch.zeros(4, 8), "a.lora_B.weight": torch.zeros(8, 4)},
+              str(tmp_path / "adapter_model.safetensors"))
+    check_adapter_complete(tmp_path)
+    save_file({"a.lora_A.weight": torch.zeros(0), "a.lora_B.weight": torch.zeros(8, 4)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(RuntimeError, match="1 empty tensors"):
+        check_adapter_complete(tmp_path)
