@@ -50,7 +50,7 @@ def packed_batch(tokens: int, profile: str, rng: random.Random, vocab: int):
     return ids.cuda(), pos.cuda(), labels.cuda()
 
 
-def load(model_dir: str, quant: str):
+def load(model_dir: str, quant: str, targets: str = "all-linear"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -64,7 +64,7 @@ def load(model_dir: str, quant: str):
     torch.cuda.synchronize()
     load_s = time.time() - t
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets if targets == "all-linear" else targets.split(","),
                                              task_type="CAUSAL_LM"))
     kernels.apply_fast_paths(model, None)
     return model, load_s
@@ -135,13 +135,14 @@ def main() -> int:
     ap.add_argument("--tokens", default="8192,16384")
     ap.add_argument("--gc", default="1", help="comma list of 1/0 per --tokens entry, or one value for all")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj", help="LoRA targets: comma list or all-linear")
     ap.add_argument("--profile", default="instruct")
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-autocast", action="store_true", help="run without bf16 autocast (the HF Trainer uses it)")
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table of one extra step per config")
     a = ap.parse_args()
     torch.cuda.reset_peak_memory_stats()
-    model, load_s = load(a.model_dir, a.quant)
+    model, load_s = load(a.model_dir, a.quant, a.targets)
     base = {"quant": a.quant, "load_s": round(load_s, 1), "attn": model.get_base_model().config._attn_implementation,
             "liger": kernels.liger_wanted(model), "load_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}

@@ -38,6 +38,8 @@ T_PROCESS = time.time()
 HERE = Path(__file__).resolve().parent
 N_MATMUL = 7.5e9
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+# The reference recipe adapts these four projections: same work on both sides.
+REFERENCE_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 
 CASES = {
     # name: (method, profile, maxLength)
@@ -47,14 +49,32 @@ CASES = {
     # plumbing check of the harness itself on a CPU (with --tiny): no figures
     "cpu-smoke": ("lora", "instruct", 512),
 }
+# "<case>@plain" runs the same case with every fast path off (the loss-curve
+# check: same seed, data and micro-batches, so the curves must agree).
+PLAIN_ENV = {"KUBETUNE_ATTENTION": "sdpa", "KUBETUNE_LIGER": "0", "KUBETUNE_FUSED_LORA": "0"}
 
 
-def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int) -> dict:
+def case_env(case: str, variant: str, qlora_budget_gib: float) -> dict:
+    """Environment of one case's child process: the memory budget the
+    micro-batch planner may use (QLoRA cases: the reference's peak, the
+    target's bound) and, for the plain variant, the fast paths switched off."""
+    env = dict(os.environ)
+    if CASES[case][0] == "qlora" and qlora_budget_gib > 0:
+        env["KUBETUNE_MEMORY_BUDGET_GIB"] = str(qlora_budget_gib)
+    if variant == "plain":
+        env.update(PLAIN_ENV)
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} (known: plain)")
+    return env
+
+
+def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int,
+                   targets: str = REFERENCE_TARGETS) -> dict:
     method, _, max_len = CASES[case]
     return {
         "baseModel": {"uri": model_dir},
         "dataset": {"uri": data, "format": "text", "validationSplit": 0.0, "maxLength": max_len},
-        "method": {"type": method, "r": 16, "alpha": 32, "targetModules": "all-linear"},
+        "method": {"type": method, "r": 16, "alpha": 32, "targetModules": targets if targets == "all-linear" else targets.split(",")},
         "training": {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
                      "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": 1},
         "output": {"uri": out},
@@ -96,6 +116,29 @@ def run_case(args) -> dict:
             am, ids = kw.get("attention_mask"), kw.get("input_ids")
             self.tokens += int(am.sum()) if am is not None else int(ids.numel())
 
+        def on_step_begin(self, args, state, control, **kw):
+            if cuda and args_profile_step and state.global_step + 1 == args_profile_step:
+                from torch.profiler import ProfilerActivity, profile
+
+                sync()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.prof_t = time.time()
+
+        def _end_profile(self):
+            sync()
+            wall = time.time() - self.prof_t
+            self.prof.__exit__(None, None, None)
+            ka = self.prof.key_averages()
+            cuda_us = sum(e.self_device_time_total for e in ka)
+            marks["profile"] = {"step": args_profile_step, "wall_s": round(wall, 4), "gpu_kernel_s": round(cuda_us / 1e6, 4)}
+            if args.profile_out:
+                Path(args.profile_out).write_text(
+                    f"step {args_profile_step}: wall {wall:.4f}s, GPU kernels {cuda_us / 1e6:.4f}s\n\n"
+                    + ka.table(sort_by="self_device_time_total", row_limit=50, max_name_column_width=80)
+                    + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80))
+            self.prof = None
+
         def on_train_begin(self, args, state, control, model=None, **kw):
             sync()
             marks["train_begin"] = time.time()
@@ -103,6 +146,8 @@ def run_case(args) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             sync()
+            if getattr(self, "prof", None) is not None:
+                self._end_profile()
             self.step_end.append(time.time())
             self.step_tokens.append(self.tokens)
             self.tokens = 0
@@ -112,6 +157,7 @@ def run_case(args) -> dict:
             if logs and "loss" in logs:
                 self.losses[state.global_step] = logs["loss"]
 
+    args_profile_step = args.profile_step
     clock = BenchClock()
     real_load, real_prepare = train_mod.load_model, dataset_mod.prepare
 
@@ -150,7 +196,7 @@ def run_case(args) -> dict:
     assert result.exit_code == 0, f"train stage exited {result.exit_code}"
 
     ends, toks = clock.step_end, clock.step_tokens
-    steady = range(args.warmup, len(ends))
+    steady = [i for i in range(args.warmup, len(ends)) if i + 1 != args.profile_step]
     if len(steady) < 20:
         print(f"warning: only {len(steady)} steady steps (protocol: >= 20)", flush=True)
     rates = [toks[i] / (ends[i] - ends[i - 1]) for i in steady]
@@ -160,7 +206,7 @@ def run_case(args) -> dict:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), 989e12)
     first_step = ends[0] - marks["train_begin"]
     return {
-        "case": args.case,
+        "case": args.case + (f"@{args.variant}" if args.variant else ""),
         "method": cfg.method.type,
         "profile": CASES[args.case][1],
         "max_length": cfg.dataset.max_length,
@@ -187,6 +233,7 @@ def run_case(args) -> dict:
             "run_train_to_first_step_s": round(ends[0] - t0, 1),
         },
         "loss": {str(k): round(v, 4) for k, v in sorted(clock.losses.items())},
+        "profile": marks.get("profile"),
         "env": {k: v for k, v in os.environ.items() if k.startswith("KUBETUNE_")},
     }
 
@@ -213,6 +260,36 @@ def git_commit() -> str | None:
         return None
 
 
+def fresh_dir(path: Path) -> Path:
+    """Every case starts from nothing: no checkpoint to resume from."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path.parent / "cache" / "runs", ignore_errors=True)
+    return path
+
+
+def loss_checks(results: list[dict]) -> dict:
+    """Per fast case with a "@plain" twin: the largest step-wise loss
+    difference over the steps both logged (absolute and relative to the plain
+    loss), the evidence that the fast paths train the same model."""
+    done = {r["case"]: r for r in results if not r.get("failed")}
+    out = {}
+    for name, plain in done.items():
+        fast = done.get(name.removesuffix("@plain")) if name.endswith("@plain") else None
+        if fast is None:
+            continue
+        steps = sorted(set(fast["loss"]) & set(plain["loss"]), key=int)
+        if not steps:
+            continue
+        diffs = [abs(fast["loss"][k] - plain["loss"][k]) for k in steps]
+        rel = [d / max(abs(plain["loss"][k]), 1e-12) for d, k in zip(diffs, steps)]
+        out[fast["case"]] = {"steps": len(steps), "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 5),
+                             "first": [fast["loss"][steps[0]], plain["loss"][steps[0]]],
+                             "last": [fast["loss"][steps[-1]], plain["loss"][steps[-1]]]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="qlora-instruct")
@@ -220,6 +297,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps left out of the steady-state median")
     ap.add_argument("--batch", default="auto", help="training.batchSize: auto or rows per micro-batch")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--targets", default=REFERENCE_TARGETS, help="LoRA target modules: comma list or all-linear")
     ap.add_argument("--rows", type=int, default=6000)
     ap.add_argument("--model-dir", default="/tmp/llama8b-rand")
     ap.add_argument("--work", default="/tmp/kubetune-bench")
@@ -227,9 +305,16 @@ def main() -> int:
     ap.add_argument("--reference", default="", help="reference recipes to run too: comma list of A, B, pf")
     ap.add_argument("--reference-script", default=str(HERE.parent / ".bench" / "reference_recipe.py"))
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
+    ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="profile this optimizer step (torch.profiler tables into --logs; the step is left out of the median)")
+    ap.add_argument("--qlora-budget-gib", type=float, default=15.6,
+                    help="KUBETUNE_MEMORY_BUDGET_GIB for QLoRA cases (0: the trainer's default)")
     args = ap.parse_args()
 
     if args.case:  # child
@@ -246,7 +331,8 @@ def main() -> int:
     made = make_model(args.model_dir, tiny=args.tiny)
     print(f"model ready ({made:.0f}s to make)", flush=True)
     results, data_stats = [], {}
-    for case in [c for c in args.cases.split(",") if c]:
+    for spec in [c for c in args.cases.split(",") if c]:
+        case, _, variant = spec.partition("@")
         if case not in CASES:
             ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}")
         profile = CASES[case][1]
@@ -254,21 +340,28 @@ def main() -> int:
         if profile not in data_stats:
             data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
         batch = args.batch if args.batch == "auto" else int(args.batch)
-        cfg = trainer_config(case, args.model_dir, str(data), str(work / f"out-{case}"), args.steps, batch, args.seed)
-        cmd = [sys.executable, __file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup)]
+        cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{spec.replace('@', '_')}")), args.steps, batch, args.seed,
+                             args.targets)
+        cmd = [sys.executable, __file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
+               "--variant", variant, "--profile-step", str(args.profile_step)]
+        if args.logs and args.profile_step:
+            cmd += ["--profile-out", str(Path(args.logs) / f"profile_{spec.replace('@', '_')}.txt")]
         t = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=case_env(case, variant, args.qlora_budget_gib))
+        if args.logs:
+            Path(args.logs).mkdir(parents=True, exist_ok=True)
+            (Path(args.logs) / f"{spec.replace('@', '_')}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
         line = next((l for l in proc.stdout.splitlines() if l.startswith("CASE ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"case {case} FAILED (rc {proc.returncode}, {time.time() - t:.0f}s)\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}",
+            print(f"case {spec} FAILED (rc {proc.returncode}, {time.time() - t:.0f}s)\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}",
                   flush=True)
-            results.append({"case": case, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-1500:]})
+            results.append({"case": spec, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-1500:]})
             continue
         r = json.loads(line[5:])
         r["config"] = cfg
         r["data"] = data_stats[profile]
         results.append(r)
-        print(f"case {case}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
+        print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
               f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']}, "
               f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
 
@@ -300,6 +393,7 @@ def main() -> int:
         for ref in refs:
             ratios[f"{r['case']}/{ref['name']}"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2)
     record["ratio_vs_reference"] = ratios
+    record["loss_check"] = loss_checks(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.jsonl", "a") as f:
@@ -312,6 +406,8 @@ def main() -> int:
     for ref in refs:
         print("{:<16} {:>9} {:>6.3f} {:>9}  (reference)".format(ref["name"], ref["tokens_per_s"], ref["mfu_4N_vs_989TF"], ref["peak_mem_gib"]))
     print("ratios:", json.dumps(ratios), flush=True)
+    if record["loss_check"]:
+        print("loss check (fast vs plain):", json.dumps(record["loss_check"]), flush=True)
     return 0 if all(not r.get("failed") for r in results) else 1
 
 

@@ -397,12 +397,14 @@ def _dense_weight(base, dtype):
     return w.to(dtype)
 
 
-def dropout_mask(x, p: float):
-    """Keep-mask scaled by 1/(1-p), in x's dtype (a separate function so that
-    tests can regenerate the same mask from the same RNG state)."""
+def dropout_with_mask(x, p: float):
+    """(dropout(x), keep-mask as bool) from one fused kernel: one pass over x
+    instead of the five of rand/compare/cast/scale/multiply, and a one-byte
+    mask for the backward (a separate function so that tests can regenerate
+    the same mask from the same RNG state)."""
     import torch
 
-    return (torch.rand_like(x, dtype=torch.float32) >= p).to(x.dtype) / (1.0 - p)
+    return torch.ops.aten.native_dropout(x, p, True)
 
 
 def _lora_linear_fn():
@@ -420,13 +422,12 @@ def _lora_linear_fn():
             y = x2 @ w.t()
             if getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
-            mask = dropout_mask(x2, p) if p > 0 else None
-            xd = x2 * mask if mask is not None else x2
+            xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
             a, b = lora_a.to(cdt), lora_b.to(cdt)
             xa = xd @ a.t()
             y.addmm_(xa, b.t(), alpha=scaling)
             ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
-            ctx.base, ctx.scaling, ctx.cdt, ctx.shape = base, scaling, cdt, shape
+            ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p = base, scaling, cdt, shape, p
             return y.view(*shape[:-1], y.shape[-1])
 
         @staticmethod
@@ -447,7 +448,7 @@ def _lora_linear_fn():
                 if mask is None:
                     dx.addmm_(dxa, a)
                 else:
-                    dx.add_((dxa @ a).mul_(mask))
+                    dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1.0 / (1.0 - ctx.p)))
                 dx = dx.view(ctx.shape)
             return dx, d_a, d_b, None, None, None
 

@@ -222,8 +222,9 @@ def test_lora_linear_with_dropout_uses_one_mask_for_value_and_grads():
     g = torch.randn_like(y)
     dx, da, db = torch.autograd.grad(y, (x, a, b), g)
     torch.set_rng_state(state)
-    mask = kernels.dropout_mask(x.detach(), 0.3)
-    assert 0 < int((mask == 0).sum()) < mask.numel()
+    _, keep = kernels.dropout_with_mask(x.detach(), 0.3)
+    assert keep.dtype == torch.bool and 0 < int((~keep).sum()) < keep.numel()
+    mask = keep.to(x.dtype) / 0.7
     x2 = x.detach().clone().requires_grad_(True)
     a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
     ref = base(x2) + 0.5 * ((x2 * mask) @ a2.t()) @ b2.t()
