@@ -24,17 +24,27 @@ from kubetune.operator.api import FineTuneJob  # noqa: E402
 from kubetune.operator.settings import OperatorSettings  # noqa: E402
 
 
-# The API rejects QLoRA with ZeRO-3 (4-bit weights cannot be partitioned), so ZeRO-3 runs bf16 LoRA.
-METHOD = {"ddp": "qlora", "deepspeed-zero2": "qlora", "deepspeed-zero3": "lora"}
+def adapter_summary(out_dir: Path) -> dict:
+    """Tensor count, one shape and whether every lora_B moved off its zero init."""
+    from safetensors.torch import load_file
+
+    path = out_dir / "adapter" / "adapter_model.safetensors"
+    if not path.is_file():
+        return {"present": False}
+    t = load_file(str(path))
+    b = [v for k, v in t.items() if "lora_B" in k]
+    name = next(iter(sorted(t)))
+    return {"present": True, "tensors": len(t), "example": [name, list(t[name].shape)],
+            "lora_B_all_nonzero": bool(b) and all(bool(v.abs().sum() > 0) for v in b)}
 
 
-def launch_line(strategy: str, config: Path, ds_file: Path) -> tuple[list[str], str | None]:
+def launch_line(strategy: str, method: str, config: Path, ds_file: Path) -> tuple[list[str], str | None]:
     job = FineTuneJob.from_body({
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": "gpu-check", "namespace": "bench", "generation": 1, "uid": "u"},
         "spec": {"baseModel": {"uri": "s3://models/bench/"}, "dataset": {"uri": "s3://data/bench.jsonl"},
                  "output": {"uri": "s3://artifacts/bench/"},
-                 "method": {"type": METHOD[strategy]}, "resources": {"nodes": 1, "gpusPerNode": 1, "strategy": strategy}},
+                 "method": {"type": method}, "resources": {"nodes": 1, "gpusPerNode": 1, "strategy": strategy}},
     })
     settings = OperatorSettings()
     swap = {
@@ -56,6 +66,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", required=True)
     ap.add_argument("--strategies", default="ddp,deepspeed-zero2,deepspeed-zero3")
+    ap.add_argument("--method", default="qlora", choices=["qlora", "lora"])
     a = ap.parse_args()
     work = Path("/tmp/launch-check")
     work.mkdir(parents=True, exist_ok=True)
@@ -67,13 +78,13 @@ def main() -> int:
     for strategy in a.strategies.split(","):
         cfg = work / f"{strategy}.yaml"
         ds_file = work / f"{strategy}-deepspeed.json"
-        args, ds = launch_line(strategy, cfg, ds_file)
+        args, ds = launch_line(strategy, a.method, cfg, ds_file)
         if ds:
             ds_file.write_text(ds)
         cfg.write_text(json.dumps({
             "baseModel": {"uri": a.model_dir},
             "dataset": {"uri": str(data), "format": "text", "validationSplit": 0.0, "maxLength": 2048},
-            "method": {"type": METHOD[strategy], "r": 16, "alpha": 32, "targetModules": "all-linear"},
+            "method": {"type": a.method, "r": 16, "alpha": 32, "targetModules": "all-linear"},
             "training": {"maxSteps": a.steps, "batchSize": 2, "learningRate": 2e-4, "packing": True, "seed": 42,
                          "checkpointEvery": 100000, "logEvery": 1, "strategy": strategy},
             "output": {"uri": str(work / f"out-{strategy}")},
@@ -83,9 +94,9 @@ def main() -> int:
         # Run outside the checkout: its top-level kubetune/ folder would shadow the installed package.
         p = subprocess.run(args, capture_output=True, text=True, timeout=240, env={**os.environ}, cwd=work)
         lines = (p.stdout + p.stderr).splitlines()
-        rec = {"strategy": strategy, "method": METHOD[strategy], "rc": p.returncode, "wall_s": round(time.time() - t, 1),
+        rec = {"strategy": strategy, "method": a.method, "rc": p.returncode, "wall_s": round(time.time() - t, 1),
                "launch": " ".join(args[3:]), "steps": [l for l in lines if l.startswith("step ")][-3:],
-               "tail": lines[-15:] if p.returncode else lines[-3:]}
+               "tail": lines[-15:] if p.returncode else lines[-3:], "adapter": adapter_summary(work / f"out-{strategy}")}
         print(json.dumps(rec), flush=True)
         records.append(rec)
         Path(a.out).write_text(json.dumps(records, indent=1))

@@ -164,9 +164,10 @@ class TrainerConfig(_Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "TrainerConfig":
-        if self.method.type == "qlora" and self.training.strategy == "deepspeed-zero3":
-            # bitsandbytes 4-bit weights cannot be partitioned by ZeRO-3 in this trainer.
-            raise ValueError("method.type=qlora cannot be combined with training.strategy=deepspeed-zero3")
+        if self.method.type == "qlora" and self.method.quantization.bits == 8 and self.training.strategy == "deepspeed-zero3":
+            # 4-bit weights are stored in bf16 tensors that ZeRO-3 partitions; 8-bit ones cannot be.
+            raise ValueError("method.quantization.bits=8 cannot be combined with training.strategy=deepspeed-zero3; "
+                             "use 4-bit qlora or deepspeed-zero2")
         return self
 
     def to_dict(self) -> dict[str, Any]:

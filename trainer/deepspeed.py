@@ -9,6 +9,7 @@ two can never disagree.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 STAGES = {"deepspeed-zero2": 2, "deepspeed-zero3": 3}
@@ -46,3 +47,9 @@ def deepspeed_config(strategy: str) -> Optional[dict[str, Any]]:
         "steps_per_print": 1000000,
         "wall_clock_breakdown": False,
     }
+
+
+def zero3_enabled(strategy: str) -> bool:
+    """Whether ZeRO-3 partitions the weights: by the trainer config's strategy or by
+    the launcher (`accelerate launch --zero_stage 3` sets the variable below)."""
+    return strategy == "deepspeed-zero3" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"

@@ -43,6 +43,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from kubetune.trainer.deepspeed import zero3_enabled
+
 log = logging.getLogger(__name__)
 
 VARLEN_ATTENTION = "kubetune_varlen"
@@ -593,7 +595,10 @@ def apply_fast_paths(model, cfg: Any = None) -> None:
         )
         base._kubetune_liger = True
         log.info("liger kernels applied to %s", type(base).__name__)
-    if os.environ.get(ENV_FUSED_LORA, "1") != "0":
+    # Under ZeRO-3 a base weight is only gathered when its own module runs its forward
+    # (DeepSpeed's hooks); the fused node reads it directly, so PEFT's forward stays.
+    zero3 = zero3_enabled(getattr(getattr(cfg, "training", None), "strategy", ""))
+    if os.environ.get(ENV_FUSED_LORA, "1") != "0" and not zero3:
         n = fuse_lora_layers(model)
         if n:
             log.info("fused %d LoRA linear layers", n)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from kubetune.trainer import artifacts
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.deepspeed import deepspeed_config as deepspeed_strategy_config
+from kubetune.trainer.deepspeed import zero3_enabled
 from kubetune.trainer.storage import cache_root
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,9 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
             load_in_4bit=q.bits == 4, load_in_8bit=q.bits == 8, bnb_4bit_quant_type=q.type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+            # ZeRO-3 partitions parameters of one floating dtype: packed 4-bit weights stored in
+            # bf16 tensors (instead of uint8) are partitioned, gathered and freed like the rest.
+            bnb_4bit_quant_storage=dtype if zero3_enabled(cfg.training.strategy) else torch.uint8,
         )
         kwargs["device_map"] = {"": local_rank}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

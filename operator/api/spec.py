@@ -266,10 +266,15 @@ class FineTuneJobSpec(ApiModel):
 
     __rules__ = (
         Rule(
-            cel="!(self.method.type == 'qlora' && self.resources.strategy == 'deepspeed-zero3')",
-            message="method.type qlora cannot be combined with resources.strategy deepspeed-zero3",
+            # 4-bit weights are stored in bf16 tensors, which ZeRO-3 partitions like any other;
+            # bitsandbytes' 8-bit weights cannot be partitioned.
+            cel="!(self.method.type == 'qlora' && has(self.method.quantization) && has(self.method.quantization.bits)"
+            " && self.method.quantization.bits == 8 && self.resources.strategy == 'deepspeed-zero3')",
+            message="8-bit qlora (method.quantization.bits: 8) cannot be combined with resources.strategy "
+            "deepspeed-zero3; use 4-bit or deepspeed-zero2",
             field_path=".resources.strategy",
-            check=lambda s: not (s.method.type == "qlora" and s.resources.strategy == "deepspeed-zero3"),
+            check=lambda s: not (s.method.type == "qlora" and s.method.quantization.bits == 8
+                                 and s.resources.strategy == "deepspeed-zero3"),
         ),
         Rule(
             cel="!self.serving.enabled || self.serving.mode != 'merged' || self.output.merge",

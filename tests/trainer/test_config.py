@@ -69,9 +69,12 @@ def test_missing_required_section_is_named():
         parse_config(data)
 
 
-def test_qlora_with_zero3_rejected():
-    with pytest.raises(ConfigError, match="qlora"):
-        parse_config({**MINIMAL, "method": {"type": "qlora"}, "training": {"strategy": "deepspeed-zero3"}})
+def test_8bit_qlora_with_zero3_rejected_4bit_accepted():
+    with pytest.raises(ConfigError, match="bits=8"):
+        parse_config({**MINIMAL, "method": {"type": "qlora", "quantization": {"bits": 8}},
+                      "training": {"strategy": "deepspeed-zero3"}})
+    cfg = parse_config({**MINIMAL, "method": {"type": "qlora"}, "training": {"strategy": "deepspeed-zero3"}})
+    assert cfg.method.quantization.bits == 4 and cfg.training.strategy == "deepspeed-zero3"
 
 
 def test_unparseable_file_is_clear(tmp_path):

@@ -74,3 +74,15 @@ def test_check_adapter_complete_rejects_empty_tensors(tmp_path):
               str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(RuntimeError, match="1 empty tensors"):
         check_adapter_complete(tmp_path)
+
+
+def test_zero3_is_seen_from_the_config_or_the_launcher(monkeypatch):
+    from kubetune.trainer.deepspeed import zero3_enabled
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    assert zero3_enabled("deepspeed-zero3")
+    assert not zero3_enabled("deepspeed-zero2") and not zero3_enabled("ddp")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero3_enabled("ddp")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert not zero3_enabled("ddp")
