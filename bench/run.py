@@ -331,6 +331,8 @@ def main() -> int:
     made = make_model(args.model_dir, tiny=args.tiny)
     print(f"model ready ({made:.0f}s to make)", flush=True)
     results, data_stats = [], {}
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)  # the profile is written into it mid-run
     for spec in [c for c in args.cases.split(",") if c]:
         case, _, variant = spec.partition("@")
         if case not in CASES:

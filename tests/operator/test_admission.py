@@ -85,6 +85,13 @@ def test_bad_names(api, name, text):
     assert text in _rejection(api, body(name))
 
 
+def test_4bit_qlora_with_zero3_is_admitted(api):
+    # The CEL rule refuses only 8-bit QLoRA under ZeRO-3, also when bits comes from the default.
+    created = api.create(body("qlora-zero3", method={"type": "qlora"}, resources={"strategy": "deepspeed-zero3"}))
+    assert created["spec"]["method"]["quantization"]["bits"] == 4
+    assert created["spec"]["resources"]["strategy"] == "deepspeed-zero3"
+
+
 def test_defaults_are_applied_by_the_api_server(api):
     created = api.create(body("defaults"))
     spec = created["spec"]

@@ -86,3 +86,32 @@ def test_zero3_is_seen_from_the_config_or_the_launcher(monkeypatch):
     assert zero3_enabled("ddp")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
     assert not zero3_enabled("ddp")
+
+
+@pytest.mark.parametrize("method, strategy, cuda, device_map, storage", [
+    ("qlora", "ddp", True, {"": 1}, "uint8"),
+    ("qlora", "deepspeed-zero2", True, {"": 1}, "uint8"),
+    # ZeRO-3 partitions the packed 4-bit weights only when they are stored in the compute dtype.
+    ("qlora", "deepspeed-zero3", True, {"": 1}, "bfloat16"),
+    # bf16 LoRA goes straight onto its GPU (fast paths and the micro-batch planner need it there) ...
+    ("lora", "ddp", True, {"": 1}, None),
+    # ... except under ZeRO-3, where DeepSpeed places and partitions the weights; and never on a CPU.
+    ("lora", "deepspeed-zero3", True, None, None),
+    ("lora", "ddp", False, None, None),
+])
+def test_model_load_arguments(monkeypatch, method, strategy, cuda, device_map, storage):
+    import torch
+
+    from kubetune.trainer.train import model_load_kwargs
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    c = cfg(method={"type": method}, training={"strategy": strategy})
+    kw = model_load_kwargs(c, cuda=cuda, precision="bf16" if cuda else "fp32", local_rank=1, attn="sdpa")
+    assert kw.get("device_map") == device_map
+    assert kw["dtype"] == (torch.bfloat16 if cuda else torch.float32) and kw["attn_implementation"] == "sdpa"
+    q = kw.get("quantization_config")
+    if storage is None:
+        assert q is None
+    else:
+        assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+        assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == getattr(torch, storage)

@@ -46,3 +46,8 @@ def test_bad_spec_is_rejected_naming_the_field(overrides, field, text):
 def test_hugging_face_id_is_a_valid_base_model():
     ftj = FineTuneJob.from_body(job(baseModel={"uri": "meta-llama/Llama-3.1-8B"}))
     assert ftj.spec.base_model.uri == "meta-llama/Llama-3.1-8B"
+
+
+def test_4bit_qlora_with_zero3_is_accepted():
+    ftj = FineTuneJob.from_body(job(method={"type": "qlora"}, resources={"strategy": "deepspeed-zero3"}))
+    assert ftj.spec.method.quantization.bits == 4 and ftj.spec.resources.strategy == "deepspeed-zero3"
