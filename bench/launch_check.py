@@ -18,10 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synthetic  # noqa: E402
-
-from kubetune.operator import deepspeed, names, training  # noqa: E402
-from kubetune.operator.api import FineTuneJob  # noqa: E402
-from kubetune.operator.settings import OperatorSettings  # noqa: E402
+from launch import launcher_args  # noqa: E402
 
 
 def adapter_summary(out_dir: Path) -> dict:
@@ -36,28 +33,6 @@ def adapter_summary(out_dir: Path) -> dict:
     name = next(iter(sorted(t)))
     return {"present": True, "tensors": len(t), "example": [name, list(t[name].shape)],
             "lora_B_all_nonzero": bool(b) and all(bool(v.abs().sum() > 0) for v in b)}
-
-
-def launch_line(strategy: str, method: str, config: Path, ds_file: Path) -> tuple[list[str], str | None]:
-    job = FineTuneJob.from_body({
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": "gpu-check", "namespace": "bench", "generation": 1, "uid": "u"},
-        "spec": {"baseModel": {"uri": "s3://models/bench/"}, "dataset": {"uri": "s3://data/bench.jsonl"},
-                 "output": {"uri": "s3://artifacts/bench/"},
-                 "method": {"type": method}, "resources": {"nodes": 1, "gpusPerNode": 1, "strategy": strategy}},
-    })
-    settings = OperatorSettings()
-    swap = {
-        "accelerate": None,  # replaced below by this interpreter's module
-        f"$({training.COMPLETION_INDEX_ENV})": "0",
-        names.train_pod_host("gpu-check", 0, "bench"): "127.0.0.1",
-        training.CONFIG_PATH: str(config),
-        f"{training.CONFIG_DIR}/{deepspeed.DEEPSPEED_FILE}": str(ds_file),
-    }
-    args = training.accelerate_args(job, settings)
-    assert args[:2] == ["accelerate", "launch"]
-    args = [sys.executable, "-m", "accelerate.commands.launch"] + [swap.get(a, a) for a in args[2:]]
-    return args, deepspeed.render(job)
 
 
 def main() -> int:
@@ -78,7 +53,8 @@ def main() -> int:
     for strategy in a.strategies.split(","):
         cfg = work / f"{strategy}.yaml"
         ds_file = work / f"{strategy}-deepspeed.json"
-        args, ds = launch_line(strategy, a.method, cfg, ds_file)
+        launcher, program, ds = launcher_args(a.method, strategy, 1, cfg, ds_file)
+        args = launcher + program
         if ds:
             ds_file.write_text(ds)
         cfg.write_text(json.dumps({

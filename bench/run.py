@@ -18,6 +18,24 @@ peak GPU memory of loading and of training alone (peak reset after
 loading), time to first optimizer step split into load+quantize, data prep,
 trainer setup and first step, and the loss curve.
 
+Several GPUs (the multi-GPU scaling runs):
+
+    python3 bench/run.py --cases qlora-instruct --launch accelerate --gpus 8 --strategy deepspeed-zero2 ...
+
+runs each case under the operator's own train command
+(`kubetune.operator.training.accelerate_args` for a FineTuneJob with
+`gpusPerNode: 8` and that strategy, its DeepSpeed config rendered as the
+operator renders the ConfigMap; bench/launch.py swaps only pod-specific
+values), with this timed wrapper as the program instead of
+`-m kubetune train`. Figures are per GPU (rank 0's tokens and steps); the
+peak memory of every rank is recorded.
+
+`--timing events` times steps with CUDA events instead of a host sync per
+step (the sync itself leaves the GPU idle while the host prepares the next
+step; the reference recipe's own clock syncs, so the default keeps both
+sides alike); `--log-every` sets training.logEvery (each logged step syncs
+for the loss).
+
 The reference recipe (`--reference-script`, default .bench/reference_recipe.py,
 a copy of the team's) runs after the cases; the ratio to each reference
 recipe is printed and everything is appended to `<out>/results.jsonl`.
@@ -69,14 +87,15 @@ def case_env(case: str, variant: str, qlora_budget_gib: float) -> dict:
 
 
 def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int,
-                   targets: str = REFERENCE_TARGETS) -> dict:
+                   targets: str = REFERENCE_TARGETS, log_every: int = 1, strategy: str = "ddp") -> dict:
     method, _, max_len = CASES[case]
     return {
         "baseModel": {"uri": model_dir},
         "dataset": {"uri": data, "format": "text", "validationSplit": 0.0, "maxLength": max_len},
         "method": {"type": method, "r": 16, "alpha": 32, "targetModules": targets if targets == "all-linear" else targets.split(",")},
         "training": {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
-                     "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": 1},
+                     "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": log_every,
+                     "strategy": strategy},
         "output": {"uri": out},
         "storage": {"cacheDir": str(Path(out).parent / "cache")},
     }
@@ -107,6 +126,7 @@ def run_case(args) -> dict:
     class BenchClock(TrainerCallback):
         def __init__(self):
             self.step_end, self.step_tokens, self.losses = [], [], {}
+            self.events, self.first_end = [], None
             self.tokens = 0
             self.peak_train = 0
 
@@ -145,10 +165,20 @@ def run_case(args) -> dict:
             model.register_forward_pre_hook(self._count, with_kwargs=True)
 
         def on_step_end(self, args, state, control, **kw):
-            sync()
             if getattr(self, "prof", None) is not None:
                 self._end_profile()
-            self.step_end.append(time.time())
+            if events_timing:
+                # A CUDA event in stream order instead of a host sync per step: the sync
+                # itself idles the GPU while the host prepares the next step.
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                self.events.append(ev)
+                if self.first_end is None:
+                    sync()
+                    self.first_end = time.time()
+            else:
+                sync()
+                self.step_end.append(time.time())
             self.step_tokens.append(self.tokens)
             self.tokens = 0
             self.peak_train = max(self.peak_train, max_mem())
@@ -157,7 +187,9 @@ def run_case(args) -> dict:
             if logs and "loss" in logs:
                 self.losses[state.global_step] = logs["loss"]
 
-    args_profile_step = args.profile_step
+    rank = int(os.environ.get("RANK", "0"))
+    args_profile_step = args.profile_step if rank == 0 else 0
+    events_timing = cuda and args.timing == "events"
     clock = BenchClock()
     real_load, real_prepare = train_mod.load_model, dataset_mod.prepare
 
@@ -195,6 +227,9 @@ def run_case(args) -> dict:
     result = train_mod.run_train(cfg)
     assert result.exit_code == 0, f"train stage exited {result.exit_code}"
 
+    if events_timing:
+        sync()
+        clock.step_end = [clock.first_end + clock.events[0].elapsed_time(e) / 1000 for e in clock.events]
     ends, toks = clock.step_end, clock.step_tokens
     steady = [i for i in range(args.warmup, len(ends)) if i + 1 != args.profile_step]
     if len(steady) < 20:
@@ -214,6 +249,10 @@ def run_case(args) -> dict:
         "gradient_checkpointing": marks.get("gradient_checkpointing"),
         "attention": marks.get("attn"),
         "steps": len(ends),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "strategy": cfg.training.strategy,
+        "timing": "events" if events_timing else "sync",
+        "log_every": cfg.training.log_every,
         "steady_steps": len(rates),
         "tokens_per_step_median": statistics.median(toks[i] for i in steady),
         "sec_per_step_median": round(statistics.median(sec), 4),
@@ -313,19 +352,36 @@ def main() -> int:
     ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--profile-step", type=int, default=0,
                     help="profile this optimizer step (torch.profiler tables into --logs; the step is left out of the median)")
+    ap.add_argument("--timing", choices=["sync", "events"], default="sync",
+                    help="step clock: a host sync per step (as the reference recipe times itself) or CUDA events "
+                         "(no sync; what a user's run does)")
+    ap.add_argument("--log-every", type=int, default=1,
+                    help="training.logEvery (1: a loss per step for the loss check; every logged step syncs)")
+    ap.add_argument("--launch", choices=["in-process", "accelerate"], default="in-process",
+                    help="run each case in a plain child process, or under the operator's own `accelerate launch` line")
+    ap.add_argument("--gpus", type=int, default=1, help="with --launch accelerate: processes (GPUs) on this machine")
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "deepspeed-zero2", "deepspeed-zero3"],
+                    help="training.strategy (and, with --launch accelerate, the launcher's DeepSpeed flags)")
+    ap.add_argument("--port", type=int, default=None, help="rendezvous port under --launch accelerate")
     ap.add_argument("--qlora-budget-gib", type=float, default=15.6,
                     help="KUBETUNE_MEMORY_BUDGET_GIB for QLoRA cases (0: the trainer's default)")
     args = ap.parse_args()
 
-    if args.case:  # child
+    if args.case:  # child (one per rank under accelerate launch; rank 0 speaks for the case)
         res = run_case(args)
-        print("CASE " + json.dumps(res), flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print("CASE " + json.dumps(res), flush=True)
+        else:
+            print("RANKCASE " + json.dumps({"rank": rank, "peak_gib_train": res["peak_gib_train"],
+                                            "tokens_per_s": res["tokens_per_s"]}), flush=True)
         return 0
 
     sys.path.insert(0, str(HERE))
     from synthetic import make_dataset, make_model
 
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # children run inside it
+    args.model_dir = str(Path(args.model_dir).resolve())
     work.mkdir(parents=True, exist_ok=True)
     vocab = 1024 if args.tiny else 128256
     made = make_model(args.model_dir, tiny=args.tiny)
@@ -343,13 +399,28 @@ def main() -> int:
             data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
         batch = args.batch if args.batch == "auto" else int(args.batch)
         cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{spec.replace('@', '_')}")), args.steps, batch, args.seed,
-                             args.targets)
-        cmd = [sys.executable, __file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
+                             args.targets, args.log_every, args.strategy)
+        program = [__file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
+               "--timing", args.timing,
                "--variant", variant, "--profile-step", str(args.profile_step)]
         if args.logs and args.profile_step:
-            cmd += ["--profile-out", str(Path(args.logs) / f"profile_{spec.replace('@', '_')}.txt")]
+            program += ["--profile-out", str(Path(args.logs) / f"profile_{spec.replace('@', '_')}.txt")]
+        env = case_env(case, variant, args.qlora_budget_gib)
+        if args.launch == "accelerate":
+            # The operator's train command with the timed wrapper as its program (the wrapper
+            # calls run_train exactly as `-m kubetune train --config` does).
+            from launch import launcher_args
+
+            ds_file = work / f"deepspeed-{args.strategy}.json"
+            launcher, _, ds = launcher_args(CASES[case][0], args.strategy, args.gpus, work / "unused.yaml", ds_file,
+                                            port=args.port)
+            if ds:
+                ds_file.write_text(ds)
+            cmd = launcher + program
+        else:
+            cmd = [sys.executable] + program
         t = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=case_env(case, variant, args.qlora_budget_gib))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
         if args.logs:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
             (Path(args.logs) / f"{spec.replace('@', '_')}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
@@ -360,6 +431,9 @@ def main() -> int:
             results.append({"case": spec, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-1500:]})
             continue
         r = json.loads(line[5:])
+        ranks = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines() if l.startswith("RANKCASE ")]
+        r["launch"] = " ".join(cmd[3:cmd.index(__file__)]) if args.launch == "accelerate" else "in-process"
+        r["peak_gib_train_per_rank"] = [r["peak_gib_train"]] + [x["peak_gib_train"] for x in sorted(ranks, key=lambda x: x["rank"])]
         r["config"] = cfg
         r["data"] = data_stats[profile]
         results.append(r)

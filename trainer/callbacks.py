@@ -137,6 +137,55 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CountTokens(TrainerCallback):
+    """Non-pad tokens trained on, into `state.num_input_tokens_seen`, without a host sync
+    per micro-batch.
+
+    The Trainer's own count (`include_num_input_tokens_seen`) calls `.item()` after every
+    micro-batch's backward: the host then waits for the GPU to drain and the GPU idles
+    while the host runs the optimizer step, callbacks and the next batch's launches.
+    Here `training_step` (wrapped by `wrap`) adds the count without waiting (a length
+    for padding-free rows, an on-device sum of the mask otherwise), and the total is
+    read, and all-reduced across ranks, only at steps that log, save, evaluate or stop,
+    which sync anyway. Every rank must have this callback (the all-reduce is collective;
+    those steps are the same on every rank).
+    """
+
+    def __init__(self):
+        self.pending = 0  # an int, or a 0-d device tensor once a mask was summed
+
+    def add(self, inputs) -> None:
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self.pending = self.pending + mask.sum()
+        elif inputs.get("input_ids") is not None:
+            self.pending = self.pending + inputs["input_ids"].numel()
+
+    def wrap(self, training_step):
+        def counted(model, inputs, *args, **kwargs):
+            self.add(inputs)
+            return training_step(model, inputs, *args, **kwargs)
+
+        return counted
+
+    def flush(self) -> int:
+        import torch
+        import torch.distributed as dist
+
+        n, self.pending = self.pending, 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.as_tensor(n, dtype=torch.int64).to(device)
+            dist.all_reduce(t)
+            return int(t.item())
+        return int(n)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (control.should_log or control.should_save or control.should_evaluate or control.should_training_stop
+                or state.global_step >= state.max_steps):
+            state.num_input_tokens_seen = (state.num_input_tokens_seen or 0) + self.flush()
+
+
 class ReportProgress(TrainerCallback):
     def __init__(self, reporter: ProgressReporter):
         self.reporter = reporter

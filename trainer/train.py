@@ -101,7 +101,7 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         eval_steps=eval_every if has_eval else None,
         report_to="none",  # metrics go through ProgressReporter (metrics.jsonl, TensorBoard, status)
         disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # callbacks.CountTokens counts without a sync per micro-batch
         dataloader_pin_memory=cuda,
         max_length=cfg.dataset.max_length,
         packing=t.packing,
@@ -222,7 +222,7 @@ def run_train(cfg: TrainerConfig) -> TrainResult:
 
 
 def _train(cfg: TrainerConfig, stop) -> TrainResult:
-    from kubetune.trainer.callbacks import EXTRAS_DIR, ReportProgress, StopOnSignal, UploadCheckpoints
+    from kubetune.trainer.callbacks import EXTRAS_DIR, CountTokens, ReportProgress, StopOnSignal, UploadCheckpoints
 
     import torch
     from accelerate import PartialState
@@ -294,7 +294,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         reporter = ProgressReporter(run_dir / "metrics.jsonl", run_dir / "tensorboard",
                                     StatusPatcher(*job) if job else None)
     stop_cb = StopOnSignal(stop)
-    callbacks = [stop_cb, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process)]
+    # CountTokens after StopOnSignal (it reads should_training_stop) and before the reporters.
+    tokens = CountTokens()
+    callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process)]
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
 
@@ -303,6 +305,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressReporter formats progress instead
+    trainer.training_step = tokens.wrap(trainer.training_step)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     step = trainer.state.global_step
 

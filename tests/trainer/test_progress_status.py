@@ -124,3 +124,31 @@ def test_termination_message_always_fits(tmp_path, monkeypatch):
     write_message("merge", True, "Merged", "done", uri="s3://b/merged/")
     assert json.loads(path.read_text()) == {"stage": "merge", "ok": True, "reason": "Merged", "message": "done",
                                             "uri": "s3://b/merged/"}
+
+
+def test_token_count_reads_the_total_only_at_logging_steps():
+    import torch
+    from transformers import TrainerControl, TrainerState
+
+    from kubetune.trainer.callbacks import CountTokens
+
+    count = CountTokens()
+    seen = []
+    step = count.wrap(lambda model, inputs, *a, **kw: seen.append(inputs) or "loss")
+    # padding-free row: every position is a token; padded rows: the mask says which are
+    assert step(None, {"input_ids": torch.zeros(1, 300, dtype=torch.long)}) == "loss"
+    step(None, {"input_ids": torch.zeros(2, 8, dtype=torch.long),
+                "attention_mask": torch.tensor([[1] * 8, [1] * 5 + [0] * 3])})
+    assert len(seen) == 2
+    assert torch.is_tensor(count.pending)  # the masked sum stays a tensor: nothing waited for it
+
+    state, control = TrainerState(global_step=1, max_steps=10), TrainerControl()
+    count.on_step_end(None, state, control)  # a step that neither logs nor saves: no read
+    assert state.num_input_tokens_seen == 0 and int(count.pending) == 313
+    control.should_log = True
+    count.on_step_end(None, state, control)
+    assert state.num_input_tokens_seen == 313 and count.pending == 0
+    step(None, {"input_ids": torch.zeros(1, 7, dtype=torch.long)})
+    state.global_step, control.should_log = 10, False  # the last step always reads
+    count.on_step_end(None, state, control)
+    assert state.num_input_tokens_seen == 320
