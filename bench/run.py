@@ -72,6 +72,23 @@ CASES = {
 PLAIN_ENV = {"KUBETUNE_ATTENTION": "sdpa", "KUBETUNE_LIGER": "0", "KUBETUNE_FUSED_LORA": "0"}
 
 
+def gpu_busy_us(events) -> float:
+    """Microseconds in which at least one GPU kernel ran (union of the kernel intervals):
+    summing per-op device times double counts an op and its kernels."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return busy
+
+
 def case_env(case: str, variant: str, qlora_budget_gib: float) -> dict:
     """Environment of one case's child process: the memory budget the
     micro-batch planner may use (QLoRA cases: the reference's peak, the
@@ -137,11 +154,12 @@ def run_case(args) -> dict:
             self.tokens += int(am.sum()) if am is not None else int(ids.numel())
 
         def on_step_begin(self, args, state, control, **kw):
-            if cuda and args_profile_step and state.global_step + 1 == args_profile_step:
+            if args_profile_step and state.global_step + 1 == args_profile_step:
                 from torch.profiler import ProfilerActivity, profile
 
                 sync()
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+                self.prof = profile(activities=acts, record_shapes=True)
                 self.prof.__enter__()
                 self.prof_t = time.time()
 
@@ -150,13 +168,25 @@ def run_case(args) -> dict:
             wall = time.time() - self.prof_t
             self.prof.__exit__(None, None, None)
             ka = self.prof.key_averages()
-            cuda_us = sum(e.self_device_time_total for e in ka)
-            marks["profile"] = {"step": args_profile_step, "wall_s": round(wall, 4), "gpu_kernel_s": round(cuda_us / 1e6, 4)}
+            busy_us = gpu_busy_us(self.prof.events())
+            marks["profile"] = {"step": args_profile_step, "wall_s": round(wall, 4), "gpu_busy_s": round(busy_us / 1e6, 4),
+                                "gpu_idle_s": round(wall - busy_us / 1e6, 4)}
             if args.profile_out:
                 Path(args.profile_out).write_text(
-                    f"step {args_profile_step}: wall {wall:.4f}s, GPU kernels {cuda_us / 1e6:.4f}s\n\n"
+                    f"step {args_profile_step}: wall {wall:.4f}s, GPU busy {busy_us / 1e6:.4f}s (union of kernel intervals)\n\n"
                     + ka.table(sort_by="self_device_time_total", row_limit=50, max_name_column_width=80)
+                    + "\n\nBY INPUT SHAPE\n" + self.prof.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_device_time_total", row_limit=40, max_name_column_width=60)
                     + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80))
+                # The timeline shows where the GPU waits for the host (chrome://tracing, Perfetto).
+                import gzip
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    raw = Path(tmp) / "trace.json"
+                    self.prof.export_chrome_trace(str(raw))
+                    with open(raw, "rb") as src, gzip.open(str(Path(args.profile_out).with_suffix(".trace.json.gz")), "wb") as dst:
+                        dst.write(src.read())
             self.prof = None
 
         def on_train_begin(self, args, state, control, model=None, **kw):

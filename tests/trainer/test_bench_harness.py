@@ -29,7 +29,7 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
         [sys.executable, str(BENCH), "--tiny", "--cases", "cpu-smoke", "--steps", "5", "--warmup", "1", "--rows", "200",
          "--model-dir", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--out", str(out),
          "--launch", "accelerate", "--gpus", "2", "--strategy", "ddp", "--port", str(_free_port()),
-         "--logs", str(tmp_path / "logs")],
+         "--profile-step", "3", "--logs", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
@@ -38,7 +38,12 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
     assert case["world_size"] == 2 and case["strategy"] == "ddp"
     assert "--num_processes 2" in case["launch"] and "--multi_gpu" in case["launch"] and "127.0.0.1" in case["launch"]
     assert len(case["peak_gib_train_per_rank"]) == 2
-    assert case["steps"] == 5 and case["steady_steps"] == 4 and case["tokens_per_s"] > 0
+    # the profiled step is left out of the median
+    assert case["steps"] == 5 and case["steady_steps"] == 3 and case["tokens_per_s"] > 0
+    assert case["profile"]["step"] == 3 and case["profile"]["wall_s"] > 0
+    table = (tmp_path / "logs" / "profile_cpu-smoke.txt").read_text()
+    assert "BY INPUT SHAPE" in table and "aten::mm" in table
+    assert (tmp_path / "logs" / "profile_cpu-smoke.trace.json.gz").stat().st_size > 0
     assert sorted(case["loss"], key=int) == ["1", "2", "3", "4", "5"]
     assert all(v > 0 for v in case["loss"].values())
     assert case["config"]["training"]["strategy"] == "ddp"
