@@ -67,9 +67,15 @@ CASES = {
     # plumbing check of the harness itself on a CPU (with --tiny): no figures
     "cpu-smoke": ("lora", "instruct", 512),
 }
-# "<case>@plain" runs the same case with every fast path off (the loss-curve
-# check: same seed, data and micro-batches, so the curves must agree).
-PLAIN_ENV = {"KUBETUNE_ATTENTION": "sdpa", "KUBETUNE_LIGER": "0", "KUBETUNE_FUSED_LORA": "0"}
+# "<case>@<variant>" runs the same case with the trainer's switches set so
+# (same seed, data and micro-batches): "plain" turns every fast path off, the
+# loss-curve check; the others are candidate speed-ups measured one at a time.
+VARIANTS = {
+    "plain": {"KUBETUNE_ATTENTION": "sdpa", "KUBETUNE_LIGER": "0", "KUBETUNE_FUSED_LORA": "0"},
+    "compile": {"KUBETUNE_COMPILE": "1"},
+    "compile-noliger": {"KUBETUNE_COMPILE": "1", "KUBETUNE_LIGER": "0"},
+    "nofuse": {"KUBETUNE_FUSED_LORA": "0"},
+}
 
 
 def gpu_busy_us(events) -> float:
@@ -96,10 +102,10 @@ def case_env(case: str, variant: str, qlora_budget_gib: float) -> dict:
     env = dict(os.environ)
     if CASES[case][0] == "qlora" and qlora_budget_gib > 0:
         env["KUBETUNE_MEMORY_BUDGET_GIB"] = str(qlora_budget_gib)
-    if variant == "plain":
-        env.update(PLAIN_ENV)
-    elif variant:
-        raise ValueError(f"unknown variant {variant!r} (known: plain)")
+    if variant:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        env.update(VARIANTS[variant])
     return env
 
 
@@ -339,23 +345,25 @@ def fresh_dir(path: Path) -> Path:
 
 
 def loss_checks(results: list[dict]) -> dict:
-    """Per fast case with a "@plain" twin: the largest step-wise loss
-    difference over the steps both logged (absolute and relative to the plain
-    loss), the evidence that the fast paths train the same model."""
+    """Per "<case>@<variant>" run beside its plain "<case>": the largest step-wise
+    loss difference over the steps both logged (absolute, and relative to the
+    variant's loss), keyed "<case>@<variant>". Against "@plain" it is the evidence
+    that the fast paths train the same model; against the others, that a
+    candidate speed-up does."""
     done = {r["case"]: r for r in results if not r.get("failed")}
     out = {}
-    for name, plain in done.items():
-        fast = done.get(name.removesuffix("@plain")) if name.endswith("@plain") else None
-        if fast is None:
+    for name, other in done.items():
+        base = done.get(name.split("@")[0]) if "@" in name else None
+        if base is None:
             continue
-        steps = sorted(set(fast["loss"]) & set(plain["loss"]), key=int)
+        steps = sorted(set(base["loss"]) & set(other["loss"]), key=int)
         if not steps:
             continue
-        diffs = [abs(fast["loss"][k] - plain["loss"][k]) for k in steps]
-        rel = [d / max(abs(plain["loss"][k]), 1e-12) for d, k in zip(diffs, steps)]
-        out[fast["case"]] = {"steps": len(steps), "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 5),
-                             "first": [fast["loss"][steps[0]], plain["loss"][steps[0]]],
-                             "last": [fast["loss"][steps[-1]], plain["loss"][steps[-1]]]}
+        diffs = [abs(base["loss"][k] - other["loss"][k]) for k in steps]
+        rel = [d / max(abs(other["loss"][k]), 1e-12) for d, k in zip(diffs, steps)]
+        out[name] = {"steps": len(steps), "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 5),
+                     "first": [base["loss"][steps[0]], other["loss"][steps[0]]],
+                     "last": [base["loss"][steps[-1]], other["loss"][steps[-1]]]}
     return out
 
 
@@ -513,7 +521,7 @@ def main() -> int:
         print("{:<16} {:>9} {:>6.3f} {:>9}  (reference)".format(ref["name"], ref["tokens_per_s"], ref["mfu_4N_vs_989TF"], ref["peak_mem_gib"]))
     print("ratios:", json.dumps(ratios), flush=True)
     if record["loss_check"]:
-        print("loss check (fast vs plain):", json.dumps(record["loss_check"]), flush=True)
+        print("loss check (case vs its variant, same seed):", json.dumps(record["loss_check"]), flush=True)
     return 0 if all(not r.get("failed") for r in results) else 1
 
 

@@ -30,7 +30,8 @@ Environment overrides, for benchmarks and for debugging a bad kernel:
 `KUBETUNE_LIGER=0` (no Liger kernels), `KUBETUNE_FUSED_LORA=0` (PEFT's own
 LoRA forward), `KUBETUNE_MEMORY_BUDGET_GIB` (the GPU
 memory the automatic micro-batch sizing may plan for; default: 90% of the
-device).
+device), `KUBETUNE_COMPILE=1` (torch.compile each decoder layer; off until the
+benchmark shows it pays, see bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ ENV_ATTENTION = "KUBETUNE_ATTENTION"
 ENV_LIGER = "KUBETUNE_LIGER"
 ENV_MEMORY_BUDGET = "KUBETUNE_MEMORY_BUDGET_GIB"
 ENV_FUSED_LORA = "KUBETUNE_FUSED_LORA"
+ENV_COMPILE = "KUBETUNE_COMPILE"
 
 # A micro-batch past this many tokens gains almost nothing in throughput on an
 # 8B model (the matrix products are already large) and only costs memory.
@@ -602,6 +604,34 @@ def apply_fast_paths(model, cfg: Any = None) -> None:
         n = fuse_lora_layers(model)
         if n:
             log.info("fused %d LoRA linear layers", n)
+    # Last, over the fused layers. Not under ZeRO-3: DeepSpeed's gather hooks fire per module.
+    if os.environ.get(ENV_COMPILE, "0") == "1" and not zero3:
+        log.info("compiled %d decoder layers", compile_layers(model))
+
+
+def decoder_layers(model) -> list:
+    """The transformer blocks of a (PEFT-wrapped) causal LM: the modules transformers
+    runs under gradient checkpointing, one per layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (regional compilation).
+
+    All layers share one code object, so one compilation serves all of them
+    (plus one recompile when the packed length first changes: dynamic shapes),
+    instead of the minutes a whole-model graph takes; the matrix products stay
+    cuBLAS calls, and what Inductor gains is fusing the element-wise work around
+    them (residual adds, norms, casts, dropout). `Module.compile` keeps module
+    identity, so PEFT, gradient checkpointing and DDP wrap the same objects.
+    Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def tune_sft_arguments(kwargs: dict, model, cfg: Any) -> dict:

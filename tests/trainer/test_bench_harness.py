@@ -48,3 +48,21 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
     assert all(v > 0 for v in case["loss"].values())
     assert case["config"]["training"]["strategy"] == "ddp"
     assert (tmp_path / "logs" / "cpu-smoke.log").is_file()
+
+
+def test_loss_check_pairs_each_variant_with_its_case():
+    sys.path.insert(0, str(BENCH.parent))
+    from run import loss_checks
+
+    results = [
+        {"case": "qlora-instruct", "loss": {"1": 2.0, "2": 1.5, "3": 1.0}},
+        {"case": "qlora-instruct@plain", "loss": {"1": 2.0, "2": 1.6, "3": 1.0}},
+        {"case": "qlora-instruct@compile", "loss": {"2": 1.5, "3": 1.25}},
+        {"case": "lora-instruct@plain", "loss": {"1": 9.0}},  # no base case ran: nothing to compare
+        {"case": "qlora-long@plain", "failed": True},
+    ]
+    out = loss_checks(results)
+    assert set(out) == {"qlora-instruct@plain", "qlora-instruct@compile"}
+    assert out["qlora-instruct@plain"]["steps"] == 3 and out["qlora-instruct@plain"]["max_abs_diff"] == 0.1
+    assert out["qlora-instruct@compile"] == {"steps": 2, "max_abs_diff": 0.25, "max_rel_diff": 0.2,
+                                             "first": [1.5, 1.5], "last": [1.0, 1.25]}
