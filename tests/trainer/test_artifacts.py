@@ -142,3 +142,57 @@ def test_fetch_errors_name_the_uri(s3_env, bucket, tmp_path):
         fetch(f"s3://{bucket}/nope/", cache_dir=str(tmp_path))
     with pytest.raises(StorageError, match="does not exist"):
         fetch(str(tmp_path / "missing.jsonl"))
+
+
+def test_large_download_resumes_from_its_last_range(s3_env, bucket, tmp_path, monkeypatch):
+    import os
+
+    from kubetune.trainer import storage
+
+    monkeypatch.setattr(storage, "RANGE_BYTES", 64 * 1024)
+    body = os.urandom(10 * 64 * 1024 + 123)  # 11 ranges, the last one short
+    s3_env.client.put_object(Bucket=bucket, Key="model/big.safetensors", Body=body)
+    cache = str(tmp_path / "cache")
+    real = S3Store._get_range
+    calls = []
+
+    def dies_after_four(self, key, start, end, etag):
+        if len(calls) == 4:
+            raise ConnectionError("connection reset mid-download")
+        calls.append(start)
+        return real(self, key, start, end, etag)
+
+    monkeypatch.setattr(S3Store, "_get_range", dies_after_four)
+    with pytest.raises(ConnectionError):
+        fetch(f"s3://{bucket}/model/", cache_dir=cache, max_concurrency=1)
+    [part] = list(Path(cache).rglob(".big.safetensors.part"))
+    assert not (part.parent / "big.safetensors").exists()  # nothing half-written under the real name
+
+    calls.clear()
+    monkeypatch.setattr(S3Store, "_get_range", lambda self, key, start, end, etag: calls.append(start) or real(self, key, start, end, etag))
+    local = fetch(f"s3://{bucket}/model/", cache_dir=cache, max_concurrency=1)
+    assert (local / "big.safetensors").read_bytes() == body
+    assert sorted(calls) == [i * 64 * 1024 for i in range(4, 11)]  # only the 7 ranges not finished before
+    assert not part.exists() and not list(local.glob(".big.safetensors*"))
+
+
+def test_object_replaced_mid_download_fails_instead_of_mixing(s3_env, bucket, tmp_path, monkeypatch):
+    import os
+
+    from botocore.exceptions import ClientError
+
+    from kubetune.trainer import storage
+
+    monkeypatch.setattr(storage, "RANGE_BYTES", 64 * 1024)
+    s3_env.client.put_object(Bucket=bucket, Key="m/w.bin", Body=os.urandom(3 * 64 * 1024))
+    real = S3Store._get_range
+
+    def replaced_after_first(self, key, start, end, etag):
+        if start > 0:  # someone uploads a new version while we are downloading the old one
+            s3_env.client.put_object(Bucket=bucket, Key="m/w.bin", Body=os.urandom(3 * 64 * 1024))
+        return real(self, key, start, end, etag)
+
+    monkeypatch.setattr(S3Store, "_get_range", replaced_after_first)
+    with pytest.raises(ClientError, match="PreconditionFailed|412"):
+        fetch(f"s3://{bucket}/m/", cache_dir=str(tmp_path / "cache"), max_concurrency=1)
+    assert not list((tmp_path / "cache").rglob("w.bin"))
