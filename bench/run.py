@@ -75,6 +75,7 @@ VARIANTS = {
     "compile": {"KUBETUNE_COMPILE": "1"},
     "compile-noliger": {"KUBETUNE_COMPILE": "1", "KUBETUNE_LIGER": "0"},
     "nofuse": {"KUBETUNE_FUSED_LORA": "0"},
+    "allgc": {"KUBETUNE_SELECTIVE_CHECKPOINTING": "0"},
 }
 
 
@@ -253,6 +254,8 @@ def run_case(args) -> dict:
             super().__init__(*a, callbacks=[*(callbacks or []), clock], **kw)
             marks["micro_batch"] = self.args.per_device_train_batch_size
             marks["gradient_checkpointing"] = self.args.gradient_checkpointing
+            marks["uncheckpointed_layers"] = sum(getattr(c, "layers", 0) for c in (callbacks or [])
+                                                 if type(c).__name__ == "SelectiveCheckpointing")
 
     train_mod.load_model, dataset_mod.prepare, trl.SFTTrainer = load_model, prepare, BenchSFTTrainer
 
@@ -283,6 +286,7 @@ def run_case(args) -> dict:
         "max_length": cfg.dataset.max_length,
         "micro_batch_rows": marks.get("micro_batch"),
         "gradient_checkpointing": marks.get("gradient_checkpointing"),
+        "uncheckpointed_layers": marks.get("uncheckpointed_layers", 0),
         "attention": marks.get("attn"),
         "steps": len(ends),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -476,7 +480,7 @@ def main() -> int:
         r["data"] = data_stats[profile]
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
-              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']}, "
+              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without), "
               f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
 
     refs = []

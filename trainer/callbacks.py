@@ -186,6 +186,21 @@ class CountTokens(TrainerCallback):
             state.num_input_tokens_seen = (state.num_input_tokens_seen or 0) + self.flush()
 
 
+class SelectiveCheckpointing(TrainerCallback):
+    """Leaves the last `layers` decoder layers uncheckpointed (kernels.uncheckpoint_last_layers),
+    once the Trainer has switched checkpointing on for all of them at the start of train()."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+        self.switched = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from kubetune.trainer.kernels import uncheckpoint_last_layers
+
+        if model is not None and args.gradient_checkpointing:
+            self.switched = uncheckpoint_last_layers(model, self.layers)
+
+
 class ReportProgress(TrainerCallback):
     def __init__(self, reporter: ProgressReporter):
         self.reporter = reporter

@@ -31,7 +31,8 @@ Environment overrides, for benchmarks and for debugging a bad kernel:
 LoRA forward), `KUBETUNE_MEMORY_BUDGET_GIB` (the GPU
 memory the automatic micro-batch sizing may plan for; default: 90% of the
 device), `KUBETUNE_COMPILE=1` (torch.compile each decoder layer; off until the
-benchmark shows it pays, see bench/RESULTS.md).
+benchmark shows it pays, see bench/RESULTS.md), `KUBETUNE_SELECTIVE_CHECKPOINTING=0`
+(checkpoint every layer even when memory is left for some not to be).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ ENV_LIGER = "KUBETUNE_LIGER"
 ENV_MEMORY_BUDGET = "KUBETUNE_MEMORY_BUDGET_GIB"
 ENV_FUSED_LORA = "KUBETUNE_FUSED_LORA"
 ENV_COMPILE = "KUBETUNE_COMPILE"
+ENV_SELECTIVE = "KUBETUNE_SELECTIVE_CHECKPOINTING"
 
 # A micro-batch past this many tokens gains almost nothing in throughput on an
 # 8B model (the matrix products are already large) and only costs memory.
@@ -272,6 +274,13 @@ class ModelShape:
         )
 
 
+def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """What one decoder layer keeps for its backward, per token, when it is not
+    checkpointed (see `activation_bytes_per_token`)."""
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    return (7 * shape.hidden + 2 * kv + 4 * shape.intermediate) * bytes_per_value
+
+
 def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2) -> int:
     """Estimated training memory per token of a micro-batch (bf16 activations).
 
@@ -283,8 +292,7 @@ def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_
     the fp32 logits and their gradient add 2 x 4 bytes x vocab.
     Deliberately a little generous: the planner should not plan an OOM.
     """
-    kv = shape.hidden // shape.heads * shape.kv_heads
-    per_layer = (7 * shape.hidden + 2 * kv + 4 * shape.intermediate) * bytes_per_value
+    per_layer = layer_activation_bytes_per_token(shape, bytes_per_value)
     if checkpointing:
         live = shape.layers * shape.hidden * bytes_per_value + 2 * per_layer
     else:
@@ -301,6 +309,9 @@ class MicroBatchPlan:
     bytes_per_token: int
     budget_bytes: int
     fixed_bytes: int
+    # With checkpointing: how many of the last layers keep their activations instead
+    # (no recompute for them), in the memory the micro-batch leaves over.
+    uncheckpointed_layers: int = 0
 
 
 def plan_micro_batch(
@@ -318,8 +329,10 @@ def plan_micro_batch(
     `fixed_bytes` is what is already taken (weights, adapter, optimizer
     state). Without checkpointing is preferred (a third less compute) when at
     least `max_tokens` fit that way; otherwise checkpointing and as many rows
-    as fit, up to `max_tokens`. At least one row: if even that does not fit,
-    raise with the numbers, rather than fail later with a CUDA OOM.
+    as fit, up to `max_tokens`, and then as many of the last layers left
+    uncheckpointed as the remaining memory holds. At least one row: if even
+    that does not fit, raise with the numbers, rather than fail later with a
+    CUDA OOM.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -332,13 +345,21 @@ def plan_micro_batch(
             return MicroBatchPlan(rows, rows * max_length, False, per_tok, budget_bytes, fixed_bytes)
     per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss)
     rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
-    if rows < 1:
-        raise MemoryError(
-            f"one row of {max_length} tokens needs about {per_tok * max_length / GIB:.1f} GiB of activations "
-            f"but only {max(free, 0) / GIB:.1f} GiB of the {budget_bytes / GIB:.1f} GiB budget is left after "
-            f"{fixed_bytes / GIB:.1f} GiB of weights; lower dataset.maxLength or raise {ENV_MEMORY_BUDGET}"
-        )
-    return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes)
+    if rows >= 1:
+        # Selective checkpointing: the recompute is a third of the step's matrix work, so
+        # every layer that fits uncheckpointed in the left-over memory is one less to redo.
+        # A layer that skips it keeps its full activations in place of its saved input.
+        # What a layer keeps depends on its kernels (dropout masks, saved LoRA inputs): plan a
+        # quarter more than the estimate, since a layer too many costs an OOM and a retry.
+        spare = free - rows * max_length * per_tok
+        extra = rows * max_length * max(1, layer_activation_bytes_per_token(shape) - shape.hidden * 2) * 5 // 4
+        skip = int(min(shape.layers, max(0, spare // extra))) if allow_no_checkpointing else 0
+        return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip)
+    raise MemoryError(
+        f"one row of {max_length} tokens needs about {per_tok * max_length / GIB:.1f} GiB of activations "
+        f"but only {max(free, 0) / GIB:.1f} GiB of the {budget_bytes / GIB:.1f} GiB budget is left after "
+        f"{fixed_bytes / GIB:.1f} GiB of weights; lower dataset.maxLength or raise {ENV_MEMORY_BUDGET}"
+    )
 
 
 def memory_budget_bytes(device_total_bytes: int) -> int:
@@ -634,22 +655,45 @@ def compile_layers(model) -> int:
     return len(layers)
 
 
-def tune_sft_arguments(kwargs: dict, model, cfg: Any) -> dict:
+def tune_sft_arguments(kwargs: dict, model, cfg: Any) -> tuple[dict, int]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
     dataset.maxLength tokens) and whether to checkpoint activations come from
     `auto_micro_batch`; an explicit batch size is left alone. Checkpointing
     always uses the non-reentrant implementation (no need for inputs that
-    require grad, works with frozen embeddings)."""
+    require grad, works with frozen embeddings).
+
+    Returns the arguments and how many of the last decoder layers should run
+    without checkpointing (`uncheckpoint_last_layers`, after the Trainer has
+    turned checkpointing on): 0 unless the plan leaves memory for them, under
+    ZeRO-3 (partitioned weights make the measured memory meaningless) and with
+    KUBETUNE_SELECTIVE_CHECKPOINTING=0."""
     out = dict(kwargs)
+    skip = 0
     t = getattr(cfg, "training", None)
     if t is not None and t.batch_size == "auto":
         plan = auto_micro_batch(model, cfg, cfg.dataset.max_length)
         out["per_device_train_batch_size"] = plan.rows
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
-        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s (%.1f of %.1f GiB budget fixed)", plan.rows,
-                 cfg.dataset.max_length, out["gradient_checkpointing"], plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
+        if plan.checkpointing and os.environ.get(ENV_SELECTIVE, "1") != "0" and not zero3_enabled(t.strategy):
+            skip = plan.uncheckpointed_layers
+        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without (%.1f of %.1f GiB budget fixed)",
+                 plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip, plan.fixed_bytes / GIB,
+                 plan.budget_bytes / GIB)
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return out
+    return out, skip
+
+
+def uncheckpoint_last_layers(model, n: int) -> int:
+    """Run the last `n` decoder layers without activation checkpointing (their
+    activations stay; no recompute). transformers checks the flag per layer on
+    every call, so this works once the Trainer has turned checkpointing on.
+    The last layers, because their activations are the first the backward frees.
+    Returns how many layers were switched."""
+    layers = decoder_layers(model)
+    chosen = layers[len(layers) - min(n, len(layers)):] if n > 0 else []
+    for layer in chosen:
+        layer.gradient_checkpointing = False
+    return len(chosen)

@@ -222,7 +222,8 @@ def run_train(cfg: TrainerConfig) -> TrainResult:
 
 
 def _train(cfg: TrainerConfig, stop) -> TrainResult:
-    from kubetune.trainer.callbacks import EXTRAS_DIR, CountTokens, ReportProgress, StopOnSignal, UploadCheckpoints
+    from kubetune.trainer.callbacks import (EXTRAS_DIR, CountTokens, ReportProgress, SelectiveCheckpointing, StopOnSignal,
+                                            UploadCheckpoints)
 
     import torch
     from accelerate import PartialState
@@ -284,8 +285,10 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     eval_ds = to_hf_dataset(data.validation) if data.validation else None
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
     kernels = _kernels()
+    uncheckpointed = 0
     if cuda and kernels is not None and hasattr(kernels, "tune_sft_arguments"):
-        sft_kwargs = kernels.tune_sft_arguments(sft_kwargs, model, cfg)  # micro-batch and checkpointing for this GPU
+        # micro-batch and (selective) checkpointing for this GPU's memory
+        sft_kwargs, uncheckpointed = kernels.tune_sft_arguments(sft_kwargs, model, cfg)
     args = SFTConfig(**sft_kwargs)
 
     reporter = None
@@ -297,6 +300,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     # CountTokens after StopOnSignal (it reads should_training_stop) and before the reporters.
     tokens = CountTokens()
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process)]
+    if uncheckpointed:
+        callbacks.append(SelectiveCheckpointing(uncheckpointed))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
 

@@ -116,6 +116,44 @@ def test_plan_grows_with_budget_and_shrinks_with_unfused_loss():
     assert unfused.rows < large.rows
 
 
+def test_plan_leaves_layers_uncheckpointed_only_when_memory_is_left():
+    tight = kernels.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.5 * GIB),
+                                     fused_loss=True)
+    roomy = kernels.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
+                                     fused_loss=True)
+    assert tight.uncheckpointed_layers == 0
+    assert roomy.checkpointing and roomy.rows == tight.rows and 0 < roomy.uncheckpointed_layers < LLAMA8B.layers
+    per_layer = (kernels.layer_activation_bytes_per_token(LLAMA8B) - LLAMA8B.hidden * 2) * 5 // 4  # with the margin
+    planned = roomy.fixed_bytes + roomy.tokens * (roomy.bytes_per_token + roomy.uncheckpointed_layers * per_layer)
+    assert planned <= roomy.budget_bytes < planned + roomy.tokens * per_layer  # as many as fit, not one more
+    none_allowed = kernels.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
+                                            fused_loss=True, allow_no_checkpointing=False)
+    assert none_allowed.uncheckpointed_layers == 0
+
+
+def test_uncheckpointed_layers_train_the_same():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2)
+    ids = torch.randint(0, 128, (2, 24))
+    grads = []
+    for n in (0, 3):
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(cfg)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        assert kernels.uncheckpoint_last_layers(model, n) == n
+        flags = [layer.gradient_checkpointing for layer in kernels.decoder_layers(model)]
+        assert flags == [True] * (4 - n) + [False] * n
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert kernels.uncheckpoint_last_layers(model, 99) == 4
+
+
 def test_plan_that_cannot_fit_one_row_names_the_numbers():
     with pytest.raises(MemoryError, match="maxLength"):
         kernels.plan_micro_batch(LLAMA8B, max_length=8192, budget_bytes=7 * GIB, fixed_bytes=6 * GIB, fused_loss=True)
@@ -300,3 +338,30 @@ def test_varlen_mask_function():
     padded = torch.tensor([[False, True, True, True]])
     m = kernels.varlen_mask(1, 4, 4, attention_mask=padded)
     assert m is not None and m.shape == (1, 1, 4, 4) and not bool(m[0, 0, :, 0].any())
+
+
+@pytest.mark.parametrize("env, strategy, expected_skip", [
+    (None, "ddp", 5),
+    ("0", "ddp", 0),  # KUBETUNE_SELECTIVE_CHECKPOINTING=0: every layer checkpointed
+    (None, "deepspeed-zero3", 0),  # partitioned weights: the measured memory says nothing
+])
+def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expected_skip):
+    from kubetune.trainer.config import parse_config
+
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    if env is None:
+        monkeypatch.delenv(kernels.ENV_SELECTIVE, raising=False)
+    else:
+        monkeypatch.setenv(kernels.ENV_SELECTIVE, env)
+    plan = kernels.MicroBatchPlan(rows=6, tokens=6 * 2048, checkpointing=True, bytes_per_token=1, budget_bytes=2,
+                                  fixed_bytes=1, uncheckpointed_layers=5)
+    monkeypatch.setattr(kernels, "auto_micro_batch", lambda model, cfg, max_length: plan)
+    cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 2048},
+                        "output": {"uri": "/o"}, "training": {"strategy": strategy}})
+    out, skip = kernels.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg)
+    assert out["per_device_train_batch_size"] == 6 and out["gradient_checkpointing"] is True
+    assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert skip == expected_skip
+    fixed, skip = kernels.tune_sft_arguments({"per_device_train_batch_size": 3},
+                                             object(), parse_config({**cfg.to_dict(), "training": {"batchSize": 3}}))
+    assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's
