@@ -30,6 +30,12 @@ values), with this timed wrapper as the program instead of
 `-m kubetune train`. Figures are per GPU (rank 0's tokens and steps); the
 peak memory of every rank is recorded.
 
+The large-model path (ZeRO-3 QLoRA on the Llama-3-70B shape; the model is
+written shard by shard, about 141 GB of disk):
+
+    python3 bench/run.py --model-shape 70b --cases qlora-instruct --launch accelerate --gpus 8 \
+        --strategy deepspeed-zero3 --qlora-budget-gib 0 ...
+
 `--timing events` times steps with CUDA events instead of a host sync per
 step (the sync itself leaves the GPU idle while the host prepares the next
 step; the reference recipe's own clock syncs, so the default keeps both
@@ -54,7 +60,15 @@ from pathlib import Path
 
 T_PROCESS = time.time()
 HERE = Path(__file__).resolve().parent
-N_MATMUL = 7.5e9
+N_MATMUL = 7.5e9  # Llama-3-8B shape; matmul_params() gives it for any shape
+
+
+def matmul_params(config) -> float:
+    """Parameters that take part in a matrix product per token (the N of the 4·N
+    FLOPs convention): every projection of every layer, plus the output head."""
+    h, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = h // config.num_attention_heads * config.num_key_value_heads
+    return float(layers * (h * (2 * h + 2 * kv) + 3 * h * ffn) + h * config.vocab_size)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 # The reference recipe adapts these four projections: same work on both sides.
 REFERENCE_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -278,6 +292,9 @@ def run_case(args) -> dict:
     tps = statistics.median(rates)
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), 989e12)
+    from transformers import AutoConfig
+
+    n_matmul = matmul_params(AutoConfig.from_pretrained(cfg.base_model.uri))
     first_step = ends[0] - marks["train_begin"]
     return {
         "case": args.case + (f"@{args.variant}" if args.variant else ""),
@@ -298,7 +315,8 @@ def run_case(args) -> dict:
         "sec_per_step_median": round(statistics.median(sec), 4),
         "tokens_per_s": round(tps),
         "tokens_per_s_min_max": [round(min(rates)), round(max(rates))],
-        "mfu_4N": round(4 * N_MATMUL * tps / peak, 4),
+        "mfu_4N": round(4 * n_matmul * tps / peak, 4),
+        "model_matmul_params": n_matmul,
         "peak_gib_load": round(marks["load_peak"] / 2**30, 2),
         "after_load_gib": round(marks["after_load"] / 2**30, 2),
         "peak_gib_train": round(clock.peak_train / 2**30, 2),
@@ -380,7 +398,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--targets", default=REFERENCE_TARGETS, help="LoRA target modules: comma list or all-linear")
     ap.add_argument("--rows", type=int, default=6000)
-    ap.add_argument("--model-dir", default="/tmp/llama8b-rand")
+    ap.add_argument("--model-dir", default=None,
+                    help="where the random model is made once (default /tmp/llama<shape>-rand; the reference recipe "
+                         "reads /tmp/llama8b-rand)")
     ap.add_argument("--work", default="/tmp/kubetune-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reference", default="", help="reference recipes to run too: comma list of A, B, pf")
@@ -388,6 +408,8 @@ def main() -> int:
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
+    ap.add_argument("--model-shape", default="8b", choices=["8b", "70b"],
+                    help="Llama-3 shape of the random model (70b: the ZeRO-3 large-model path; about 141 GB on disk)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -423,10 +445,10 @@ def main() -> int:
     from synthetic import make_dataset, make_model
 
     work = Path(args.work).resolve()  # children run inside it
-    args.model_dir = str(Path(args.model_dir).resolve())
+    args.model_dir = str(Path(args.model_dir or f"/tmp/llama{args.model_shape}-rand").resolve())
     work.mkdir(parents=True, exist_ok=True)
     vocab = 1024 if args.tiny else 128256
-    made = make_model(args.model_dir, tiny=args.tiny)
+    made = make_model(args.model_dir, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
     print(f"model ready ({made:.0f}s to make)", flush=True)
     results, data_stats = [], {}
     if args.logs:

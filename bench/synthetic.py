@@ -45,32 +45,63 @@ def word_tokenizer(vocab_size: int):
 
 TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=8192, tie_word_embeddings=False)
+# The large-model path (ZeRO-3 QLoRA): Llama-3-70B shape, about 141 GB in bf16.
+LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8)
+SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B, "tiny": TINY}
+SHARD_BYTES = 5 * 2**30
 
 
-def make_model(model_dir: str | Path, tiny: bool = False) -> float:
-    """Write the random model + tokenizer once; returns seconds spent (0 if present)."""
+def make_model(model_dir: str | Path, tiny: bool = False, shape: str | None = None) -> float:
+    """Write the random model + tokenizer once; returns seconds spent (0 if present).
+
+    The weights are written shard by shard, straight from random tensors (no
+    model is ever instantiated), so that a 70B-shaped model needs no more host
+    or GPU memory than one shard: N(0, 0.02) for matrices and embeddings, ones
+    for the norms, like transformers' own initialisation of Llama (weights do
+    not change speed, but they must be finite and of the usual scale)."""
     import torch
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = Path(model_dir)
     if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
         return 0.0
     t = time.time()
-    shape = dict(TINY if tiny else LLAMA3_8B)
-    cfg = LlamaConfig(**shape, dtype="bfloat16")
+    cfg = LlamaConfig(**SHAPES[shape or ("tiny" if tiny else "8b")], dtype="bfloat16")
     if not (model_dir / "config.json").exists():
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with torch.device("meta"):
+            names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(cfg).state_dict().items()]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16)
-        try:
-            with torch.device(device):
-                model = LlamaForCausalLM(cfg)
-        finally:
-            torch.set_default_dtype(prev)
-        model.save_pretrained(model_dir, safe_serialization=True)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        gen = torch.Generator(device=device).manual_seed(0)
+        shards: list[list[str]] = []  # tensor names per shard, in order
+        current: dict = {}
+
+        def flush() -> None:
+            shards.append(list(current))
+            save_file(current, str(model_dir / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+            current.clear()
+
+        total_bytes = 0
+        for name, dims in names:
+            if name.endswith("norm.weight"):
+                current[name] = torch.ones(dims, dtype=torch.bfloat16)
+            else:
+                current[name] = torch.empty(dims, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen).cpu()
+            total_bytes += current[name].numel() * 2
+            if sum(v.numel() * 2 for v in current.values()) >= SHARD_BYTES:
+                flush()
+        if current:
+            flush()
+        weight_map = {}
+        for i, keys in enumerate(shards, start=1):
+            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            (model_dir / f"part-{i:05d}.safetensors").rename(model_dir / final)
+            weight_map.update({k: final for k in keys})
+        (model_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=1))
+        cfg.save_pretrained(model_dir)  # last: config.json marks the weights complete
     word_tokenizer(cfg.vocab_size).save_pretrained(model_dir)
     return time.time() - t
 
