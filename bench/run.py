@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -359,8 +360,6 @@ def git_commit() -> str | None:
 
 def fresh_dir(path: Path) -> Path:
     """Every case starts from nothing: no checkpoint to resume from."""
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
     shutil.rmtree(path.parent / "cache" / "runs", ignore_errors=True)
     return path
@@ -414,6 +413,7 @@ def main() -> int:
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
     ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--result-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--profile-step", type=int, default=0,
                     help="profile this optimizer step (torch.profiler tables into --logs; the step is left out of the median)")
     ap.add_argument("--timing", choices=["sync", "events"], default="sync",
@@ -431,14 +431,10 @@ def main() -> int:
                     help="KUBETUNE_MEMORY_BUDGET_GIB for QLoRA cases (0: the trainer's default)")
     args = ap.parse_args()
 
-    if args.case:  # child (one per rank under accelerate launch; rank 0 speaks for the case)
+    if args.case:  # child: one per rank under accelerate launch; rank 0's record is the case's
         res = run_case(args)
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print("CASE " + json.dumps(res), flush=True)
-        else:
-            print("RANKCASE " + json.dumps({"rank": rank, "peak_gib_train": res["peak_gib_train"],
-                                            "tokens_per_s": res["tokens_per_s"]}), flush=True)
+        # A file per rank: the ranks share one stdout, where long lines interleave.
+        Path(args.result_dir, f"rank-{int(os.environ.get('RANK', '0'))}.json").write_text(json.dumps(res))
         return 0
 
     sys.path.insert(0, str(HERE))
@@ -464,8 +460,11 @@ def main() -> int:
         batch = args.batch if args.batch == "auto" else int(args.batch)
         cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{spec.replace('@', '_')}")), args.steps, batch, args.seed,
                              args.targets, args.log_every, args.strategy)
+        result_dir = work / f"result-{spec.replace('@', '_')}"
+        shutil.rmtree(result_dir, ignore_errors=True)
+        result_dir.mkdir(parents=True)
         program = [__file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
-               "--timing", args.timing,
+               "--timing", args.timing, "--result-dir", str(result_dir),
                "--variant", variant, "--profile-step", str(args.profile_step)]
         if args.logs and args.profile_step:
             program += ["--profile-out", str(Path(args.logs) / f"profile_{spec.replace('@', '_')}.txt")]
@@ -488,16 +487,17 @@ def main() -> int:
         if args.logs:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
             (Path(args.logs) / f"{spec.replace('@', '_')}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("CASE ")), None)
-        if proc.returncode != 0 or line is None:
+        rank_files = sorted(result_dir.glob("rank-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+        if proc.returncode != 0 or not (result_dir / "rank-0.json").is_file():
             print(f"case {spec} FAILED (rc {proc.returncode}, {time.time() - t:.0f}s)\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}",
                   flush=True)
             results.append({"case": spec, "failed": True, "rc": proc.returncode, "stderr_tail": proc.stderr[-1500:]})
             continue
-        r = json.loads(line[5:])
-        ranks = [json.loads(l.split(" ", 1)[1]) for l in proc.stdout.splitlines() if l.startswith("RANKCASE ")]
+        ranks = [json.loads(f.read_text()) for f in rank_files]
+        r = ranks[0]
         r["launch"] = " ".join(cmd[3:cmd.index(__file__)]) if args.launch == "accelerate" else "in-process"
-        r["peak_gib_train_per_rank"] = [r["peak_gib_train"]] + [x["peak_gib_train"] for x in sorted(ranks, key=lambda x: x["rank"])]
+        r["peak_gib_train_per_rank"] = [x["peak_gib_train"] for x in ranks]
+        r["tokens_per_s_per_rank"] = [x["tokens_per_s"] for x in ranks]
         r["config"] = cfg
         r["data"] = data_stats[profile]
         results.append(r)

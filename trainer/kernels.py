@@ -1,6 +1,6 @@
 """Fast paths the trainer turns on when it runs on a GPU.
 
-The trainer calls two functions, both safe on a CPU-only machine:
+The trainer calls these, all safe on a CPU-only machine:
 
 - `attention_implementation(cfg)` before loading the model: the name to pass
   as `attn_implementation`. On a CUDA GPU with PyTorch's variable-length
@@ -18,6 +18,11 @@ The trainer calls two functions, both safe on a CPU-only machine:
   model sits on a CUDA device, and frozen fp32 copies of embeddings /
   lm_head (left by k-bit preparation) cast back to the compute dtype, so
   that the 128k-vocab output projection runs on the tensor cores.
+
+- `tune_sft_arguments(kwargs, model, cfg)` before the Trainer is built: the
+  micro-batch and checkpointing from the memory plan, and how many of the
+  last layers may skip checkpointing (`uncheckpoint_last_layers`, applied by
+  the SelectiveCheckpointing callback once the Trainer has turned it on).
 
 The memory planning (`plan_micro_batch`) is pure arithmetic on the model's
 shape so that it can be unit tested on a CPU; `auto_micro_batch` feeds it

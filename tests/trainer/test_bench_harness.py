@@ -37,7 +37,7 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
     assert case["case"] == "cpu-smoke" and not case.get("failed")
     assert case["world_size"] == 2 and case["strategy"] == "ddp"
     assert "--num_processes 2" in case["launch"] and "--multi_gpu" in case["launch"] and "127.0.0.1" in case["launch"]
-    assert len(case["peak_gib_train_per_rank"]) == 2
+    assert len(case["peak_gib_train_per_rank"]) == 2 and len(case["tokens_per_s_per_rank"]) == 2
     # the profiled step is left out of the median
     assert case["steps"] == 5 and case["steady_steps"] == 3 and case["tokens_per_s"] > 0
     assert case["profile"]["step"] == 3 and case["profile"]["wall_s"] > 0
