@@ -451,6 +451,7 @@ def main() -> int:
         Path(args.logs).mkdir(parents=True, exist_ok=True)  # the profile is written into it mid-run
     for spec in [c for c in args.cases.split(",") if c]:
         case, _, variant = spec.partition("@")
+        slug = spec.replace("@", "_")  # file names of this case
         if case not in CASES:
             ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}")
         profile = CASES[case][1]
@@ -458,16 +459,16 @@ def main() -> int:
         if profile not in data_stats:
             data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
         batch = args.batch if args.batch == "auto" else int(args.batch)
-        cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{spec.replace('@', '_')}")), args.steps, batch, args.seed,
+        cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{slug}")), args.steps, batch, args.seed,
                              args.targets, args.log_every, args.strategy)
-        result_dir = work / f"result-{spec.replace('@', '_')}"
+        result_dir = work / f"result-{slug}"
         shutil.rmtree(result_dir, ignore_errors=True)
         result_dir.mkdir(parents=True)
         program = [__file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
                "--timing", args.timing, "--result-dir", str(result_dir),
                "--variant", variant, "--profile-step", str(args.profile_step)]
         if args.logs and args.profile_step:
-            program += ["--profile-out", str(Path(args.logs) / f"profile_{spec.replace('@', '_')}.txt")]
+            program += ["--profile-out", str(Path(args.logs) / f"profile_{slug}.txt")]
         env = case_env(case, variant, args.qlora_budget_gib)
         if args.launch == "accelerate":
             # The operator's train command with the timed wrapper as its program (the wrapper
@@ -486,7 +487,7 @@ def main() -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
         if args.logs:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
-            (Path(args.logs) / f"{spec.replace('@', '_')}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
+            (Path(args.logs) / f"{slug}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
         rank_files = sorted(result_dir.glob("rank-*.json"), key=lambda f: int(f.stem.split("-")[1]))
         if proc.returncode != 0 or not (result_dir / "rank-0.json").is_file():
             print(f"case {spec} FAILED (rc {proc.returncode}, {time.time() - t:.0f}s)\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}",

@@ -192,13 +192,12 @@ class SelectiveCheckpointing(TrainerCallback):
 
     def __init__(self, layers: int):
         self.layers = layers
-        self.switched = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from kubetune.trainer.kernels import uncheckpoint_last_layers
 
         if model is not None and args.gradient_checkpointing:
-            self.switched = uncheckpoint_last_layers(model, self.layers)
+            uncheckpoint_last_layers(model, self.layers)
 
 
 class ReportProgress(TrainerCallback):
