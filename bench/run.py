@@ -79,6 +79,8 @@ CASES = {
     "qlora-instruct": ("qlora", "instruct", 2048),
     "qlora-long": ("qlora", "long", 4096),
     "lora-instruct": ("lora", "instruct", 2048),
+    # a loss curve that falls (Zipf-distributed words), for the loss check of numerics changes
+    "qlora-learn": ("qlora", "learn", 2048),
     # plumbing check of the harness itself on a CPU (with --tiny): no figures
     "cpu-smoke": ("lora", "instruct", 512),
 }
@@ -91,6 +93,8 @@ VARIANTS = {
     "compile-noliger": {"KUBETUNE_COMPILE": "1", "KUBETUNE_LIGER": "0"},
     "nofuse": {"KUBETUNE_FUSED_LORA": "0"},
     "allgc": {"KUBETUNE_SELECTIVE_CHECKPOINTING": "0"},
+    "fp8": {"KUBETUNE_FP8": "1"},
+    "bf16": {"KUBETUNE_FP8": "0"},
 }
 
 

@@ -6,13 +6,16 @@
   text -> tokenizer path unchanged (one word, one token).
 - Data: rows of random words with lognormal lengths: the "instruct" profile
   (median ~250 tokens, tail to 2,000) and the "long" profile (multi-turn
-  conversations, median ~1,000).
+  conversations, median ~1,000), and the "learn" profile: instruct's
+  lengths with Zipf-distributed words, a loss curve that falls, for the loss
+  checks of changes to the numerics.
 
 Weights do not change speed, so random ones stand in for a download.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +32,11 @@ SPECIALS = ("<pad>", "<eos>", "<unk>")
 PROFILES = {
     "instruct": (math.log(250), 0.6, 24, 2000),
     "long": (math.log(1000), 0.5, 128, 4000),
+    # instruct's lengths, words drawn from a Zipf law: random words teach a random model
+    # nothing, these let a loss curve fall, for comparing how two variants learn
+    "learn": (math.log(250), 0.6, 24, 2000),
 }
+ZIPF = {"learn": (4096, 1.1)}  # profile: (distinct words, exponent)
 
 
 def word_tokenizer(vocab_size: int):
@@ -125,9 +132,16 @@ def make_dataset(path: str | Path, n: int, profile: str = "instruct", seed: int 
     lo = len(SPECIALS)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if profile in ZIPF:
+        n_words, a = ZIPF[profile]
+        ids = list(range(lo, min(vocab_size, lo + n_words)))
+        cum = list(itertools.accumulate(1.0 / (k + 1) ** a for k in range(len(ids))))
+        draw = lambda k: rng.choices(ids, cum_weights=cum, k=k)  # noqa: E731
+    else:
+        draw = lambda k: [rng.randrange(lo, vocab_size) for _ in range(k)]  # noqa: E731
     with path.open("w") as f:
         for L in lengths:
-            words = " ".join(f"w{rng.randrange(lo, vocab_size)}" for _ in range(L - 1))
+            words = " ".join(f"w{i}" for i in draw(L - 1))
             f.write(json.dumps({"text": words}) + "\n")
     s = sorted(lengths)
     return {"rows": n, "profile": profile, "seed": seed, "tokens": sum(lengths), "median": s[n // 2],

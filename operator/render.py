@@ -67,6 +67,7 @@ def trainer_config_for(
                 "checkpointEvery": spec.training.checkpoint_every,
                 "gradientCheckpointing": spec.training.gradient_checkpointing,
                 "precision": spec.training.precision,
+                "fp8": spec.training.fp8,
                 "strategy": spec.resources.strategy,
             },
             "output": {"uri": spec.output.uri},

@@ -25,6 +25,7 @@ MethodType = Literal["lora", "qlora"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Fp8Mode = Literal["auto", "on", "off"]
 
 
 class ConfigError(ValueError):
@@ -104,6 +105,7 @@ class TrainingSpec(_Model):
     log_every: int = Field(default=1, ge=1)
     gradient_checkpointing: bool = False
     precision: Precision = Field(default="auto", description="auto: bf16 on CUDA when supported, fp32 on CPU.")
+    fp8: Fp8Mode = Field(default="auto", description="FP8 base products: auto (QLoRA on FP8 GPUs), on, off.")
     strategy: Strategy = Field(default="ddp", description="Multi-process strategy under `accelerate launch`.")
     completion_only_loss: bool = Field(default=True, description="Loss on completions / assistant turns only.")
 

@@ -50,6 +50,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from kubetune.trainer import fp8
 from kubetune.trainer.deepspeed import zero3_enabled
 
 log = logging.getLogger(__name__)
@@ -442,14 +443,12 @@ def _lora_linear_fn():
 
     class LoraLinearFn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float):
-            cdt = torch.get_autocast_dtype("cuda") if (x.is_cuda and torch.is_autocast_enabled("cuda")) else x.dtype
-            if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                cdt = torch.get_autocast_dtype("cpu")
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, use_fp8: bool):
+            cdt = _compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
             w = _dense_weight(base, cdt)
-            y = x2 @ w.t()
+            y = fp8.linear(x2, w, cdt) if use_fp8 else x2 @ w.t()
             if getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
             xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
@@ -457,7 +456,7 @@ def _lora_linear_fn():
             xa = xd @ a.t()
             y.addmm_(xa, b.t(), alpha=scaling)
             ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
-            ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p = base, scaling, cdt, shape, p
+            ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p, ctx.fp8 = base, scaling, cdt, shape, p, use_fp8
             return y.view(*shape[:-1], y.shape[-1])
 
         @staticmethod
@@ -474,13 +473,13 @@ def _lora_linear_fn():
                 d_a = (dxa.t() @ xd).to(lora_a.dtype)
             if ctx.needs_input_grad[0]:
                 w = _dense_weight(ctx.base, cdt)
-                dx = dy2 @ w
+                dx = fp8.linear_input_grad(dy2, w, cdt) if ctx.fp8 else dy2 @ w
                 if mask is None:
                     dx.addmm_(dxa, a)
                 else:
                     dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1.0 / (1.0 - ctx.p)))
                 dx = dx.view(ctx.shape)
-            return dx, d_a, d_b, None, None, None
+            return dx, d_a, d_b, None, None, None, None
 
     return LoraLinearFn
 
@@ -488,12 +487,61 @@ def _lora_linear_fn():
 _LORA_FN = None
 
 
-def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0):
-    """base(x) + scaling * dropout_p(x) @ A^T @ B^T as one autograd node."""
+def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0, use_fp8: bool = False):
+    """base(x) + scaling * dropout_p(x) @ A^T @ B^T as one autograd node; with
+    use_fp8 the base product (forward and input gradient) runs in FP8 (`fp8`)."""
     global _LORA_FN
     if _LORA_FN is None:
         _LORA_FN = _lora_linear_fn()
-    return _LORA_FN.apply(x, lora_a, lora_b, base, float(scaling), float(p))
+    return _LORA_FN.apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8))
+
+
+def _compute_dtype_of(x):
+    """The dtype the products run in: autocast's when it is on, else x's."""
+    import torch
+
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _frozen_linear_fn():
+    import torch
+
+    class FrozenLinearFn(torch.autograd.Function):
+        """y = x @ W^T (+ b) of a frozen plain or 4-bit linear with the product in
+        FP8; saves nothing (the weight is re-read in the backward, as bitsandbytes does)."""
+
+        @staticmethod
+        def forward(ctx, x, base):
+            cdt = _compute_dtype_of(x)
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(cdt)
+            y = fp8.linear(x2, _dense_weight(base, cdt), cdt)
+            if getattr(base, "bias", None) is not None:
+                y += base.bias.to(cdt)
+            ctx.base, ctx.cdt, ctx.shape = base, cdt, shape
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
+            dx = fp8.linear_input_grad(dy2, _dense_weight(ctx.base, ctx.cdt), ctx.cdt)
+            return dx.view(ctx.shape), None
+
+    return FrozenLinearFn
+
+
+_FROZEN_FN = None
+
+
+def frozen_linear_fp8(x, base):
+    """A frozen linear layer's forward with its product in FP8 (`fp8`)."""
+    global _FROZEN_FN
+    if _FROZEN_FN is None:
+        _FROZEN_FN = _frozen_linear_fn()
+    return _FROZEN_FN.apply(x, base)
 
 
 def _fusable(layer) -> bool:
@@ -523,7 +571,7 @@ def _fused_lora_forward(layer, original):
         drop = layer.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         return lora_linear(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.get_base_layer(),
-                           layer.scaling[name], p)
+                           layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False))
 
     forward._kubetune_fused = True
     return forward
@@ -545,6 +593,53 @@ def fuse_lora_layers(model) -> int:
             module.forward = _fused_lora_forward(module, module.forward)
             n += 1
     return n
+
+
+def _frozen_linear(module) -> bool:
+    """A plain or bitsandbytes-4-bit linear layer with every parameter frozen."""
+    import torch.nn as nn
+
+    is_4bit = type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+    if not (is_4bit or type(module) is nn.Linear):
+        return False
+    return not any(p.requires_grad for p in module.parameters())
+
+
+def fp8_base_products(model) -> int:
+    """Route the frozen base products of the decoder layers through FP8 (`fp8`):
+    the fused LoRA layers' base product, and every other frozen linear (the MLP
+    without adapters). Not the LM head (the loss stays in bf16). Layers whose
+    dimensions are off cuBLASLt's grid (`fp8.pays`) keep bf16.
+    Idempotent; returns how many layers run in FP8."""
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        LoraLayer = ()
+    n = 0
+    for block in decoder_layers(model):
+        lora_bases = set()
+        for m in block.modules():
+            if LoraLayer and isinstance(m, LoraLayer):
+                base = m.get_base_layer()
+                lora_bases.add(id(base))
+                if getattr(m.forward, "_kubetune_fused", False) and fp8.pays(base.in_features, base.out_features):
+                    m._kubetune_fp8 = True
+                    n += 1
+        for m in block.modules():
+            if id(m) in lora_bases or not _frozen_linear(m) or not fp8.pays(m.in_features, m.out_features):
+                continue
+            if not getattr(m.forward, "_kubetune_fp8", False):
+                m.forward = _fp8_forward(m)
+            n += 1
+    return n
+
+
+def _fp8_forward(module):
+    def forward(x, *args, **kwargs):
+        return frozen_linear_fp8(x, module)
+
+    forward._kubetune_fp8 = True
+    return forward
 
 
 # --------------------------------------------------------------------------
@@ -599,13 +694,15 @@ def _compute_dtype(model):
     return dt
 
 
-def apply_fast_paths(model, cfg: Any = None) -> None:
+def apply_fast_paths(model, cfg: Any = None, use_fp8: bool = False) -> None:
     """Swap in the fast kernels on a CUDA model; a no-op on CPU.
 
     Safe to call before and after the PEFT adapter is attached (the LoRA
     fusion only finds layers once it is). The loss is left alone: TRL's
     SFTTrainer computes it with its own chunked LM head (no full logits),
-    which bypasses a patched model forward anyway.
+    which bypasses a patched model forward anyway. With `use_fp8` (decided
+    by `train.resolve_fp8` from training.fp8) the frozen base products run
+    in FP8 (`fp8_base_products`).
     """
     if not _model_device_is_cuda(model):
         return
@@ -630,6 +727,8 @@ def apply_fast_paths(model, cfg: Any = None) -> None:
         n = fuse_lora_layers(model)
         if n:
             log.info("fused %d LoRA linear layers", n)
+    if use_fp8:
+        log.info("FP8 base products in %d linear layers", fp8_base_products(model))
     # Last, over the fused layers. Not under ZeRO-3: DeepSpeed's gather hooks fire per module.
     if os.environ.get(ENV_COMPILE, "0") == "1" and not zero3:
         log.info("compiled %d decoder layers", compile_layers(model))

@@ -56,6 +56,16 @@ def resolve_precision(cfg: TrainerConfig, cuda: bool, bf16_supported: bool) -> s
     return p
 
 
+def resolve_fp8(cfg: TrainerConfig, fp8_capable: bool) -> bool:
+    """training.fp8 on this machine (rules in `fp8.enabled`); a request that cannot be met is rejected."""
+    from kubetune.trainer import fp8
+
+    try:
+        return fp8.enabled(cfg.training.fp8, cfg.method.type, cfg.training.strategy, fp8_capable)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
 def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
     if cfg.method.type == "qlora" and not cuda:
         raise TrainingError(
@@ -173,6 +183,12 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    import torch
+
+    from kubetune.trainer import fp8
+
+    # Before the load: a training.fp8 that cannot be honoured fails in seconds, not after it.
+    use_fp8 = resolve_fp8(cfg, cuda and fp8.supported(torch.device("cuda", local_rank)))
     kernels = _kernels()
     attn = "sdpa"
     if kernels is not None and hasattr(kernels, "attention_implementation"):
@@ -183,7 +199,7 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     model = get_peft_model(model, lora_config(cfg))
     if kernels is not None and hasattr(kernels, "apply_fast_paths"):
-        kernels.apply_fast_paths(model, cfg)  # after PEFT: it fuses the LoRA layers
+        kernels.apply_fast_paths(model, cfg, use_fp8)  # after PEFT: it fuses the LoRA layers
     return model
 
 

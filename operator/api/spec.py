@@ -56,6 +56,7 @@ MethodType = Literal["lora", "qlora"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
 Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Fp8Mode = Literal["auto", "on", "off"]
 ServingMode = Literal["merged", "adapter"]
 
 
@@ -134,6 +135,11 @@ class TrainingSpec(ApiModel):
     checkpoint_every: int = Field(default=200, ge=1, description="Steps between checkpoints written to S3.")
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     precision: Precision = Field(default="auto", description="auto: bf16 where the GPU supports it.")
+    fp8: Fp8Mode = Field(
+        default="auto",
+        description="FP8 products of the frozen base weights (adapters, attention and loss stay bf16). "
+        "auto: on for QLoRA on GPUs with FP8 tensor cores (H100, H200, L4, L40S), off for LoRA.",
+    )
 
 
 class ResourcesSpec(ApiModel):

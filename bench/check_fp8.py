@@ -1,0 +1,149 @@
+"""GPU check of the FP8 base products (trainer/fp8.py).
+
+1. Kernels: the Triton row and tensor quantisers against the same arithmetic
+   in PyTorch on the CPU (the one tests/unit/test_fp8.py pins down): equal
+   scales, e4m3 codes equal or one rounding step apart (fp32 on two devices).
+2. Products: fp8 `linear` / `linear_input_grad` against the fp32 product,
+   relative error, on the Llama-3-8B projection shapes; beside it the error
+   of bf16 and the error NF4 rounding of the weight alone causes (QLoRA's).
+3. Timing (CUDA events, median of 20): bf16 `x @ w.t()` against the fp8 path
+   including its quantisation, and the split: row quantisation, weight
+   quantisation, the scaled product alone.
+
+Run on the GPU machine: python3 bench/check_fp8.py [--json out.json]
+Exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from kubetune.trainer import fp8
+
+TOKENS = 16382  # a packed 8 x 2048 micro-batch less two pad tokens: rows not a multiple of 16
+SHAPES = {  # name: (in, out) of the frozen weight
+    "q/o 4096x4096": (4096, 4096),
+    "k/v 4096->1024": (4096, 1024),
+    "gate/up 4096->14336": (4096, 14336),
+    "down 14336->4096": (14336, 4096),
+}
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def timed(fn, reps=20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def check_kernels(failures: list) -> dict:
+    torch.manual_seed(0)
+    x = (torch.randn(1000, 14336) * torch.logspace(-2, 2, 1000).unsqueeze(1)).to(torch.bfloat16)
+    qg, sg = fp8.quantize_rows(x.cuda())
+    qc, sc = fp8.quantize_rows(x)
+    scale_err = float(((sg.cpu() - sc).abs() / sc).max())
+    codes_off = float((qg.cpu().float() != qc.float()).float().mean())
+    # e4m3 codes of one sign are ordered like their bit patterns: a tie rounded the other
+    # way is one step apart (a relative step of up to 1/3 among the subnormals)
+    steps = (qg.cpu().view(torch.int8).int() - qc.view(torch.int8).int()).abs()
+    w = (torch.randn(14336, 4096) / 64).to(torch.bfloat16)
+    wg, wsg = fp8.quantize_tensor(w.cuda(), transpose=True)
+    wc, wsc = fp8.quantize_tensor(w, transpose=True)
+    w_off = float((wg.cpu().float() != wc.float()).float().mean())
+    out = {"row_scale_max_rel_diff": scale_err, "row_codes_differing": codes_off,
+           "row_codes_max_steps_apart": int(steps.max()), "weight_codes_differing": w_off,
+           "weight_scale_equal": bool(torch.equal(wsg.cpu(), wsc))}
+    if scale_err > 1e-6 or codes_off > 1e-3 or int(steps.max()) > 1 or w_off > 1e-3 or not out["weight_scale_equal"]:
+        failures.append(f"kernels differ from the reference arithmetic: {out}")
+    return out
+
+
+def check_products(failures: list) -> dict:
+    out = {}
+    torch.manual_seed(1)
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        dy = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
+        y = fp8.linear(x, w, torch.bfloat16)
+        dx = fp8.linear_input_grad(dy, w, torch.bfloat16)
+        ey = rel(y, x.float() @ w.float().t())
+        ex = rel(dx, dy.float() @ w.float())
+        bf = rel(x @ w.t(), x.float() @ w.float().t())
+        # For scale: what QLoRA's own NF4 rounding of the weight does to the same product.
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
+        nf4 = rel(x @ bnbf.dequantize_4bit(packed, state).t(), x.float() @ w.float().t())
+        out[name] = {"fp8_fwd_rel_err": round(ey, 5), "fp8_dgrad_rel_err": round(ex, 5), "bf16_rel_err": round(bf, 5),
+                     "nf4_weight_rel_err": round(nf4, 5)}
+        if not (y.shape == (TOKENS, n) and dx.shape == (TOKENS, k)) or ey > 0.05 or ex > 0.05:
+            failures.append(f"{name}: {out[name]}")
+    return out
+
+
+def timing() -> dict:
+    out = {}
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        dy = torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16)
+        flop = 2 * TOKENS * k * n
+        xq, xs = fp8.quantize_rows(x)
+        wq, ws = fp8.quantize_tensor(w)
+        wsv = ws.expand(1, n).contiguous()
+        t = {
+            "bf16_fwd_ms": timed(lambda: x @ w.t()),
+            "bf16_dgrad_ms": timed(lambda: dy @ w),
+            "fp8_fwd_ms": timed(lambda: fp8.linear(x, w, torch.bfloat16)),
+            "fp8_dgrad_ms": timed(lambda: fp8.linear_input_grad(dy, w, torch.bfloat16)),
+            "quant_rows_ms": timed(lambda: fp8.quantize_rows(x)),
+            "quant_weight_ms": timed(lambda: fp8.quantize_tensor(w)),
+            "quant_weight_t_ms": timed(lambda: fp8.quantize_tensor(w, transpose=True)),
+            "scaled_mm_ms": timed(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=wsv, out_dtype=torch.bfloat16)),
+        }
+        t = {key: round(v, 3) for key, v in t.items()}
+        t["bf16_tflops"] = round(flop / t["bf16_fwd_ms"] / 1e9, 1)
+        t["scaled_mm_tflops"] = round(flop / t["scaled_mm_ms"] / 1e9, 1)
+        t["fp8_fwd_speedup"] = round(t["bf16_fwd_ms"] / t["fp8_fwd_ms"], 2)
+        t["fp8_dgrad_speedup"] = round(t["bf16_dgrad_ms"] / t["fp8_dgrad_ms"], 2)
+        out[name] = t
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if not fp8.supported(torch.device("cuda")):
+        print("no FP8-capable CUDA device", file=sys.stderr)
+        return 2
+    failures: list = []
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": TOKENS,
+              "kernels": check_kernels(failures), "products": check_products(failures), "timing": timing()}
+    report["failures"] = failures
+    print(json.dumps(report, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

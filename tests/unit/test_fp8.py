@@ -1,0 +1,158 @@
+"""CPU tests of the FP8 base products (trainer/fp8.py and their use in
+trainer/kernels.py). The Triton kernels run only on a GPU; bench/check_fp8.py
+checks them there against the same arithmetic that these tests pin down."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kubetune.trainer import fp8, kernels
+from tests.unit.test_kernels import _lora, _loss_and_grads, _tiny_llama
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_quantize_rows_scales_each_row_to_the_e4m3_range():
+    x = torch.randn(21, 64) * torch.logspace(-3, 3, 21).unsqueeze(1)  # rows six decades apart
+    q, s = fp8.quantize_rows(x.to(torch.bfloat16))
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (32, 64)  # rows padded to 16
+    assert s.shape == (32, 1) and s.dtype == torch.float32
+    assert torch.all(q[21:].float() == 0) and torch.all(s[21:] == 1)
+    # the largest element of every row lands on the e4m3 maximum: no row loses its range
+    assert torch.allclose(q[:21].float().abs().amax(dim=1), torch.full((21,), fp8.E4M3_MAX))
+    back = q[:21].float() * s[:21]
+    for i in range(21):  # 3 mantissa bits: at most 1/16 relative error per element, per row
+        assert _rel(back[i], x[i]) < 0.04, i
+
+
+def test_quantize_tensor_and_its_transpose_are_the_same_numbers():
+    w = torch.randn(48, 32, dtype=torch.bfloat16)
+    q, s = fp8.quantize_tensor(w)
+    qt, st = fp8.quantize_tensor(w, transpose=True)
+    assert q.shape == (48, 32) and qt.shape == (32, 48) and qt.is_contiguous()
+    assert torch.equal(qt.float(), q.float().t()) and torch.equal(s, st)
+    assert _rel(q.float() * s, w) < 0.04
+    assert q.float().abs().max() == fp8.E4M3_MAX
+
+
+def test_zero_rows_and_zero_weights_stay_finite():
+    q, s = fp8.quantize_rows(torch.zeros(4, 16))
+    assert torch.all(q.float() == 0) and torch.all(torch.isfinite(s))
+    y = fp8.linear(torch.zeros(3, 16), torch.zeros(16, 16), torch.float32)
+    assert torch.all(y == 0)
+
+
+def test_linear_and_input_grad_match_the_exact_products():
+    torch.manual_seed(0)
+    x, w, dy = torch.randn(40, 64), torch.randn(32, 64) / 8, torch.randn(40, 32)
+    y = fp8.linear(x, w, torch.float32)
+    dx = fp8.linear_input_grad(dy, w, torch.float32)
+    assert y.shape == (40, 32) and dx.shape == (40, 64)
+    # two e4m3 roundings per product: a few percent, far from a wrong product (~100%)
+    assert _rel(y, x @ w.t()) < 0.05
+    assert _rel(dx, dy @ w) < 0.05
+
+
+def test_fp8_lora_linear_matches_bf16_within_fp8_rounding():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=True)
+    base.requires_grad_(False)
+    a = (torch.randn(4, 64) / 8).requires_grad_()
+    b = (torch.randn(48, 4) / 8).requires_grad_()
+    out = {}
+    for use_fp8 in (False, True):
+        x = torch.randn(30, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        y = kernels.lora_linear(x, a, b, base, 2.0, 0.0, use_fp8)
+        y.pow(2).sum().backward()
+        out[use_fp8] = (y.detach(), x.grad, a.grad.clone(), b.grad.clone())
+        a.grad = b.grad = None
+    for got, ref in zip(out[True], out[False]):
+        assert got.shape == ref.shape
+        assert 0 < _rel(got, ref) < 0.06  # rounded (not silently the bf16 path), and close
+
+
+def test_fp8_base_products_patch_the_decoder_layers_and_train_alike():
+    model = _lora(_tiny_llama(), dropout=0.0)
+    ids = torch.randint(3, 256, (2, 24))
+    kernels.fuse_lora_layers(model)
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    n = kernels.fp8_base_products(model)
+    assert n == 2 * 7  # every adapted projection of both layers (all-linear: nothing left unadapted)
+    assert kernels.fp8_base_products(model) == n  # idempotent
+    loss, grads = _loss_and_grads(model, ids)
+    assert abs(loss.item() - ref_loss.item()) < 0.01 * ref_loss.item()
+    for name in grads:  # every adapter gradient keeps its direction and size (the update the optimizer sees)
+        got, ref = grads[name].flatten(), ref_grads[name].flatten()
+        assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.99, name
+        assert 0.95 < (got.norm() / ref.norm()).item() < 1.05, name
+
+
+def test_fp8_reaches_the_frozen_mlp_when_only_attention_is_adapted():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+    kernels.fuse_lora_layers(model)
+    assert kernels.fp8_base_products(model) == 2 * 7  # q, v fused + k, o, gate, up, down frozen
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert getattr(mlp.down_proj.forward, "_kubetune_fp8", False)
+    lm_head = model.get_base_model().lm_head
+    assert not getattr(lm_head.forward, "_kubetune_fp8", False)  # the loss stays bf16
+    ids = torch.randint(3, 256, (1, 16))
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight.grad is not None
+
+
+def test_only_weights_on_the_16_grid_go_fp8():
+    assert fp8.pays(4096, 14336) and fp8.pays(4096, 1024) and fp8.pays(64, 48)
+    assert not fp8.pays(64, 40) and not fp8.pays(40, 64)  # off cuBLASLt's grid of 16
+
+
+@pytest.mark.parametrize("mode,method,strategy,capable,expected", [
+    ("auto", "qlora", "ddp", True, True),
+    ("auto", "lora", "ddp", True, False),  # bf16 LoRA keeps bf16 unless asked
+    ("auto", "qlora", "ddp", False, False),  # no FP8 tensor cores (A100, CPU)
+    ("auto", "qlora", "deepspeed-zero3", True, False),
+    ("auto", "qlora", "deepspeed-zero2", True, True),
+    ("on", "lora", "ddp", True, True),
+    ("off", "qlora", "ddp", True, False),
+])
+def test_fp8_mode_resolution(monkeypatch, mode, method, strategy, capable, expected):
+    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
+    assert fp8.enabled(mode, method, strategy, capable) is expected
+
+
+@pytest.mark.parametrize("capable,strategy,words", [(False, "ddp", "compute capability 8.9"),
+                                                    (True, "deepspeed-zero3", "deepspeed-zero3")])
+def test_fp8_on_that_cannot_run_is_rejected_naming_the_field(monkeypatch, capable, strategy, words):
+    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
+    with pytest.raises(ValueError, match="training.fp8=on") as e:
+        fp8.enabled("on", "qlora", strategy, capable)
+    assert words in str(e.value)
+
+
+def test_env_overrides_the_mode_but_never_forces_an_impossible_run(monkeypatch):
+    monkeypatch.setenv(fp8.ENV_FP8, "0")
+    assert not fp8.enabled("on", "qlora", "ddp", True)
+    monkeypatch.setenv(fp8.ENV_FP8, "1")
+    assert fp8.enabled("off", "lora", "ddp", True)
+    assert not fp8.enabled("off", "lora", "ddp", False)
+    assert not fp8.supported(torch.device("cpu"))
+
+
+def test_trainer_rejects_fp8_on_for_this_machine():
+    from kubetune.trainer.config import TrainerConfig
+    from kubetune.trainer.train import TrainingError, resolve_fp8
+
+    cfg = TrainerConfig.model_validate({
+        "baseModel": {"uri": "m"}, "dataset": {"uri": "d"}, "output": {"uri": "o"},
+        "method": {"type": "qlora"}, "training": {"fp8": "on"}})
+    with pytest.raises(TrainingError, match="training.fp8=on"):
+        resolve_fp8(cfg, fp8_capable=False)
+    assert resolve_fp8(cfg, fp8_capable=True)

@@ -1,0 +1,192 @@
+"""FP8 matrix products for the frozen base weights of LoRA / QLoRA.
+
+Why: on an 8B model three quarters of a QLoRA step are the bf16 matrix
+products of the frozen base (forward, the recompute under checkpointing, and
+the input gradients), already at the GPU's bf16 ceiling (bench/RESULTS.md).
+The H100/H200 tensor cores run e4m3 FP8 at twice that rate. Only the frozen
+base products go to FP8; the adapter's own products, its gradients, the
+attention, the norms and the loss stay in bf16/fp32, so the trainable
+weights see the same optimizer.
+
+Scaling (the "rowwise" recipe of float8 training):
+- activations and output gradients: one fp32 scale per row (token), amax of
+  the row mapped to the e4m3 maximum, so a token's outlier does not crush the
+  resolution of the others;
+- the weight: one scale for the whole matrix, so that the same e4m3 copy
+  serves the forward (W^T) and the input gradient (W, transposed copy). A
+  dequantised NF4 weight spans a few hundred x between its smallest and
+  largest non-zero value, well inside e4m3's 2^15 normal range, and e4m3's
+  rounding (1/16 relative) is finer than NF4's own grid.
+
+Pure functions of tensors; the CUDA path uses Triton kernels for the
+quantisation (one read, one write) and `torch._scaled_mm`; elsewhere
+(CPU tests) the same arithmetic in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+E4M3_MAX = 448.0
+ENV_FP8 = "KUBETUNE_FP8"
+# cuBLASLt's FP8 products want the inner and output dimensions in multiples of 16.
+ALIGN = 16
+
+
+def enabled(mode: str, method: str, strategy: str, capable: bool) -> bool:
+    """Whether the base products run in FP8, from `training.fp8`.
+
+    auto: for QLoRA on a GPU with FP8 tensor cores. Its base weights are
+    already 4-bit, and the NF4 rounding moves a product about 2.5 times more
+    than the e4m3 rounding does (9.2% against 3.7% relative on the 8B
+    shapes, bench/check_fp8_h200.json); bf16
+    LoRA keeps bf16, the choice of someone who did not want quantised weights.
+    on: required, an error where it cannot run. off: never.
+    Not under ZeRO-3 (the backward re-reads the weight outside its module's
+    gather hooks). KUBETUNE_FP8=0/1 overrides, for benchmarks and debugging."""
+    env = os.environ.get(ENV_FP8)
+    if env in ("0", "1"):
+        return env == "1" and capable and "zero3" not in strategy
+    if mode == "off":
+        return False
+    if mode == "on":
+        if not capable:
+            raise ValueError("training.fp8=on needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 "
+                             "or newer: L4, L40S, H100, H200); use 'auto' or 'off'")
+        if "zero3" in strategy:
+            raise ValueError("training.fp8=on is not supported with strategy deepspeed-zero3; use 'auto' or 'off'")
+        return True
+    return method == "qlora" and capable and "zero3" not in strategy
+
+
+def supported(device) -> bool:
+    """A CUDA device with FP8 tensor cores (compute capability 8.9 or newer) and
+    a PyTorch with `_scaled_mm`."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+# No size threshold: in isolation a 4096 x 4096 product at 16k tokens took 0.87 ms in FP8
+# against 0.71 ms in bf16 (check_fp8.py), but that clock includes the host's launch cost of
+# the quantisers, which a training step hides behind the GPU work already queued. In the
+# step, FP8 for every base product (k/v's 4096 x 1024 included) gave 15,757 tokens/s, FP8
+# for the MLP only 15,007 (bench/RESULTS.md).
+def pays(in_features: int, out_features: int) -> bool:
+    """FP8 for a frozen (out x in) weight: dimensions on cuBLASLt's grid of 16."""
+    return in_features % ALIGN == 0 and out_features % ALIGN == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
+        q = tl.clamp(x * (448.0 / amax), -448.0, 448.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=m)
+        tl.store(s_ptr + row, amax / 448.0)
+
+    @triton.jit
+    def scaled_cast_kernel(x_ptr, q_ptr, amax_ptr, R, C, stride_r, stride_c, BR: tl.constexpr, BC: tl.constexpr):
+        # q[r, c] = x[r, c] / scale as e4m3, q contiguous (R, C); x may be a transposed view.
+        pr, pc = tl.program_id(0), tl.program_id(1)
+        r = pr * BR + tl.arange(0, BR)[:, None]
+        c = pc * BC + tl.arange(0, BC)[None, :]
+        m = (r < R) & (c < C)
+        amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
+        x = tl.load(x_ptr + r * stride_r + c * stride_c, mask=m, other=0.0).to(tl.float32)
+        q = tl.clamp(x * (448.0 / amax), -448.0, 448.0)
+        tl.store(q_ptr + r * C + c, q.to(tl.float8e4nv), mask=m)
+
+    return triton, rows_kernel, scaled_cast_kernel
+
+
+def _padded_rows(m: int) -> int:
+    return -(-m // ALIGN) * ALIGN
+
+
+def quantize_rows(x2):
+    """(q, scale) with x2 ~= q.float() * scale: q e4m3 of shape (M', K) with M'
+    the rows rounded up to a multiple of 16 (zero rows, scale 1), scale fp32 (M', 1)."""
+    import torch
+
+    m, k = x2.shape
+    mp = _padded_rows(m)
+    if x2.is_cuda:
+        triton, rows_kernel, _ = _triton_kernels()
+        x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+        q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=x2.device)
+        s = torch.empty((mp, 1), dtype=torch.float32, device=x2.device)
+        if mp > m:
+            q[m:].zero_()
+            s[m:].fill_(1.0)
+        block = triton.next_power_of_2(k)
+        rows_kernel[(m,)](x2, q, s, k, x2.stride(0), BLOCK=block, num_warps=16 if block >= 8192 else 8)
+        return q, s
+    xf = x2.float()
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    q = (xf * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    s = amax / E4M3_MAX
+    if mp > m:
+        q = torch.cat([q, torch.zeros((mp - m, k), dtype=q.dtype)])
+        s = torch.cat([s, torch.ones((mp - m, 1))])
+    return q, s
+
+
+def quantize_tensor(w, transpose: bool = False):
+    """(q, scale): w (or w^T with transpose=True) as a contiguous e4m3 matrix
+    and one fp32 scale, w ~= q.float() * scale. The amax stays on the device
+    (no host sync)."""
+    import torch
+
+    src = w.t() if transpose else w
+    amax = torch.linalg.vector_norm(w, ord=float("inf")).float().reshape(1)  # exact in any dtype: a max
+    if w.is_cuda:
+        _, _, cast_kernel = _triton_kernels()
+        r, c = src.shape
+        q = torch.empty((r, c), dtype=torch.float8_e4m3fn, device=w.device)
+        br, bc = 32, 128
+        cast_kernel[(-(-r // br), -(-c // bc))](src, q, amax, r, c, src.stride(0), src.stride(1), BR=br, BC=bc,
+                                                num_warps=4)
+        return q, amax.clamp_min(1e-12) / E4M3_MAX
+    amax = amax.clamp_min(1e-12)
+    q = (src.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+    return q, amax / E4M3_MAX
+
+
+def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype):
+    """aq (M, K) row-major times b (K, N) column-major, both e4m3, scaled per
+    row of a and per column of b."""
+    import torch
+
+    return torch._scaled_mm(aq, b_colmajor, scale_a=a_scale, scale_b=b_scale_row, out_dtype=out_dtype)
+
+
+def linear(x2, w, out_dtype):
+    """x2 @ w^T for x2 (M, K), w (N, K) (the frozen weight in its compute
+    dtype), both rounded to e4m3 with the scaling above; output (M, N) in out_dtype."""
+    m = x2.shape[0]
+    xq, xs = quantize_rows(x2)
+    wq, ws = quantize_tensor(w)
+    y = _mm(xq, xs, wq.t(), ws.expand(1, w.shape[0]).contiguous(), out_dtype)
+    return y[:m]
+
+
+def linear_input_grad(dy2, w, out_dtype):
+    """dy2 @ w for dy2 (M, N), w (N, K): the input gradient of `linear`, with
+    the output gradient rounded to e4m3 per row (same recipe)."""
+    m = dy2.shape[0]
+    gq, gs = quantize_rows(dy2)
+    wtq, ws = quantize_tensor(w, transpose=True)  # (K, N) contiguous: w column-major
+    dx = _mm(gq, gs, wtq.t(), ws.expand(1, w.shape[1]).contiguous(), out_dtype)
+    return dx[:m]
