@@ -12,8 +12,9 @@ The trainer calls these, all safe on a CPU-only machine:
   dense block-diagonal mask that `sdpa` needs for packed rows is quadratic in
   batch x length). Elsewhere it returns "sdpa" (which builds that mask from
   `position_ids` itself, so CPU runs stay correct).
-- `apply_fast_paths(model, cfg)` after the PEFT adapter is attached: each
-  LoRA linear as one fused autograd node (`lora_linear`), Liger kernels
+- `apply_fast_paths(model, cfg, use_fp8)` after the PEFT adapter is attached: each
+  LoRA linear as one fused autograd node (`lora_linear`), with `use_fp8` the
+  frozen base products in FP8 (`fp8_base_products`, trainer/fp8.py), Liger kernels
   (fused RMSNorm, RoPE, SwiGLU) when liger-kernel is importable and the
   model sits on a CUDA device, and frozen fp32 copies of embeddings /
   lm_head (left by k-bit preparation) cast back to the compute dtype, so
@@ -37,7 +38,9 @@ LoRA forward), `KUBETUNE_MEMORY_BUDGET_GIB` (the GPU
 memory the automatic micro-batch sizing may plan for; default: 90% of the
 device), `KUBETUNE_COMPILE=1` (torch.compile each decoder layer; off until the
 benchmark shows it pays, see bench/RESULTS.md), `KUBETUNE_SELECTIVE_CHECKPOINTING=0`
-(checkpoint every layer even when memory is left for some not to be).
+(checkpoint every layer even when memory is left for some not to be),
+`KUBETUNE_FP8=0/1` (FP8 base products off / on whatever training.fp8 says,
+where the GPU can; `fp8.enabled`).
 """
 
 from __future__ import annotations
