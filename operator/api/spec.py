@@ -283,6 +283,14 @@ class FineTuneJobSpec(ApiModel):
                                  and s.resources.strategy == "deepspeed-zero3"),
         ),
         Rule(
+            # The FP8 backward re-reads the base weight outside the module hooks that gather it.
+            cel="!(self.training.fp8 == 'on' && self.resources.strategy == 'deepspeed-zero3')",
+            message="training.fp8: on cannot be combined with resources.strategy deepspeed-zero3; "
+            "use fp8: auto (bf16 under ZeRO-3) or deepspeed-zero2",
+            field_path=".training.fp8",
+            check=lambda s: not (s.training.fp8 == "on" and s.resources.strategy == "deepspeed-zero3"),
+        ),
+        Rule(
             cel="!self.serving.enabled || self.serving.mode != 'merged' || self.output.merge",
             message="serving.mode merged needs output.merge: true",
             field_path=".serving.mode",

@@ -40,6 +40,8 @@ INVALID = [
     ("strategy", {"resources": {"strategy": "fsdp"}}, "spec.resources.strategy"),
     ("qlora8-zero3", {"method": {"type": "qlora", "quantization": {"bits": 8}}, "resources": {"strategy": "deepspeed-zero3"}},
      "spec.resources.strategy"),
+    ("fp8-mode", {"training": {"fp8": "fp4"}}, "spec.training.fp8"),
+    ("fp8-on-zero3", {"training": {"fp8": "on"}, "resources": {"strategy": "deepspeed-zero3"}}, "spec.training.fp8"),
     ("queue-name", {"resources": {"queueName": "Team_A"}}, "spec.resources.queueName"),
     ("credentials-and-irsa", {"storage": {"credentialsSecretRef": {"name": "s3"}, "serviceAccountName": "irsa"}},
      "spec.storage.serviceAccountName"),
@@ -97,6 +99,7 @@ def test_defaults_are_applied_by_the_api_server(api):
     spec = created["spec"]
     assert spec["resources"]["nodes"] == 1 and spec["resources"]["gpusPerNode"] == 1
     assert spec["training"]["batchSize"] == "auto" and spec["training"]["checkpointEvery"] == 200
+    assert spec["training"]["fp8"] == "auto"
     assert spec["serving"] == {**spec["serving"], "enabled": True, "mode": "merged", "replicas": 1}
     assert spec["output"]["merge"] is True
 
