@@ -130,6 +130,8 @@ def quantize_rows(x2):
         if mp > m:
             q[m:].zero_()
             s[m:].fill_(1.0)
+        if m == 0:
+            return q, s
         block = triton.next_power_of_2(k)
         rows_kernel[(m,)](x2, q, s, k, x2.stride(0), BLOCK=block, num_warps=16 if block >= 8192 else 8)
         return q, s

@@ -36,8 +36,10 @@ Environment overrides, for benchmarks and for debugging a bad kernel:
 `KUBETUNE_LIGER=0` (no Liger kernels), `KUBETUNE_FUSED_LORA=0` (PEFT's own
 LoRA forward), `KUBETUNE_MEMORY_BUDGET_GIB` (the GPU
 memory the automatic micro-batch sizing may plan for; default: 90% of the
-device), `KUBETUNE_COMPILE=1` (torch.compile each decoder layer; off until the
-benchmark shows it pays, see bench/RESULTS.md), `KUBETUNE_SELECTIVE_CHECKPOINTING=0`
+device), `KUBETUNE_COMPILE=1` (torch.compile each decoder layer; off: under
+activation checkpointing torch 2.11 fails it with "a different number of
+tensors was saved during the original forward and recomputation",
+bench/RESULTS.md), `KUBETUNE_SELECTIVE_CHECKPOINTING=0`
 (checkpoint every layer even when memory is left for some not to be),
 `KUBETUNE_FP8=0/1` (FP8 base products off / on whatever training.fp8 says,
 where the GPU can; `fp8.enabled`).
