@@ -6,7 +6,7 @@
 2. Products: fp8 `linear` / `linear_input_grad` against the fp32 product,
    relative error, on the Llama-3-8B projection shapes; beside it the error
    of bf16 and the error NF4 rounding of the weight alone causes (QLoRA's).
-3. Timing (CUDA events, median of 20): bf16 `x @ w.t()` against the fp8 path
+3. Timing (CUDA events, median of 10): bf16 `x @ w.t()` against the fp8 path
    including its quantisation, and the split: row quantisation, weight
    quantisation, the scaled product alone.
 
@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from check_attention import time_fn as timed  # CUDA-event median, same clock as the attention check
 from kubetune.trainer import fp8
 
 TOKENS = 16382  # a packed 8 x 2048 micro-batch less two pad tokens: rows not a multiple of 16
@@ -36,20 +37,6 @@ SHAPES = {  # name: (in, out) of the frozen weight
 def rel(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm())
-
-
-def timed(fn, reps=20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
 
 
 def check_kernels(failures: list) -> dict:
