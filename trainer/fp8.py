@@ -18,6 +18,9 @@ Scaling (the "rowwise" recipe of float8 training):
   largest non-zero value, well inside e4m3's 2^15 normal range, and e4m3's
   rounding (1/16 relative) is finer than NF4's own grid.
 
+The adapter is later merged into, and served on, the bf16 base weights, as
+any QLoRA adapter is (it trained against the NF4 ones).
+
 Pure functions of tensors; the CUDA path uses Triton kernels for the
 quantisation (one read, one write) and `torch._scaled_mm`; elsewhere
 (CPU tests) the same arithmetic in plain PyTorch.
