@@ -31,6 +31,8 @@ from __future__ import annotations
 import functools
 import os
 
+from kubetune.trainer.deepspeed import zero3_enabled
+
 E4M3_MAX = 448.0
 ENV_FP8 = "KUBETUNE_FP8"
 # cuBLASLt's FP8 products want the inner and output dimensions in multiples of 16.
@@ -48,19 +50,20 @@ def enabled(mode: str, method: str, strategy: str, capable: bool) -> bool:
     on: required, an error where it cannot run. off: never.
     Not under ZeRO-3 (the backward re-reads the weight outside its module's
     gather hooks). KUBETUNE_FP8=0/1 overrides, for benchmarks and debugging."""
+    zero3 = zero3_enabled(strategy)
     env = os.environ.get(ENV_FP8)
     if env in ("0", "1"):
-        return env == "1" and capable and "zero3" not in strategy
+        return env == "1" and capable and not zero3
     if mode == "off":
         return False
     if mode == "on":
         if not capable:
             raise ValueError("training.fp8=on needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 "
                              "or newer: L4, L40S, H100, H200); use 'auto' or 'off'")
-        if "zero3" in strategy:
+        if zero3:
             raise ValueError("training.fp8=on is not supported with strategy deepspeed-zero3; use 'auto' or 'off'")
         return True
-    return method == "qlora" and capable and "zero3" not in strategy
+    return method == "qlora" and capable and not zero3
 
 
 def supported(device) -> bool:

@@ -549,14 +549,20 @@ def frozen_linear_fp8(x, base):
     return _FROZEN_FN.apply(x, base)
 
 
+def _plain_or_4bit_linear(module) -> bool:
+    """An nn.Linear or a bitsandbytes 4-bit linear: the weights `_dense_weight` can read."""
+    import torch.nn as nn
+
+    is_4bit = type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+    return is_4bit or type(module) is nn.Linear
+
+
 def _fusable(layer) -> bool:
     """A PEFT LoRA layer over a plain or bitsandbytes-4-bit linear, with one
     vanilla adapter (no DoRA or other variant, no LoRA bias)."""
     import torch.nn as nn
 
-    base = layer.get_base_layer()
-    is_4bit = type(base).__name__ == "Linear4bit" and hasattr(base.weight, "quant_state")
-    if not (is_4bit or type(base) is nn.Linear):
+    if not _plain_or_4bit_linear(layer.get_base_layer()):
         return False
     if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
         return False
@@ -602,12 +608,7 @@ def fuse_lora_layers(model) -> int:
 
 def _frozen_linear(module) -> bool:
     """A plain or bitsandbytes-4-bit linear layer with every parameter frozen."""
-    import torch.nn as nn
-
-    is_4bit = type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
-    if not (is_4bit or type(module) is nn.Linear):
-        return False
-    return not any(p.requires_grad for p in module.parameters())
+    return _plain_or_4bit_linear(module) and not any(p.requires_grad for p in module.parameters())
 
 
 def fp8_base_products(model) -> int:

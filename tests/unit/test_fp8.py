@@ -156,3 +156,12 @@ def test_trainer_rejects_fp8_on_for_this_machine():
     with pytest.raises(TrainingError, match="training.fp8=on"):
         resolve_fp8(cfg, fp8_capable=False)
     assert resolve_fp8(cfg, fp8_capable=True)
+
+
+def test_zero3_set_by_the_launcher_also_keeps_bf16(monkeypatch):
+    # accelerate launch --zero_stage 3 partitions the weights whatever the config's strategy says
+    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert not fp8.enabled("auto", "qlora", "ddp", True)
+    with pytest.raises(ValueError, match="deepspeed-zero3"):
+        fp8.enabled("on", "qlora", "ddp", True)
