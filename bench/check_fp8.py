@@ -62,6 +62,8 @@ def check_kernels(failures: list) -> dict:
 
 
 def check_products(failures: list) -> dict:
+    import bitsandbytes.functional as bnbf
+
     out = {}
     torch.manual_seed(1)
     for name, (k, n) in SHAPES.items():
@@ -74,8 +76,6 @@ def check_products(failures: list) -> dict:
         ex = rel(dx, dy.float() @ w.float())
         bf = rel(x @ w.t(), x.float() @ w.float().t())
         # For scale: what QLoRA's own NF4 rounding of the weight does to the same product.
-        import bitsandbytes.functional as bnbf
-
         packed, state = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
         nf4 = rel(x @ bnbf.dequantize_4bit(packed, state).t(), x.float() @ w.float().t())
         out[name] = {"fp8_fwd_rel_err": round(ey, 5), "fp8_dgrad_rel_err": round(ex, 5), "bf16_rel_err": round(bf, 5),
