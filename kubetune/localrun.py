@@ -48,9 +48,15 @@ def load_job(path: Path) -> Any:
     if len(jobs) != 1:
         raise RunError(f"{path}: expected exactly one FineTuneJob document, found {len(jobs)}")
     try:
-        return FineTuneJob.from_body(jobs[0])
+        job = FineTuneJob.from_body(jobs[0])
     except Exception as e:  # pydantic ValidationError: names the spec field
         raise RunError(f"{path}: invalid FineTuneJob:\n{e}") from None
+    from kubetune.operator.stages import refusals
+
+    refused = refusals(job.spec)  # what the API server would refuse at admission
+    if refused:
+        raise RunError(f"{path}: invalid FineTuneJob:\n" + "\n".join(refused))
+    return job
 
 
 def local_path_for(uri: str, root: Path) -> str:
@@ -97,9 +103,14 @@ def _upload_inputs(cfg, dataset_file: Optional[Path], tiny_model: bool, workdir:
 
 
 def _stage(name: str, fn) -> Any:
+    from kubetune.trainer.commands import _expected_errors
+
     typer.secho(f"== {name}", bold=True)
     t0 = time.monotonic()
-    out = fn()
+    try:
+        out = fn()
+    except tuple(_expected_errors()) as e:  # the user's input or the machine: one line, no traceback
+        raise RunError(f"stage {name} failed: {e}") from None
     code = out[0] if isinstance(out, tuple) else getattr(out, "exit_code", out)
     typer.echo(f"== {name}: {'ok' if code == 0 else f'exit {code}'} in {time.monotonic() - t0:.1f}s")
     if code != 0:
@@ -110,6 +121,7 @@ def _stage(name: str, fn) -> Any:
 def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", dataset_file: Optional[Path] = None,
                  tiny_model: bool = False, max_steps: Optional[int] = None) -> dict[str, Any]:
     from kubetune.operator.render import trainer_config_for
+    from kubetune.operator.stages import pipeline
     from kubetune.trainer.evaluate import run_evaluate
     from kubetune.trainer.merge import run_merge
     from kubetune.trainer.storage import open_store, s3_client
@@ -157,23 +169,31 @@ def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", da
             client.upload_file(str(local), bucket, key)
 
         put_uri = lambda u: u  # noqa: E731
+    # The operator's stage registry decides which stages run; each pod stage has its local twin.
+    local = {
+        "validate": lambda: run_validate(cfg, workdir / "validation-report.json"),
+        "train": lambda: run_train(cfg),
+        "merge": lambda: run_merge(cfg),
+        "evaluate": lambda: run_evaluate(cfg),
+    }
     try:
         _upload_inputs(cfg, dataset_file, tiny_model, workdir, put)
-        _stage("validate", lambda: run_validate(cfg, workdir / "validation-report.json"))
-        train = _stage("train", lambda: run_train(cfg))
-        if cfg.merge.enabled:
-            _stage("merge", lambda: run_merge(cfg))
-        evaluation = None
-        if job.spec.evaluation.enabled:
-            _, evaluation = _stage("evaluate", lambda: run_evaluate(cfg))
+        outputs: dict[str, Any] = {}
+        for stage in pipeline(job.spec):
+            if stage.name not in local:
+                typer.echo(f"== {stage.name}: runs in a cluster only (kubectl apply the same file)")
+                continue
+            outputs[stage.name] = _stage(stage.name, local[stage.name])
+        train = outputs["train"]
+        evaluation = outputs["evaluate"][1] if "evaluate" in outputs else None
         result = {"output": put_uri(cfg.output.uri), "step": train.global_step, "evalLoss": train.eval_loss,
-                  "evaluation": evaluation, "merged": cfg.merge.enabled}
+                  "evaluation": evaluation, "merged": "merge" in outputs}
         if server is not None:
             # The embedded server lives in memory: copy the manifested artifacts out before it stops.
             store = open_store(cfg.output.uri, cfg.storage.endpoint_url)
             local_out = workdir / "output"
             prefixes = [artifacts.ADAPTER, artifacts.VALIDATION, artifacts.EVALUATION]
-            if cfg.merge.enabled:
+            if result["merged"]:
                 prefixes.append(artifacts.MERGED)
             for prefix in prefixes:
                 if artifacts.read_manifest(store, prefix) is not None:

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         from kubernetes import client, config
         from kubernetes.client.exceptions import ApiException
 
-        from kubetune.operator.api.constants import GROUP, PLURAL, VERSION
+        from kubetune.contract.facts import GROUP, PLURAL, VERSION
         from kubetune.operator.describe import describe
 
         if output not in ("text", "json"):

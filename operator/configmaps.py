@@ -9,7 +9,9 @@ from typing import Any
 from . import deepspeed, names
 from .api import FineTuneJob
 from .pods import metadata
-from .render import CONFIG_FILE, trainer_config_for
+from kubetune.contract.facts import CONFIG_FILE
+
+from .render import trainer_config_for
 
 
 def config_map(job: FineTuneJob) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import yaml
 
 from .api import FineTuneJobSpec, FineTuneJobStatus
-from .api.constants import CATEGORIES, GROUP, KIND, LIST_KIND, MAX_NAME_LENGTH, PLURAL, SHORT_NAMES, SINGULAR, VERSION
+from kubetune.contract.facts import CATEGORIES, GROUP, KIND, LIST_KIND, MAX_NAME_LENGTH, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 
 CRD_PATH = Path(__file__).resolve().parent.parent / "crds" / "finetunejob.yaml"
 
@@ -99,7 +99,7 @@ def _resolve(node: Any, defs: dict[str, Any], defaulted: frozenset[str] = frozen
 
 # The spec sections built with default_factory (present even when omitted).
 SPEC_DEFAULTED_SECTIONS = frozenset(
-    {"method", "training", "resources", "evaluation", "serving", "storage", "quantization", "podMetadata"}
+    {"method", "training", "performance", "resources", "evaluation", "serving", "storage", "quantization", "podMetadata"}
 )
 
 
@@ -109,9 +109,17 @@ def schema_of(model: type, defaulted: frozenset[str] = frozenset()) -> dict[str,
 
 
 def build_crd() -> dict[str, Any]:
+    from . import stages
+
     spec_schema = schema_of(FineTuneJobSpec, SPEC_DEFAULTED_SECTIONS)
+    # What no stage can do is refused at admission (each stage's own rules).
+    spec_schema.setdefault("x-kubernetes-validations", []).extend(r.to_schema() for r in stages.admission_rules())
     status_schema = schema_of(FineTuneJobStatus)
     status_schema.pop("required", None)
+    status_schema["properties"]["phase"]["enum"] = stages.phases()
+    conditions = status_schema["properties"]["conditions"]
+    conditions["description"] = f"One per stage: {', '.join(stages.condition_types())}."
+    conditions["items"]["properties"]["type"]["description"] = " | ".join(stages.condition_types())
     root = {
         "type": "object",
         "description": "FineTuneJob: one fine-tuning run, from data validation to a served model.",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from kubetune.contract.facts import DEEPSPEED_FILE  # noqa: F401  (re-exported: the file name lives with the other pod paths)
 from kubetune.trainer.deepspeed import deepspeed_config as config_for_strategy
 
 from .api import FineTuneJob
 
-DEEPSPEED_FILE = "deepspeed.json"
 
 
 def deepspeed_config(job: FineTuneJob) -> Optional[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .api.constants import GROUP, PLURAL, VERSION
+from kubetune.contract.facts import GROUP, PLURAL, VERSION
 from .kube import ChildConflict, Kube, load_config
 from .reconcile import cleanup_artifacts, reconcile
 from .settings import OperatorSettings

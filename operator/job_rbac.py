@@ -10,7 +10,7 @@ from typing import Any
 
 from . import names
 from .api import FineTuneJob
-from .api.constants import GROUP, PLURAL
+from kubetune.contract.facts import GROUP, PLURAL
 from .pods import metadata
 
 

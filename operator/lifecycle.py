@@ -11,22 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from kubetune.trainer import artifacts as layout
-
-from . import serving
 from .api import FineTuneJob
 from .outcomes import StageOutcome
-from .stage_jobs import QUEUED_STAGES
-
-JOB_STAGES = ("validate", "train", "merge", "evaluate")
-CONDITION = {"validate": "Validated", "train": "Trained", "merge": "Merged", "evaluate": "Evaluated", "serve": "Ready"}
-RUNNING_PHASE = {"validate": "Validating", "train": "Training", "merge": "Merging", "evaluate": "Evaluating", "serve": "Deploying"}
-DONE_REASON = {
-    "validate": "DatasetValid",
-    "train": "TrainingSucceeded",
-    "merge": "MergeSucceeded",
-    "evaluate": "EvaluationPassed",
-}
+from .stages import Stage, pipeline
 
 
 @dataclass
@@ -37,127 +24,71 @@ class Decision:
     conditions: list[tuple[str, str, str, str]] = field(default_factory=list)
     create: Optional[str] = None  # stage whose children must be created now
     status: dict[str, Any] = field(default_factory=dict)  # other status fields to merge
-    scale_to: Optional[int] = None  # serving replicas to apply to the Deployment
+    scale_to: Optional[int] = None  # replicas to apply to the stage's scalable child (serve)
+    scale_stage: Optional[str] = None
 
     @property
     def failed(self) -> bool:
         return self.phase == "Failed"
 
 
-def pipeline(job: FineTuneJob) -> list[str]:
-    stages = ["validate", "train"]
-    if job.spec.output.merge:
-        stages.append("merge")
-    if job.spec.evaluation.enabled:
-        stages.append("evaluate")
-    return stages
-
-
-def artifact_uris(job: FineTuneJob, done: set[str]) -> dict[str, str]:
-    root = job.spec.output.uri.rstrip("/")
-    out: dict[str, str] = {}
-    if "validate" in done:
-        out["validationReport"] = f"{root}/{layout.VALIDATION_REPORT}"
-    if "train" in done:
-        out["adapter"] = f"{root}/{layout.ADAPTER}/"
-        out["metrics"] = f"{root}/{layout.ADAPTER}/metrics.jsonl"
-        out["lossCurve"] = f"{root}/{layout.ADAPTER}/loss_curve.png"
-    if "merge" in done:
-        out["merged"] = f"{root}/{layout.MERGED}/"
-    if "evaluate" in done:
-        out["evaluationReport"] = f"{root}/{layout.EVALUATION_REPORT}"
-    return out
-
-
-def _result_status(stage: str, outcome: StageOutcome) -> dict[str, Any]:
-    """The stage's verdict copied into status.validation / status.evaluation."""
-    if stage not in ("validate", "evaluate") or outcome.result is None:
-        return {}
-    result = {k: v for k, v in outcome.result.items() if k != "stage"}
-    return {"validation" if stage == "validate" else "evaluation": result}
-
-
-def _evaluation_gate_failed(job: FineTuneJob, outcome: StageOutcome) -> Optional[str]:
-    """Message when a finished evaluation says the tuned model must not be served."""
-    result = outcome.result or {}
-    if result.get("ok") is False:
-        return result.get("message") or "the tuned model did not pass the evaluation gate"
-    gate = job.spec.evaluation.min_improvement
-    improvement = result.get("improvement")
-    if gate is not None and isinstance(improvement, (int, float)) and improvement < gate:
-        return f"held-out loss improved by {improvement:.4f}, below evaluation.minImprovement {gate}"
-    return None
-
-
 def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
-    """`observed` maps stage name (validate/train/merge/evaluate/serve) to its outcome."""
+    """`observed` maps stage name to its outcome; stages not in it are absent.
+
+    Walks the job's pipeline in order: the first stage not done decides the
+    phase; every done stage's condition is True and its artifacts published."""
     conditions: list[tuple[str, str, str, str]] = []
     status: dict[str, Any] = {}
-    done: set[str] = set()
-    for stage in pipeline(job):
-        outcome = observed.get(stage) or StageOutcome("absent")
-        cond = CONDITION[stage]
-        status.update(_result_status(stage, outcome))
+    artifacts: dict[str, str] = {}
+
+    def result(phase: str, message: str, **kw: Any) -> Decision:
+        out = dict(status)
+        if artifacts:
+            out["artifacts"] = artifacts
+        return Decision(phase, message, conditions, status=out, **kw)
+
+    last: Optional[Stage] = None
+    scale_kw: dict[str, Any] = {}
+    for stage in pipeline(job.spec):
+        last = stage
+        outcome = observed.get(stage.name) or StageOutcome("absent")
+        cond = stage.condition
+        if stage.result_field and outcome.result is not None:
+            status[stage.result_field] = {k: v for k, v in outcome.result.items() if k != "stage"}
+        if stage.extra_status:
+            status.update(stage.extra_status(job, outcome))
+        scale = stage.scale(job, outcome) if stage.scale and outcome.state in ("running", "succeeded") else None
+        scale_kw = {"scale_to": scale, "scale_stage": stage.name} if scale is not None else {}
+        queue = job.spec.resources.queue_name
         if outcome.state == "absent":
-            if job.spec.resources.queue_name and stage in QUEUED_STAGES:
+            if queue and stage.queued:
                 # Created suspended: it waits for Kueue from the first moment.
-                conditions.append((cond, "Unknown", "Queued", f"{stage} waits in queue {job.spec.resources.queue_name}"))
-                return _with(job, Decision("Queued", f"{stage} queued", conditions, create=stage), status, done)
-            conditions.append((cond, "Unknown", "Pending", f"{stage} not started"))
-            return _with(job, Decision(RUNNING_PHASE[stage], f"starting {stage}", conditions, create=stage), status, done)
+                conditions.append((cond, stage.pending_status, "Queued", f"{stage.name} waits in queue {queue}"))
+                return result("Queued", f"{stage.name} queued", create=stage.name)
+            conditions.append((cond, stage.pending_status, stage.start_reason, f"{stage.name} not started"))
+            return result(stage.phase, f"starting {stage.name}", create=stage.name)
         if outcome.state == "suspended":
-            conditions.append((cond, "Unknown", "Queued", outcome.message))
-            return _with(job, Decision("Queued", f"{stage} is waiting in queue {job.spec.resources.queue_name}", conditions), status, done)
+            conditions.append((cond, stage.pending_status, "Queued", outcome.message))
+            return result("Queued", f"{stage.name} is waiting in queue {queue}")
         if outcome.state == "running":
-            message = outcome.message or f"{stage} running"
-            conditions.append((cond, "Unknown", outcome.reason or "Running", message))
-            return _with(job, Decision(RUNNING_PHASE[stage], message, conditions), status, done)
+            message = outcome.message or f"{stage.name} running"
+            conditions.append((cond, stage.pending_status, outcome.reason or "Running", message))
+            return result(stage.phase, message, **scale_kw)
         if outcome.state == "failed":
-            message = outcome.message or f"{stage} failed"
+            message = outcome.message or f"{stage.name} failed"
             conditions.append((cond, "False", outcome.reason or "Failed", message))
-            return _with(job, Decision("Failed", f"{stage} failed: {message}", conditions), status, done)
+            return result("Failed", f"{stage.name} failed: {message}")
         # succeeded
-        if stage == "evaluate":
-            gate = _evaluation_gate_failed(job, outcome)
-            if gate is not None:
-                done.add(stage)
-                conditions.append((cond, "False", "EvaluationGateFailed", gate))
-                return _with(job, Decision("Failed", f"evaluation gate: {gate}", conditions), status, done)
-        done.add(stage)
-        conditions.append((cond, "True", DONE_REASON[stage], outcome.message or f"{stage} succeeded"))
-
-    if not job.spec.serving.enabled:
-        return _with(job, Decision("Succeeded", "all stages succeeded", conditions), status, done)
-    mode = job.spec.serving.mode
-    if mode not in serving.SUPPORTED_MODES:
-        msg = f"serving.mode {mode} is not supported by this operator version"
-        conditions.append(("Ready", "False", "ServingModeNotSupported", msg))
-        return _with(job, Decision("Failed", msg, conditions), status, done)
-    outcome = observed.get("serve") or StageOutcome("absent")
-    if outcome.state == "absent":
-        conditions.append(("Ready", "False", "Deploying", "creating the vLLM Deployment"))
-        return _with(job, Decision("Deploying", "deploying vLLM", conditions, create="serve"), status, done)
-    scale_to = None
-    if outcome.details.get("replicas") is not None and outcome.details["replicas"] != job.spec.serving.replicas:
-        scale_to = job.spec.serving.replicas
-    status["endpoint"] = serving.endpoint(job)
-    if outcome.state == "succeeded":
-        conditions.append(("Ready", "True", "DeploymentAvailable", f"vLLM serves {serving.served_model_name(job)}"))
-        d = Decision("Serving", f"serving at {status['endpoint']['url']}", conditions, scale_to=scale_to)
-        return _with(job, d, status, done)
-    if outcome.state == "failed":
-        conditions.append(("Ready", "False", outcome.reason, outcome.message))
-        return _with(job, Decision("Failed", f"serving failed: {outcome.message}", conditions), status, done)
-    conditions.append(("Ready", "False", outcome.reason or "Deploying", outcome.message))
-    return _with(job, Decision("Deploying", outcome.message or "deploying vLLM", conditions, scale_to=scale_to), status, done)
-
-
-def _with(job: FineTuneJob, decision: Decision, status: dict[str, Any], done: set[str]) -> Decision:
-    decision.status = dict(status)
-    uris = artifact_uris(job, done)
-    if uris:
-        decision.status["artifacts"] = uris
-    return decision
+        gate = stage.gate(job, outcome) if stage.gate else None
+        artifacts.update(stage.artifact_uris(job))
+        if gate is not None:
+            conditions.append((cond, "False", stage.gate_reason, gate))
+            return result("Failed", f"{stage.name} gate: {gate}")
+        message = stage.done_message(job, outcome) if stage.done_message else (outcome.message or f"{stage.name} succeeded")
+        conditions.append((cond, "True", stage.done_reason, message))
+    if last is not None and last.done_phase != "Succeeded":
+        return result(last.done_phase, conditions[-1][3], **scale_kw)
+    return result("Succeeded", "all stages succeeded")
 
 
 def progress_percent(progress: Optional[dict[str, Any]], trained: bool) -> Optional[int]:

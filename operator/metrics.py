@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from .api import PHASES
+from .stages import phases
 
 JOBS = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase (as last reconciled)", ["phase"])
 RECONCILE_SECONDS = Histogram(
@@ -30,5 +30,5 @@ def forget(uid: str) -> None:
 
 
 def _refresh() -> None:
-    for phase in PHASES:
+    for phase in phases():
         JOBS.labels(phase=phase).set(sum(1 for p in _phases.values() if p == phase))

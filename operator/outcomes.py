@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from kubetune.contract.facts import ANNOTATION_COMPLETION_INDEX, LABEL_GENERATION
+
 State = Literal["absent", "suspended", "running", "succeeded", "failed"]
 
 # Waiting reasons that will not fix themselves; surfaced while the Job runs.
@@ -73,7 +75,7 @@ def _unschedulable(pod: dict[str, Any]) -> Optional[dict[str, Any]]:
 def _pod_index(pod: dict[str, Any]) -> int:
     ann = (pod.get("metadata") or {}).get("annotations") or {}
     try:
-        return int(ann.get("batch.kubernetes.io/job-completion-index", "0"))
+        return int(ann.get(ANNOTATION_COMPLETION_INDEX, "0"))
     except ValueError:
         return 0
 
@@ -130,7 +132,7 @@ def job_outcome(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> St
     if job is None:
         return StageOutcome("absent")
     labels = (job.get("metadata") or {}).get("labels") or {}
-    generation = labels.get("kubetune.io/generation")
+    generation = labels.get(LABEL_GENERATION)
     spec = job.get("spec") or {}
     failed = _job_condition(job, "Failed")
     if failed is not None:
@@ -170,17 +172,17 @@ def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             return StageOutcome("failed", cond.get("reason") or "ProgressDeadlineExceeded", cond.get("message", ""), None,
-                                labels.get("kubetune.io/generation"), details)
+                                labels.get(LABEL_GENERATION), details)
     available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
     wanted = min(1, details["replicas"] if details["replicas"] is not None else 1)
     if available and available.get("status") == "True" and status.get("readyReplicas", 0) >= wanted:
         return StageOutcome("succeeded", available.get("reason") or "MinimumReplicasAvailable", available.get("message", ""),
-                            None, labels.get("kubetune.io/generation"), details)
+                            None, labels.get(LABEL_GENERATION), details)
     for pod in pods:
         waiting = _waiting(pod)
         if waiting:
             name = (pod.get("metadata") or {}).get("name", "?")
             return StageOutcome("running", waiting["reason"], _shorten(f"pod {name}: {waiting.get('message') or waiting['reason']}"),
-                                None, labels.get("kubetune.io/generation"), details)
+                                None, labels.get(LABEL_GENERATION), details)
     return StageOutcome("running", "Deploying", "waiting for vLLM replicas to become ready", None,
-                        labels.get("kubetune.io/generation"), details)
+                        labels.get(LABEL_GENERATION), details)

@@ -7,8 +7,13 @@ from typing import Any, Optional
 
 from . import names
 from .api import FineTuneJob
-from .api.constants import (
+from kubetune.contract.facts import (
     API_VERSION,
+    CACHE_DIR,
+    CONFIG_DIR,
+    ENV_CACHE_DIR,
+    ENV_JOB_NAME,
+    ENV_JOB_NAMESPACE,
     KIND,
     LABEL_COMPONENT,
     LABEL_GENERATION,
@@ -19,12 +24,10 @@ from .api.constants import (
     LABEL_STAGE,
     MANAGED_BY,
 )
-from .render import CONFIG_DIR
 from .settings import OperatorSettings
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
-CACHE_DIR = "/var/cache/kubetune"
 
 
 def labels(job: FineTuneJob, stage: str) -> dict[str, str]:
@@ -121,9 +124,9 @@ def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
 def job_env(job: FineTuneJob) -> list[dict[str, Any]]:
     """Who the pod works for (the trainer patches this job's status) and caches."""
     return [
-        {"name": "KUBETUNE_JOB_NAME", "value": job.metadata.name},
-        {"name": "KUBETUNE_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "KUBETUNE_CACHE_DIR", "value": CACHE_DIR},
+        {"name": ENV_JOB_NAME, "value": job.metadata.name},
+        {"name": ENV_JOB_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": ENV_CACHE_DIR, "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .api.constants import GROUP, PLURAL
+from kubetune.contract.facts import GROUP, PLURAL
 
 CLUSTER_ROLE_NAME = "kubetune-operator"
 

@@ -16,11 +16,11 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from . import configmaps, job_rbac, lifecycle, metrics, names, serving, stage_jobs, training
+from . import lifecycle, metrics, names, stage_jobs, stages
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
-from .outcomes import StageOutcome, deployment_outcome, job_outcome
+from .outcomes import StageOutcome, job_outcome
 from .pods import selector_labels
 from .settings import OperatorSettings
 
@@ -36,42 +36,20 @@ def crash_point(settings: OperatorSettings, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def stage_children(stage: str, job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """Everything a stage needs, in creation order; shared objects first (idempotent)."""
-    shared = job_rbac.rbac_objects(job) + [configmaps.config_map(job)]
-    if stage == "validate":
-        return shared + [stage_jobs.validate_job(job, settings)]
-    if stage == "train":
-        return shared + [training.train_service(job, settings), training.train_job(job, settings)]
-    if stage == "merge":
-        return shared + [stage_jobs.merge_job(job, settings)]
-    if stage == "evaluate":
-        return shared + [stage_jobs.evaluate_job(job, settings)]
-    if stage == "serve":
-        return serving.serving_objects(job, settings, job.spec.serving.mode)
-    raise ValueError(f"unknown stage {stage!r}")
-
-
 def observe(kube: Kube, job: FineTuneJob) -> dict[str, StageOutcome]:
-    ns, name = job.metadata.namespace, job.metadata.name
+    """Outcomes of the job's stages, in order, up to the first one not done
+    (later stages cannot have started)."""
     observed: dict[str, StageOutcome] = {}
-    for stage in lifecycle.pipeline(job):
-        child = kube.get("batch/v1", "Job", ns, names.stage_job(name, stage))
-        pods = kube.list_pods(ns, selector_labels(job, stage)) if child else []
-        observed[stage] = job_outcome(child, pods)
-        if observed[stage].state != "succeeded":
-            break  # later stages cannot have started
-    else:
-        if job.spec.serving.enabled and job.spec.serving.mode in serving.SUPPORTED_MODES:
-            dep = kube.get("apps/v1", "Deployment", ns, names.serving(name))
-            pods = kube.list_pods(ns, selector_labels(job, "serve")) if dep else []
-            observed["serve"] = deployment_outcome(dep, pods)
+    for stage in stages.pipeline(job.spec):
+        observed[stage.name] = stage.observe(kube, job, stage.name)
+        if observed[stage.name].state != "succeeded":
+            break
     return observed
 
 
 def act(kube: Kube, job: FineTuneJob, decision: lifecycle.Decision, settings: OperatorSettings) -> None:
     if decision.create:
-        for obj in stage_children(decision.create, job, settings):
+        for obj in stages.BY_NAME[decision.create].build(job, settings):
             if kube.ensure(obj):
                 metrics.CHILDREN_CREATED.labels(kind=obj["kind"]).inc()
                 log.info("created %s %s/%s", obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
@@ -137,6 +115,12 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         # say so once instead of retrying forever.
         message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())[:2000]
         _record(uid, "Failed", emit, "Warning", "InvalidSpec", message, phase)
+        return {"phase": "Failed", "message": message, "observedGeneration": generation}
+    refused = stages.refusals(job.spec)
+    if refused:
+        # A CRD older than this operator let in what no stage can do: refuse before any work.
+        message = "; ".join(refused)[:2000]
+        _record(uid, "Failed", emit, "Warning", "UnsupportedSpec", message, phase)
         return {"phase": "Failed", "message": message, "observedGeneration": generation}
     if not phase:
         _record(uid, "Pending", emit, "Normal", "Pending", "accepted; validation starts next", phase)

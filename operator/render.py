@@ -1,23 +1,64 @@
 """FineTuneJob -> TrainerConfig: the one translation of the user's spec into the
 trainer's config file (rendered to YAML into the `<job>-config` ConfigMap, and
-used directly by `kubetune run`)."""
+used directly by `kubetune run`).
+
+Every spec field is in exactly one of three places, and
+tests/unit/test_contract.py fails when a new field is in none:
+  * a recipe section (RECIPE_SECTIONS): the same class in the spec and the
+    trainer config, copied whole;
+  * RENDERED: a spec field that lands elsewhere in the trainer config;
+  * OPERATOR_ONLY: read by the operator alone (pods, queueing, serving,
+    credentials), never by the trainer.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
 
+from kubetune.contract.facts import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH  # noqa: F401  (re-exported for the builders)
 from kubetune.trainer.config import TrainerConfig
 
 from .api import FineTuneJob
 
-# Mount point of the trainer config in every stage pod (docs/contracts.md).
-CONFIG_DIR = "/etc/kubetune"
-CONFIG_FILE = "trainer.yaml"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+# Spec sections that are trainer config sections (kubetune.contract.recipe).
+RECIPE_SECTIONS = ("base_model", "dataset", "method", "training", "evaluation")
+
+# spec path -> trainer config path, for the fields that change place.
+RENDERED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("output", "uri"): ("output", "uri"),
+    ("output", "merge"): ("merge", "enabled"),
+    ("resources", "strategy"): ("launch", "strategy"),
+    ("storage", "endpoint_url"): ("storage", "endpoint_url"),
+    ("storage", "region"): ("storage", "region"),
+}
+
+# Spec paths (a section or one field) the trainer never reads.
+OPERATOR_ONLY: frozenset[tuple[str, ...]] = frozenset({
+    ("resources", "nodes"),  # the launcher's world size (accelerate launch flags)
+    ("resources", "gpus_per_node"),
+    ("resources", "gpu_type"),
+    ("resources", "cpu"),
+    ("resources", "memory"),
+    ("resources", "shm_size"),
+    ("resources", "queue_name"),
+    ("resources", "priority_class_name"),
+    ("output", "delete_on_job_deletion"),
+    ("serving",),
+    ("storage", "credentials_secret_ref"),  # pods get it as env from the Secret, never in the config
+    ("storage", "service_account_name"),
+    ("image",),
+    ("pod_metadata",),
+})
 
 
 def as_job(job: Union[FineTuneJob, Mapping[str, Any]]) -> FineTuneJob:
     return job if isinstance(job, FineTuneJob) else FineTuneJob.from_body(job)
+
+
+def _get(obj: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        obj = getattr(obj, part)
+    return obj
 
 
 def trainer_config_for(
@@ -31,53 +72,9 @@ def trainer_config_for(
     """
     job = as_job(job)
     spec = job.spec
-    modules = spec.method.target_modules
-    return TrainerConfig.model_validate(
-        {
-            "baseModel": {"uri": spec.base_model.uri, "name": spec.base_model.name, "revision": spec.base_model.revision},
-            "dataset": {
-                "uri": spec.dataset.uri,
-                "format": spec.dataset.format,
-                "validationSplit": spec.dataset.validation_split,
-                "maxLength": spec.dataset.max_length,
-                "overLength": spec.dataset.over_length,
-            },
-            "method": {
-                "type": spec.method.type,
-                "r": spec.method.r,
-                "alpha": spec.method.alpha,
-                "dropout": spec.method.dropout,
-                "targetModules": "all-linear" if modules == ["all-linear"] else list(modules),
-                "quantization": {
-                    "bits": spec.method.quantization.bits,
-                    "type": spec.method.quantization.type,
-                    "doubleQuant": spec.method.quantization.double_quant,
-                },
-            },
-            "training": {
-                "epochs": spec.training.epochs,
-                "maxSteps": spec.training.max_steps,
-                "learningRate": spec.training.learning_rate,
-                "scheduler": spec.training.scheduler,
-                "warmupRatio": spec.training.warmup_ratio,
-                "batchSize": spec.training.batch_size,
-                "gradientAccumulation": spec.training.gradient_accumulation,
-                "packing": spec.training.packing,
-                "seed": spec.training.seed,
-                "checkpointEvery": spec.training.checkpoint_every,
-                "gradientCheckpointing": spec.training.gradient_checkpointing,
-                "precision": spec.training.precision,
-                "fp8": spec.training.fp8,
-                "strategy": spec.resources.strategy,
-            },
-            "output": {"uri": spec.output.uri},
-            "merge": {"enabled": spec.output.merge},
-            "evaluation": {
-                "prompts": list(spec.evaluation.prompts),
-                "maxNewTokens": spec.evaluation.max_new_tokens,
-                "minImprovement": spec.evaluation.min_improvement,
-            },
-            "storage": {"endpointUrl": spec.storage.endpoint_url, "region": spec.storage.region},
-            "job": {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace},
-        }
-    )
+    data: dict[str, Any] = {name: getattr(spec, name).model_dump() for name in RECIPE_SECTIONS}
+    for src, dst in RENDERED.items():
+        section = data.setdefault(dst[0], {})
+        section[dst[1]] = _get(spec, src)
+    data["job"] = {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace}
+    return TrainerConfig.model_validate(data)

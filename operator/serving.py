@@ -1,30 +1,28 @@
 """vLLM serving of the result: Deployment + Service (pure builders).
 
-`serving_objects(job, settings, mode)` is the seam between serving modes:
+`BUILDERS` is the seam between serving modes, and the one list of the modes
+this operator can serve (the serve stage's admission rule is made from it):
 "merged" serves `<output>/merged/` straight from S3 (vLLM's Run:ai model
-streamer); "adapter" (hot-loading the adapter onto a shared base-model
-server) is not built here yet and says so.
+streamer). "adapter" (hot-loading the adapter onto a shared base-model
+server) has no builder yet, so the API server refuses it at admission.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+from kubetune.contract.facts import MERGED
 
 from . import names, pods
 from .api import FineTuneJob
 from .settings import OperatorSettings
 
 PORT = 8000
-SUPPORTED_MODES = ("merged",)
 CONTAINER = "vllm"
 
 
-class ServingModeNotSupported(Exception):
-    """The requested serving mode has no builder in this operator version."""
-
-
 def merged_model_uri(job: FineTuneJob) -> str:
-    return job.spec.output.uri.rstrip("/") + "/merged/"
+    return f"{job.spec.output.uri.rstrip('/')}/{MERGED}/"
 
 
 def served_model_name(job: FineTuneJob) -> str:
@@ -128,13 +126,11 @@ def service(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
-def serving_objects(job: FineTuneJob, settings: OperatorSettings, mode: str) -> list[dict[str, Any]]:
-    """[Deployment, Service] for `mode`."""
-    if mode == "merged":
-        return [merged_deployment(job, settings), service(job)]
-    if mode == "adapter":
-        raise ServingModeNotSupported(
-            "serving.mode adapter (adapter hot-loaded onto a shared base-model server) is not supported "
-            "by this operator version; use serving.mode merged"
-        )
-    raise ValueError(f"spec.serving.mode: unknown mode {mode!r}")
+def merged_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    return [merged_deployment(job, settings), service(job)]
+
+
+# serving.mode -> its children, in creation order.
+BUILDERS: dict[str, Callable[[FineTuneJob, OperatorSettings], list[dict[str, Any]]]] = {
+    "merged": merged_objects,
+}

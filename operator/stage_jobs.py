@@ -10,14 +10,10 @@ from typing import Any, Optional
 
 from . import names, pods
 from .api import FineTuneJob
-from .api.constants import LABEL_KUEUE_QUEUE
-from .render import CONFIG_PATH
+from kubetune.contract.facts import CONFIG_PATH, LABEL_KUEUE_QUEUE, TERMINATION_LOG_PATH
 from .settings import OperatorSettings
 
 CONTAINER = "kubetune"
-# Stages whose Jobs wait in the Kueue queue when spec.resources.queueName is set
-# (the heavy ones; validation is a quick CPU pre-flight and never waits).
-QUEUED_STAGES = ("train", "merge", "evaluate")
 
 
 def container(
@@ -39,7 +35,7 @@ def container(
         "securityContext": pods.container_security_context(),
         # The stage writes its JSON verdict here; when it dies before writing,
         # the log tail is the message instead.
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_LOG_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
@@ -67,10 +63,11 @@ def pod_spec(
     return spec
 
 
-def queue_fields(job: FineTuneJob) -> tuple[dict[str, str], bool]:
-    """(extra labels, suspend): Kueue admits suspended Jobs carrying its label."""
-    queue = job.spec.resources.queue_name
-    return ({LABEL_KUEUE_QUEUE: queue}, True) if queue else ({}, False)
+def enqueue(obj: dict[str, Any], queue_name: str) -> dict[str, Any]:
+    """The Job created suspended with Kueue's queue label: Kueue admits it (all
+    pods of an Indexed Job at once) by unsuspending it. Pure; returns a copy."""
+    meta = {**obj["metadata"], "labels": {**obj["metadata"].get("labels", {}), LABEL_KUEUE_QUEUE: queue_name}}
+    return {**obj, "metadata": meta, "spec": {**obj["spec"], "suspend": True}}
 
 
 def batch_job(
@@ -78,20 +75,18 @@ def batch_job(
     stage: str,
     pod: dict[str, Any],
     backoff_limit: int,
-    queued: bool,
     extra: Optional[dict[str, Any]] = None,
     name: Optional[str] = None,
     owned: bool = True,
 ) -> dict[str, Any]:
-    queue_labels, suspend = queue_fields(job) if queued else ({}, False)
-    meta = pods.metadata(job, name or names.stage_job(job.metadata.name, stage), stage, queue_labels, owned=owned)
+    meta = pods.metadata(job, name or names.stage_job(job.metadata.name, stage), stage, owned=owned)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": meta,
         "spec": {
             "backoffLimit": backoff_limit,
-            "suspend": suspend,
+            "suspend": False,
             **(extra or {}),
             "template": {"metadata": pods.pod_template_metadata(job, stage), "spec": pod},
         },
@@ -123,8 +118,7 @@ def validate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     # Validation needs no GPU node; no toleration either.
     pod.pop("tolerations")
     return batch_job(
-        job, "validate", pod, backoff_limit=0, queued="validate" in QUEUED_STAGES,
-        extra={"activeDeadlineSeconds": settings.validate_deadline_seconds},
+        job, "validate", pod, backoff_limit=0, extra={"activeDeadlineSeconds": settings.validate_deadline_seconds},
     )
 
 
@@ -135,7 +129,7 @@ def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
     # No GPU needed: stay off the (tainted) GPU nodes.
     pod.pop("tolerations")
-    return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit, queued="merge" in QUEUED_STAGES)
+    return batch_job(job, "merge", pod, backoff_limit=settings.stage_backoff_limit)
 
 
 def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
@@ -143,7 +137,7 @@ def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
     volumes, mounts = pods.stage_volumes(job, shm_size="1Gi")
     c = container(job, settings, ["kubetune", "evaluate", "--config", CONFIG_PATH], mounts, _cpu_resources(job, gpus=1))
     pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
-    return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit, queued="evaluate" in QUEUED_STAGES)
+    return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit)
 
 
 CLEANUP_TTL_SECONDS = 3600
@@ -163,6 +157,6 @@ def cleanup_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
     pod.pop("tolerations")
     return batch_job(
-        job, "cleanup", pod, backoff_limit=2, queued=False, extra={"ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS},
+        job, "cleanup", pod, backoff_limit=2, extra={"ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS},
         name=names.cleanup(job.metadata.name, job.metadata.uid or ""), owned=False,
     )

@@ -12,9 +12,9 @@ from typing import Any
 
 from . import deepspeed, names, pods
 from .api import FineTuneJob
-from .render import CONFIG_DIR, CONFIG_PATH
+from kubetune.contract.facts import ANNOTATION_COMPLETION_INDEX, CONFIG_DIR, CONFIG_PATH
 from .settings import OperatorSettings
-from .stage_jobs import QUEUED_STAGES, _cpu_resources, batch_job, container, pod_spec
+from .stage_jobs import _cpu_resources, batch_job, container, pod_spec
 
 COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
@@ -57,7 +57,7 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         # the order in which the controller injects it.
         {
             "name": COMPLETION_INDEX_ENV,
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_COMPLETION_INDEX}']"}},
         },
         {"name": "NCCL_DEBUG", "value": "WARN"},
     ]
@@ -70,7 +70,6 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         "train",
         pod,
         backoff_limit=settings.train_backoff_limit,
-        queued="train" in QUEUED_STAGES,
         extra={
             "completions": r.nodes,
             "parallelism": r.nodes,

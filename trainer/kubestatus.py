@@ -11,12 +11,11 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-GROUP = "kubetune.io"
-VERSION = "v1alpha1"
-PLURAL = "finetunejobs"
+from kubetune.contract.facts import ENV_JOB_NAME as ENV_NAME
+from kubetune.contract.facts import ENV_JOB_NAMESPACE as ENV_NAMESPACE
+from kubetune.contract.facts import GROUP, PLURAL, VERSION
+
 MERGE_PATCH = "application/merge-patch+json"
-ENV_NAME = "KUBETUNE_JOB_NAME"
-ENV_NAMESPACE = "KUBETUNE_JOB_NAMESPACE"
 
 log = logging.getLogger(__name__)
 

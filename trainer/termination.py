@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PATH = "/dev/termination-log"
-ENV_PATH = "KUBETUNE_TERMINATION_LOG"
+from kubetune.contract.facts import ENV_TERMINATION_LOG as ENV_PATH
+from kubetune.contract.facts import TERMINATION_LOG_PATH as DEFAULT_PATH
 MAX_BYTES = 4096
 
 

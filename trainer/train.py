@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune.contract.recipe import CUDA_ONLY_OPTIMIZERS
 from kubetune.trainer import artifacts
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.deepspeed import deepspeed_config as deepspeed_strategy_config
@@ -61,7 +62,7 @@ def resolve_fp8(cfg: TrainerConfig, fp8_capable: bool) -> bool:
     from kubetune.trainer import fp8
 
     try:
-        return fp8.enabled(cfg.training.fp8, cfg.method.type, cfg.training.strategy, fp8_capable)
+        return fp8.enabled(cfg.training.fp8, cfg.method.type, cfg.launch.strategy, fp8_capable)
     except ValueError as e:
         raise TrainingError(str(e)) from None
 
@@ -72,13 +73,16 @@ def check_method_supported(cfg: TrainerConfig, cuda: bool) -> None:
             "method.type=qlora needs a CUDA GPU (bitsandbytes 4-bit weights); this machine has none. "
             "Use method.type=lora to train on CPU."
         )
-    if cfg.training.strategy.startswith("deepspeed") and not cuda:
-        raise TrainingError(f"training.strategy={cfg.training.strategy} needs CUDA GPUs; use 'ddp' on CPU")
+    if cfg.launch.strategy.startswith("deepspeed") and not cuda:
+        raise TrainingError(f"resources.strategy={cfg.launch.strategy} needs CUDA GPUs; use 'ddp' on CPU")
+    if cfg.training.optimizer in CUDA_ONLY_OPTIMIZERS and not cuda:
+        raise TrainingError(f"training.optimizer={cfg.training.optimizer} needs a CUDA GPU (bitsandbytes); "
+                            "use 'auto', 'adamw_torch' or 'adafactor' on CPU")
 
 
 def deepspeed_config(cfg: TrainerConfig) -> Optional[dict[str, Any]]:
     """The DeepSpeed config for the strategy (None for DDP)."""
-    return deepspeed_strategy_config(cfg.training.strategy)
+    return deepspeed_strategy_config(cfg.launch.strategy)
 
 
 def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision: str, has_eval: bool) -> dict[str, Any]:
@@ -97,6 +101,8 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         per_device_eval_batch_size=batch,
         auto_find_batch_size=cuda and t.batch_size == "auto",
         gradient_accumulation_steps=t.gradient_accumulation,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
         seed=t.seed,
         data_seed=t.seed,
@@ -118,6 +124,8 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         packing_strategy="bfd",  # padding-free: position_ids restart per sample, no cross-sample attention
         ddp_find_unused_parameters=False,
     )
+    if t.optimizer != "auto":  # auto: TrainingArguments' own choice (fused AdamW on GPUs)
+        kwargs["optim"] = t.optimizer
     ds = deepspeed_config(cfg)
     # Under `accelerate launch --use_deepspeed --deepspeed_config_file ...` (how the operator starts
     # training) the launcher's config is the one in force; ours is only for a bare `kubetune train`.
@@ -130,8 +138,9 @@ def lora_config(cfg: TrainerConfig):
     from peft import LoraConfig
 
     m = cfg.method
-    return LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=m.target_modules,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout, target_modules=m.peft_target_modules,
+                      bias=m.bias, use_dora=m.use_dora, use_rslora=m.use_rslora,
+                      modules_to_save=list(m.modules_to_save) or None, task_type="CAUSAL_LM")
 
 
 def run_dir_for(cfg: TrainerConfig) -> Path:
@@ -156,7 +165,7 @@ def model_load_kwargs(cfg: TrainerConfig, *, cuda: bool, precision: str, local_r
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn}
-    zero3 = zero3_enabled(cfg.training.strategy)
+    zero3 = zero3_enabled(cfg.launch.strategy)
     if cfg.method.type == "qlora":
         from transformers import BitsAndBytesConfig
 

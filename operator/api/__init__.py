@@ -4,10 +4,10 @@ from typing import Any, Optional
 
 from pydantic import Field
 
-from .constants import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
-from .rules import ApiModel, Rule
+from kubetune.contract.facts import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, VERSION
+from kubetune.contract.rules import ApiModel, Rule
 from .spec import FineTuneJobSpec
-from .status import CONDITION_TYPES, PHASES, TERMINAL_PHASES, Condition, FineTuneJobStatus
+from .status import TERMINAL_PHASES, Condition, FineTuneJobStatus
 
 
 class ObjectMeta(ApiModel):
@@ -41,5 +41,5 @@ class FineTuneJob(ApiModel):
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "SHORT_NAMES", "VERSION",
     "ApiModel", "Rule", "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus", "Condition",
-    "PHASES", "TERMINAL_PHASES", "CONDITION_TYPES", "ObjectMeta",
+    "TERMINAL_PHASES", "ObjectMeta",
 ]

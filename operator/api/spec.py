@@ -8,11 +8,18 @@ Python too.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, Field
 
-from .rules import ApiModel, Rule, immutable, matches, string_rule
+from kubetune.contract import recipe
+from kubetune.contract.recipe import EvaluationSpec, MethodSpec, QuantizationSpec, Strategy, TrainingSpec
+from kubetune.contract.rules import ApiModel, Rule, immutable, matches, string_rule
+
+__all__ = [
+    "FineTuneJobSpec", "BaseModelSpec", "DatasetSpec", "MethodSpec", "QuantizationSpec", "TrainingSpec",
+    "EvaluationSpec", "ResourcesSpec", "OutputSpec", "ServingSpec", "StorageSpec", "PodMetadataSpec",
+]
 
 # Patterns avoid backslashes so that they read the same in Python and inside
 # CEL string literals.
@@ -51,95 +58,23 @@ ObjectName = _pattern_str(DNS_SUBDOMAIN, "must be a valid Kubernetes object name
 HttpUrl = _pattern_str(HTTP_URL, "must be an http:// or https:// URL", 512, "An http(s) URL.")
 LabelValue = _pattern_str(LABEL_VALUE, "must be a valid label value", 63, "A Kubernetes label value.")
 
-DatasetFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt-completion", "text"]
-MethodType = Literal["lora", "qlora"]
-Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"]
-Strategy = Literal["ddp", "deepspeed-zero2", "deepspeed-zero3"]
-Precision = Literal["auto", "bf16", "fp16", "fp32"]
-Fp8Mode = Literal["auto", "on", "off"]
 ServingMode = Literal["merged", "adapter"]
 
 
-class BaseModelSpec(ApiModel):
+# The recipe sections are kubetune.contract.recipe's (the trainer's config is
+# made of the same classes); the API only narrows where a cluster reads from.
+
+
+class BaseModelSpec(recipe.BaseModelSpec):
     """The model to fine-tune."""
 
     uri: ModelUri = Field(description="s3://bucket/prefix/ of a Hugging Face model directory, or a Hugging Face id (org/name).")
-    revision: Optional[str] = Field(default=None, max_length=128, description="Revision (branch, tag or commit) of a Hugging Face id.")
-    name: Optional[str] = Field(
-        default=None,
-        max_length=128,
-        description="Name the base model is known by (adapter metadata, vLLM); defaults to the last segment of uri.",
-    )
 
 
-class DatasetSpec(ApiModel):
+class DatasetSpec(recipe.DatasetSpec):
     """Training data: one file in S3."""
 
     uri: S3Uri = Field(description="s3://bucket/key of a .jsonl, .json, .parquet or .csv file.")
-    format: DatasetFormat = Field(default="auto", description="Row format; auto detects it from the first rows.")
-    validation_split: float = Field(default=0.05, ge=0.0, lt=1.0, description="Fraction of rows held out for eval loss.")
-    max_length: int = Field(default=2048, ge=16, le=1_048_576, description="Maximum tokens per training example.")
-    over_length: Literal["truncate", "drop"] = Field(default="truncate", description="What to do with longer examples.")
-
-
-class QuantizationSpec(ApiModel):
-    """bitsandbytes quantization of the frozen base weights (qlora only)."""
-
-    bits: Literal[4, 8] = Field(default=4, description="4 or 8 bit base weights.")
-    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
-    double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
-
-
-class MethodSpec(ApiModel):
-    """Parameter-efficient fine-tuning method."""
-
-    type: MethodType = Field(default="qlora", description="qlora (4/8-bit base + LoRA) or lora (bf16 base + LoRA).")
-    r: int = Field(default=16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(default=32, gt=0, le=4096, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
-        default_factory=lambda: ["all-linear"],
-        min_length=1,
-        max_length=64,
-        description="Module names to adapt, or [all-linear] for every linear layer but the output head.",
-    )
-    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="Used when type is qlora.")
-
-
-class TrainingSpec(ApiModel):
-    """Optimizer, schedule and checkpointing."""
-
-    __rules__ = (
-        Rule(
-            # has(): the API server also checks this rule against the section's default ({}).
-            cel="!has(self.batchSize) || (type(self.batchSize) == int ? self.batchSize >= 1 : self.batchSize == 'auto')",
-            message="batchSize must be 'auto' or an integer >= 1",
-            field_path=".batchSize",
-            check=lambda t: t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size >= 1),
-        ),
-    )
-
-    epochs: float = Field(default=3, gt=0, le=1000, description="Passes over the training split.")
-    max_steps: Optional[int] = Field(default=None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    learning_rate: float = Field(default=2e-4, gt=0, lt=1, description="Peak learning rate.")
-    scheduler: Scheduler = Field(default="cosine", description="Learning-rate schedule.")
-    warmup_ratio: float = Field(default=0.05, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
-    batch_size: Union[int, Literal["auto"]] = Field(
-        default="auto",
-        description="Per-device micro batch size, or auto (largest that fits).",
-        json_schema_extra={"x-kubernetes-int-or-string": True},
-    )
-    gradient_accumulation: int = Field(default=1, ge=1, le=1024, description="Micro batches per optimizer step.")
-    packing: bool = Field(default=True, description="Pack short examples into full-length sequences.")
-    seed: int = Field(default=42, ge=0, description="Random seed (data order, LoRA init).")
-    checkpoint_every: int = Field(default=200, ge=1, description="Steps between checkpoints written to S3.")
-    gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
-    precision: Precision = Field(default="auto", description="auto: bf16 where the GPU supports it.")
-    fp8: Fp8Mode = Field(
-        default="auto",
-        description="FP8 products of the frozen base weights (adapters, attention and loss stay bf16). "
-        "auto: on for QLoRA on GPUs with FP8 tensor cores (H100, H200, L4, L40S), off for LoRA.",
-    )
 
 
 class ResourcesSpec(ApiModel):
@@ -169,22 +104,6 @@ class OutputSpec(ApiModel):
         default=False,
         description="Delete everything under uri when the FineTuneJob is deleted (a cleanup Job runs first). "
         "By default artifacts outlive the job.",
-    )
-
-
-class EvaluationSpec(ApiModel):
-    """Held-out loss before vs after, sample generations, optional gate."""
-
-    enabled: bool = Field(default=True, description="Run the evaluate stage.")
-    prompts: list[Annotated[str, Field(max_length=4096)]] = Field(
-        default_factory=list, max_length=32, description="Prompts whose generations are stored in the report."
-    )
-    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="Tokens generated per prompt.")
-    min_improvement: Optional[float] = Field(
-        default=None,
-        ge=-1.0,
-        le=1.0,
-        description="Gate: minimum relative drop of held-out loss, (base - tuned) / base, for the model to be served.",
     )
 
 
@@ -271,35 +190,13 @@ class FineTuneJobSpec(ApiModel):
     """One fine-tuning run: validate -> train -> merge -> evaluate -> serve."""
 
     __rules__ = (
-        Rule(
-            # 4-bit weights are stored in bf16 tensors, which ZeRO-3 partitions like any other;
-            # bitsandbytes' 8-bit weights cannot be partitioned.
-            cel="!(self.method.type == 'qlora' && has(self.method.quantization) && has(self.method.quantization.bits)"
-            " && self.method.quantization.bits == 8 && self.resources.strategy == 'deepspeed-zero3')",
-            message="8-bit qlora (method.quantization.bits: 8) cannot be combined with resources.strategy "
-            "deepspeed-zero3; use 4-bit or deepspeed-zero2",
-            field_path=".resources.strategy",
-            check=lambda s: not (s.method.type == "qlora" and s.method.quantization.bits == 8
-                                 and s.resources.strategy == "deepspeed-zero3"),
-        ),
-        Rule(
-            # The FP8 backward re-reads the base weight outside the module hooks that gather it.
-            cel="!(self.training.fp8 == 'on' && self.resources.strategy == 'deepspeed-zero3')",
-            message="training.fp8: on cannot be combined with resources.strategy deepspeed-zero3; "
-            "use fp8: auto (bf16 under ZeRO-3) or deepspeed-zero2",
-            field_path=".training.fp8",
-            check=lambda s: not (s.training.fp8 == "on" and s.resources.strategy == "deepspeed-zero3"),
-        ),
+        # Recipe combinations that cannot run under the strategy: kubetune.contract.recipe states each once.
+        *(r.api_rule("self.resources.strategy") for r in recipe.RECIPE_RULES),
         Rule(
             cel="!self.serving.enabled || self.serving.mode != 'merged' || self.output.merge",
             message="serving.mode merged needs output.merge: true",
             field_path=".serving.mode",
             check=lambda s: not s.serving.enabled or s.serving.mode != "merged" or s.output.merge,
-        ),
-        Rule(
-            cel="!self.serving.enabled || self.serving.mode != 'adapter' || self.method.type in ['lora', 'qlora']",
-            message="serving.mode adapter needs method.type lora or qlora",
-            field_path=".serving.mode",
         ),
         Rule(
             cel="!has(self.evaluation.minImprovement) || self.evaluation.enabled",

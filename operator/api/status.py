@@ -11,16 +11,11 @@ from typing import Any, Literal, Optional
 
 from pydantic import ConfigDict, Field
 
-from .rules import ApiModel
+from kubetune.contract.rules import ApiModel
 
-Phase = Literal[
-    "Pending", "Validating", "Queued", "Training", "Merging", "Evaluating", "Deploying", "Serving", "Succeeded", "Failed"
-]
-PHASES: tuple[str, ...] = Phase.__args__  # type: ignore[attr-defined]
+# The phases and condition types come from the stage registry
+# (kubetune.operator.stages); the CRD generator writes them into the schema.
 TERMINAL_PHASES = ("Succeeded", "Failed")
-
-ConditionType = Literal["Validated", "Trained", "Merged", "Evaluated", "Ready"]
-CONDITION_TYPES: tuple[str, ...] = ConditionType.__args__  # type: ignore[attr-defined]
 
 
 class StatusModel(ApiModel):
@@ -32,7 +27,7 @@ class StatusModel(ApiModel):
 class Condition(StatusModel):
     """Kubernetes API conventions: lastTransitionTime changes only with status."""
 
-    type: str = Field(max_length=64, description="Validated, Trained, Merged, Evaluated or Ready.")
+    type: str = Field(max_length=64, description="The stage's condition type (see status.conditions).")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", max_length=128, description="CamelCase reason.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
@@ -92,13 +87,13 @@ class Endpoint(StatusModel):
 
 
 class FineTuneJobStatus(StatusModel):
-    phase: Optional[Phase] = Field(default=None, description="Where the job is in its lifecycle.")
+    phase: Optional[str] = Field(default=None, description="Where the job is in its lifecycle.")
     message: Optional[str] = Field(default=None, max_length=32768, description="Latest human-readable status.")
     observed_generation: Optional[int] = Field(default=None, description="metadata.generation last reconciled.")
     conditions: list[Condition] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-        description="Validated, Trained, Merged, Evaluated, Ready.",
+        description="One per stage (see the stage registry).",
     )
     progress: Optional[Progress] = Field(default=None, description="Training progress.")
     artifacts: Optional[Artifacts] = Field(default=None, description="Artifact URIs.")

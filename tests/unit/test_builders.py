@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from kubetune.operator import configmaps, deepspeed, job_rbac, names, serving, stage_jobs, training
+from kubetune.operator import configmaps, deepspeed, job_rbac, names, serving, stage_jobs, stages, training
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer.config import parse_config
@@ -118,12 +118,18 @@ def test_multi_gpu_ddp_uses_multi_gpu_flag():
 
 def test_queue_name_creates_suspended_jobs_with_kueue_label():
     job_ = ftj(resources={"queueName": "team-a"})
-    for obj in (training.train_job(job_, SETTINGS), stage_jobs.evaluate_job(job_, SETTINGS), stage_jobs.merge_job(job_, SETTINGS)):
-        assert obj["spec"]["suspend"] is True
-        assert obj["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    for name in ("train", "merge", "evaluate"):
+        jobs = [o for o in stages.BY_NAME[name].build(job_, SETTINGS) if o["kind"] == "Job"]
+        assert len(jobs) == 1
+        assert jobs[0]["spec"]["suspend"] is True
+        assert jobs[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        # Only the Jobs wait: the ConfigMap and RBAC they mount exist before admission.
+        assert all("kueue.x-k8s.io/queue-name" not in o["metadata"].get("labels", {})
+                   for o in stages.BY_NAME[name].build(job_, SETTINGS) if o["kind"] != "Job")
     # Validation is a CPU pre-flight: never queued behind GPU quota.
-    validate = stage_jobs.validate_job(job_, SETTINGS)
+    (validate,) = [o for o in stages.VALIDATE.build(job_, SETTINGS) if o["kind"] == "Job"]
     assert validate["spec"]["suspend"] is False
+    assert "kueue.x-k8s.io/queue-name" not in validate["metadata"]["labels"]
     assert "kueue.x-k8s.io/queue-name" not in validate["metadata"]["labels"]
 
 
@@ -206,7 +212,7 @@ def test_merged_serving_deployment():
         serving={"gpus": 2, "maxModelLen": 4096, "apiKeySecretRef": {"name": "vllm-key"}, "replicas": 2},
         storage={"endpointUrl": "http://s3.local:9000"},
     )
-    dep, svc = serving.serving_objects(job_, SETTINGS, "merged")
+    dep, svc = serving.BUILDERS["merged"](job_, SETTINGS)
     assert_owned(dep)
     assert_owned(svc)
     assert dep["spec"]["replicas"] == 2
@@ -231,9 +237,12 @@ def test_merged_serving_deployment():
     assert serving.endpoint(job_)["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
 
 
-def test_adapter_serving_mode_is_a_seam_that_says_so():
-    with pytest.raises(serving.ServingModeNotSupported, match="adapter"):
-        serving.serving_objects(ftj(serving={"mode": "adapter"}, output={"merge": False}), SETTINGS, "adapter")
+def test_serving_modes_without_a_builder_are_refused_before_any_work():
+    spec = ftj(serving={"enabled": False}, output={"merge": False}).spec.model_copy(
+        update={"serving": ftj().spec.serving.model_copy(update={"mode": "adapter"})})
+    (message,) = stages.refusals(spec)
+    assert message.startswith("spec.serving.mode:") and "merged" in message
+    assert stages.refusals(ftj().spec) == []
 
 
 def test_children_need_an_owner_uid():
@@ -254,7 +263,7 @@ def test_pod_metadata_per_stage_never_overrides_operator_labels():
     assert train_meta["annotations"] == {"cost": "b", "sidecar": "off"}
     validate_meta = stage_jobs.validate_job(job_, SETTINGS)["spec"]["template"]["metadata"]
     assert validate_meta["annotations"] == {"cost": "a"}
-    dep, _ = serving.serving_objects(job_, SETTINGS, "merged")
+    dep, _ = serving.BUILDERS["merged"](job_, SETTINGS)
     assert dep["spec"]["template"]["metadata"]["annotations"] == {"cost": "a"}
 
 
@@ -275,8 +284,6 @@ def test_every_child_is_a_valid_kubernetes_object(stage, variant):
     quantities) accept every manifest the operator would create."""
     from kubernetes import client
 
-    from kubetune.operator.reconcile import stage_children
-
-    for obj in stage_children(stage, ftj(**variant), SETTINGS):
+    for obj in stages.BY_NAME[stage].build(ftj(**variant), SETTINGS):
         model = getattr(client, CLIENT_MODELS[obj["kind"]])
         model.model_validate(obj)

@@ -1,5 +1,6 @@
 """The pipeline decision (pure): observed children -> phase, conditions, next action."""
 
+from kubetune.operator import stages
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.lifecycle import decide, progress_percent, status_update
 from kubetune.operator.outcomes import StageOutcome
@@ -103,10 +104,20 @@ def test_evaluation_gate_stops_serving():
     assert conds(d)["Evaluated"][1] == "EvaluationGateFailed" and "2.1" in d.message
 
 
-def test_adapter_serving_mode_fails_clearly():
-    job_ = ftj(output={"merge": False}, serving={"mode": "adapter"})
-    d = decide(job_, {"validate": OK, "train": OK, "evaluate": OK})
-    assert d.phase == "Failed" and conds(d)["Ready"] == ("False", "ServingModeNotSupported")
+def test_the_pipeline_is_the_registry_filtered_by_the_spec():
+    assert [s.name for s in stages.pipeline(ftj().spec)] == ["validate", "train", "merge", "evaluate", "serve"]
+    lean = ftj(output={"merge": False}, evaluation={"enabled": False}, serving={"enabled": False})
+    assert [s.name for s in stages.pipeline(lean.spec)] == ["validate", "train"]
+    # Every stage of the registry has its own condition, and the CRD's phases come from it.
+    assert len({s.condition for s in stages.STAGES}) == len(stages.STAGES)
+    assert {s.phase for s in stages.STAGES} <= set(stages.phases())
+
+
+def test_a_job_without_serving_ends_succeeded_with_every_condition_true():
+    lean = ftj(output={"merge": False}, serving={"enabled": False})
+    d = decide(lean, {"validate": OK, "train": OK, "evaluate": OK})
+    assert d.phase == "Succeeded" and d.create is None
+    assert [c for c, (status, _) in conds(d).items() if status == "True"] == ["Validated", "Trained", "Evaluated"]
 
 
 def test_serving_replica_edit_scales_the_deployment():

@@ -1,7 +1,7 @@
 """The reconciler's bookkeeping: one Event per transition, no-op patches skipped,
 children of each stage in creation order."""
 
-from kubetune.operator import reconcile
+from kubetune.operator import reconcile, stages
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
@@ -29,7 +29,7 @@ def test_unchanged_status_needs_no_patch():
 
 
 def test_stage_children_order_shared_objects_first():
-    kinds = [o["kind"] for o in reconcile.stage_children("train", FineTuneJob.from_body(job()), OperatorSettings())]
+    kinds = [o["kind"] for o in stages.TRAIN.build(FineTuneJob.from_body(job()), OperatorSettings())]
     assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
-    serve = [o["kind"] for o in reconcile.stage_children("serve", FineTuneJob.from_body(job()), OperatorSettings())]
+    serve = [o["kind"] for o in stages.SERVE.build(FineTuneJob.from_body(job()), OperatorSettings())]
     assert serve == ["Deployment", "Service"]

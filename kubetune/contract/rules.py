@@ -59,6 +59,8 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
+        # A config edited in code (a local run's cache dir, a test's override) is checked too.
+        validate_assignment=True,
         json_schema_extra=_add_rules,
     )
 

@@ -1,0 +1,216 @@
+"""The stage registry: what each stage of a FineTuneJob is, in one object per stage.
+
+A `Stage` knows its name, its condition and phases, whether Kueue admits it,
+when a job wants it, how to build and observe its children, what its result
+means (gate) and which artifacts it leaves. The pipeline (`lifecycle.decide`),
+the reconciler (`reconcile.observe`/`act`), `kubetune run` and the CRD's
+enums and admission rules all iterate over `STAGES`; adding a stage or a
+serving mode is a change here and in its builders, nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from kubetune.contract import facts
+from kubetune.contract.rules import Rule
+
+from . import configmaps, job_rbac, names, serving, stage_jobs, training
+from .api import FineTuneJob
+from .api.spec import FineTuneJobSpec
+from .outcomes import StageOutcome, deployment_outcome, job_outcome
+from .pods import selector_labels
+from .settings import OperatorSettings
+
+if TYPE_CHECKING:
+    from .kube import Kube
+
+Builder = Callable[[FineTuneJob, OperatorSettings], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    condition: str  # condition type this stage owns (True once done)
+    phase: str  # status.phase while it runs
+    done_reason: str
+    # Waits in the Kueue queue when spec.resources.queueName is set (the GPU stages).
+    queued: bool
+    wanted: Callable[[FineTuneJobSpec], bool]
+    children: Builder
+    observe: Callable[["Kube", FineTuneJob, str], StageOutcome]
+    # Status of its condition before it is done: Unknown while in progress, or
+    # False for a condition that means "usable now" (Ready).
+    pending_status: str = "Unknown"
+    # Where its pod's verdict (termination message) is copied in status.
+    result_field: Optional[str] = None
+    # A message when a succeeded stage still says "stop here" (the evaluation gate).
+    gate: Optional[Callable[[FineTuneJob, StageOutcome], Optional[str]]] = None
+    gate_reason: str = "GateFailed"
+    # Artifact URIs (status.artifacts) it leaves under output.uri once done.
+    artifacts: tuple[tuple[str, str], ...] = ()
+    # status.phase once it is done and nothing follows (Serving); Succeeded otherwise.
+    done_phase: str = "Succeeded"
+    # Spec combinations this stage cannot do: refused at admission (CEL), by
+    # `kubetune run` and by the reconciler (Python twins), never after training.
+    admission: tuple[Rule, ...] = ()
+    # Reason of its condition before its children exist.
+    start_reason: str = "Pending"
+    # Status fields it publishes from its outcome (serve: the endpoint).
+    extra_status: Optional[Callable[[FineTuneJob, StageOutcome], dict[str, Any]]] = None
+    # Replicas to scale a child to when the spec and the child disagree (serve only).
+    scale: Optional[Callable[[FineTuneJob, StageOutcome], Optional[int]]] = None
+    # Condition message once done.
+    done_message: Optional[Callable[[FineTuneJob, StageOutcome], str]] = None
+
+    def build(self, job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+        """Its children in creation order (shared objects first); with a queue its Jobs
+        are created suspended and labelled, for Kueue to admit."""
+        objs = self.children(job, settings)
+        queue = job.spec.resources.queue_name
+        if self.queued and queue:
+            objs = [stage_jobs.enqueue(o, queue) if o["kind"] == "Job" else o for o in objs]
+        return objs
+
+    def artifact_uris(self, job: FineTuneJob) -> dict[str, str]:
+        root = job.spec.output.uri.rstrip("/")
+        return {key: f"{root}/{path}" for key, path in self.artifacts}
+
+
+# ---------------------------------------------------------------- observers
+
+
+def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
+    ns = job.metadata.namespace
+    child = kube.get("batch/v1", "Job", ns, names.stage_job(job.metadata.name, stage))
+    pods = kube.list_pods(ns, selector_labels(job, stage)) if child else []
+    return job_outcome(child, pods)
+
+
+def _observe_deployment(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
+    ns = job.metadata.namespace
+    dep = kube.get("apps/v1", "Deployment", ns, names.serving(job.metadata.name))
+    pods = kube.list_pods(ns, selector_labels(job, stage)) if dep else []
+    return deployment_outcome(dep, pods)
+
+
+# ---------------------------------------------------------------- builders
+
+
+def _shared(job: FineTuneJob) -> list[dict[str, Any]]:
+    """What every pod stage needs first (created idempotently by each)."""
+    return job_rbac.rbac_objects(job) + [configmaps.config_map(job)]
+
+
+def _evaluation_gate(job: FineTuneJob, outcome: StageOutcome) -> Optional[str]:
+    """Message when a finished evaluation says the tuned model must not be served."""
+    result = outcome.result or {}
+    if result.get("ok") is False:
+        return result.get("message") or "the tuned model did not pass the evaluation gate"
+    gate = job.spec.evaluation.min_improvement
+    improvement = result.get("improvement")
+    if gate is not None and isinstance(improvement, (int, float)) and improvement < gate:
+        return f"held-out loss improved by {improvement:.4f}, below evaluation.minImprovement {gate}"
+    return None
+
+
+def _serve_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    return serving.BUILDERS[job.spec.serving.mode](job, settings)
+
+
+def _serving_modes_rule() -> Rule:
+    modes = sorted(serving.BUILDERS)
+    listed = ", ".join(f"'{m}'" for m in modes)
+    return Rule(
+        cel=f"!self.serving.enabled || self.serving.mode in [{listed}]",
+        message=f"serving.mode: this operator version serves {' and '.join(modes)} models only; "
+        "set serving.mode: merged or serving.enabled: false",
+        field_path=".serving.mode",
+        check=lambda s: not s.serving.enabled or s.serving.mode in serving.BUILDERS,
+    )
+
+
+VALIDATE = Stage(
+    name="validate", condition="Validated", phase="Validating", done_reason="DatasetValid", queued=False,
+    wanted=lambda spec: True,
+    children=lambda job, settings: _shared(job) + [stage_jobs.validate_job(job, settings)],
+    observe=_observe_job, result_field="validation",
+    artifacts=(("validationReport", facts.VALIDATION_REPORT),),
+)
+TRAIN = Stage(
+    name="train", condition="Trained", phase="Training", done_reason="TrainingSucceeded", queued=True,
+    wanted=lambda spec: True,
+    children=lambda job, settings: _shared(job) + [training.train_service(job, settings), training.train_job(job, settings)],
+    observe=_observe_job,
+    artifacts=(("adapter", f"{facts.ADAPTER}/"), ("metrics", f"{facts.ADAPTER}/{facts.METRICS_FILE}"),
+               ("lossCurve", f"{facts.ADAPTER}/{facts.LOSS_CURVE_FILE}")),
+)
+MERGE = Stage(
+    name="merge", condition="Merged", phase="Merging", done_reason="MergeSucceeded", queued=True,
+    wanted=lambda spec: spec.output.merge,
+    children=lambda job, settings: _shared(job) + [stage_jobs.merge_job(job, settings)],
+    observe=_observe_job,
+    artifacts=(("merged", f"{facts.MERGED}/"),),
+)
+EVALUATE = Stage(
+    name="evaluate", condition="Evaluated", phase="Evaluating", done_reason="EvaluationPassed", queued=True,
+    wanted=lambda spec: spec.evaluation.enabled,
+    children=lambda job, settings: _shared(job) + [stage_jobs.evaluate_job(job, settings)],
+    observe=_observe_job, result_field="evaluation", gate=_evaluation_gate, gate_reason="EvaluationGateFailed",
+    artifacts=(("evaluationReport", facts.EVALUATION_REPORT),),
+)
+def _serve_scale(job: FineTuneJob, outcome: StageOutcome) -> Optional[int]:
+    current = outcome.details.get("replicas")
+    return job.spec.serving.replicas if current is not None and current != job.spec.serving.replicas else None
+
+
+SERVE = Stage(
+    name="serve", condition="Ready", phase="Deploying", done_reason="DeploymentAvailable", queued=False,
+    wanted=lambda spec: spec.serving.enabled,
+    children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving",
+    admission=(_serving_modes_rule(),), start_reason="Deploying",
+    extra_status=lambda job, outcome: {"endpoint": serving.endpoint(job)} if outcome.state != "absent" else {},
+    scale=_serve_scale,
+    done_message=lambda job, outcome: f"vLLM serves {serving.served_model_name(job)} at {serving.endpoint(job)['url']}",
+)
+
+STAGES: tuple[Stage, ...] = (VALIDATE, TRAIN, MERGE, EVALUATE, SERVE)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+QUEUED_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.queued)
+
+
+def pipeline(spec: FineTuneJobSpec) -> list[Stage]:
+    """The stages this spec asks for, in order."""
+    return [s for s in STAGES if s.wanted(spec)]
+
+
+def admission_rules() -> list[Rule]:
+    return [rule for s in STAGES for rule in s.admission]
+
+
+def refusals(spec: FineTuneJobSpec) -> list[str]:
+    """Messages of the admission rules `spec` breaks (the Python twins of the CRD's CEL)."""
+    out = []
+    for rule in admission_rules():
+        if rule.check is not None and not rule.check(spec):
+            out.append(f"spec{rule.field_path or ''}: {rule.message}")
+    return out
+
+
+# ---------------------------------------------------------------- what the CRD and status say
+
+
+def phases() -> list[str]:
+    """Every status.phase, in lifecycle order."""
+    out = ["Pending", "Queued"]
+    for s in STAGES:
+        out.append(s.phase)
+    for s in STAGES:
+        if s.done_phase not in out:
+            out.append(s.done_phase)
+    return [*out, "Failed"] if "Succeeded" in out else [*out, "Succeeded", "Failed"]
+
+
+def condition_types() -> list[str]:
+    return [s.condition for s in STAGES]
