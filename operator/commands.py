@@ -1,4 +1,4 @@
-"""CLI commands of this part (registered by kubetune.cli): `kubetune operator`, `kubetune crd`."""
+"""CLI commands of this part (registered by kubetune.cli): `kubetune operator`, `status`, `crd`, `render`, `delete-artifacts`."""
 
 from __future__ import annotations
 
@@ -88,3 +88,42 @@ def register(app: typer.Typer) -> None:
         from kubetune.operator.crdgen import main
 
         raise typer.Exit(main(["-o", output]))
+
+    @app.command("render")
+    def render_cmd(
+        job_file: str = typer.Argument(..., help="FineTuneJob YAML (the file you would kubectl apply)."),
+        stage: Optional[str] = typer.Option(None, "--stage", help="Only this stage's children."),
+        namespace: str = typer.Option("default", "--namespace", "-n", help="Namespace when the file names none."),
+    ) -> None:
+        """Check a FineTuneJob file as the API server would and print the children the operator
+        would create for it, stage by stage (a dry run: nothing is sent to a cluster)."""
+        from pathlib import Path
+
+        import yaml
+
+        from kubetune.localrun import RunError, load_job
+        from kubetune.operator import stages
+        from kubetune.operator.settings import OperatorSettings
+
+        try:
+            job = load_job(Path(job_file))
+        except RunError as e:
+            typer.secho(str(e), err=True, fg="red")
+            raise typer.Exit(1) from None
+        # Children are owned by the job's uid, which only the API server assigns.
+        job.metadata.uid = job.metadata.uid or "00000000-0000-0000-0000-000000000000"
+        job.metadata.namespace = job.metadata.namespace or namespace
+        wanted = stages.pipeline(job.spec)
+        if stage is not None and stage not in {s.name for s in wanted}:
+            raise typer.BadParameter(f"this job's stages are {', '.join(s.name for s in wanted)}", param_hint="--stage")
+        seen: set[tuple[str, str]] = set()
+        docs = []
+        for s in wanted:
+            if stage is not None and s.name != stage:
+                continue
+            for obj in s.build(job, OperatorSettings()):
+                key = (obj["kind"], obj["metadata"]["name"])
+                if key not in seen:  # shared objects (RBAC, ConfigMap) once
+                    seen.add(key)
+                    docs.append(obj)
+        typer.echo(yaml.safe_dump_all(docs, sort_keys=False), nl=False)

@@ -6,10 +6,9 @@ import copy
 import json
 from typing import Any
 
+from kubetune.contract.facts import GROUP, PLURAL, VERSION  # noqa: F401  (re-exported for the tests)
 from kubetune.devcluster.cluster import wait_for
 from kubetune.devcluster.fakenodes import DEFAULT_GPU_PRODUCT
-
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 # kwok reads these pod annotations/labels (kubetune/devcluster/kwok.yaml).
 KWOK_MESSAGE = "kwok.kubetune.io/termination-message"

@@ -39,9 +39,36 @@ INVALID = [
     ("nodes", {"resources": {"nodes": 0}}, "spec.resources.nodes"),
     ("strategy", {"resources": {"strategy": "fsdp"}}, "spec.resources.strategy"),
     ("qlora8-zero3", {"method": {"type": "qlora", "quantization": {"bits": 8}}, "resources": {"strategy": "deepspeed-zero3"}},
-     "spec.resources.strategy"),
-    ("fp8-mode", {"training": {"fp8": "fp4"}}, "spec.training.fp8"),
-    ("fp8-on-zero3", {"training": {"fp8": "on"}, "resources": {"strategy": "deepspeed-zero3"}}, "spec.training.fp8"),
+     "spec.method.quantization.bits"),
+    ("fp8-mode", {"training": {"performance": {"fp8": "fp4"}}}, "spec.training.performance.fp8"),
+    ("fp8-on-zero3", {"training": {"performance": {"fp8": "on"}}, "resources": {"strategy": "deepspeed-zero3"}},
+     "spec.training.performance.fp8"),
+    ("fused-lora-on-zero3", {"training": {"performance": {"fusedLora": "on"}}, "resources": {"strategy": "deepspeed-zero3"}},
+     "spec.training.performance.fusedLora"),
+    ("fused-lora-on-dora", {"training": {"performance": {"fusedLora": "on"}}, "method": {"useDora": True}},
+     "spec.training.performance.fusedLora"),
+    # What no stage can do yet is refused before anything runs (the serve stage's admission rule).
+    ("serving-mode-adapter", {"serving": {"mode": "adapter"}}, "spec.serving.mode"),
+    # The knobs of the recipe (kubetune.contract.recipe), each refused naming its field.
+    ("optimizer", {"training": {"optimizer": "lion"}}, "spec.training.optimizer"),
+    ("weight-decay", {"training": {"weightDecay": -0.1}}, "spec.training.weightDecay"),
+    ("max-grad-norm", {"training": {"maxGradNorm": -1}}, "spec.training.maxGradNorm"),
+    ("lora-bias", {"method": {"bias": "some"}}, "spec.method.bias"),
+    ("use-dora", {"method": {"useDora": "yes"}}, "spec.method.useDora"),
+    ("modules-to-save", {"method": {"modulesToSave": [""]}}, "spec.method.modulesToSave"),
+    ("compute-dtype", {"method": {"quantization": {"computeDtype": "float8"}}}, "spec.method.quantization.computeDtype"),
+    ("completion-only-loss", {"training": {"completionOnlyLoss": "sometimes"}}, "spec.training.completionOnlyLoss"),
+    ("eval-every", {"training": {"evalEvery": 0}}, "spec.training.evalEvery"),
+    ("keep-checkpoints", {"training": {"keepCheckpoints": 0}}, "spec.training.keepCheckpoints"),
+    ("log-every", {"training": {"logEvery": 0}}, "spec.training.logEvery"),
+    ("chat-template-empty", {"dataset": {"chatTemplate": ""}}, "spec.dataset.chatTemplate"),
+    ("attention", {"training": {"performance": {"attention": "flash9"}}}, "spec.training.performance.attention"),
+    ("liger", {"training": {"performance": {"liger": "maybe"}}}, "spec.training.performance.liger"),
+    ("compile", {"training": {"performance": {"compile": 1}}}, "spec.training.performance.compile"),
+    ("selective-checkpointing", {"training": {"performance": {"selectiveCheckpointing": "sometimes"}}},
+     "spec.training.performance.selectiveCheckpointing"),
+    ("memory-budget", {"training": {"performance": {"memoryBudgetGiB": 0}}}, "spec.training.performance.memoryBudgetGiB"),
+    ("max-eval-rows", {"evaluation": {"maxEvalRows": 0}}, "spec.evaluation.maxEvalRows"),
     ("queue-name", {"resources": {"queueName": "Team_A"}}, "spec.resources.queueName"),
     ("credentials-and-irsa", {"storage": {"credentialsSecretRef": {"name": "s3"}, "serviceAccountName": "irsa"}},
      "spec.storage.serviceAccountName"),
@@ -99,9 +126,50 @@ def test_defaults_are_applied_by_the_api_server(api):
     spec = created["spec"]
     assert spec["resources"]["nodes"] == 1 and spec["resources"]["gpusPerNode"] == 1
     assert spec["training"]["batchSize"] == "auto" and spec["training"]["checkpointEvery"] == 200
-    assert spec["training"]["fp8"] == "auto"
+    assert spec["training"]["performance"] == {"attention": "auto", "liger": "auto", "fusedLora": "auto", "fp8": "auto",
+                                               "compile": "auto", "selectiveCheckpointing": "auto"}
+    assert spec["training"]["gradientCheckpointing"] is True and spec["training"]["optimizer"] == "auto"
     assert spec["serving"] == {**spec["serving"], "enabled": True, "mode": "merged", "replicas": 1}
     assert spec["output"]["merge"] is True
+
+
+# (spec sections, trainer config path, value there): each knob the API server admits reaches the trainer.
+KNOBS = [
+    ({"training": {"optimizer": "paged_adamw_8bit"}}, "training.optimizer", "paged_adamw_8bit"),
+    ({"training": {"optimizer": "adamw_8bit"}}, "training.optimizer", "adamw_8bit"),
+    ({"training": {"weightDecay": 0.01}}, "training.weight_decay", 0.01),
+    ({"training": {"maxGradNorm": 0.3}}, "training.max_grad_norm", 0.3),
+    ({"method": {"bias": "lora_only"}}, "method.bias", "lora_only"),
+    ({"method": {"useDora": True}}, "method.use_dora", True),
+    ({"method": {"useRslora": True}}, "method.use_rslora", True),
+    ({"method": {"modulesToSave": ["lm_head", "embed_tokens"]}}, "method.modules_to_save", ["lm_head", "embed_tokens"]),
+    ({"method": {"quantization": {"computeDtype": "float16"}}}, "method.quantization.compute_dtype", "float16"),
+    ({"training": {"completionOnlyLoss": False}}, "training.completion_only_loss", False),
+    ({"training": {"evalEvery": 50}}, "training.eval_every", 50),
+    ({"training": {"keepCheckpoints": 5}}, "training.keep_checkpoints", 5),
+    ({"training": {"logEvery": 10}}, "training.log_every", 10),
+    ({"dataset": {"chatTemplate": "{% for m in messages %}{{ m.content }}{% endfor %}"}}, "dataset.chat_template",
+     "{% for m in messages %}{{ m.content }}{% endfor %}"),
+    ({"training": {"performance": {"attention": "sdpa", "liger": "off", "fusedLora": "off"}}},
+     "training.performance.fused_lora", "off"),
+    ({"training": {"performance": {"fp8": "on", "compile": "on", "selectiveCheckpointing": "off"}}},
+     "training.performance.selective_checkpointing", "off"),
+    ({"training": {"performance": {"memoryBudgetGiB": 15.6}}}, "training.performance.memory_budget_gib", 15.6),
+    ({"evaluation": {"maxEvalRows": 64}}, "evaluation.max_eval_rows", 64),
+]
+
+
+@pytest.mark.parametrize("spec, path, value", KNOBS, ids=[k[1] + "=" + str(k[2])[:20] for k in KNOBS])
+def test_recipe_knobs_are_admitted_and_reach_the_trainer_config(api, spec, path, value):
+    from kubetune.operator.render import trainer_config_for
+
+    name = ("knob-" + path.split(".")[-1].replace("_", "-"))[:40]
+    created = api.create(body(name, **spec))
+    cfg = trainer_config_for(created)  # what the operator renders into the ConfigMap, from the stored object
+    got = cfg
+    for part in path.split("."):
+        got = getattr(got, part)
+    assert got == value
 
 
 @pytest.mark.parametrize("field, patch", [
