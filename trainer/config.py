@@ -96,8 +96,13 @@ class TrainerConfig(ApiModel):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        lines.append(f"  {loc}: {e['msg']}")
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        # A section's own rule names its field first ("batchSize: ..."): report it at that field.
+        field, sep, rest = msg.partition(": ")
+        if sep and field.replace(".", "").isalnum() and loc:
+            loc, msg = f"{loc}.{field}", rest
+        lines.append(f"  {loc or '(root)'}: {msg}")
     return f"invalid trainer config {source}:\n" + "\n".join(lines)
 
 

@@ -57,13 +57,22 @@ def resolve_precision(cfg: TrainerConfig, cuda: bool, bf16_supported: bool) -> s
     return p
 
 
-def resolve_fp8(cfg: TrainerConfig, fp8_capable: bool) -> bool:
-    """training.fp8 on this machine (rules in `fp8.enabled`); a request that cannot be met is rejected."""
-    from kubetune.trainer import fp8
+def resolve_performance(cfg: TrainerConfig, *, cuda: bool, local_rank: int = 0, model_config: Any = None):
+    """training.performance on this machine (`performance.resolve`, which holds the rules);
+    a setting that cannot be honoured here is a TrainingError naming the field."""
+    import torch
+
+    from kubetune.trainer import fp8, performance
+    from kubetune.trainer.fast_paths import liger_installed
+    from kubetune.trainer.packed_attention import varlen_available
 
     try:
-        return fp8.enabled(cfg.training.fp8, cfg.method.type, cfg.launch.strategy, fp8_capable)
-    except ValueError as e:
+        return performance.resolve(
+            cfg.training.performance, method=cfg.method, strategy=cfg.launch.strategy, cuda=cuda,
+            fp8_capable=cuda and fp8.supported(torch.device("cuda", local_rank)),
+            varlen_capable=cuda and varlen_available(), liger_installed=cuda and liger_installed(),
+            model_config=model_config, max_length=cfg.dataset.max_length)
+    except performance.PerformanceError as e:
         raise TrainingError(str(e)) from None
 
 
@@ -104,6 +113,8 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant: works with the frozen embeddings of a PEFT model (no inputs that require grad).
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         seed=t.seed,
         data_seed=t.seed,
         bf16=precision == "bf16",
@@ -148,14 +159,6 @@ def run_dir_for(cfg: TrainerConfig) -> Path:
     return cache_root(cfg.storage.cache_dir) / "runs" / key
 
 
-def _kernels():
-    try:
-        from kubetune.trainer import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
 # ---------------------------------------------------------------- model
 
 
@@ -190,25 +193,22 @@ def model_load_kwargs(cfg: TrainerConfig, *, cuda: bool, precision: str, local_r
 
 def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: str, local_rank: int):
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    import torch
+    from kubetune.trainer.fast_paths import apply_fast_paths
+    from kubetune.trainer.packed_attention import attention_implementation
 
-    from kubetune.trainer import fp8
-
-    # Before the load: a training.fp8 that cannot be honoured fails in seconds, not after it.
-    use_fp8 = resolve_fp8(cfg, cuda and fp8.supported(torch.device("cuda", local_rank)))
-    kernels = _kernels()
-    attn = "sdpa"
-    if kernels is not None and hasattr(kernels, "attention_implementation"):
-        attn = kernels.attention_implementation(cfg)
-    kwargs = model_load_kwargs(cfg, cuda=cuda, precision=precision, local_rank=local_rank, attn=attn)
+    # Before the load: a performance setting that cannot be honoured fails in seconds, not
+    # after it. The model's config says whether the varlen kernel reproduces its attention.
+    perf = resolve_performance(cfg, cuda=cuda, local_rank=local_rank, model_config=AutoConfig.from_pretrained(str(model_dir)))
+    log.info("training.performance: %s", perf.describe())
+    kwargs = model_load_kwargs(cfg, cuda=cuda, precision=precision, local_rank=local_rank,
+                               attn=attention_implementation(perf.attention))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
     model = get_peft_model(model, lora_config(cfg))
-    if kernels is not None and hasattr(kernels, "apply_fast_paths"):
-        kernels.apply_fast_paths(model, cfg, use_fp8)  # after PEFT: it fuses the LoRA layers
+    apply_fast_paths(model, perf)  # after PEFT: it fuses the LoRA layers
     return model
 
 
@@ -309,11 +309,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     train_ds = to_hf_dataset(data.train)
     eval_ds = to_hf_dataset(data.validation) if data.validation else None
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
-    kernels = _kernels()
     uncheckpointed = 0
-    if cuda and kernels is not None and hasattr(kernels, "tune_sft_arguments"):
-        # micro-batch and (selective) checkpointing for this GPU's memory
-        sft_kwargs, uncheckpointed = kernels.tune_sft_arguments(sft_kwargs, model, cfg)
+    if cuda:
+        from kubetune.trainer.memory_plan import tune_sft_arguments
+
+        # micro-batch and (selective) checkpointing for this GPU's memory, within training.performance
+        perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
+        sft_kwargs, uncheckpointed = tune_sft_arguments(sft_kwargs, model, cfg, perf)
     args = SFTConfig(**sft_kwargs)
 
     reporter = None

@@ -16,7 +16,8 @@ MINIMAL = {
 def test_minimal_config_gets_defaults():
     cfg = parse_config(MINIMAL)
     assert cfg.dataset.format == "auto"
-    assert cfg.method.type == "lora"
+    assert cfg.method.type == "qlora"  # the API's default: one definition (kubetune.contract.recipe)
+    assert cfg.training.gradient_checkpointing is True
     assert cfg.training.batch_size == "auto"
     assert cfg.base_model.served_name == "tiny-llama"
 
@@ -70,11 +71,11 @@ def test_missing_required_section_is_named():
 
 
 def test_8bit_qlora_with_zero3_rejected_4bit_accepted():
-    with pytest.raises(ConfigError, match="bits=8"):
+    with pytest.raises(ConfigError, match="quantization.bits: 8"):
         parse_config({**MINIMAL, "method": {"type": "qlora", "quantization": {"bits": 8}},
-                      "training": {"strategy": "deepspeed-zero3"}})
-    cfg = parse_config({**MINIMAL, "method": {"type": "qlora"}, "training": {"strategy": "deepspeed-zero3"}})
-    assert cfg.method.quantization.bits == 4 and cfg.training.strategy == "deepspeed-zero3"
+                      "launch": {"strategy": "deepspeed-zero3"}})
+    cfg = parse_config({**MINIMAL, "method": {"type": "qlora"}, "launch": {"strategy": "deepspeed-zero3"}})
+    assert cfg.method.quantization.bits == 4 and cfg.launch.strategy == "deepspeed-zero3"
 
 
 def test_unparseable_file_is_clear(tmp_path):
