@@ -75,8 +75,16 @@ class DatasetSpec(ApiModel):
         default=None,
         min_length=1,
         max_length=65536,
-        description="Jinja chat template that replaces the tokenizer's own for conversation data "
-        "(alpaca, sharegpt, messages); needed when the base model has none.",
+        description="Chat template that replaces the tokenizer's own for conversation data (alpaca, sharegpt, "
+        "messages); needed when the base model has none. Either inline Jinja, or the name of a template TRL "
+        "ships (llama3, qwen2_5, qwen3, gemma, gemma3, phi3, phi3_5, ...). With completionOnlyLoss the template "
+        "needs {% generation %} blocks around the assistant's replies; TRL's training version is used for the "
+        "templates it knows.",
+    )
+    duplicates: Literal["warn", "drop", "error"] = Field(
+        default="warn",
+        description="Rows identical to an earlier row: warn (keep them, reported with counts), drop (keep the "
+        "first copy only, reported) or error (each later copy is a bad row). Copies always share a split.",
     )
 
 
