@@ -26,6 +26,8 @@ class Decision:
     status: dict[str, Any] = field(default_factory=dict)  # other status fields to merge
     scale_to: Optional[int] = None  # replicas to apply to the stage's scalable child (serve)
     scale_stage: Optional[str] = None
+    # Reason when the job cannot make progress without a person (a missing object, a refused child).
+    stalled: Optional[str] = None
 
     @property
     def failed(self) -> bool:
@@ -102,12 +104,33 @@ def progress_percent(progress: Optional[dict[str, Any]], trained: bool) -> Optio
     return max(0, min(100, int(100 * step / total)))
 
 
+DONE_PHASES = ("Serving", "Succeeded")
+
+
+def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:
+    """Ready / Reconciling / Stalled, as kstatus (Flux) and Argo CD read them: Stalled=True is
+    Failed, Reconciling=True is InProgress, neither (with observedGeneration current) is
+    Current; Ready=True once the job has reached its goal (serving, or all stages done)."""
+    if decision.phase in DONE_PHASES:
+        return [("Ready", "True", decision.phase, decision.message),
+                ("Reconciling", "False", decision.phase, decision.message),
+                ("Stalled", "False", decision.phase, decision.message)]
+    if decision.failed or decision.stalled:
+        reason = decision.stalled or next((r for _, st, r, _ in reversed(decision.conditions) if st == "False"), "Failed")
+        return [("Ready", "False", reason, decision.message),
+                ("Reconciling", "False", reason, decision.message),
+                ("Stalled", "True", reason, decision.message)]
+    return [("Ready", "False", decision.phase, decision.message),
+            ("Reconciling", "True", decision.phase, decision.message),
+            ("Stalled", "False", decision.phase, decision.message)]
+
+
 def status_update(current: dict[str, Any], decision: Decision, generation: Optional[int], timestamp: str) -> dict[str, Any]:
     """The merge patch for `status` that records `decision` (pure)."""
     from .conditions import set_condition
 
     conditions = list(current.get("conditions") or [])
-    for type_, status, reason, message in decision.conditions:
+    for type_, status, reason, message in decision.conditions + summary_conditions(decision):
         conditions = set_condition(conditions, type_, status, reason, message, generation, timestamp)
     patch: dict[str, Any] = {
         "phase": decision.phase,

@@ -166,7 +166,7 @@ def _serve_scale(job: FineTuneJob, outcome: StageOutcome) -> Optional[int]:
 
 
 SERVE = Stage(
-    name="serve", condition="Ready", phase="Deploying", done_reason="DeploymentAvailable", queued=False,
+    name="serve", condition="Deployed", phase="Deploying", done_reason="DeploymentAvailable", queued=False,
     wanted=lambda spec: spec.serving.enabled,
     children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving",
     admission=(_serving_modes_rule(),), start_reason="Deploying",
@@ -212,5 +212,9 @@ def phases() -> list[str]:
     return [*out, "Failed"] if "Succeeded" in out else [*out, "Succeeded", "Failed"]
 
 
+# The summary conditions (lifecycle.summary_conditions), after the stages' own.
+SUMMARY_CONDITIONS = ("Ready", "Reconciling", "Stalled")
+
+
 def condition_types() -> list[str]:
-    return [s.condition for s in STAGES]
+    return [s.condition for s in STAGES] + list(SUMMARY_CONDITIONS)

@@ -1,5 +1,7 @@
 """The pipeline decision (pure): observed children -> phase, conditions, next action."""
 
+import pytest
+
 from kubetune.operator import stages
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.lifecycle import decide, progress_percent, status_update
@@ -43,7 +45,7 @@ def test_each_stage_in_order_with_merge_and_evaluation():
     assert conds(d) == {
         "Validated": ("True", "DatasetValid"), "Trained": ("True", "TrainingSucceeded"),
         "Merged": ("True", "MergeSucceeded"), "Evaluated": ("True", "EvaluationPassed"),
-        "Ready": ("True", "DeploymentAvailable"),
+        "Deployed": ("True", "DeploymentAvailable"),
     }
     assert d.status["endpoint"]["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
     assert d.status["artifacts"]["merged"] == "s3://artifacts/tenant-a/support-bot/merged/"
@@ -131,10 +133,10 @@ def test_status_update_keeps_transition_time_when_status_is_unchanged():
     d1 = decide(ftj(), {"validate": StageOutcome("running", "Running", "")})
     s1 = status_update({}, d1, 1, "2026-01-01T00:00:00Z")
     assert s1["phase"] == "Validating" and s1["observedGeneration"] == 1 and s1["startTime"] == "2026-01-01T00:00:00Z"
-    (c1,) = s1["conditions"]
+    c1 = next(c for c in s1["conditions"] if c["type"] == "Validated")
     d2 = decide(ftj(), {"validate": StageOutcome("running", "Running", "still")})
     s2 = status_update(s1, d2, 2, "2026-01-01T00:05:00Z")
-    (c2,) = s2["conditions"]
+    c2 = next(c for c in s2["conditions"] if c["type"] == "Validated")
     assert c2["lastTransitionTime"] == c1["lastTransitionTime"] and c2["observedGeneration"] == 2
     assert "startTime" not in s2
     d3 = decide(ftj(), {"validate": OK})
@@ -150,3 +152,53 @@ def test_progress_percent():
     assert progress_percent({"step": 150, "totalSteps": 100}, trained=False) == 100
     s = status_update({"progress": {"step": 10, "totalSteps": 40}}, decide(ftj(), {"validate": OK}), 1, "t")
     assert s["progress"] == {"percent": 25}
+
+
+def kstatus(obj: dict) -> str:
+    """kstatus's documented rules for a custom resource (sigs.k8s.io/cli-utils/pkg/kstatus, "Conditions"):
+    observedGeneration behind generation -> InProgress; Stalled=True -> Failed; Reconciling=True ->
+    InProgress; otherwise Current. Flux's health check adds Ready=True for Current."""
+    status = obj.get("status") or {}
+    if status.get("observedGeneration") is not None and status["observedGeneration"] != obj["metadata"]["generation"]:
+        return "InProgress"
+    conds = {c["type"]: c["status"] for c in status.get("conditions") or []}
+    if conds.get("Stalled") == "True":
+        return "Failed"
+    if conds.get("Reconciling") == "True":
+        return "InProgress"
+    return "Current" if conds.get("Ready") == "True" else "InProgress"
+
+
+DONE = {s: OK for s in ("validate", "train", "merge", "evaluate")}
+
+
+@pytest.mark.parametrize("observed, expected_phase, expected", [
+    ({}, "Validating", "InProgress"),
+    ({"validate": StageOutcome("running", "Running", "")}, "Validating", "InProgress"),
+    ({"validate": OK, "train": StageOutcome("suspended", "Queued", "waiting")}, "Queued", "InProgress"),
+    ({"validate": OK, "train": StageOutcome("running", "Running", "")}, "Training", "InProgress"),
+    ({"validate": OK, "train": OK, "merge": StageOutcome("running", "Running", "")}, "Merging", "InProgress"),
+    ({"validate": OK, "train": OK, "merge": OK, "evaluate": StageOutcome("running", "Running", "")}, "Evaluating",
+     "InProgress"),
+    ({**DONE, "serve": StageOutcome("running", "Deploying", "")}, "Deploying", "InProgress"),
+    ({**DONE, "serve": StageOutcome("succeeded", "MinimumReplicasAvailable", "", details={"replicas": 1})}, "Serving",
+     "Current"),
+    ({"validate": OK, "train": StageOutcome("failed", "BackoffLimitExceeded", "rank 0 failed")}, "Failed", "Failed"),
+    ({**DONE, "serve": StageOutcome("failed", "ProgressDeadlineExceeded", "too slow")}, "Failed", "Failed"),
+])
+def test_kstatus_reads_every_phase_correctly(observed, expected_phase, expected):
+    job_ = ftj()
+    status = status_update({}, decide(job_, observed), 1, "2026-01-01T00:00:00Z")
+    assert status["phase"] == expected_phase
+    assert kstatus({"metadata": {"generation": 1}, "status": status}) == expected
+    # After an edit the API server bumps the generation: in progress until the operator catches up.
+    assert kstatus({"metadata": {"generation": 2}, "status": status}) == "InProgress"
+
+
+def test_a_job_without_serving_is_current_once_every_stage_is_done():
+    lean = ftj(serving={"enabled": False})
+    status = status_update({}, decide(lean, DONE), 1, "t")
+    assert status["phase"] == "Succeeded"
+    assert kstatus({"metadata": {"generation": 1}, "status": status}) == "Current"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
