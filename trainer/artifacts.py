@@ -37,6 +37,10 @@ class IntegrityError(RuntimeError):
     """A manifested file whose content does not match its checksum."""
 
 
+class CheckpointMismatch(ValueError):
+    """The newest checkpoint under output.uri was trained under a different recipe than the config's."""
+
+
 def checkpoint_prefix(step: int) -> str:
     return f"{CHECKPOINTS}/step-{step:08d}"
 
@@ -161,3 +165,70 @@ def prune_checkpoints(store: Store, keep: int) -> list[int]:
         for obj in store.list(prefix):
             store.delete(obj.key)
     return removed
+
+
+# ---------------------------------------------------------------- the run a checkpoint belongs to
+# Every checkpoint's manifest records the recipe fields that define the run (meta.config: the
+# fields and their hash). A start that would resume from it compares them with its own config:
+# resuming a rank-16 adapter into a rank-8 model crashed inside PEFT, and resuming under another
+# dataset or schedule silently trains a mixture. A mismatch fails with the changed fields named;
+# it never starts over by itself, because the old run's checkpoints and adapter share the prefix.
+
+RUN_SECTIONS = ("baseModel", "dataset", "method", "training", "launch")
+# Fields that change how a run goes (speed, memory, logging, what is kept) but not what it learns.
+NOT_THE_RUN = ("baseModel.name", "training.logEvery", "training.checkpointEvery", "training.keepCheckpoints",
+               "training.evalEvery", "training.gradientCheckpointing", "training.performance")
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+
+
+def run_fields(cfg) -> dict[str, Any]:
+    """Pure: {dotted camelCase field: value} of the recipe fields that define the run."""
+    dumped = cfg.model_dump(by_alias=True, mode="json")
+    fields: dict[str, Any] = {}
+    for section in RUN_SECTIONS:
+        _flatten(section, dumped.get(section, {}), fields)
+    return {k: v for k, v in sorted(fields.items())
+            if not any(k == n or k.startswith(n + ".") for n in NOT_THE_RUN)}
+
+
+def run_record(cfg) -> dict[str, Any]:
+    """What a checkpoint's manifest records about its run (meta.config)."""
+    fields = run_fields(cfg)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return {"hash": digest, "fields": fields}
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Pure: 'field: old -> new' for every field both records have and that differs. A field only one
+    side has (added or removed by a kubetune upgrade) is not a change of the run."""
+    return [f"{k}: {json.dumps(recorded[k])} -> {json.dumps(current[k])}"
+            for k in sorted(recorded.keys() & current.keys()) if recorded[k] != current[k]]
+
+
+def check_checkpoint_run(store: Store, step: int, cfg) -> Optional[str]:
+    """Raise CheckpointMismatch if checkpoint `step` belongs to another run. Returns a line to print
+    when the checkpoint cannot be checked (written before checkpoints recorded their run)."""
+    prefix = checkpoint_prefix(step)
+    manifest = read_manifest(store, prefix) or {}
+    recorded = (manifest.get("meta") or {}).get("config")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("fields"), dict):
+        return f"{prefix} records no config (written by an older kubetune): resuming without checking it"
+    current = run_record(cfg)
+    if recorded.get("hash") == current["hash"]:
+        return None
+    changes = config_changes(recorded["fields"], current["fields"])
+    if not changes:
+        return None  # only fields one side lacks differ (schema change), nothing of the run itself
+    shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+    root = store.uri.rstrip("/")
+    raise CheckpointMismatch(
+        f"{root}/{prefix}/ was trained under another config ({shown}); resuming from it would mix two runs. "
+        f"Put the changed run under another output.uri, or delete {root}/{CHECKPOINTS}/ to start it over here"
+    )

@@ -75,10 +75,15 @@ class StopOnSignal(TrainerCallback):
 
 
 class UploadCheckpoints(TrainerCallback):
-    """After the Trainer writes checkpoint-N locally, publish it to checkpoints/step-N/ (rank 0)."""
+    """After the Trainer writes checkpoint-N locally, publish it to checkpoints/step-N/ (rank 0).
 
-    def __init__(self, store: Store, run_dir: Path, reporter: Optional[ProgressReporter], keep: int, is_main: bool):
+    `run` (artifacts.run_record) goes into each checkpoint's manifest, so that a later start can
+    tell whether the checkpoint belongs to its own run before resuming from it."""
+
+    def __init__(self, store: Store, run_dir: Path, reporter: Optional[ProgressReporter], keep: int, is_main: bool,
+                 run: Optional[dict] = None):
         self.store, self.run_dir, self.reporter, self.keep, self.is_main = store, run_dir, reporter, keep, is_main
+        self.run = run
         self.last_step: Optional[int] = None
 
     def on_save(self, args, state, control, **kwargs):
@@ -98,7 +103,10 @@ class UploadCheckpoints(TrainerCallback):
             if tb.is_dir():
                 shutil.copytree(tb, extras / "tensorboard", dirs_exist_ok=True)
             prefix = artifacts.checkpoint_prefix(step)
-            artifacts.publish_dir(self.store, local, prefix, meta={"step": step, "epoch": state.epoch})
+            meta = {"step": step, "epoch": state.epoch}
+            if self.run is not None:
+                meta["config"] = self.run
+            artifacts.publish_dir(self.store, local, prefix, meta=meta)
             self.last_step = step
             if self.reporter is not None:
                 self.reporter.checkpoint(step, f"{self.store.uri.rstrip('/')}/{prefix}/")

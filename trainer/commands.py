@@ -2,6 +2,10 @@
 
 Heavy imports (torch, transformers) happen inside the commands so that
 `kubetune --help` stays fast. Config errors exit 2 with the field named.
+Every expected failure (the user's input, the environment) ends the stage
+with one line on stderr and a termination message, never a traceback; an
+unexpected one (a bug) still gets its termination message before the
+traceback, so the operator always learns why the pod stopped.
 """
 
 from __future__ import annotations
@@ -38,24 +42,41 @@ def _fail(stage: str, reason: str, err: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _expected_errors() -> dict[type, str]:
-    """Errors that are the user's input or the environment, reported in one line (no traceback)."""
-    from kubetune.trainer.artifacts import IntegrityError
+def expected_errors() -> dict[type, str]:
+    """Errors that are the user's input or the environment -> their termination reason (first match wins)."""
+    from kubetune.trainer.artifacts import CheckpointMismatch, IntegrityError
     from kubetune.trainer.dataformats import DatasetError
+    from kubetune.trainer.modelio import ModelSourceError
     from kubetune.trainer.storage import StorageError
     from kubetune.trainer.tokenization import TemplateError
     from kubetune.trainer.train import TrainingError
 
-    return {TrainingError: "TrainingRejected", StorageError: "StorageError", DatasetError: "DatasetUnreadable",
+    return {TrainingError: "TrainingRejected", CheckpointMismatch: "CheckpointOfAnotherRun",
+            ModelSourceError: "BaseModelUnusable", StorageError: "StorageError", DatasetError: "DatasetUnreadable",
             TemplateError: "ChatTemplateUnusable", IntegrityError: "ArtifactCorrupted"}
 
 
-def _run_stage(stage: str, fn):
-    errors = _expected_errors()
+_expected_errors = expected_errors  # kubetune.localrun's name for it
+
+
+def run_stage(stage: str, fn):
+    """fn() with the stage's failures reported: an expected error is one line and exit 1; anything else
+    writes an InternalError termination message first and keeps its traceback (it is a bug)."""
+    errors = expected_errors()
     try:
         return fn()
     except tuple(errors) as e:
         _fail(stage, next(r for t, r in errors.items() if isinstance(e, t)), e)
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        from kubetune.trainer.termination import write_message
+
+        first = " ".join(str(e).split())[:500]
+        write_message(stage, False, "InternalError", f"{type(e).__name__}: {first} (unexpected; the traceback is in the pod log)")
+        raise
+
+
 
 
 def validate(
@@ -66,7 +87,8 @@ def validate(
     """Check every dataset row and the token lengths against the base model; exit 1 on bad rows."""
     from kubetune.trainer.validate import run_validate
 
-    code, _ = run_validate(_load(config), report, publish=not no_upload)
+    cfg = _load(config)
+    code, _ = run_stage("validate", lambda: run_validate(cfg, report, publish=not no_upload))
     raise typer.Exit(code)
 
 
@@ -76,7 +98,7 @@ def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) 
     from kubetune.trainer.train import run_train
 
     cfg = _load(config)
-    result = _run_stage("train", lambda: run_train(cfg))
+    result = run_stage("train", lambda: run_train(cfg))
 
     if not result.is_main:
         pass  # one termination message per pod: rank 0's
@@ -96,7 +118,7 @@ def merge(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) 
     from kubetune.trainer.merge import run_merge
 
     cfg = _load(config)
-    raise typer.Exit(_run_stage("merge", lambda: run_merge(cfg)))
+    raise typer.Exit(run_stage("merge", lambda: run_merge(cfg)))
 
 
 def evaluate(
@@ -108,7 +130,7 @@ def evaluate(
     from kubetune.trainer.evaluate import run_evaluate
 
     cfg = _load(config)
-    code, report = _run_stage("evaluate", lambda: run_evaluate(cfg))
+    code, report = run_stage("evaluate", lambda: run_evaluate(cfg))
     if code == 0 and fail_on_gate and not report.get("ok"):
         code = 3
     raise typer.Exit(code)
@@ -119,12 +141,18 @@ def make_tiny_model(
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="JSON Lines file whose text trains the tokenizer."),
     hidden_size: int = typer.Option(64, "--hidden-size"),
     layers: int = typer.Option(2, "--layers"),
+    family: str = typer.Option("kubetune", "--family", help="Architecture and chat template: kubetune (Llama with "
+                               "kubetune's own template), llama, mistral, qwen2, qwen3, gemma2, gemma3 or phi3 (the "
+                               "template TRL ships for the family)."),
 ) -> None:
-    """Write a tiny random-weight Llama-style model + locally trained tokenizer (no downloads)."""
-    from kubetune.trainer.tinymodel import DEFAULT_TEXTS, texts_of_jsonl, write_tiny_model
+    """Write a tiny random-weight model + locally trained tokenizer (no downloads)."""
+    from kubetune.trainer.tinymodel import DEFAULT_TEXTS, FAMILIES, texts_of_jsonl, write_tiny_model
 
+    if family != "kubetune" and family not in FAMILIES:
+        typer.echo(f"--family: unknown family {family!r} (kubetune, {', '.join(FAMILIES)})", err=True)
+        raise typer.Exit(2)
     texts = texts_of_jsonl(dataset) if dataset else DEFAULT_TEXTS
-    typer.echo(str(write_tiny_model(out, texts, hidden_size=hidden_size, layers=layers)))
+    typer.echo(str(write_tiny_model(out, texts, hidden_size=hidden_size, layers=layers, family=family)))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,11 @@ Every format is normalized to one of three shapes the tokenizer understands:
   chat              -> messages [{role: system|user|assistant, content}]
   prompt-completion -> prompt, completion (loss on the completion)
   text              -> text (loss on everything)
+
+Quirks of real exports: a UTF-8 byte order mark (Windows tools write one) is
+skipped; exact duplicate rows follow dataset.duplicates (warn, drop or error);
+a file whose rows follow different formats is reported as mixing formats, with
+the rows of each, instead of as rows missing fields.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from typing import Any, Iterable, Optional
 
 FORMATS = ("alpaca", "sharegpt", "messages", "prompt-completion", "text")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+BOM = b"\xef\xbb\xbf"
+# What makes a row one format or another, for messages.
+FORMAT_KEYS = {"messages": "messages", "sharegpt": "conversations", "alpaca": "instruction+output",
+               "prompt-completion": "prompt+completion", "text": "text"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -53,6 +62,8 @@ class Example:
     prompt: str = ""
     completion: str = ""
     text: str = ""
+    field: str = ""  # the row's key holding the turns (messages, conversations); "" for alpaca
+    duplicate_of: Optional[int] = None  # first row with the same content (dataset.duplicates: warn)
 
     def fingerprint(self) -> str:
         payload = json.dumps([self.kind, self.messages, self.prompt, self.completion, self.text], ensure_ascii=False)
@@ -65,6 +76,29 @@ class ParseResult:
     examples: list[Example]
     errors: list[RowError]
     total_rows: int
+    duplicates: list[tuple[int, int]] = field(default_factory=list)  # (row, first row with the same content)
+    duplicate_policy: str = "warn"
+    # format -> its rows, when the rows follow more than one format
+    mixed_formats: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def bad_rows(self) -> int:
+        """Rows with at least one error (a row can have several)."""
+        return len({e.row for e in self.errors})
+
+
+def row_ranges(rows: list[int], limit: int = 12) -> str:
+    """[1, 2, 3, 7, 9, 10] -> '1-3, 7, 9-10' (the first `limit` ranges, then how many rows more)."""
+    ranges: list[list[int]] = []
+    for r in sorted(rows):
+        if ranges and r == ranges[-1][1] + 1:
+            ranges[-1][1] = r
+        else:
+            ranges.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges[:limit])
+    if len(ranges) > limit:
+        text += f" and {sum(b - a + 1 for a, b in ranges[limit:])} rows more"
+    return text
 
 
 # ---------------------------------------------------------------- reading files
@@ -88,6 +122,9 @@ def read_records(path: Path) -> tuple[list[tuple[int, Any]], list[RowError]]:
 def _read_jsonl(data: bytes) -> tuple[list[tuple[int, Any]], list[RowError]]:
     records, errors = [], []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        # A BOM starts a file written by Windows tools, and every part of such files concatenated.
+        if raw.startswith(BOM):
+            raw = raw[len(BOM):]
         if not raw.strip():
             continue
         try:
@@ -104,7 +141,7 @@ def _read_jsonl(data: bytes) -> tuple[list[tuple[int, Any]], list[RowError]]:
 
 def _read_json(data: bytes, name: str) -> tuple[list[tuple[int, Any]], list[RowError]]:
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # -sig: skips a leading BOM (Windows exports)
     except UnicodeDecodeError as e:
         raise DatasetError(f"dataset {name}: not valid UTF-8 (byte offset {e.start})") from None
     try:
@@ -166,14 +203,15 @@ def _read_parquet(path: Path) -> tuple[list[tuple[int, Any]], list[RowError]]:
 
 
 def detect_format(records: Iterable[tuple[int, Any]]) -> str:
+    """The format most rows follow (ties: the one seen first). Every row votes: in a file that mixes
+    formats the majority is the format, and parse_records names the rows that follow another one."""
     votes: dict[str, int] = {}
     seen_keys: set[str] = set()
-    for i, (_, rec) in enumerate(records):
-        if i >= 64:
-            break
+    for _, rec in records:
         if not isinstance(rec, dict):
             continue
-        seen_keys |= set(rec)
+        if len(seen_keys) < 256:
+            seen_keys |= set(rec)
         fmt = _format_of_keys(set(rec))
         if fmt:
             votes[fmt] = votes.get(fmt, 0) + 1
@@ -186,18 +224,25 @@ def detect_format(records: Iterable[tuple[int, Any]]) -> str:
     return max(votes, key=votes.get)
 
 
-def _format_of_keys(keys: set[str]) -> Optional[str]:
+def _formats_of_keys(keys: set[str]) -> list[str]:
+    """Every format whose keys the row has, most specific first."""
+    found = []
     if "messages" in keys:
-        return "messages"
+        found.append("messages")
     if "conversations" in keys:
-        return "sharegpt"
+        found.append("sharegpt")
     if "instruction" in keys and "output" in keys:
-        return "alpaca"
+        found.append("alpaca")
     if "prompt" in keys and "completion" in keys:
-        return "prompt-completion"
+        found.append("prompt-completion")
     if "text" in keys:
-        return "text"
-    return None
+        found.append("text")
+    return found
+
+
+def _format_of_keys(keys: set[str]) -> Optional[str]:
+    found = _formats_of_keys(keys)
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------- row checks
@@ -300,10 +345,10 @@ def _check_row(fmt: str, rec: Any, row: int, errors: list[RowError]) -> Optional
         return _check_alpaca(rec, row, errors)
     if fmt == "sharegpt":
         msgs = _check_turns(rec, row, errors, key="conversations", role_key="from", text_key="value", roles=SHAREGPT_ROLES)
-        return Example(row, "chat", messages=msgs) if msgs else None
+        return Example(row, "chat", messages=msgs, field="conversations") if msgs else None
     if fmt == "messages":
         msgs = _check_turns(rec, row, errors, key="messages", role_key="role", text_key="content", roles={r: r for r in CHAT_ROLES})
-        return Example(row, "chat", messages=msgs) if msgs else None
+        return Example(row, "chat", messages=msgs, field="messages") if msgs else None
     if fmt == "prompt-completion":
         n = len(errors)
         prompt = _str_field(rec, "prompt", row, errors)
@@ -315,34 +360,67 @@ def _check_row(fmt: str, rec: Any, row: int, errors: list[RowError]) -> Optional
     raise DatasetError(f"unknown dataset format {fmt!r}")
 
 
-def parse_records(records: list[tuple[int, Any]], fmt: str = "auto", read_errors: Optional[list[RowError]] = None) -> ParseResult:
-    """Check every record; collect row errors (never raising for a bad row)."""
+DUPLICATE_POLICIES = ("warn", "drop", "error")
+
+
+def parse_records(records: list[tuple[int, Any]], fmt: str = "auto", read_errors: Optional[list[RowError]] = None,
+                  duplicates: str = "warn") -> ParseResult:
+    """Check every record; collect row errors (never raising for a bad row).
+
+    duplicates: what a row identical to an earlier one is: warn (kept, listed in `duplicates`),
+    drop (left out, listed) or error (a bad row)."""
     errors = list(read_errors or [])
+    if duplicates not in DUPLICATE_POLICIES:
+        raise DatasetError(f"dataset.duplicates: unknown policy {duplicates!r} (expected one of {', '.join(DUPLICATE_POLICIES)})")
     if fmt == "auto":
         fmt = detect_format(records)
     elif fmt not in FORMATS:
         raise DatasetError(f"dataset.format: unknown format {fmt!r} (expected auto or one of {', '.join(FORMATS)})")
+    # Rows that follow another format are reported as such rather than as rows missing fields.
+    matches = {row: _formats_of_keys(set(rec)) for row, rec in records if isinstance(rec, dict)}
+    by_format: dict[str, list[int]] = {}
+    for row, found in matches.items():
+        if found:
+            by_format.setdefault(fmt if fmt in found else found[0], []).append(row)
+    mixed = by_format if len(by_format) > 1 else {}
     examples: list[Example] = []
+    dups: list[tuple[int, int]] = []
     first_seen: dict[str, int] = {}
     for row, rec in records:
+        found = matches.get(row) or []
+        if found and fmt not in found:
+            other = found[0]
+            if mixed:
+                theirs = f"not {fmt} ({FORMAT_KEYS[fmt]}) like rows {row_ranges(by_format.get(fmt, []))}: the file mixes formats"
+            else:
+                theirs = f"but dataset.format is {fmt} ({FORMAT_KEYS[fmt]})"
+            errors.append(RowError(row, "", f"follows the {other} format ({FORMAT_KEYS[other]}), {theirs}"))
+            continue
         ex = _check_row(fmt, rec, row, errors)
         if ex is None:
             continue
         fp = ex.fingerprint()
         if fp in first_seen:
-            errors.append(RowError(row, "", f"duplicate of row {first_seen[fp]}"))
-            continue
-        first_seen[fp] = row
+            first = first_seen[fp]
+            dups.append((row, first))
+            if duplicates == "error":
+                errors.append(RowError(row, "", f"duplicate of row {first}"))
+                continue
+            if duplicates == "drop":
+                continue
+            ex.duplicate_of = first
+        else:
+            first_seen[fp] = row
         examples.append(ex)
     errors.sort(key=lambda e: e.row)
     total = len(records) + len(read_errors or [])
-    return ParseResult(fmt, examples, errors, total)
+    return ParseResult(fmt, examples, errors, total, dups, duplicates, {f: rows for f, rows in mixed.items()})
 
 
-def parse_file(path: Path, fmt: str = "auto") -> ParseResult:
+def parse_file(path: Path, fmt: str = "auto", duplicates: str = "warn") -> ParseResult:
     records, read_errors = read_records(Path(path))
     if not records and not read_errors:
         raise DatasetError(f"dataset {Path(path).name}: contains no rows")
     if not records:
         return ParseResult(fmt if fmt != "auto" else "unknown", [], read_errors, len(read_errors))
-    return parse_records(records, fmt, read_errors)
+    return parse_records(records, fmt, read_errors, duplicates)

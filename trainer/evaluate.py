@@ -53,21 +53,36 @@ def heldout_loss(model, rows: list[Encoded], batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
+def stop_tokens(model, tokenizer) -> list[int]:
+    """The model's own stop tokens (generation_config: e.g. Llama 3's <|eot_id|> and <|end_of_text|>)
+    plus the tokenizer's eos: passing only the latter would run past the end of a turn."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else ([configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to `prompts`, each asked as one user turn through the tokenizer's chat template
+    (dataset.chatTemplate when set: prepare() installed it), or as plain text without a template."""
     import torch
 
+    from kubetune.trainer.tokenization import resolve_chat_template
+
     device = next(model.parameters()).device
+    template = resolve_chat_template(tokenizer, completion_only=False) if tokenizer.chat_template else None
     outs = []
     for prompt in prompts:
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+        if template is not None:
+            text = tokenizer.apply_chat_template(template.messages([{"role": "user", "content": prompt}]),
+                                                 chat_template=template.text, tokenize=False, add_generation_prompt=True)
         else:
             text = prompt
-        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt").to(device)
+        ids = tokenizer(text, add_special_tokens=template is None, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_tokens(model, tokenizer))
         outs.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return outs
 

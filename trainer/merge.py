@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from kubetune.trainer import artifacts
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.termination import write_message
+from kubetune.trainer.tokenization import install_chat_template
 
 STAGE = "merge"
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str = "2GB") -> Path:
-    """Write base+adapter as one bf16 model (sharded safetensors + tokenizer) to `out_dir`."""
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_size: str = "2GB",
+                  chat_template: Optional[str] = None) -> Path:
+    """Write base+adapter as one bf16 model (sharded safetensors + tokenizer) to `out_dir`.
+
+    `chat_template` (dataset.chatTemplate) becomes the merged tokenizer's: the model is served with
+    the template it was fine-tuned on, also when the base model had none."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -31,7 +37,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_si
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     merged.save_pretrained(str(out_dir), safe_serialization=True, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(str(base_dir)).save_pretrained(str(out_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    install_chat_template(tokenizer, chat_template)
+    tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -48,7 +56,8 @@ def run_merge(cfg: TrainerConfig) -> int:
     msg = fetch_adapter(cfg, store, work / "adapter", STAGE)
     if msg is not None:
         return 1
-    out = merge_adapter(base_model_dir(cfg), work / "adapter", work / "merged", cfg.merge.max_shard_size)
+    out = merge_adapter(base_model_dir(cfg), work / "adapter", work / "merged", cfg.merge.max_shard_size,
+                        cfg.dataset.chat_template)
     manifest = artifacts.publish_dir(store, out, artifacts.MERGED, meta={"baseModel": cfg.base_model.served_name,
                                                                          "dtype": "bfloat16"})
     uri = f"{store.uri.rstrip('/')}/{artifacts.MERGED}/"

@@ -1,17 +1,54 @@
-"""Where the base model comes from and how stages open it and the output store."""
+"""Where the base model comes from and how stages open it and the output store.
+
+Base models are read from s3:// (or a local directory for a local run) only.
+A Hugging Face id (`org/name`) is refused with a message naming baseModel.uri
+instead of being downloaded: a pod that pulls from the Hub at every stage would
+need a token, egress and a mirror setting, and could train and serve two
+different snapshots. The way in is to copy the snapshot to the bucket once.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
 from kubetune.trainer.config import TrainerConfig
-from kubetune.trainer.storage import Store, fetch, open_store
+from kubetune.trainer.storage import Store, fetch, is_s3, open_store
+
+# What the API accepts as a Hugging Face id (org/name).
+HF_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class ModelSourceError(ValueError):
+    """baseModel names something the trainer cannot load; the message says which field and what to do."""
+
+
+def check_model_source(cfg: TrainerConfig) -> None:
+    """Refuse Hugging Face ids and a revision (which only a Hub download could honour)."""
+    b = cfg.base_model
+    if not is_s3(b.uri) and not Path(b.uri).exists() and HF_ID.fullmatch(b.uri.rstrip("/")):
+        rev = f" --revision {b.revision}" if b.revision else ""
+        raise ModelSourceError(
+            f"baseModel.uri {b.uri!r} is a Hugging Face id, and kubetune reads base models from s3:// only "
+            f"(a local directory for a local run): copy the snapshot once (huggingface-cli download {b.uri}{rev} "
+            "--local-dir DIR, then upload DIR to s3://BUCKET/PREFIX/) and set baseModel.uri to that prefix"
+        )
+    if b.revision:
+        raise ModelSourceError(
+            f"baseModel.revision {b.revision!r} applies to Hugging Face ids, which kubetune does not download; "
+            f"the files under baseModel.uri {b.uri} are the version trained; remove baseModel.revision"
+        )
 
 
 def base_model_dir(cfg: TrainerConfig) -> Path:
-    return fetch(cfg.base_model.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
+    check_model_source(cfg)
+    path = fetch(cfg.base_model.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region,
                  cache_dir=cfg.storage.cache_dir, max_concurrency=cfg.storage.max_concurrency)
+    if not (Path(path) / "config.json").is_file():
+        raise ModelSourceError(f"baseModel.uri {cfg.base_model.uri} holds no config.json: "
+                               "not a Hugging Face model directory (save_pretrained's layout)")
+    return path
 
 
 def output_store(cfg: TrainerConfig) -> Store:

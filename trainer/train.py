@@ -265,6 +265,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     store = output_store(cfg)
     run_dir = run_dir_for(cfg)
     hf_dir = run_dir / "hf"
+    # Before any download or barrier: every rank reads the same manifest and, for a checkpoint of
+    # another run (artifacts.check_checkpoint_run), fails alike with the changed fields named.
+    resume_step = artifacts.latest_checkpoint(store)
+    if resume_step is not None:
+        unchecked = artifacts.check_checkpoint_run(store, resume_step, cfg)
+        if unchecked and state.is_main_process:
+            print(unchecked, flush=True)
 
     with state.local_main_process_first():
         if state.is_local_main_process:
@@ -273,7 +280,6 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         # The local main process downloads; the others then find the ETag-keyed cache complete.
         model_dir = base_model_dir(cfg)
         data_file = dataset_path(cfg)
-        resume_step = artifacts.latest_checkpoint(store)
         resume_dir = None
         if resume_step is not None:
             resume_dir = hf_dir / f"checkpoint-{resume_step}"
@@ -291,8 +297,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     tokenizer = load_tokenizer(model_dir)
     data = prepare(cfg, tokenizer, data_file)
     if not data.ok:
-        first = "; ".join(str(e) for e in data.errors[:5]) or "no rows to train on"
-        raise TrainingError(f"dataset {cfg.dataset.uri} has {len(data.errors)} bad rows (run validate): {first}")
+        raise TrainingError(f"dataset {cfg.dataset.uri}: {data.problem()} (run validate)")
 
     if stop.agreed():  # SIGTERM while downloading: nothing trained, nothing to save
         print("stopped on SIGTERM before training started", flush=True)
@@ -326,7 +331,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     stop_cb = StopOnSignal(stop)
     # CountTokens after StopOnSignal (it reads should_training_stop) and before the reporters.
     tokens = CountTokens()
-    callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process)]
+    callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
+                                                     run=artifacts.run_record(cfg))]
     if uncheckpointed:
         callbacks.append(SelectiveCheckpointing(uncheckpointed))
     if reporter is not None:
