@@ -1,4 +1,4 @@
-"""GPU check of the trainer's varlen attention (trainer/kernels.py).
+"""GPU check of the trainer's varlen attention (trainer/packed_attention.py).
 
 1. Kernel level: packed rows of random q/k/v (grouped-query heads as in
    Llama-3-8B) through `varlen_attention_forward` against a per-sample
@@ -25,7 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kubetune.trainer import kernels
+from kubetune.contract.recipe import MethodSpec, PerformanceSpec
+from kubetune.trainer import packed_attention, performance
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,7 +76,7 @@ def check_kernel(results: dict) -> bool:
         q, k, v, pos = packed_inputs(lens, heads, kv_heads, dim, torch.bfloat16, "cuda", seed)
         for t in (q, k, v):
             t.requires_grad_(True)
-        out, _ = kernels.varlen_attention_forward(None, q, k, v, None, scaling=scale, position_ids=pos)
+        out, _ = packed_attention.varlen_attention_forward(None, q, k, v, None, scaling=scale, position_ids=pos)
         ref = reference(q, k, v, lens, scale)
         grad = torch.randn_like(ref)
         (gq, gk, gv) = torch.autograd.grad(out.float(), (q, k, v), grad)
@@ -94,10 +95,10 @@ def check_kernel(results: dict) -> bool:
     # Cross-sample leak check: changing sample 2's keys must not change sample 1's outputs.
     lens = [[400, 600, 1048]]
     q, k, v, pos = packed_inputs(lens, heads, kv_heads, dim, torch.bfloat16, "cuda", 7)
-    a, _ = kernels.varlen_attention_forward(None, q, k, v, None, scaling=scale, position_ids=pos)
+    a, _ = packed_attention.varlen_attention_forward(None, q, k, v, None, scaling=scale, position_ids=pos)
     k2 = k.clone()
     k2[:, :, 400:1000] = torch.randn_like(k2[:, :, 400:1000])
-    b, _ = kernels.varlen_attention_forward(None, q, k2, v, None, scaling=scale, position_ids=pos)
+    b, _ = packed_attention.varlen_attention_forward(None, q, k2, v, None, scaling=scale, position_ids=pos)
     leak_ok = torch.equal(a[:, :400], b[:, :400]) and torch.equal(a[:, 1000:], b[:, 1000:]) and not torch.equal(a[:, 400:1000], b[:, 400:1000])
     results["kernel_no_cross_sample"] = leak_ok
     print(f"kernel no-cross-sample     {'OK' if leak_ok else 'BAD'}", flush=True)
@@ -114,7 +115,10 @@ def check_model(results: dict) -> bool:
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(random.randrange(1 << 30))
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    name = kernels.attention_implementation(None)
+    # What the trainer decides for this model with training.performance.attention: auto.
+    perf = performance.resolve(PerformanceSpec(), method=MethodSpec(type="lora"), strategy="ddp", cuda=True,
+                               varlen_capable=packed_attention.varlen_available(), model_config=cfg, max_length=4096)
+    name = packed_attention.attention_implementation(perf.attention)
     results["attention_implementation"] = name
     lens = [5, 300, 1, 700, 1042]
     ids = torch.randint(0, cfg.vocab_size, (1, sum(lens)), device="cuda")
@@ -137,7 +141,7 @@ def check_model(results: dict) -> bool:
         model.set_attn_implementation(impl)
         gen[impl] = model.generate(input_ids=prompt, attention_mask=am, max_new_tokens=8, do_sample=False, pad_token_id=0)
     same_gen = torch.equal(gen["sdpa"], gen[name])
-    good = name == kernels.VARLEN_ATTENTION and err < 2e-2 and same_gen
+    good = name == packed_attention.VARLEN_ATTENTION and err < 2e-2 and same_gen
     results["model_level"] = {"impl": name, "packed_vs_per_sample_rel_err": err, "generate_equal": same_gen, "ok": good}
     print(f"model  packed {name} vs per-sample {'OK' if err < 2e-2 else 'BAD'} rel err {err:.2e}; generate equal {same_gen}", flush=True)
     return good
@@ -184,7 +188,7 @@ def bench_attention(results: dict) -> None:
     g = torch.randn(1, rows * seq, heads, dim, device="cuda", dtype=torch.bfloat16)
 
     def varlen():
-        o, _ = kernels.varlen_attention_forward(None, q1, k1, v1, None, scaling=dim**-0.5, position_ids=pos1)
+        o, _ = packed_attention.varlen_attention_forward(None, q1, k1, v1, None, scaling=dim**-0.5, position_ids=pos1)
         o.backward(g)
 
     seg = torch.repeat_interleave(torch.arange(len(flat), device="cuda"), torch.tensor(flat, device="cuda"))

@@ -1,4 +1,4 @@
-"""GPU check of the fused LoRA linear (trainer/kernels.py) on bitsandbytes
+"""GPU check of the fused LoRA linear (trainer/lora_kernels.py, wired by trainer/fast_paths.py) on bitsandbytes
 4-bit and bf16 base layers: same output and gradients as PEFT's own forward
 under bf16 autocast, as the trainer runs it (dropout 0, so both sides compute
 the same function). Fresh random inputs every run.
@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from kubetune.trainer import kernels
+from kubetune.trainer import fast_paths
 
 
 def rel(a, b):
@@ -67,7 +67,7 @@ def main() -> int:
         x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
         g = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
         y0, dx0, gp0 = grads(m, x, g)
-        n = kernels.fuse_lora_layers(m)
+        n = fast_paths.fuse_lora_layers(m)
         y1, dx1, gp1 = grads(m, x, g)
         errs = {"y": rel(y1, y0), "dx": rel(dx1, dx0)}
         errs.update({k.split(".")[-3] + "." + k.split(".")[-2].replace("lora_", ""): rel(gp1[k], gp0[k]) for k in gp0})

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from kubetune.operator import deepspeed, names, training
+from kubetune.operator import deepspeed, training
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
@@ -39,17 +39,18 @@ def launcher_args(method: str, strategy: str, gpus: int, config: Path, ds_file: 
     run another program that does the same (the benchmark's timed wrapper)."""
     job = bench_job(method, strategy, gpus)
     settings = OperatorSettings()
+    args = training.accelerate_args(job, settings)
+    if args[:2] != ["accelerate", "launch"]:
+        raise RuntimeError(f"unexpected train command {args[:2]}")
     swap = {
         f"$({training.COMPLETION_INDEX_ENV})": "0",
-        names.train_pod_host(JOB, 0, NAMESPACE): "127.0.0.1",
+        # The rank-0 pod's DNS name, whatever the operator names it (found by its flag).
+        args[args.index("--main_process_ip") + 1]: "127.0.0.1",
         training.CONFIG_PATH: str(config),
         f"{training.CONFIG_DIR}/{deepspeed.DEEPSPEED_FILE}": str(ds_file),
     }
     if port is not None:
         swap[str(settings.main_process_port)] = str(port)
-    args = training.accelerate_args(job, settings)
-    if args[:2] != ["accelerate", "launch"]:
-        raise RuntimeError(f"unexpected train command {args[:2]}")
     program_at = args.index("-m")
     launcher = [sys.executable, "-m", "accelerate.commands.launch"] + [swap.get(a, a) for a in args[2:program_at]]
     program = [swap.get(a, a) for a in args[program_at:]]

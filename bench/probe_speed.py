@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import PROFILES  # noqa: E402
 
-from kubetune.trainer import kernels  # noqa: E402
+from kubetune.contract.recipe import MethodSpec, PerformanceSpec  # noqa: E402
+from kubetune.trainer import fast_paths, fp8, packed_attention, performance  # noqa: E402
 
 N_MATMUL = 7.5e9
 PEAK_FLOPS = 989e12
@@ -54,20 +55,25 @@ def load(model_dir: str, quant: str, targets: str = "all-linear"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    # training.performance: auto on this GPU, as the trainer resolves it (FP8 for the NF4 base)
+    perf = performance.resolve(PerformanceSpec(), method=MethodSpec(type="qlora" if quant == "nf4" else "lora"),
+                               strategy="ddp", cuda=True, fp8_capable=fp8.supported(torch.device("cuda")),
+                               varlen_capable=packed_attention.varlen_available(),
+                               liger_installed=fast_paths.liger_installed())
     kw = {}
     if quant == "nf4":
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True,
                                                        bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     t = time.time()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": 0},
-                                                 attn_implementation=kernels.attention_implementation(None), **kw)
+                                                 attn_implementation=packed_attention.attention_implementation(perf.attention), **kw)
     torch.cuda.synchronize()
     load_s = time.time() - t
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets if targets == "all-linear" else targets.split(","),
                                              task_type="CAUSAL_LM"))
-    kernels.apply_fast_paths(model, None)
-    return model, load_s
+    fast_paths.apply_fast_paths(model, perf)
+    return model, load_s, perf
 
 
 def step(model, opt, batch, autocast: bool) -> float:
@@ -142,9 +148,9 @@ def main() -> int:
     ap.add_argument("--profile-dir", default=None, help="write a torch.profiler table of one extra step per config")
     a = ap.parse_args()
     torch.cuda.reset_peak_memory_stats()
-    model, load_s = load(a.model_dir, a.quant, a.targets)
+    model, load_s, perf = load(a.model_dir, a.quant, a.targets)
     base = {"quant": a.quant, "load_s": round(load_s, 1), "attn": model.get_base_model().config._attn_implementation,
-            "liger": kernels.liger_wanted(model), "load_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "liger": perf.liger, "fp8": perf.fp8, "load_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "after_load_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}
     print("PROBE", json.dumps(base), flush=True)
     toks = [int(x) for x in a.tokens.split(",")]

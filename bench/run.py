@@ -84,17 +84,18 @@ CASES = {
     # plumbing check of the harness itself on a CPU (with --tiny): no figures
     "cpu-smoke": ("lora", "instruct", 512),
 }
-# "<case>@<variant>" runs the same case with the trainer's switches set so
-# (same seed, data and micro-batches): "plain" turns every fast path off, the
-# loss-curve check; the others are candidate speed-ups measured one at a time.
+# "<case>@<variant>" runs the same case with the config's training.performance
+# section set so (same seed, data and micro-batches), as a FineTuneJob would set
+# it: "plain" turns every fast path off, the loss-curve check; the others are
+# candidate speed-ups measured one at a time.
 VARIANTS = {
-    "plain": {"KUBETUNE_ATTENTION": "sdpa", "KUBETUNE_LIGER": "0", "KUBETUNE_FUSED_LORA": "0"},
-    "compile": {"KUBETUNE_COMPILE": "1"},
-    "compile-noliger": {"KUBETUNE_COMPILE": "1", "KUBETUNE_LIGER": "0"},
-    "nofuse": {"KUBETUNE_FUSED_LORA": "0"},
-    "allgc": {"KUBETUNE_SELECTIVE_CHECKPOINTING": "0"},
-    "fp8": {"KUBETUNE_FP8": "1"},
-    "bf16": {"KUBETUNE_FP8": "0"},
+    "plain": {"attention": "sdpa", "liger": "off", "fusedLora": "off"},
+    "compile": {"compile": "on"},
+    "compile-noliger": {"compile": "on", "liger": "off"},
+    "nofuse": {"fusedLora": "off"},
+    "allgc": {"selectiveCheckpointing": "off"},
+    "fp8": {"fp8": "on"},
+    "bf16": {"fp8": "off"},
 }
 
 
@@ -115,30 +116,36 @@ def gpu_busy_us(events) -> float:
     return busy
 
 
-def case_env(case: str, variant: str, qlora_budget_gib: float) -> dict:
-    """Environment of one case's child process: the memory budget the
-    micro-batch planner may use (QLoRA cases: the reference's peak, the
-    target's bound) and, for the plain variant, the fast paths switched off."""
-    env = dict(os.environ)
+def performance_section(case: str, variant: str, qlora_budget_gib: float) -> dict:
+    """training.performance of one case: the memory budget the micro-batch
+    planner may use (QLoRA cases: the reference's peak, the target's bound)
+    and the variant's switches; everything else stays auto (the default a
+    FineTuneJob gets)."""
+    perf: dict = {}
     if CASES[case][0] == "qlora" and qlora_budget_gib > 0:
-        env["KUBETUNE_MEMORY_BUDGET_GIB"] = str(qlora_budget_gib)
+        perf["memoryBudgetGiB"] = qlora_budget_gib
     if variant:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-        env.update(VARIANTS[variant])
-    return env
+        perf.update(VARIANTS[variant])
+    return perf
 
 
 def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int,
-                   targets: str = REFERENCE_TARGETS, log_every: int = 1, strategy: str = "ddp") -> dict:
+                   targets: str = REFERENCE_TARGETS, log_every: int = 1, strategy: str = "ddp",
+                   variant: str = "", qlora_budget_gib: float = 0) -> dict:
     method, _, max_len = CASES[case]
+    training = {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
+                "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": log_every}
+    perf = performance_section(case, variant, qlora_budget_gib)
+    if perf:
+        training["performance"] = perf
     return {
         "baseModel": {"uri": model_dir},
         "dataset": {"uri": data, "format": "text", "validationSplit": 0.0, "maxLength": max_len},
         "method": {"type": method, "r": 16, "alpha": 32, "targetModules": targets if targets == "all-linear" else targets.split(",")},
-        "training": {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
-                     "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": log_every,
-                     "strategy": strategy},
+        "training": training,
+        "launch": {"strategy": strategy},
         "output": {"uri": out},
         "storage": {"cacheDir": str(Path(out).parent / "cache")},
     }
@@ -312,7 +319,7 @@ def run_case(args) -> dict:
         "attention": marks.get("attn"),
         "steps": len(ends),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "strategy": cfg.training.strategy,
+        "strategy": cfg.launch.strategy,
         "timing": "events" if events_timing else "sync",
         "log_every": cfg.training.log_every,
         "steady_steps": len(rates),
@@ -336,6 +343,8 @@ def run_case(args) -> dict:
         },
         "loss": {str(k): round(v, 4) for k, v in sorted(clock.losses.items())},
         "profile": marks.get("profile"),
+        "performance": cfg.training.performance.model_dump(by_alias=True, exclude_none=True),
+        # the debugging overrides, if any were set around the bench (they win over the config)
         "env": {k: v for k, v in os.environ.items() if k.startswith("KUBETUNE_")},
     }
 
@@ -429,10 +438,10 @@ def main() -> int:
                     help="run each case in a plain child process, or under the operator's own `accelerate launch` line")
     ap.add_argument("--gpus", type=int, default=1, help="with --launch accelerate: processes (GPUs) on this machine")
     ap.add_argument("--strategy", default="ddp", choices=["ddp", "deepspeed-zero2", "deepspeed-zero3"],
-                    help="training.strategy (and, with --launch accelerate, the launcher's DeepSpeed flags)")
+                    help="launch.strategy (and, with --launch accelerate, the launcher's DeepSpeed flags)")
     ap.add_argument("--port", type=int, default=None, help="rendezvous port under --launch accelerate")
     ap.add_argument("--qlora-budget-gib", type=float, default=15.6,
-                    help="KUBETUNE_MEMORY_BUDGET_GIB for QLoRA cases (0: the trainer's default)")
+                    help="training.performance.memoryBudgetGiB of the QLoRA cases (0: the trainer's default)")
     args = ap.parse_args()
 
     if args.case:  # child: one per rank under accelerate launch; rank 0's record is the case's
@@ -464,7 +473,7 @@ def main() -> int:
             data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
         batch = args.batch if args.batch == "auto" else int(args.batch)
         cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{slug}")), args.steps, batch, args.seed,
-                             args.targets, args.log_every, args.strategy)
+                             args.targets, args.log_every, args.strategy, variant, args.qlora_budget_gib)
         result_dir = work / f"result-{slug}"
         shutil.rmtree(result_dir, ignore_errors=True)
         result_dir.mkdir(parents=True)
@@ -473,7 +482,7 @@ def main() -> int:
                "--variant", variant, "--profile-step", str(args.profile_step)]
         if args.logs and args.profile_step:
             program += ["--profile-out", str(Path(args.logs) / f"profile_{slug}.txt")]
-        env = case_env(case, variant, args.qlora_budget_gib)
+        env = dict(os.environ)
         if args.launch == "accelerate":
             # The operator's train command with the timed wrapper as its program (the wrapper
             # calls run_train exactly as `-m kubetune train --config` does).

@@ -14,6 +14,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from kubetune.trainer import artifacts
+from kubetune.trainer.fast_paths import uncheckpoint_last_layers
 from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.storage import Store
 
@@ -195,15 +196,13 @@ class CountTokens(TrainerCallback):
 
 
 class SelectiveCheckpointing(TrainerCallback):
-    """Leaves the last `layers` decoder layers uncheckpointed (kernels.uncheckpoint_last_layers),
+    """Leaves the last `layers` decoder layers uncheckpointed (fast_paths.uncheckpoint_last_layers),
     once the Trainer has switched checkpointing on for all of them at the start of train()."""
 
     def __init__(self, layers: int):
         self.layers = layers
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from kubetune.trainer.kernels import uncheckpoint_last_layers
-
         if model is not None and args.gradient_checkpointing:
             uncheckpoint_last_layers(model, self.layers)
 

@@ -23,47 +23,18 @@ any QLoRA adapter is (it trained against the NF4 ones).
 
 Pure functions of tensors; the CUDA path uses Triton kernels for the
 quantisation (one read, one write) and `torch._scaled_mm`; elsewhere
-(CPU tests) the same arithmetic in plain PyTorch.
+(CPU tests) the same arithmetic in plain PyTorch. Whether a run uses FP8 is
+decided with the other speed switches (`performance.resolve`,
+training.performance.fp8); `fast_paths.fp8_base_products` routes the layers.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-
-from kubetune.trainer.deepspeed import zero3_enabled
 
 E4M3_MAX = 448.0
-ENV_FP8 = "KUBETUNE_FP8"
 # cuBLASLt's FP8 products want the inner and output dimensions in multiples of 16.
 ALIGN = 16
-
-
-def enabled(mode: str, method: str, strategy: str, capable: bool) -> bool:
-    """Whether the base products run in FP8, from `training.fp8`.
-
-    auto: for QLoRA on a GPU with FP8 tensor cores. Its base weights are
-    already 4-bit, and the NF4 rounding moves a product about 2.5 times more
-    than the e4m3 rounding does (9.2% against 3.7% relative on the 8B
-    shapes, bench/check_fp8_h200.json); bf16
-    LoRA keeps bf16, the choice of someone who did not want quantised weights.
-    on: required, an error where it cannot run. off: never.
-    Not under ZeRO-3 (the backward re-reads the weight outside its module's
-    gather hooks). KUBETUNE_FP8=0/1 overrides, for benchmarks and debugging."""
-    zero3 = zero3_enabled(strategy)
-    env = os.environ.get(ENV_FP8)
-    if env in ("0", "1"):
-        return env == "1" and capable and not zero3
-    if mode == "off":
-        return False
-    if mode == "on":
-        if not capable:
-            raise ValueError("training.fp8=on needs a CUDA GPU with FP8 tensor cores (compute capability 8.9 "
-                             "or newer: L4, L40S, H100, H200); use 'auto' or 'off'")
-        if zero3:
-            raise ValueError("training.fp8=on is not supported with strategy deepspeed-zero3; use 'auto' or 'off'")
-        return True
-    return method == "qlora" and capable and not zero3
 
 
 def supported(device) -> bool:

@@ -46,7 +46,7 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
     assert (tmp_path / "logs" / "profile_cpu-smoke.trace.json.gz").stat().st_size > 0
     assert sorted(case["loss"], key=int) == ["1", "2", "3", "4", "5"]
     assert all(v > 0 for v in case["loss"].values())
-    assert case["config"]["training"]["strategy"] == "ddp"
+    assert case["config"]["launch"]["strategy"] == "ddp"
     assert (tmp_path / "logs" / "cpu-smoke.log").is_file()
 
 

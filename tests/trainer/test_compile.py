@@ -1,4 +1,4 @@
-"""Regional torch.compile of the decoder layers (kernels.compile_layers, KUBETUNE_COMPILE=1)
+"""Regional torch.compile of the decoder layers (fast_paths.compile_layers, training.performance.compile: on)
 computes the same loss and LoRA gradients as eager mode, under PEFT, non-reentrant
 gradient checkpointing and packed rows whose length changes between batches."""
 
@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from kubetune.trainer import kernels
+from kubetune.trainer import fast_paths
 
 pytestmark = pytest.mark.trainer
 
@@ -35,7 +35,7 @@ def test_compiled_layers_match_eager():
     base = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2))
     eager, compiled = _lora_model(base), _lora_model(base)
-    assert kernels.compile_layers(compiled) == 2 and len(kernels.decoder_layers(eager)) == 2
+    assert fast_paths.compile_layers(compiled) == 2 and len(fast_paths.decoder_layers(eager)) == 2
     for n in (48, 72):  # a packed row of two samples; the second length makes dynamo go dynamic
         ids = torch.randint(0, 256, (1, n))
         pos = torch.cat([torch.arange(n // 3), torch.arange(n - n // 3)]).unsqueeze(0)

@@ -1,14 +1,16 @@
-"""CPU tests of the FP8 base products (trainer/fp8.py and their use in
-trainer/kernels.py). The Triton kernels run only on a GPU; bench/check_fp8.py
-checks them there against the same arithmetic that these tests pin down."""
+"""CPU tests of the FP8 base products (trainer/fp8.py, the nodes of
+trainer/lora_kernels.py and their wiring in trainer/fast_paths.py). The Triton
+kernels run only on a GPU; bench/check_fp8.py checks them there against the same
+arithmetic that these tests pin down. Whether a run uses FP8
+(training.performance.fp8) is tested with the other switches in test_performance.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kubetune.trainer import fp8, kernels
-from tests.unit.test_kernels import _lora, _loss_and_grads, _tiny_llama
+from kubetune.trainer import fast_paths, fp8, lora_kernels
+from tests.unit.test_lora_kernels import _lora, _loss_and_grads, _tiny_llama
 
 
 def _rel(a, b):
@@ -65,7 +67,7 @@ def test_fp8_lora_linear_matches_bf16_within_fp8_rounding():
     out = {}
     for use_fp8 in (False, True):
         x = torch.randn(30, 64, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        y = kernels.lora_linear(x, a, b, base, 2.0, 0.0, use_fp8)
+        y = lora_kernels.lora_linear(x, a, b, base, 2.0, 0.0, use_fp8)
         y.pow(2).sum().backward()
         out[use_fp8] = (y.detach(), x.grad, a.grad.clone(), b.grad.clone())
         a.grad = b.grad = None
@@ -77,11 +79,11 @@ def test_fp8_lora_linear_matches_bf16_within_fp8_rounding():
 def test_fp8_base_products_patch_the_decoder_layers_and_train_alike():
     model = _lora(_tiny_llama(), dropout=0.0)
     ids = torch.randint(3, 256, (2, 24))
-    kernels.fuse_lora_layers(model)
+    fast_paths.fuse_lora_layers(model)
     ref_loss, ref_grads = _loss_and_grads(model, ids)
-    n = kernels.fp8_base_products(model)
+    n = fast_paths.fp8_base_products(model)
     assert n == 2 * 7  # every adapted projection of both layers (all-linear: nothing left unadapted)
-    assert kernels.fp8_base_products(model) == n  # idempotent
+    assert fast_paths.fp8_base_products(model) == n  # idempotent
     loss, grads = _loss_and_grads(model, ids)
     assert abs(loss.item() - ref_loss.item()) < 0.01 * ref_loss.item()
     for name in grads:  # every adapter gradient keeps its direction and size (the update the optimizer sees)
@@ -95,8 +97,8 @@ def test_fp8_reaches_the_frozen_mlp_when_only_attention_is_adapted():
 
     model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      task_type="CAUSAL_LM"))
-    kernels.fuse_lora_layers(model)
-    assert kernels.fp8_base_products(model) == 2 * 7  # q, v fused + k, o, gate, up, down frozen
+    fast_paths.fuse_lora_layers(model)
+    assert fast_paths.fp8_base_products(model) == 2 * 7  # q, v fused + k, o, gate, up, down frozen
     mlp = model.get_base_model().model.layers[0].mlp
     assert getattr(mlp.down_proj.forward, "_kubetune_fp8", False)
     lm_head = model.get_base_model().lm_head
@@ -114,54 +116,6 @@ def test_only_weights_on_the_16_grid_go_fp8():
     assert not fp8.pays(64, 40) and not fp8.pays(40, 64)  # off cuBLASLt's grid of 16
 
 
-@pytest.mark.parametrize("mode,method,strategy,capable,expected", [
-    ("auto", "qlora", "ddp", True, True),
-    ("auto", "lora", "ddp", True, False),  # bf16 LoRA keeps bf16 unless asked
-    ("auto", "qlora", "ddp", False, False),  # no FP8 tensor cores (A100, CPU)
-    ("auto", "qlora", "deepspeed-zero3", True, False),
-    ("auto", "qlora", "deepspeed-zero2", True, True),
-    ("on", "lora", "ddp", True, True),
-    ("off", "qlora", "ddp", True, False),
-])
-def test_fp8_mode_resolution(monkeypatch, mode, method, strategy, capable, expected):
-    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
-    assert fp8.enabled(mode, method, strategy, capable) is expected
-
-
-@pytest.mark.parametrize("capable,strategy,words", [(False, "ddp", "compute capability 8.9"),
-                                                    (True, "deepspeed-zero3", "deepspeed-zero3")])
-def test_fp8_on_that_cannot_run_is_rejected_naming_the_field(monkeypatch, capable, strategy, words):
-    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
-    with pytest.raises(ValueError, match="training.fp8=on") as e:
-        fp8.enabled("on", "qlora", strategy, capable)
-    assert words in str(e.value)
-
-
-def test_env_overrides_the_mode_but_never_forces_an_impossible_run(monkeypatch):
-    monkeypatch.setenv(fp8.ENV_FP8, "0")
-    assert not fp8.enabled("on", "qlora", "ddp", True)
-    monkeypatch.setenv(fp8.ENV_FP8, "1")
-    assert fp8.enabled("off", "lora", "ddp", True)
-    assert not fp8.enabled("off", "lora", "ddp", False)
+def test_fp8_needs_a_cuda_device():
     assert not fp8.supported(torch.device("cpu"))
-
-
-def test_trainer_rejects_fp8_on_for_this_machine():
-    from kubetune.trainer.config import TrainerConfig
-    from kubetune.trainer.train import TrainingError, resolve_fp8
-
-    cfg = TrainerConfig.model_validate({
-        "baseModel": {"uri": "m"}, "dataset": {"uri": "d"}, "output": {"uri": "o"},
-        "method": {"type": "qlora"}, "training": {"fp8": "on"}})
-    with pytest.raises(TrainingError, match="training.fp8=on"):
-        resolve_fp8(cfg, fp8_capable=False)
-    assert resolve_fp8(cfg, fp8_capable=True)
-
-
-def test_zero3_set_by_the_launcher_also_keeps_bf16(monkeypatch):
-    # accelerate launch --zero_stage 3 partitions the weights whatever the config's strategy says
-    monkeypatch.delenv(fp8.ENV_FP8, raising=False)
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert not fp8.enabled("auto", "qlora", "ddp", True)
-    with pytest.raises(ValueError, match="deepspeed-zero3"):
-        fp8.enabled("on", "qlora", "ddp", True)
+    assert not fp8.supported("cpu")

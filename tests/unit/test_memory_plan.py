@@ -1,0 +1,98 @@
+"""CPU tests of the micro-batch planner (trainer/memory_plan.py): pure arithmetic
+on the model's shape, and how its plan reaches the Trainer's arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.trainer import memory_plan
+
+GIB = 2**30
+LLAMA8B = memory_plan.ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+
+
+def test_plan_prefers_no_checkpointing_when_it_fits():
+    plan = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=400 * GIB, fixed_bytes=6 * GIB, fused_loss=True)
+    assert plan.checkpointing is False
+    assert plan.tokens == memory_plan.MAX_AUTO_TOKENS
+
+
+def test_plan_checkpoints_on_a_16_gib_budget():
+    plan = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.5 * GIB),
+                                    fused_loss=True)
+    assert plan.checkpointing is True
+    assert 1 <= plan.rows <= memory_plan.MAX_AUTO_TOKENS // 2048
+    assert plan.fixed_bytes + plan.tokens * plan.bytes_per_token <= plan.budget_bytes
+
+
+def test_plan_grows_with_budget_and_shrinks_with_unfused_loss():
+    small = memory_plan.plan_micro_batch(LLAMA8B, max_length=1024, budget_bytes=10 * GIB, fixed_bytes=6 * GIB, fused_loss=True)
+    large = memory_plan.plan_micro_batch(LLAMA8B, max_length=1024, budget_bytes=14 * GIB, fixed_bytes=6 * GIB, fused_loss=True)
+    unfused = memory_plan.plan_micro_batch(LLAMA8B, max_length=1024, budget_bytes=14 * GIB, fixed_bytes=6 * GIB, fused_loss=False)
+    assert small.rows < large.rows
+    assert unfused.rows < large.rows
+
+
+def test_plan_leaves_layers_uncheckpointed_only_when_memory_is_left():
+    tight = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.5 * GIB),
+                                     fused_loss=True)
+    roomy = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
+                                     fused_loss=True)
+    assert tight.uncheckpointed_layers == 0
+    assert roomy.checkpointing and roomy.rows == tight.rows and 0 < roomy.uncheckpointed_layers < LLAMA8B.layers
+    per_layer = (memory_plan.layer_activation_bytes_per_token(LLAMA8B) - LLAMA8B.hidden * 2) * 5 // 4  # with the margin
+    planned = roomy.fixed_bytes + roomy.tokens * (roomy.bytes_per_token + roomy.uncheckpointed_layers * per_layer)
+    assert planned <= roomy.budget_bytes < planned + roomy.tokens * per_layer  # as many as fit, not one more
+    none_allowed = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
+                                            fused_loss=True, allow_no_checkpointing=False)
+    assert none_allowed.uncheckpointed_layers == 0
+
+
+def test_plan_that_cannot_fit_one_row_names_the_numbers():
+    with pytest.raises(MemoryError, match="maxLength"):
+        memory_plan.plan_micro_batch(LLAMA8B, max_length=8192, budget_bytes=7 * GIB, fixed_bytes=6 * GIB, fused_loss=True)
+
+
+def test_checkpointing_keeps_far_less_per_token():
+    with_gc = memory_plan.activation_bytes_per_token(LLAMA8B, checkpointing=True, fused_loss=True)
+    without = memory_plan.activation_bytes_per_token(LLAMA8B, checkpointing=False, fused_loss=True)
+    assert 5 * with_gc < without
+
+
+def test_memory_budget():
+    assert memory_plan.memory_budget_bytes(80 * GIB) == int(72 * GIB)  # unset: 90% of the device
+    assert memory_plan.memory_budget_bytes(80 * GIB, 15.6) == int(15.6 * GIB)
+    assert memory_plan.memory_budget_bytes(80 * GIB, 200.0) == 80 * GIB  # never more than the device has
+
+
+@pytest.mark.parametrize("env, strategy, expected_skip", [
+    ({}, "ddp", 5),
+    ({"KUBETUNE_SELECTIVE_CHECKPOINTING": "0"}, "ddp", 0),  # every layer checkpointed
+    ({}, "deepspeed-zero3", 0),  # partitioned weights: the measured memory says nothing
+    ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ddp", 0),  # ZeRO-3 set by the launcher
+])
+def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expected_skip):
+    from kubetune.trainer.config import parse_config
+    from kubetune.trainer.performance import resolve
+
+    plan = memory_plan.MicroBatchPlan(rows=6, tokens=6 * 2048, checkpointing=True, bytes_per_token=1, budget_bytes=2,
+                                      fixed_bytes=1, uncheckpointed_layers=5)
+    seen = {}
+
+    def fake_plan(model, max_length, budget_gib):
+        seen.update(max_length=max_length, budget_gib=budget_gib)
+        return plan
+
+    monkeypatch.setattr(memory_plan, "auto_micro_batch", fake_plan)
+    cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 2048},
+                        "output": {"uri": "/o"}, "launch": {"strategy": strategy},
+                        "training": {"performance": {"memoryBudgetGiB": 15.6}}})
+    perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, env=env)
+    out, skip = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+    assert seen == {"max_length": 2048, "budget_gib": 15.6}  # the config's budget reaches the planner
+    assert out["per_device_train_batch_size"] == 6 and out["gradient_checkpointing"] is True
+    assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert skip == expected_skip
+    explicit = parse_config({**cfg.to_dict(), "training": {"batchSize": 3}})
+    fixed, skip = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
+    assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's

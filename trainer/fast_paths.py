@@ -1,0 +1,250 @@
+"""The fast paths, wired into a loaded model: what `training.performance` turned on.
+
+Why one place: each path patches the model in place, and their order
+matters. After the PEFT adapter is attached, `apply_fast_paths` (a no-op on a
+model that is not on a CUDA device):
+
+- casts frozen fp32 copies of embeddings / lm_head (left by k-bit
+  preparation) back to the compute dtype, so that the 128k-vocab output
+  projection runs on the tensor cores;
+- applies Liger kernels (fused RMSNorm, RoPE, SwiGLU);
+- routes each LoRA linear through one fused autograd node
+  (`lora_kernels.lora_linear`; not DoRA or LoRA-bias layers, which keep PEFT's
+  forward);
+- with FP8, routes the frozen base products of the decoder layers through
+  e4m3 products (`fp8.py`);
+- last, over the fused layers, compiles each decoder layer (regional
+  torch.compile).
+
+`uncheckpoint_last_layers` runs later, once the Trainer has turned gradient
+checkpointing on (callbacks.SelectiveCheckpointing). Which paths run is
+decided in `performance.resolve`; nothing here reads the environment.
+GPU-only packages (liger-kernel, bitsandbytes) are imported when used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kubetune.trainer import fp8
+from kubetune.trainer.lora_kernels import frozen_linear_fp8, lora_linear, plain_or_4bit_linear
+from kubetune.trainer.performance import Resolved
+
+log = logging.getLogger(__name__)
+
+
+def liger_installed() -> bool:
+    """liger-kernel imports (an optional GPU dependency: `kubetune[gpu]`)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _model_device_is_cuda(model) -> bool:
+    try:
+        return next(model.parameters()).is_cuda
+    except StopIteration:
+        return False
+
+
+# --------------------------------------------------------------------------
+# Fused LoRA and FP8 routing
+# --------------------------------------------------------------------------
+
+def _fusable(layer) -> bool:
+    """A PEFT LoRA layer over a plain or bitsandbytes-4-bit linear, with one
+    vanilla adapter (no DoRA or other variant, no LoRA bias)."""
+    import torch.nn as nn
+
+    if not plain_or_4bit_linear(layer.get_base_layer()):
+        return False
+    if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
+        return False
+    if any(getattr(layer, "use_dora", {}).values()):
+        return False
+    return all(isinstance(d, (nn.Dropout, nn.Identity)) for d in layer.lora_dropout.values())
+
+
+def _fused_lora_forward(layer, original):
+    import torch.nn as nn
+
+    def forward(x, *args, **kwargs):
+        active = layer.active_adapters
+        if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A:
+            return original(x, *args, **kwargs)
+        name = active[0]
+        drop = layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return lora_linear(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.get_base_layer(),
+                           layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False))
+
+    forward._kubetune_fused = True
+    return forward
+
+
+def fuse_lora_layers(model) -> int:
+    """Route every fusable PEFT LoRA linear through `lora_linear`; returns how
+    many. Idempotent; unfusable layers keep PEFT's forward."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and _fusable(module):
+            if getattr(module.forward, "_kubetune_fused", False):
+                n += 1
+                continue
+            module.forward = _fused_lora_forward(module, module.forward)
+            n += 1
+    return n
+
+
+def _frozen_linear(module) -> bool:
+    """A plain or bitsandbytes-4-bit linear layer with every parameter frozen."""
+    return plain_or_4bit_linear(module) and not any(p.requires_grad for p in module.parameters())
+
+
+def fp8_base_products(model) -> int:
+    """Route the frozen base products of the decoder layers through FP8 (`fp8`):
+    the fused LoRA layers' base product, and every other frozen linear (the MLP
+    without adapters). Not the LM head (the loss stays in bf16). Layers whose
+    dimensions are off cuBLASLt's grid (`fp8.pays`) keep bf16.
+    Idempotent; returns how many layers run in FP8."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    n = 0
+    for block in decoder_layers(model):
+        lora_bases = set()
+        for m in block.modules():
+            if isinstance(m, LoraLayer):
+                base = m.get_base_layer()
+                lora_bases.add(id(base))
+                if getattr(m.forward, "_kubetune_fused", False) and fp8.pays(base.in_features, base.out_features):
+                    m._kubetune_fp8 = True
+                    n += 1
+        for m in block.modules():
+            if id(m) in lora_bases or not _frozen_linear(m) or not fp8.pays(m.in_features, m.out_features):
+                continue
+            if not getattr(m.forward, "_kubetune_fp8", False):
+                m.forward = _fp8_forward(m)
+            n += 1
+    return n
+
+
+def _fp8_forward(module):
+    def forward(x, *args, **kwargs):
+        return frozen_linear_fp8(x, module)
+
+    forward._kubetune_fp8 = True
+    return forward
+
+
+# --------------------------------------------------------------------------
+# dtype clean-up, the wiring, compile, checkpointing per layer
+# --------------------------------------------------------------------------
+
+def downcast_frozen_fp32(model, dtype) -> int:
+    """Cast frozen floating-point parameters held in fp32 to `dtype`.
+
+    k-bit preparation upcasts every non-quantized weight to fp32 for
+    stability; for frozen weights that buys nothing (they get no update) and
+    makes the 128k x 4096 output projection run in fp32, off the tensor
+    cores, several times slower. Trainable (LoRA) weights keep fp32.
+    Returns the number of parameters cast.
+    """
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32 and p.is_floating_point():
+            p.data = p.data.to(dtype)
+            n += p.numel()
+    return n
+
+
+def _compute_dtype(model):
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    dt = getattr(base.config, "dtype", None) or getattr(base.config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    if dt not in (torch.bfloat16, torch.float16):
+        dt = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return dt
+
+
+def apply_fast_paths(model, perf: Resolved) -> None:
+    """Swap in the fast kernels `perf` asks for on a CUDA model; a no-op on CPU.
+
+    Safe to call before and after the PEFT adapter is attached (the LoRA
+    fusion only finds layers once it is). The loss is left alone: TRL's
+    SFTTrainer computes it with its own chunked LM head (no full logits),
+    which bypasses a patched model forward anyway.
+    """
+    if not _model_device_is_cuda(model):
+        return
+    dtype = _compute_dtype(model)
+    if dtype is not None:
+        n = downcast_frozen_fp32(model, dtype)
+        if n:
+            log.info("cast %d frozen fp32 parameters to %s", n, dtype)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if perf.liger and not getattr(base, "_kubetune_liger", False):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+        base._kubetune_liger = True
+        log.info("liger kernels applied to %s", type(base).__name__)
+    # Not under ZeRO-3 (resolve turns it off there): a base weight is only gathered when its
+    # own module runs its forward (DeepSpeed's hooks), and the fused node reads it directly.
+    if perf.fused_lora:
+        n = fuse_lora_layers(model)
+        if n:
+            log.info("fused %d LoRA linear layers", n)
+    if perf.fp8:
+        log.info("FP8 base products in %d linear layers", fp8_base_products(model))
+    # Last, over the fused layers.
+    if perf.compile:
+        log.info("compiled %d decoder layers", compile_layers(model))
+
+
+def decoder_layers(model) -> list:
+    """The transformer blocks of a (PEFT-wrapped) causal LM: the modules transformers
+    runs under gradient checkpointing, one per layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer in place (regional compilation).
+
+    All layers share one code object, so one compilation serves all of them
+    (plus one recompile when the packed length first changes: dynamic shapes),
+    instead of the minutes a whole-model graph takes; the matrix products stay
+    cuBLAS calls, and what Inductor gains is fusing the element-wise work around
+    them (residual adds, norms, casts, dropout). `Module.compile` keeps module
+    identity, so PEFT, gradient checkpointing and DDP wrap the same objects.
+    Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def uncheckpoint_last_layers(model, n: int) -> int:
+    """Run the last `n` decoder layers without activation checkpointing (their
+    activations stay; no recompute). transformers checks the flag per layer on
+    every call, so this works once the Trainer has turned checkpointing on.
+    The last layers, because their activations are the first the backward frees.
+    Returns how many layers were switched."""
+    layers = decoder_layers(model)
+    chosen = layers[len(layers) - min(n, len(layers)):] if n > 0 else []
+    for layer in chosen:
+        layer.gradient_checkpointing = False
+    return len(chosen)

@@ -1,0 +1,159 @@
+"""Each LoRA linear as one autograd node, and a frozen linear with its product in FP8.
+
+Why: PEFT computes a LoRA layer as base(x).clone() + lora_B(lora_A(dropout(x))) * s.
+On an 8B model with 16k-token micro-batches, the clone, the scaling and the
+add are three full passes over every projection's output in the forward
+(twice with gradient checkpointing) and more in the backward, about a quarter
+of the step time in a profile. Here the LoRA product is accumulated into the
+base output by the matrix multiply itself (addmm with beta=1) and the backward
+adds its input gradient the same way; dropout is one fused kernel with a
+one-byte mask.
+
+The frozen base weight is used in the compute dtype (a bitsandbytes 4-bit
+weight is dequantised in the forward and again in the backward, as
+bitsandbytes does), and the adapter's fp32 master weights get fp32 gradients,
+as under autocast. With `use_fp8` the base product (forward and input
+gradient) runs in FP8 (`fp8.py`).
+
+These are the nodes only; `fast_paths.py` decides which layers use them.
+torch (and bitsandbytes, for 4-bit weights) are imported when first called.
+"""
+
+from __future__ import annotations
+
+from kubetune.trainer import fp8
+
+
+def dense_weight(base, dtype):
+    """The frozen weight of a plain or bitsandbytes-4-bit linear in `dtype`."""
+    w = base.weight
+    quant_state = getattr(w, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data, quant_state).to(dtype)
+    return w.to(dtype)
+
+
+def dropout_with_mask(x, p: float):
+    """(dropout(x), keep-mask as bool) from one fused kernel: one pass over x
+    instead of the five of rand/compare/cast/scale/multiply, and a one-byte
+    mask for the backward (a separate function so that tests can regenerate
+    the same mask from the same RNG state)."""
+    import torch
+
+    return torch.ops.aten.native_dropout(x, p, True)
+
+
+def _lora_linear_fn():
+    import torch
+
+    class LoraLinearFn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, use_fp8: bool):
+            cdt = compute_dtype_of(x)
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(cdt)
+            w = dense_weight(base, cdt)
+            y = fp8.linear(x2, w, cdt) if use_fp8 else x2 @ w.t()
+            if getattr(base, "bias", None) is not None:
+                y += base.bias.to(cdt)
+            xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
+            a, b = lora_a.to(cdt), lora_b.to(cdt)
+            xa = xd @ a.t()
+            y.addmm_(xa, b.t(), alpha=scaling)
+            ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
+            ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p, ctx.fp8 = base, scaling, cdt, shape, p, use_fp8
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            xd, xa, lora_a, lora_b, mask = ctx.saved_tensors
+            cdt, s = ctx.cdt, ctx.scaling
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(cdt)
+            a, b = lora_a.to(cdt), lora_b.to(cdt)
+            dxa = (dy2 @ b).mul_(s)  # (tokens, r)
+            d_a = d_b = dx = None
+            if ctx.needs_input_grad[2]:
+                d_b = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)
+            if ctx.needs_input_grad[1]:
+                d_a = (dxa.t() @ xd).to(lora_a.dtype)
+            if ctx.needs_input_grad[0]:
+                w = dense_weight(ctx.base, cdt)
+                dx = fp8.linear_input_grad(dy2, w, cdt) if ctx.fp8 else dy2 @ w
+                if mask is None:
+                    dx.addmm_(dxa, a)
+                else:
+                    dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1.0 / (1.0 - ctx.p)))
+                dx = dx.view(ctx.shape)
+            return dx, d_a, d_b, None, None, None, None
+
+    return LoraLinearFn
+
+
+_LORA_FN = None
+
+
+def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0, use_fp8: bool = False):
+    """base(x) + scaling * dropout_p(x) @ A^T @ B^T as one autograd node; with
+    use_fp8 the base product (forward and input gradient) runs in FP8 (`fp8`)."""
+    global _LORA_FN
+    if _LORA_FN is None:
+        _LORA_FN = _lora_linear_fn()
+    return _LORA_FN.apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8))
+
+
+def compute_dtype_of(x):
+    """The dtype the products run in: autocast's when it is on, else x's."""
+    import torch
+
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _frozen_linear_fn():
+    import torch
+
+    class FrozenLinearFn(torch.autograd.Function):
+        """y = x @ W^T (+ b) of a frozen plain or 4-bit linear with the product in
+        FP8; saves nothing (the weight is re-read in the backward, as bitsandbytes does)."""
+
+        @staticmethod
+        def forward(ctx, x, base):
+            cdt = compute_dtype_of(x)
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(cdt)
+            y = fp8.linear(x2, dense_weight(base, cdt), cdt)
+            if getattr(base, "bias", None) is not None:
+                y += base.bias.to(cdt)
+            ctx.base, ctx.cdt, ctx.shape = base, cdt, shape
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
+            dx = fp8.linear_input_grad(dy2, dense_weight(ctx.base, ctx.cdt), ctx.cdt)
+            return dx.view(ctx.shape), None
+
+    return FrozenLinearFn
+
+
+_FROZEN_FN = None
+
+
+def frozen_linear_fp8(x, base):
+    """A frozen linear layer's forward with its product in FP8 (`fp8`)."""
+    global _FROZEN_FN
+    if _FROZEN_FN is None:
+        _FROZEN_FN = _frozen_linear_fn()
+    return _FROZEN_FN.apply(x, base)
+
+
+def plain_or_4bit_linear(module) -> bool:
+    """An nn.Linear or a bitsandbytes 4-bit linear: the weights `dense_weight` can read."""
+    import torch.nn as nn
+
+    is_4bit = type(module).__name__ == "Linear4bit" and hasattr(getattr(module, "weight", None), "quant_state")
+    return is_4bit or type(module) is nn.Linear

@@ -1,0 +1,200 @@
+"""How many rows a micro-batch holds, and which layers skip checkpointing.
+
+Why: the right micro-batch depends on the GPU's memory, the model's shape and
+dataset.maxLength; too small wastes the tensor cores, too large is a CUDA OOM
+an hour in. With `training.batchSize: auto` the trainer sizes it from an
+estimate of the activations per token (`activation_bytes_per_token`) against a
+memory budget (training.performance.memoryBudgetGiB, default 90% of the GPU),
+prefers no activation checkpointing when that fits 16k tokens, and otherwise
+checkpoints and leaves as many of the last layers uncheckpointed as the
+spare memory holds (selective checkpointing).
+
+`plan_micro_batch` is pure arithmetic on the model's shape, unit tested on a
+CPU; `auto_micro_batch` feeds it the device's numbers (torch is imported
+there, when called).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from kubetune.trainer.performance import Resolved
+
+log = logging.getLogger(__name__)
+
+# A micro-batch past this many tokens gains almost nothing in throughput on an
+# 8B model (the matrix products are already large) and only costs memory.
+MAX_AUTO_TOKENS = 16384
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        heads = config.num_attention_heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            vocab=config.vocab_size,
+        )
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """What one decoder layer keeps for its backward, per token, when it is not
+    checkpointed (see `activation_bytes_per_token`)."""
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    return (7 * shape.hidden + 2 * kv + 4 * shape.intermediate) * bytes_per_value
+
+
+def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2) -> int:
+    """Estimated training memory per token of a micro-batch (bf16 activations).
+
+    One decoder layer keeps about 7 hidden-sized tensors (norm inputs, the
+    q/k/v/o/gate/up inputs, attention output), 2 kv-sized ones and 4
+    intermediate-sized ones (gate, up, their product, the SwiGLU
+    intermediate). With gradient checkpointing only each layer's input stays
+    for the whole step and one layer is live at a time. Without a fused loss
+    the fp32 logits and their gradient add 2 x 4 bytes x vocab.
+    Deliberately a little generous: the planner should not plan an OOM.
+    """
+    per_layer = layer_activation_bytes_per_token(shape, bytes_per_value)
+    if checkpointing:
+        live = shape.layers * shape.hidden * bytes_per_value + 2 * per_layer
+    else:
+        live = shape.layers * per_layer
+    loss = 2 * shape.hidden * bytes_per_value if fused_loss else 2 * 4 * shape.vocab
+    return live + loss
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    rows: int
+    tokens: int
+    checkpointing: bool
+    bytes_per_token: int
+    budget_bytes: int
+    fixed_bytes: int
+    # With checkpointing: how many of the last layers keep their activations instead
+    # (no recompute for them), in the memory the micro-batch leaves over.
+    uncheckpointed_layers: int = 0
+
+
+def plan_micro_batch(
+    shape: ModelShape,
+    *,
+    max_length: int,
+    budget_bytes: int,
+    fixed_bytes: int,
+    fused_loss: bool,
+    allow_no_checkpointing: bool = True,
+    max_tokens: int = MAX_AUTO_TOKENS,
+) -> MicroBatchPlan:
+    """Rows of `max_length` tokens per micro-batch that fit `budget_bytes`.
+
+    `fixed_bytes` is what is already taken (weights, adapter, optimizer
+    state). Without checkpointing is preferred (a third less compute) when at
+    least `max_tokens` fit that way; otherwise checkpointing and as many rows
+    as fit, up to `max_tokens`, and then as many of the last layers left
+    uncheckpointed as the remaining memory holds. At least one row: if even
+    that does not fit, raise with the numbers, rather than fail later with a
+    CUDA OOM.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    free = budget_bytes - fixed_bytes
+    cap_rows = max(1, max_tokens // max_length)
+    if allow_no_checkpointing:
+        per_tok = activation_bytes_per_token(shape, checkpointing=False, fused_loss=fused_loss)
+        rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
+        if rows >= cap_rows:
+            return MicroBatchPlan(rows, rows * max_length, False, per_tok, budget_bytes, fixed_bytes)
+    per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss)
+    rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
+    if rows >= 1:
+        # Selective checkpointing: the recompute is a third of the step's matrix work, so
+        # every layer that fits uncheckpointed in the left-over memory is one less to redo.
+        # A layer that skips it keeps its full activations in place of its saved input.
+        # What a layer keeps depends on its kernels (dropout masks, saved LoRA inputs): plan a
+        # quarter more than the estimate, since a layer too many costs an OOM and a retry.
+        spare = free - rows * max_length * per_tok
+        extra = rows * max_length * max(1, layer_activation_bytes_per_token(shape) - shape.hidden * 2) * 5 // 4
+        skip = int(min(shape.layers, max(0, spare // extra))) if allow_no_checkpointing else 0
+        return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip)
+    raise MemoryError(
+        f"one row of {max_length} tokens needs about {per_tok * max_length / GIB:.1f} GiB of activations "
+        f"but only {max(free, 0) / GIB:.1f} GiB of the {budget_bytes / GIB:.1f} GiB budget is left after "
+        f"{fixed_bytes / GIB:.1f} GiB of weights; lower dataset.maxLength or raise training.performance.memoryBudgetGiB"
+    )
+
+
+def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = None) -> int:
+    """What the plan may use: `budget_gib` (training.performance.memoryBudgetGiB, or its
+    environment override) capped at the device, else 90% of the device (the rest: the
+    CUDA context, the allocator's fragmentation, NCCL buffers)."""
+    if budget_gib is None:
+        return int(device_total_bytes * 0.9)
+    return min(int(budget_gib * GIB), device_total_bytes)
+
+
+def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None) -> MicroBatchPlan:
+    """Plan the micro-batch on the current CUDA device, after the model
+    (and adapter) are loaded there."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fixed = torch.cuda.memory_allocated()
+    # LoRA parameters get fp32 grads and two Adam moments: 3 more copies.
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fixed += 3 * trainable
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return plan_micro_batch(
+        ModelShape.from_config(base.config),
+        max_length=max_length,
+        budget_bytes=memory_budget_bytes(total, budget_gib),
+        fixed_bytes=fixed,
+        fused_loss=True,  # TRL's SFTTrainer computes the loss with a chunked LM head
+    )
+
+
+def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int]:
+    """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
+    loaded: with `training.batchSize: auto`, the micro-batch (rows of
+    dataset.maxLength tokens) and whether to checkpoint activations come from
+    `auto_micro_batch` within `perf.memory_budget_gib`; an explicit batch size is
+    left alone. Checkpointing always uses the non-reentrant implementation (no
+    need for inputs that require grad, works with frozen embeddings).
+
+    Returns the arguments and how many of the last decoder layers should run
+    without checkpointing (`uncheckpoint_last_layers`, after the Trainer has
+    turned checkpointing on): 0 unless the plan leaves memory for them and
+    `perf.selective_checkpointing` (off under ZeRO-3, where partitioned weights
+    make the measured memory meaningless; `performance.resolve`)."""
+    out = dict(kwargs)
+    skip = 0
+    t = cfg.training
+    if t.batch_size == "auto":
+        plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib)
+        out["per_device_train_batch_size"] = plan.rows
+        out["per_device_eval_batch_size"] = plan.rows
+        out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
+        if plan.checkpointing and perf.selective_checkpointing:
+            skip = plan.uncheckpointed_layers
+        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without (%.1f of %.1f GiB budget fixed)",
+                 plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip, plan.fixed_bytes / GIB,
+                 plan.budget_bytes / GIB)
+    if out.get("gradient_checkpointing"):
+        out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return out, skip

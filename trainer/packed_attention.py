@@ -1,0 +1,268 @@
+"""Attention over packed rows without a quadratic mask.
+
+Why: the trainer packs the samples of a micro-batch into one row, with
+`position_ids` restarting at 0 for each sample. transformers' `sdpa` then
+needs a dense block-diagonal mask, quadratic in batch x length; PyTorch's
+variable-length flash kernel (`torch.nn.attention.varlen.varlen_attn`) takes
+the sample boundaries instead, and its cost grows with the sum of the squared
+sample lengths. Each token attends only to earlier tokens of its own sample.
+
+The kernel computes plain causal softmax attention and nothing else. A model
+family whose attention is more than that (a sliding window narrower than a
+sample, logit soft-capping as in Gemma 2, attention sinks) keeps the
+library's own implementation: `varlen_unfit` says why a family cannot use the
+fast path, `library_attention` which implementation it falls back to, and
+`varlen_attention_forward` refuses at run time what it cannot reproduce
+rather than drop it silently.
+
+The CUDA kernel is imported only when first called; everything here can be
+imported and tested on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Optional
+
+VARLEN_ATTENTION = "kubetune_varlen"
+
+
+# --------------------------------------------------------------------------
+# Packed sequences: boundaries from position_ids (pure, CPU-testable)
+# --------------------------------------------------------------------------
+
+def cu_seqlens_from_position_ids(position_ids):
+    """Cumulative sample boundaries of a packed batch, for a varlen kernel.
+
+    `position_ids` is (batch, seq) or (seq,). A new sample starts at the
+    beginning of every row and wherever the position does not continue the
+    previous one by exactly +1 (usually a reset to 0). Rows are concatenated
+    in order, so the result indexes the flattened (batch * seq) tokens.
+
+    Returns `(cu_seqlens, max_len)`: an int32 tensor [0, e1, e2, ..., total]
+    on the same device, and the longest sample length as a Python int.
+    """
+    import torch
+
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be 1-D or 2-D, got shape {tuple(position_ids.shape)}")
+    rows, seq = position_ids.shape
+    if rows == 0 or seq == 0:
+        raise ValueError(f"position_ids is empty (shape {tuple(position_ids.shape)})")
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    start_idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    total = torch.tensor([rows * seq], device=position_ids.device, dtype=start_idx.dtype)
+    cu = torch.cat([start_idx, total]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max().item())
+    return cu, max_len
+
+
+class _BoundaryCache:
+    """Every layer of one forward pass sees the same position_ids tensor, and
+    finding the boundaries syncs with the host: compute them once per tensor.
+    Holds one entry; the reference keeps the tensor alive only until the next
+    batch replaces it."""
+
+    def __init__(self) -> None:
+        self._key: Any = None
+        self._value: Any = None
+
+    def get(self, position_ids, rows: int):
+        # Keyed on the tensor object itself (plus its version counter, bumped
+        # by in-place writes), not on its address, which a later batch reuses.
+        key = (rows, tuple(position_ids.shape), position_ids._version)
+        if self._key is not None and self._key[0] is position_ids and self._key[1] == key:
+            return self._value
+        expanded = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+        value = cu_seqlens_from_position_ids(expanded)
+        self._key, self._value = (position_ids, key), value
+        return value
+
+
+_boundaries = _BoundaryCache()
+
+
+# --------------------------------------------------------------------------
+# Which families the kernel reproduces exactly (pure, CPU-testable)
+# --------------------------------------------------------------------------
+
+def _text_config(config):
+    # Multimodal configs (Gemma 3) keep the decoder's settings in a nested text config.
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def varlen_unfit(config, max_length: int) -> Optional[str]:
+    """Why the varlen kernel cannot give this model family's attention exactly,
+    or None when it can. `max_length` is the longest sample (dataset.maxLength):
+    packed samples never exceed it, so a sliding window at least that wide
+    never masks anything.
+
+    transformers passes `softcap=` and `sliding_window=` to the attention
+    function of the families that use them (Gemma 2/3, Mistral, Phi-3,
+    Qwen2/3 with windows, Cohere 2); the kernel has neither."""
+    c = _text_config(config)
+    softcap = getattr(c, "attn_logit_softcapping", None)
+    if softcap is not None:
+        return f"{c.model_type} soft-caps attention logits (attn_logit_softcapping={softcap})"
+    window = getattr(c, "sliding_window", None)
+    if window is not None and window < max_length:
+        layer_types = getattr(c, "layer_types", None)
+        # Without layer_types (Mistral, Phi-3) the window applies to every layer.
+        if layer_types is None or "sliding_attention" in layer_types:
+            return (f"{c.model_type} uses a sliding window of {window} tokens, narrower than "
+                    f"dataset.maxLength={max_length}")
+    if getattr(c, "model_type", "") == "gpt_oss":
+        return "gpt_oss adds attention sinks (s_aux)"
+    return None
+
+
+def library_attention(config) -> str:
+    """The library's own implementation for a family that cannot use varlen:
+    sdpa (which builds the block-diagonal and sliding-window masks from
+    position_ids), or eager where sdpa cannot soft-cap (transformers refuses
+    sdpa for Gemma 2)."""
+    if config is not None and getattr(_text_config(config), "attn_logit_softcapping", None) is not None:
+        return "eager"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------
+# The varlen attention function (registered with transformers)
+# --------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _varlen_kernel():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _kernel_options(params: set[str], n_heads: int, n_kv_heads: int, scaling: Optional[float], head_dim: int) -> tuple[dict, bool]:
+    """Keyword arguments for the installed `varlen_attn` (its signature changed
+    between PyTorch releases) and whether key/value heads must be repeated
+    for grouped-query attention because the kernel cannot take them as is."""
+    kw: dict[str, Any] = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)  # causal
+    elif "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor is_causal")
+    if scaling is not None and not math.isclose(scaling, head_dim**-0.5, rel_tol=1e-6):
+        if "scale" not in params:
+            raise RuntimeError(f"this varlen_attn has no scale argument and the model needs scaling={scaling}")
+        kw["scale"] = scaling
+    repeat_kv = False
+    if n_kv_heads != n_heads:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            repeat_kv = True
+    return kw, repeat_kv
+
+
+def _refuse_what_varlen_cannot_do(kwargs: dict, max_len: int) -> None:
+    """The last guard: a family that reached this kernel although `varlen_unfit`
+    should have kept it away (an explicit KUBETUNE_ATTENTION, a new family) fails
+    loudly instead of training with the wrong attention."""
+    if kwargs.get("softcap") is not None:
+        raise RuntimeError(f"kubetune varlen attention cannot soft-cap logits (softcap={kwargs['softcap']}); "
+                           "use training.performance.attention: auto")
+    if kwargs.get("s_aux") is not None:
+        raise RuntimeError("kubetune varlen attention has no attention sinks (s_aux); use training.performance.attention: auto")
+    window = kwargs.get("sliding_window")
+    if window is not None and max_len > window:
+        raise RuntimeError(f"kubetune varlen attention has no sliding window ({window} tokens) and a sample is "
+                           f"{max_len} tokens long; use training.performance.attention: auto")
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: (batch, heads, seq, dim) in,
+    (batch, seq, heads, dim) out, like the sdpa integration.
+
+    Sample boundaries come from `cu_seq_lens_q` / `max_length_q` when the
+    collator provides them, else from `position_ids`, else each row is one
+    sample. Anything that is not self-attention over unpadded rows (a KV
+    cache during generation, a padding mask) goes to sdpa with the mask that
+    `varlen_mask` built for it.
+    """
+    import torch
+
+    bsz, n_heads, seq, head_dim = query.shape
+    if attention_mask is not None or key.shape[2] != seq:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("kubetune varlen attention does not implement attention dropout")
+    n_kv = key.shape[1]
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None or max_len is None:
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            cu, max_len = _boundaries.get(pos, bsz)
+        else:
+            cu = torch.arange(0, (bsz + 1) * seq, seq, device=query.device, dtype=torch.int32)
+            max_len = seq
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    max_len = int(max_len)
+    _refuse_what_varlen_cannot_do(kwargs, max_len)
+
+    kernel, params = _varlen_kernel()
+    opts, repeat_kv = _kernel_options(params, n_heads, n_kv, scaling, head_dim)
+    q = query.transpose(1, 2).reshape(bsz * seq, n_heads, head_dim)
+    k = key.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
+    v = value.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
+    if repeat_kv:
+        k = k.repeat_interleave(n_heads // n_kv, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv, dim=1)
+    out = kernel(q, k, v, cu, cu, max_len, max_len, **opts)
+    return out.reshape(bsz, seq, n_heads, head_dim), None
+
+
+def varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    """transformers mask function for the varlen implementation: no mask at
+    all for self-attention over unpadded rows (sample boundaries travel in
+    position_ids; a dense block-diagonal mask is what we avoid), the sdpa
+    mask otherwise (generation with a cache, padded batches)."""
+    if q_length == kv_length and (attention_mask is None or bool(attention_mask.all())):
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, attention_mask=attention_mask, **kwargs)
+
+
+def varlen_available() -> bool:
+    """A CUDA device of compute capability >= 8.0 and a PyTorch with varlen_attn."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+            return False
+        _varlen_kernel()
+        return True
+    except Exception:  # ImportError on older PyTorch; a broken driver is the same answer
+        return False
+
+
+def register_varlen_attention() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+    return VARLEN_ATTENTION
+
+
+def attention_implementation(choice: str) -> str:
+    """The `attn_implementation` to load the model with, for the attention that
+    `performance.resolve` chose: "varlen" registers the kernel with transformers
+    and returns its name; any other name is transformers' own."""
+    return register_varlen_attention() if choice == "varlen" else choice
