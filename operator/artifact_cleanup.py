@@ -8,6 +8,7 @@ leaves something that looks complete."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from kubetune.trainer.artifacts import MANIFEST
 from kubetune.trainer.config import load_config
@@ -26,8 +27,11 @@ def delete_all(store: Store) -> int:
     return len(ordered)
 
 
-def run(config_path: Path) -> int:
+def run(config_path: Path, uri: Optional[str] = None) -> int:
+    """`uri`: the prefix to empty (the job's whole output.uri); the config's output.uri otherwise."""
     cfg = load_config(config_path)
+    if uri:
+        cfg.output.uri = uri
     store = open_store(cfg.output.uri, cfg.storage.endpoint_url, cfg.storage.region, cfg.storage.max_concurrency)
     try:
         count = delete_all(store)

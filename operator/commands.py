@@ -71,14 +71,15 @@ def register(app: typer.Typer) -> None:
 
     @app.command("delete-artifacts")
     def delete_artifacts_cmd(
-        config: str = typer.Option(..., "--config", "-c", help="Trainer config (its output.uri and storage are used)."),
+        config: str = typer.Option(..., "--config", "-c", help="Trainer config (its storage settings are used)."),
+        uri: Optional[str] = typer.Option(None, "--uri", help="Prefix to empty; the config's output.uri by default."),
     ) -> None:
-        """Delete every artifact under output.uri (the cleanup Job of deleteOnJobDeletion)."""
+        """Delete every artifact under a job's output (the cleanup Job of deleteOnJobDeletion)."""
         from pathlib import Path
 
         from kubetune.operator.artifact_cleanup import run
 
-        raise typer.Exit(run(Path(config)))
+        raise typer.Exit(run(Path(config), uri))
 
     @app.command("crd")
     def crd_cmd(

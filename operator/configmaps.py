@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import deepspeed, names
+from . import deepspeed, names, revisions
 from .api import FineTuneJob
 from .pods import metadata
 from kubetune.contract.facts import CONFIG_FILE
@@ -15,6 +15,8 @@ from .render import trainer_config_for
 
 
 def config_map(job: FineTuneJob) -> dict[str, Any]:
+    """The config of the revision the spec asks for (immutable: a new revision gets a new one)."""
+    rev = revisions.of(job)
     data = {CONFIG_FILE: trainer_config_for(job).to_yaml()}
     ds = deepspeed.render(job)
     if ds is not None:
@@ -22,9 +24,9 @@ def config_map(job: FineTuneJob) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": metadata(job, names.config_map(job.metadata.name), "config"),
-        # Spec edits of running fields are rejected by CEL; the config a run
-        # started with is the config it finishes with.
+        "metadata": metadata(job, names.config_map(job.metadata.name, rev), "config", rev=rev),
+        # The config a run started with is the config it finishes with: an edit
+        # that changes the recipe is a new revision with a ConfigMap of its own.
         "immutable": True,
         "data": data,
     }

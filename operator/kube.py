@@ -1,18 +1,23 @@
-"""The operator's few Kubernetes API calls (kubernetes client, raw dicts).
+"""The operator's Kubernetes API calls (kubernetes client, raw dicts), driven by
+the children table (`children.KINDS`).
 
-Creation is idempotent: 409 AlreadyExists counts as success, so a handler
-interrupted after a create (operator killed, API timeout) and run again
-creates nothing twice. An existing object owned by a different FineTuneJob
-(same name, earlier incarnation still being garbage-collected) is an error.
+`ensure` is idempotent: a created-once kind counts 409 AlreadyExists as done
+(a handler interrupted after a create and run again creates nothing twice);
+an applied kind goes through server-side apply with the operator's field
+manager, forced, so the operator's fields always hold the spec's values. An
+existing object controlled by a different owner (same name, an earlier
+incarnation still being garbage-collected) is a `ChildConflict`.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+
+from .children import FIELD_MANAGER, BY_KIND, ChildKind, kind_of
 
 
 class ChildConflict(Exception):
@@ -26,66 +31,89 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
 class Kube:
     def __init__(self, api_client: Optional[client.ApiClient] = None):
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.apps = client.AppsV1Api(self.api)
-        self.rbac = client.RbacAuthorizationV1Api(self.api)
-        self._create: dict[tuple[str, str], Callable[..., Any]] = {
-            ("v1", "ServiceAccount"): self.core.create_namespaced_service_account,
-            ("v1", "ConfigMap"): self.core.create_namespaced_config_map,
-            ("v1", "Service"): self.core.create_namespaced_service,
-            ("rbac.authorization.k8s.io/v1", "Role"): self.rbac.create_namespaced_role,
-            ("rbac.authorization.k8s.io/v1", "RoleBinding"): self.rbac.create_namespaced_role_binding,
-            ("batch/v1", "Job"): self.batch.create_namespaced_job,
-            ("apps/v1", "Deployment"): self.apps.create_namespaced_deployment,
-        }
-        self._read: dict[tuple[str, str], Callable[..., Any]] = {
-            ("v1", "ServiceAccount"): self.core.read_namespaced_service_account,
-            ("v1", "ConfigMap"): self.core.read_namespaced_config_map,
-            ("v1", "Service"): self.core.read_namespaced_service,
-            ("rbac.authorization.k8s.io/v1", "Role"): self.rbac.read_namespaced_role,
-            ("rbac.authorization.k8s.io/v1", "RoleBinding"): self.rbac.read_namespaced_role_binding,
-            ("batch/v1", "Job"): self.batch.read_namespaced_job,
-            ("apps/v1", "Deployment"): self.apps.read_namespaced_deployment,
-        }
 
-    def _raw(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
-        resp = fn(*args, _preload_content=False, **kwargs)
-        return json.loads(resp.data)
+    def _call(self, method: str, path: str, body: Any = None, query: Optional[list[tuple[str, str]]] = None,
+              content_type: str = "application/json") -> dict[str, Any]:
+        """One REST call through the client's own serialisation and auth; ApiException on a non-2xx."""
+        method, url, headers, payload, post = self.api.param_serialize(
+            method=method, resource_path=path, query_params=query or [], body=body,
+            header_params={"Accept": "application/json", "Content-Type": content_type}, auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(method, url, header_params=headers, body=payload, post_params=post)
+        resp.read()
+        if not 200 <= resp.status <= 299:
+            raise ApiException(http_resp=resp)
+        return json.loads(resp.data) if resp.data else {}
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Optional[dict[str, Any]]:
         try:
-            return self._raw(self._read[(api_version, kind)], name, namespace)
+            return self._call("GET", BY_KIND[(api_version, kind)].path(namespace, name))
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
+    def list(self, api_version: str, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+        k = BY_KIND[(api_version, kind)]
+        return self._call("GET", k.path(namespace), query=[("labelSelector", _selector(labels))]).get("items", [])
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete (its dependents, e.g. a Job's pods, in the background); False when already gone."""
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        try:
+            self._call("DELETE", BY_KIND[(api_version, kind)].path(namespace, name), body=body)
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
     def ensure(self, obj: dict[str, Any]) -> bool:
-        """Create `obj`; True when created now, False when it already existed (ours)."""
-        key = (obj["apiVersion"], obj["kind"])
+        """Create or apply `obj` as its kind says; True when something was created or changed."""
+        k = kind_of(obj)
+        return self._apply(k, obj) if k.applied else self._create(k, obj)
+
+    def _create(self, k: ChildKind, obj: dict[str, Any]) -> bool:
         meta = obj["metadata"]
         try:
-            self._create[key](meta["namespace"], obj, _preload_content=False)
+            self._call("POST", k.path(meta["namespace"]), body=obj, query=[("fieldManager", FIELD_MANAGER)])
             return True
         except ApiException as e:
             if e.status != 409:
                 raise
         existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        if existing is None:  # deleted in between: next reconcile creates it again
-            return False
-        want = {r["uid"] for r in meta.get("ownerReferences", [])}
-        have = {r.get("uid") for r in existing.get("metadata", {}).get("ownerReferences") or []}
-        if want and not want & have:
-            raise ChildConflict(f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob")
-        return False
+        if existing is not None:
+            _check_owner(obj, existing)
+        return False  # deleted in between: the next reconcile creates it again
+
+    def _apply(self, k: ChildKind, obj: dict[str, Any]) -> bool:
+        meta = obj["metadata"]
+        existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        if existing is not None:
+            _check_owner(obj, existing)
+        out = self._call(
+            "PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")], content_type="application/apply-patch+yaml",
+        )
+        before = (existing or {}).get("metadata", {}).get("resourceVersion")
+        return out.get("metadata", {}).get("resourceVersion") != before
 
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
-        sel = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        return self._raw(self.core.list_namespaced_pod, namespace, label_selector=sel).get("items", [])
+        resp = self.core.list_namespaced_pod(namespace, label_selector=_selector(selector), _preload_content=False)
+        return json.loads(resp.data).get("items", [])
 
-    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
-        self.apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": replicas}})
+
+def _check_owner(obj: dict[str, Any], existing: dict[str, Any]) -> None:
+    want = {r["uid"] for r in obj["metadata"].get("ownerReferences", [])}
+    have = {r.get("uid") for r in existing.get("metadata", {}).get("ownerReferences") or []}
+    if want and not want & have:
+        meta = obj["metadata"]
+        raise ChildConflict(f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this FineTuneJob")

@@ -24,8 +24,9 @@ class Decision:
     conditions: list[tuple[str, str, str, str]] = field(default_factory=list)
     create: Optional[str] = None  # stage whose children must be created now
     status: dict[str, Any] = field(default_factory=dict)  # other status fields to merge
-    scale_to: Optional[int] = None  # replicas to apply to the stage's scalable child (serve)
-    scale_stage: Optional[str] = None
+    current: Optional[str] = None  # the stage this decision is about (the first not done, or the last)
+    # Stages found done in this pass, {stage: {"result": ...}}: recorded in status.revisions.
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Reason when the job cannot make progress without a person (a missing object, a refused child).
     stalled: Optional[str] = None
 
@@ -42,25 +43,25 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
     conditions: list[tuple[str, str, str, str]] = []
     status: dict[str, Any] = {}
     artifacts: dict[str, str] = {}
+    finished: dict[str, dict[str, Any]] = {}
+    last: Optional[Stage] = None
 
     def result(phase: str, message: str, **kw: Any) -> Decision:
         out = dict(status)
         if artifacts:
             out["artifacts"] = artifacts
-        return Decision(phase, message, conditions, status=out, **kw)
+        return Decision(phase, message, conditions, status=out, current=last.name if last else None,
+                        finished=finished, **kw)
 
-    last: Optional[Stage] = None
-    scale_kw: dict[str, Any] = {}
     for stage in pipeline(job.spec):
         last = stage
         outcome = observed.get(stage.name) or StageOutcome("absent")
         cond = stage.condition
-        if stage.result_field and outcome.result is not None:
-            status[stage.result_field] = {k: v for k, v in outcome.result.items() if k != "stage"}
+        verdict = {k: v for k, v in outcome.result.items() if k != "stage"} if outcome.result is not None else None
+        if stage.result_field and verdict is not None:
+            status[stage.result_field] = verdict
         if stage.extra_status:
             status.update(stage.extra_status(job, outcome))
-        scale = stage.scale(job, outcome) if stage.scale and outcome.state in ("running", "succeeded") else None
-        scale_kw = {"scale_to": scale, "scale_stage": stage.name} if scale is not None else {}
         queue = job.spec.resources.queue_name
         if outcome.state == "absent":
             if queue and stage.queued:
@@ -75,12 +76,14 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
         if outcome.state == "running":
             message = outcome.message or f"{stage.name} running"
             conditions.append((cond, stage.pending_status, outcome.reason or "Running", message))
-            return result(stage.phase, message, **scale_kw)
+            return result(stage.phase, message)
         if outcome.state == "failed":
             message = outcome.message or f"{stage.name} failed"
             conditions.append((cond, "False", outcome.reason or "Failed", message))
             return result("Failed", f"{stage.name} failed: {message}")
         # succeeded
+        if stage.recorded:
+            finished[stage.name] = {"result": verdict} if verdict is not None else {}
         gate = stage.gate(job, outcome) if stage.gate else None
         artifacts.update(stage.artifact_uris(job))
         if gate is not None:
@@ -89,7 +92,7 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
         message = stage.done_message(job, outcome) if stage.done_message else (outcome.message or f"{stage.name} succeeded")
         conditions.append((cond, "True", stage.done_reason, message))
     if last is not None and last.done_phase != "Succeeded":
-        return result(last.done_phase, conditions[-1][3], **scale_kw)
+        return result(last.done_phase, conditions[-1][3])
     return result("Succeeded", "all stages succeeded")
 
 
@@ -125,8 +128,10 @@ def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:
             ("Stalled", "False", decision.phase, decision.message)]
 
 
-def status_update(current: dict[str, Any], decision: Decision, generation: Optional[int], timestamp: str) -> dict[str, Any]:
-    """The merge patch for `status` that records `decision` (pure)."""
+def status_update(current: dict[str, Any], decision: Decision, generation: Optional[int], timestamp: str,
+                  rev: Optional[str] = None) -> dict[str, Any]:
+    """The merge patch for `status` that records `decision` for revision `rev` (pure)."""
+    from . import revisions
     from .conditions import set_condition
 
     conditions = list(current.get("conditions") or [])
@@ -139,6 +144,15 @@ def status_update(current: dict[str, Any], decision: Decision, generation: Optio
         "conditions": conditions,
         **decision.status,
     }
+    if rev is not None:
+        finished = {stage: {"completedAt": timestamp, **rec} for stage, rec in decision.finished.items()}
+        phase = "Succeeded" if decision.phase in DONE_PHASES else "Failed" if decision.failed else "Running"
+        patch["revision"] = rev
+        patch["revisions"] = revisions.record(current, rev, generation, finished, phase,
+                                              decision.status.get("artifacts") or {},
+                                              decision.status.get("evaluation"))
+        if decision.phase == "Serving":
+            patch["servingRevision"] = rev
     if not current.get("startTime"):
         patch["startTime"] = timestamp
     if decision.phase in ("Serving", "Succeeded", "Failed") and current.get("phase") != decision.phase:

@@ -1,33 +1,33 @@
 """Deterministic names of a FineTuneJob's children.
 
 A handler that runs twice (operator restart mid-step) computes the same names,
-finds the objects it created before, and creates nothing twice.
+finds the objects it created before, and creates nothing twice. Children of
+one revision (its stage Jobs, their ConfigMap and headless Service) carry the
+revision id, so two revisions of a job can exist side by side; the RBAC
+objects and the serving Deployment belong to the job.
 """
 
 from __future__ import annotations
 
-STAGES = ("validate", "train", "merge", "evaluate", "serve")
+
+def stage_job(job: str, stage: str, rev: str) -> str:
+    # "<job>-evaluate-<rev>": 40 + 10 + 10 characters, within a 63-character label value.
+    return f"{job}-{stage}-{rev}"
 
 
-def stage_job(job: str, stage: str) -> str:
-    if stage not in STAGES or stage == "serve":
-        raise ValueError(f"no Job for stage {stage!r}")
-    return f"{job}-{stage}"
+def config_map(job: str, rev: str) -> str:
+    return f"{job}-config-{rev}"
 
 
-def config_map(job: str) -> str:
-    return f"{job}-config"
-
-
-def train_service(job: str) -> str:
+def train_service(job: str, rev: str) -> str:
     """Headless Service giving the train pods stable DNS (pod subdomain)."""
-    return f"{job}-train"
+    return f"{job}-train-{rev}"
 
 
-def train_pod_host(job: str, index: int, namespace: str) -> str:
+def train_pod_host(job: str, rev: str, index: int, namespace: str) -> str:
     """DNS name of the train pod with completion index `index` (Indexed Job
     pods get hostname `<job-name>-<index>` and the Service as subdomain)."""
-    return f"{stage_job(job, 'train')}-{index}.{train_service(job)}.{namespace}.svc"
+    return f"{stage_job(job, 'train', rev)}-{index}.{train_service(job, rev)}.{namespace}.svc"
 
 
 def trainer_account(job: str) -> str:

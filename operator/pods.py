@@ -21,6 +21,7 @@ from kubetune.contract.facts import (
     LABEL_JOB,
     LABEL_MANAGED_BY,
     LABEL_NAME,
+    LABEL_REVISION,
     LABEL_STAGE,
     MANAGED_BY,
 )
@@ -30,8 +31,9 @@ GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 
 
-def labels(job: FineTuneJob, stage: str) -> dict[str, str]:
-    return {
+def labels(job: FineTuneJob, stage: str, rev: Optional[str] = None) -> dict[str, str]:
+    """`rev`: the revision of a per-revision child (its stage Jobs, ConfigMap, train Service)."""
+    out = {
         LABEL_NAME: "kubetune",
         LABEL_INSTANCE: job.metadata.name,
         LABEL_COMPONENT: stage,
@@ -42,21 +44,27 @@ def labels(job: FineTuneJob, stage: str) -> dict[str, str]:
         # rewrites a running child, and this label says which spec it ran.
         LABEL_GENERATION: str(job.metadata.generation or 1),
     }
+    if rev:
+        out[LABEL_REVISION] = rev
+    return out
 
 
-def pod_template_metadata(job: FineTuneJob, stage: str) -> dict[str, Any]:
+def pod_template_metadata(job: FineTuneJob, stage: str, rev: Optional[str] = None) -> dict[str, Any]:
     """Pod labels/annotations: the user's (spec.podMetadata) under the operator's own,
     which always win so that selectors and ownership lookups keep working."""
     user_labels, annotations = job.spec.pod_metadata.for_stage(stage)
-    meta: dict[str, Any] = {"labels": {**user_labels, **labels(job, stage)}}
+    meta: dict[str, Any] = {"labels": {**user_labels, **labels(job, stage, rev)}}
     if annotations:
         meta["annotations"] = dict(annotations)
     return meta
 
 
-def selector_labels(job: FineTuneJob, stage: str) -> dict[str, str]:
+def selector_labels(job: FineTuneJob, stage: str, rev: Optional[str] = None) -> dict[str, str]:
     """The stable subset used in selectors (never the generation)."""
-    return {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage}
+    out = {LABEL_JOB: job.metadata.name, LABEL_STAGE: stage}
+    if rev:
+        out[LABEL_REVISION] = rev
+    return out
 
 
 def owner_reference(job: FineTuneJob) -> dict[str, Any]:
@@ -73,12 +81,13 @@ def owner_reference(job: FineTuneJob) -> dict[str, Any]:
 
 
 def metadata(
-    job: FineTuneJob, name: str, stage: str, extra_labels: Optional[dict[str, str]] = None, owned: bool = True
+    job: FineTuneJob, name: str, stage: str, extra_labels: Optional[dict[str, str]] = None, owned: bool = True,
+    rev: Optional[str] = None,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": job.metadata.namespace,
-        "labels": {**labels(job, stage), **(extra_labels or {})},
+        "labels": {**labels(job, stage, rev), **(extra_labels or {})},
     }
     if owned:
         meta["ownerReferences"] = [owner_reference(job)]
@@ -133,11 +142,11 @@ def job_env(job: FineTuneJob) -> list[dict[str, Any]]:
     ]
 
 
-def stage_volumes(job: FineTuneJob, shm_size: Optional[str] = None) -> tuple[list[dict], list[dict]]:
+def stage_volumes(job: FineTuneJob, rev: str, shm_size: Optional[str] = None) -> tuple[list[dict], list[dict]]:
     """(volumes, volumeMounts): the config, scratch space and the shared-memory
     tmpfs that NCCL and data loader workers need (the default 64 MiB is too small)."""
     volumes = [
-        {"name": "config", "configMap": {"name": names.config_map(job.metadata.name)}},
+        {"name": "config", "configMap": {"name": names.config_map(job.metadata.name, rev)}},
         {"name": "tmp", "emptyDir": {}},
         {"name": "cache", "emptyDir": {}},
     ]

@@ -3,9 +3,12 @@ chart's ClusterRole and the test RBAC are generated (`python -m
 kubetune.operator.rbac`, a unit test checks the chart still matches).
 
 Least privilege: no Secrets at all (pods reference them, the operator never
-reads them), no delete (children go by garbage collection), and Roles only
-as wide as the per-job Role it creates (RBAC forbids granting more than one
-holds, so the operator holds exactly `finetunejobs/status` get+patch).
+reads them); on its children exactly the verbs the children table
+(`children.KINDS`) says it uses (get, create, list, delete of a superseded
+revision's children, patch for server-side apply, watch where their events
+drive reconciles); and Roles only as wide as the per-job Role it creates
+(RBAC forbids granting more than one holds, so the operator holds exactly
+`finetunejobs/status` get+patch).
 """
 
 from __future__ import annotations
@@ -17,6 +20,18 @@ import yaml
 
 from kubetune.contract.facts import GROUP, PLURAL
 
+from .children import KINDS
+
+
+def _children_rules() -> list[dict[str, Any]]:
+    """One rule per API group and verb set, from the children table."""
+    grouped: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    for k in KINDS:
+        grouped.setdefault((k.group, tuple(k.verbs())), []).append(k.plural)
+    return [{"apiGroups": [group], "resources": sorted(plurals), "verbs": list(verbs)}
+            for (group, verbs), plurals in grouped.items()]
+
+
 CLUSTER_ROLE_NAME = "kubetune-operator"
 
 RULES: list[dict[str, Any]] = [
@@ -25,12 +40,8 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
-    # Children.
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create"]},
-    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create"]},
-    {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["patch"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services", "serviceaccounts"], "verbs": ["get", "create"]},
-    {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"], "verbs": ["get", "create"]},
+    # Children (generated from the children table).
+    *_children_rules(),
     # Pods: read only, for termination messages and failure reasons.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
     # Events on FineTuneJobs (kopf posts core/v1 Events).

@@ -16,7 +16,9 @@ from typing import Any, Callable, Optional
 
 from pydantic import ValidationError
 
-from . import lifecycle, metrics, names, stage_jobs, stages
+from kubetune.contract.facts import LABEL_JOB, LABEL_REVISION
+
+from . import children, lifecycle, metrics, revisions, stage_jobs, stages
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -36,11 +38,17 @@ def crash_point(settings: OperatorSettings, point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def observe(kube: Kube, job: FineTuneJob) -> dict[str, StageOutcome]:
-    """Outcomes of the job's stages, in order, up to the first one not done
-    (later stages cannot have started)."""
+def observe(kube: Kube, job: FineTuneJob, finished: dict[str, dict[str, Any]]) -> dict[str, StageOutcome]:
+    """Outcomes of the job's stages, in order, up to the first one not done (later
+    stages cannot have started). A stage recorded as finished for this revision
+    is not read again: deleting its Job never runs it again."""
     observed: dict[str, StageOutcome] = {}
     for stage in stages.pipeline(job.spec):
+        if stage.recorded and stage.name in finished:
+            record = finished[stage.name]
+            observed[stage.name] = StageOutcome("succeeded", "Recorded", f"finished at {record.get('completedAt')}",
+                                                record.get("result"))
+            continue
         observed[stage.name] = stage.observe(kube, job, stage.name)
         if observed[stage.name].state != "succeeded":
             break
@@ -48,14 +56,38 @@ def observe(kube: Kube, job: FineTuneJob) -> dict[str, StageOutcome]:
 
 
 def act(kube: Kube, job: FineTuneJob, decision: lifecycle.Decision, settings: OperatorSettings) -> None:
-    if decision.create:
-        for obj in stages.BY_NAME[decision.create].build(job, settings):
-            if kube.ensure(obj):
-                metrics.CHILDREN_CREATED.labels(kind=obj["kind"]).inc()
-                log.info("created %s %s/%s", obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-            crash_point(settings, f"create-{decision.create}-{obj['kind'].lower()}")
-    if decision.scale_to is not None:
-        kube.scale_deployment(job.metadata.namespace, names.serving(job.metadata.name), decision.scale_to)
+    """Create the children of a stage that has none yet; re-apply the children of an
+    applied stage (serving) on every pass, so that spec edits and hand edits converge."""
+    stage = stages.BY_NAME[decision.create or decision.current] if (decision.create or decision.current) else None
+    if stage is None or (not decision.create and not stage.reapplied):
+        return
+    for obj in stage.build(job, settings):
+        if kube.ensure(obj):
+            metrics.CHILDREN_CREATED.labels(kind=obj["kind"]).inc()
+            log.info("applied %s %s/%s", obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        crash_point(settings, f"create-{stage.name}-{obj['kind'].lower()}")
+
+
+def _finished_job(obj: dict[str, Any]) -> bool:
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in (obj.get("status") or {}).get("conditions") or [])
+
+
+def prune(kube: Kube, job: FineTuneJob, rev: str, done: bool) -> list[str]:
+    """Remove the per-revision children of other revisions: at once for a Job still
+    running (its revision is no longer asked for: free the GPUs), and everything once
+    the current revision is done. Returns what was deleted ("Kind/name")."""
+    deleted = []
+    for k in children.REVISION_KINDS:
+        for obj in kube.list(k.api_version, k.kind, job.metadata.namespace, {LABEL_JOB: job.metadata.name}):
+            labels = obj["metadata"].get("labels") or {}
+            other = labels.get(LABEL_REVISION)
+            if not other or other == rev:
+                continue
+            if done or (k.kind == "Job" and not _finished_job(obj)):
+                if kube.delete(k.api_version, k.kind, job.metadata.namespace, obj["metadata"]["name"]):
+                    deleted.append(f"{k.kind}/{obj['metadata']['name']}")
+    return deleted
 
 
 def cleanup_artifacts(body: dict[str, Any], kube: Kube, settings: OperatorSettings) -> StageOutcome:
@@ -103,9 +135,6 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     phase = status.get("phase") or _recorded.get(uid)
     generation = meta.get("generation")
     metrics.observe_phase(uid, phase or "Pending")
-    if phase in ("Failed", "Succeeded"):
-        # Terminal: children stay for inspection; nothing is retried behind the user's back.
-        return None
     try:
         # Only metadata and spec: status belongs to the observers, and a field
         # a newer trainer writes must not stop the reconcile.
@@ -114,14 +143,11 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         # The API server admitted it (CEL/OpenAPI), the operator's model did not:
         # say so once instead of retrying forever.
         message = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())[:2000]
-        _record(uid, "Failed", emit, "Warning", "InvalidSpec", message, phase)
-        return {"phase": "Failed", "message": message, "observedGeneration": generation}
+        return _refuse(status, uid, generation, "InvalidSpec", message, emit, phase)
     refused = stages.refusals(job.spec)
     if refused:
         # A CRD older than this operator let in what no stage can do: refuse before any work.
-        message = "; ".join(refused)[:2000]
-        _record(uid, "Failed", emit, "Warning", "UnsupportedSpec", message, phase)
-        return {"phase": "Failed", "message": message, "observedGeneration": generation}
+        return _refuse(status, uid, generation, "UnsupportedSpec", "; ".join(refused)[:2000], emit, phase)
     if not phase:
         _record(uid, "Pending", emit, "Normal", "Pending", "accepted; validation starts next", phase)
         return {
@@ -131,13 +157,25 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
             "startTime": now(),
         }
 
-    decision = lifecycle.decide(job, observe(kube, job))
+    rev = revisions.of(job)
+    decision = lifecycle.decide(job, observe(kube, job, revisions.finished_stages(status, rev)))
     act(kube, job, decision, settings)
-    patch = lifecycle.status_update(status, decision, generation, now())
+    if any(r.get("id") != rev for r in status.get("revisions") or []):
+        for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
+            emit("Normal", "SupersededChildDeleted", f"{name} of an earlier revision deleted")
+    patch = lifecycle.status_update(status, decision, generation, now(), rev)
     _record(uid, decision.phase, emit, "Warning" if decision.failed else "Normal", decision.phase, decision.message, phase)
     if _unchanged(status, patch):
         return None
     return patch
+
+
+def _refuse(status: dict[str, Any], uid: str, generation: Optional[int], reason: str, message: str, emit: EventFn,
+            phase: Optional[str]) -> dict[str, Any]:
+    """Failed and Stalled for a spec the operator cannot act on; an edit that fixes it recovers."""
+    _record(uid, "Failed", emit, "Warning", reason, message, phase)
+    decision = lifecycle.Decision("Failed", message, stalled=reason)
+    return lifecycle.status_update(status, decision, generation, now())
 
 
 def _record(uid: str, phase: str, emit: EventFn, type_: str, reason: str, message: str, previous: Optional[str]) -> None:

@@ -18,12 +18,14 @@ from typing import Any, Mapping, Optional, Union
 from kubetune.contract.facts import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH  # noqa: F401  (re-exported for the builders)
 from kubetune.trainer.config import TrainerConfig
 
+from . import revisions
 from .api import FineTuneJob
 
 # Spec sections that are trainer config sections (kubetune.contract.recipe).
 RECIPE_SECTIONS = ("base_model", "dataset", "method", "training", "evaluation")
 
-# spec path -> trainer config path, for the fields that change place.
+# spec path -> trainer config path, for the fields that change place (output.uri
+# becomes the revision's own prefix under it).
 RENDERED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("output", "uri"): ("output", "uri"),
     ("output", "merge"): ("merge", "enabled"),
@@ -76,5 +78,7 @@ def trainer_config_for(
     for src, dst in RENDERED.items():
         section = data.setdefault(dst[0], {})
         section[dst[1]] = _get(spec, src)
+    # Each revision writes under its own prefix: an edit never overwrites the artifact being served.
+    data["output"]["uri"] = revisions.artifact_root(spec, revisions.revision_id(spec))
     data["job"] = {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace}
     return TrainerConfig.model_validate(data)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from kubetune.contract.facts import MERGED
 
-from . import names, pods
+from . import names, pods, revisions
 from .api import FineTuneJob
 from .settings import OperatorSettings
 
@@ -22,7 +22,8 @@ CONTAINER = "vllm"
 
 
 def merged_model_uri(job: FineTuneJob) -> str:
-    return f"{job.spec.output.uri.rstrip('/')}/{MERGED}/"
+    """merged/ of the revision the spec asks for."""
+    return f"{revisions.artifact_root(job.spec, revisions.of(job))}{MERGED}/"
 
 
 def served_model_name(job: FineTuneJob) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from . import names, pods
+from . import names, pods, revisions
 from .api import FineTuneJob
 from kubetune.contract.facts import CONFIG_PATH, LABEL_KUEUE_QUEUE, TERMINATION_LOG_PATH
 from .settings import OperatorSettings
@@ -78,8 +78,11 @@ def batch_job(
     extra: Optional[dict[str, Any]] = None,
     name: Optional[str] = None,
     owned: bool = True,
+    per_revision: bool = True,
 ) -> dict[str, Any]:
-    meta = pods.metadata(job, name or names.stage_job(job.metadata.name, stage), stage, owned=owned)
+    """A stage's Job of the revision the spec asks for (`per_revision`), or a job-wide one."""
+    rev = revisions.of(job) if per_revision else None
+    meta = pods.metadata(job, name or names.stage_job(job.metadata.name, stage, rev), stage, owned=owned, rev=rev)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -88,7 +91,7 @@ def batch_job(
             "backoffLimit": backoff_limit,
             "suspend": False,
             **(extra or {}),
-            "template": {"metadata": pods.pod_template_metadata(job, stage), "spec": pod},
+            "template": {"metadata": pods.pod_template_metadata(job, stage, rev), "spec": pod},
         },
     }
 
@@ -106,7 +109,7 @@ def _cpu_resources(job: FineTuneJob, gpus: int = 0) -> dict[str, Any]:
 
 def validate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """Pre-flight of data and spec on CPU: fails in seconds, not after an hour of GPU."""
-    volumes, mounts = pods.stage_volumes(job)
+    volumes, mounts = pods.stage_volumes(job, revisions.of(job))
     c = container(
         job,
         settings,
@@ -124,7 +127,7 @@ def validate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]
 
 def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """Folds the adapter into the base weights on CPU (bf16), writes merged/."""
-    volumes, mounts = pods.stage_volumes(job)
+    volumes, mounts = pods.stage_volumes(job, revisions.of(job))
     c = container(job, settings, ["kubetune", "merge", "--config", CONFIG_PATH], mounts, _cpu_resources(job))
     pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
     # No GPU needed: stay off the (tainted) GPU nodes.
@@ -134,7 +137,7 @@ def merge_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
 
 def evaluate_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """Held-out loss before vs after on one GPU; the verdict is its termination message."""
-    volumes, mounts = pods.stage_volumes(job, shm_size="1Gi")
+    volumes, mounts = pods.stage_volumes(job, revisions.of(job), shm_size="1Gi")
     c = container(job, settings, ["kubetune", "evaluate", "--config", CONFIG_PATH], mounts, _cpu_resources(job, gpus=1))
     pod = pod_spec(job, settings, [c], volumes, gpu_type=job.spec.resources.gpu_type, automount_token=False)
     return batch_job(job, "evaluate", pod, backoff_limit=settings.stage_backoff_limit)
@@ -148,15 +151,16 @@ def cleanup_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
 
     Deliberately NOT owned by the FineTuneJob: it runs while the job is being
     deleted (held by the finalizer) and must not be garbage-collected with it;
-    it removes itself ttlSecondsAfterFinished later."""
-    volumes, mounts = pods.stage_volumes(job)
+    it removes itself ttlSecondsAfterFinished later. It reads storage settings from the
+    current revision's config and deletes every revision (the whole output.uri)."""
+    volumes, mounts = pods.stage_volumes(job, revisions.of(job))
     c = container(
-        job, settings, ["kubetune", "delete-artifacts", "--config", CONFIG_PATH], mounts,
+        job, settings, ["kubetune", "delete-artifacts", "--config", CONFIG_PATH, "--uri", job.spec.output.uri], mounts,
         {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
     )
     pod = pod_spec(job, settings, [c], volumes, gpu_type=None, automount_token=False)
     pod.pop("tolerations")
     return batch_job(
         job, "cleanup", pod, backoff_limit=2, extra={"ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS},
-        name=names.cleanup(job.metadata.name, job.metadata.uid or ""), owned=False,
+        name=names.cleanup(job.metadata.name, job.metadata.uid or ""), owned=False, per_revision=False,
     )

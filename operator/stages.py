@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 from kubetune.contract import facts
 from kubetune.contract.rules import Rule
 
-from . import configmaps, job_rbac, names, serving, stage_jobs, training
+from . import configmaps, job_rbac, names, revisions, serving, stage_jobs, training
 from .api import FineTuneJob
 from .api.spec import FineTuneJobSpec
 from .outcomes import StageOutcome, deployment_outcome, job_outcome
@@ -41,8 +41,15 @@ class Stage:
     children: Builder
     observe: Callable[["Kube", FineTuneJob, str], StageOutcome]
     # Status of its condition before it is done: Unknown while in progress, or
-    # False for a condition that means "usable now" (Ready).
+    # False for a condition that means "usable now" (Deployed).
     pending_status: str = "Unknown"
+    # Recorded in status.revisions once done, and never run again for that revision
+    # (serving is not: it is kept up for as long as the revision is asked for).
+    recorded: bool = True
+    # Its children are server-side applied on every pass that reaches it (serving: a
+    # servedModelName edit reaches the Deployment, a hand edit is put back); a Job
+    # stage creates its children once.
+    reapplied: bool = False
     # Where its pod's verdict (termination message) is copied in status.
     result_field: Optional[str] = None
     # A message when a succeeded stage still says "stop here" (the evaluation gate).
@@ -59,8 +66,6 @@ class Stage:
     start_reason: str = "Pending"
     # Status fields it publishes from its outcome (serve: the endpoint).
     extra_status: Optional[Callable[[FineTuneJob, StageOutcome], dict[str, Any]]] = None
-    # Replicas to scale a child to when the spec and the child disagree (serve only).
-    scale: Optional[Callable[[FineTuneJob, StageOutcome], Optional[int]]] = None
     # Condition message once done.
     done_message: Optional[Callable[[FineTuneJob, StageOutcome], str]] = None
 
@@ -74,17 +79,17 @@ class Stage:
         return objs
 
     def artifact_uris(self, job: FineTuneJob) -> dict[str, str]:
-        root = job.spec.output.uri.rstrip("/")
-        return {key: f"{root}/{path}" for key, path in self.artifacts}
+        root = revisions.artifact_root(job.spec, revisions.of(job))
+        return {key: f"{root}{path}" for key, path in self.artifacts}
 
 
 # ---------------------------------------------------------------- observers
 
 
 def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
-    ns = job.metadata.namespace
-    child = kube.get("batch/v1", "Job", ns, names.stage_job(job.metadata.name, stage))
-    pods = kube.list_pods(ns, selector_labels(job, stage)) if child else []
+    ns, rev = job.metadata.namespace, revisions.of(job)
+    child = kube.get("batch/v1", "Job", ns, names.stage_job(job.metadata.name, stage, rev))
+    pods = kube.list_pods(ns, selector_labels(job, stage, rev)) if child else []
     return job_outcome(child, pods)
 
 
@@ -160,18 +165,13 @@ EVALUATE = Stage(
     observe=_observe_job, result_field="evaluation", gate=_evaluation_gate, gate_reason="EvaluationGateFailed",
     artifacts=(("evaluationReport", facts.EVALUATION_REPORT),),
 )
-def _serve_scale(job: FineTuneJob, outcome: StageOutcome) -> Optional[int]:
-    current = outcome.details.get("replicas")
-    return job.spec.serving.replicas if current is not None and current != job.spec.serving.replicas else None
-
-
 SERVE = Stage(
     name="serve", condition="Deployed", phase="Deploying", done_reason="DeploymentAvailable", queued=False,
     wanted=lambda spec: spec.serving.enabled,
-    children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving",
+    children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving", recorded=False,
+    reapplied=True,
     admission=(_serving_modes_rule(),), start_reason="Deploying",
     extra_status=lambda job, outcome: {"endpoint": serving.endpoint(job)} if outcome.state != "absent" else {},
-    scale=_serve_scale,
     done_message=lambda job, outcome: f"vLLM serves {serving.served_model_name(job)} at {serving.endpoint(job)['url']}",
 )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import deepspeed, names, pods
+from . import deepspeed, names, pods, revisions
 from .api import FineTuneJob
 from kubetune.contract.facts import ANNOTATION_COMPLETION_INDEX, CONFIG_DIR, CONFIG_PATH
 from .settings import OperatorSettings
@@ -21,7 +21,7 @@ COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
 def accelerate_args(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
     r = job.spec.resources
-    name, ns = job.metadata.name, job.metadata.namespace
+    name, ns, rev = job.metadata.name, job.metadata.namespace, revisions.of(job)
     world = r.nodes * r.gpus_per_node
     args = [
         "accelerate",
@@ -30,7 +30,7 @@ def accelerate_args(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
         "--num_processes", str(world),
         # Expanded by the kubelet from the env var the Job controller sets.
         "--machine_rank", f"$({COMPLETION_INDEX_ENV})",
-        "--main_process_ip", names.train_pod_host(name, 0, ns),
+        "--main_process_ip", names.train_pod_host(name, rev, 0, ns),
         "--main_process_port", str(settings.main_process_port),
         "--dynamo_backend", "no",
     ]
@@ -50,7 +50,7 @@ def accelerate_args(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
 
 def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     r = job.spec.resources
-    volumes, mounts = pods.stage_volumes(job, shm_size=r.shm_size)
+    volumes, mounts = pods.stage_volumes(job, revisions.of(job), shm_size=r.shm_size)
     env = [
         # The Job controller sets this too; declaring it from the pod
         # annotation keeps $(JOB_COMPLETION_INDEX) expansion independent of
@@ -64,7 +64,7 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     c = container(job, settings, accelerate_args(job, settings), mounts, _cpu_resources(job, gpus=r.gpus_per_node), env)
     c["ports"] = [{"name": "rendezvous", "containerPort": settings.main_process_port}]
     pod = pod_spec(job, settings, [c], volumes, gpu_type=r.gpu_type, automount_token=True)
-    pod["subdomain"] = names.train_service(job.metadata.name)
+    pod["subdomain"] = names.train_service(job.metadata.name, revisions.of(job))
     return batch_job(
         job,
         "train",
@@ -82,15 +82,16 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
 
 
 def train_service(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    rev = revisions.of(job)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": pods.metadata(job, names.train_service(job.metadata.name), "train"),
+        "metadata": pods.metadata(job, names.train_service(job.metadata.name, rev), "train", rev=rev),
         "spec": {
             "clusterIP": "None",
             # Rank 0 must resolve before any pod is Ready: ranks rendezvous first.
             "publishNotReadyAddresses": True,
-            "selector": pods.selector_labels(job, "train"),
+            "selector": pods.selector_labels(job, "train", rev),
             "ports": [{"name": "rendezvous", "port": settings.main_process_port, "targetPort": settings.main_process_port}],
         },
     }

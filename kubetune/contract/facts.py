@@ -25,6 +25,7 @@ MAX_NAME_LENGTH = 40
 LABEL_JOB = f"{GROUP}/job"
 LABEL_STAGE = f"{GROUP}/stage"
 LABEL_GENERATION = f"{GROUP}/generation"  # the FineTuneJob generation a child was built from
+LABEL_REVISION = f"{GROUP}/revision"  # the content-addressed revision a per-revision child belongs to
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"

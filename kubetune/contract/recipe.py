@@ -227,6 +227,17 @@ class EvaluationSpec(ApiModel):
     )
 
 
+# Recipe fields that change how a run goes (speed, bookkeeping) but not what it
+# produces: an edit of these alone keeps the revision (and its artifacts).
+RUN_ONLY_FIELDS: frozenset[tuple[str, ...]] = frozenset({
+    ("training", "performance"),
+    ("training", "checkpoint_every"),
+    ("training", "keep_checkpoints"),
+    ("training", "log_every"),
+    ("training", "eval_every"),
+})
+
+
 # ---------------------------------------------------------------- invariants across sections
 # Stated once: the API turns each into a CEL rule of the spec (where the strategy is
 # resources.strategy), the trainer config checks the same predicate (launch.strategy).

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, Field
 
 from kubetune.contract import recipe
 from kubetune.contract.recipe import EvaluationSpec, MethodSpec, QuantizationSpec, Strategy, TrainingSpec
-from kubetune.contract.rules import ApiModel, Rule, immutable, matches, string_rule
+from kubetune.contract.rules import ApiModel, Rule, matches, string_rule
 
 __all__ = [
     "FineTuneJobSpec", "BaseModelSpec", "DatasetSpec", "MethodSpec", "QuantizationSpec", "TrainingSpec",
@@ -210,19 +210,8 @@ class FineTuneJobSpec(ApiModel):
             field_path=".resources.nodes",
             check=lambda s: s.resources.nodes * s.resources.gpus_per_node <= 512,
         ),
-        immutable("baseModel", "spec.baseModel"),
-        immutable("dataset", "spec.dataset"),
-        immutable("method", "spec.method"),
-        immutable("training", "spec.training"),
-        immutable("resources", "spec.resources"),
-        immutable("output", "spec.output"),
-        immutable("evaluation", "spec.evaluation"),
-        immutable("storage", "spec.storage"),
-        Rule(
-            cel="self.serving.enabled == oldSelf.serving.enabled && self.serving.mode == oldSelf.serving.mode",
-            message="spec.serving.enabled and spec.serving.mode are immutable (spec.serving.replicas may change)",
-            field_path=".serving",
-        ),
+        # No immutability rules: an edit of the recipe is a new content-addressed revision
+        # (operator/revisions.py), an edit of the rest applies to the children in place.
     )
 
     base_model: BaseModelSpec = Field(description="The model to fine-tune.")

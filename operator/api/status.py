@@ -86,6 +86,24 @@ class Endpoint(StatusModel):
     model: Optional[str] = Field(default=None, description="Model name to send in requests.")
 
 
+class StageRecord(StatusModel):
+    """A finished stage of a revision: once recorded it is never run again for that revision."""
+
+    completed_at: Optional[str] = Field(default=None, description="When it succeeded (RFC 3339).")
+    result: Optional[StageResult] = Field(default=None, description="Its pod's verdict (validate, evaluate).")
+
+
+class Revision(StatusModel):
+    """One content-addressed revision: the artifact its recipe fields define."""
+
+    id: str = Field(max_length=32, description="Hash of the fields that define the artifact (docs/architecture.md).")
+    generation: Optional[int] = Field(default=None, description="metadata.generation that first asked for it.")
+    phase: Optional[str] = Field(default=None, description="Running, Succeeded, Failed or Superseded.")
+    artifacts: Optional[Artifacts] = Field(default=None, description="Its artifact URIs, under <output>/revisions/<id>/.")
+    evaluation: Optional[StageResult] = Field(default=None, description="Its evaluation verdict.")
+    stages: dict[str, StageRecord] = Field(default_factory=dict, description="Stages finished for this revision.")
+
+
 class FineTuneJobStatus(StatusModel):
     phase: Optional[str] = Field(default=None, description="Where the job is in its lifecycle.")
     message: Optional[str] = Field(default=None, max_length=32768, description="Latest human-readable status.")
@@ -100,6 +118,11 @@ class FineTuneJobStatus(StatusModel):
     validation: Optional[StageResult] = Field(default=None, description="Result of the validate stage.")
     evaluation: Optional[StageResult] = Field(default=None, description="Result of the evaluate stage.")
     endpoint: Optional[Endpoint] = Field(default=None, description="Serving endpoint.")
+    revision: Optional[str] = Field(default=None, description="The revision the current spec asks for.")
+    serving_revision: Optional[str] = Field(default=None, description="The revision the endpoint serves.")
+    revisions: list[Revision] = Field(
+        default_factory=list, max_length=20, description="Recent revisions, newest last (at most 10 kept)."
+    )
     start_time: Optional[str] = Field(default=None, description="When the first stage started.")
     completion_time: Optional[str] = Field(default=None, description="When the job reached Serving, Succeeded or Failed.")
     kopf: Optional[dict[str, Any]] = Field(

@@ -101,6 +101,17 @@ class Api:
     def job(self, name: str) -> dict:
         return self.raw(self.batch.read_namespaced_job, name, self.ns)
 
+    def rev(self, name: str) -> str:
+        """The revision the FineTuneJob's current spec asks for."""
+        from kubetune.operator import revisions
+        from kubetune.operator.api import FineTuneJob
+
+        return revisions.of(FineTuneJob.from_body(self.get(name)))
+
+    def child(self, name: str, what: str) -> str:
+        """Name of a per-revision child ("train", "validate", "config", ...) of the current revision."""
+        return f"{name}-{what}-{self.rev(name)}"
+
     def jobs(self, owner: str) -> list[dict]:
         return self.raw(self.batch.list_namespaced_job, self.ns, label_selector=f"kubetune.io/job={owner}")["items"]
 

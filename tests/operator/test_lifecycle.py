@@ -95,21 +95,24 @@ def test_full_lifecycle_pending_to_serving(cluster, namespace, gpu_nodes, start_
 
     # Status.
     assert status["observedGeneration"] == 2
-    for type_ in ("Validated", "Trained", "Merged", "Evaluated", "Ready"):
+    for type_ in ("Validated", "Trained", "Merged", "Evaluated", "Deployed", "Ready"):
         cond = condition(status, type_)
         assert cond["status"] == "True", cond
         assert cond["lastTransitionTime"] and cond["reason"][0].isupper()
     assert condition(status, "Ready")["observedGeneration"] == 2
+    assert condition(status, "Reconciling")["status"] == "False" and condition(status, "Stalled")["status"] == "False"
     assert status["progress"]["percent"] == 100
     assert status["validation"]["reason"] == "DatasetValid" and status["validation"]["rows"] == 120
     assert status["evaluation"]["improvement"] == EVALUATE_OK["improvement"]
-    assert status["artifacts"]["merged"] == "s3://artifacts/support-bot/merged/"
-    assert status["artifacts"]["adapter"] == "s3://artifacts/support-bot/adapter/"
+    rev = api.rev("support-bot")
+    assert status["revision"] == rev and status["servingRevision"] == rev
+    assert status["artifacts"]["merged"] == f"s3://artifacts/support-bot/revisions/{rev}/merged/"
+    assert status["artifacts"]["adapter"] == f"s3://artifacts/support-bot/revisions/{rev}/adapter/"
     assert status["endpoint"] == {"service": "support-bot-serve", "url": f"http://support-bot-serve.{namespace}.svc:8000/v1",
                                   "model": "support-bot"}
 
     # Validate Job.
-    validate = api.job("support-bot-validate")
+    validate = api.job(api.child("support-bot", "validate"))
     assert_owned_by(validate, ftj)
     pod = validate["spec"]["template"]["spec"]
     assert_restricted(pod)
@@ -122,35 +125,35 @@ def test_full_lifecycle_pending_to_serving(cluster, namespace, gpu_nodes, start_
     assert validate["metadata"]["labels"]["kubetune.io/generation"] == "1"
 
     # Train Job + headless Service + config.
-    train = api.job("support-bot-train")
+    train = api.job(api.child("support-bot", "train"))
     assert_owned_by(train, ftj)
     assert train["metadata"]["labels"]["kubetune.io/generation"] == "1"  # built before the edit, never rebuilt
     assert train["spec"]["completionMode"] == "Indexed" and train["spec"]["completions"] == 1
     pod = train["spec"]["template"]["spec"]
     assert_restricted(pod)
-    assert pod["subdomain"] == "support-bot-train" and pod["serviceAccountName"] == "support-bot-trainer"
+    assert pod["subdomain"] == api.child("support-bot", "train") and pod["serviceAccountName"] == "support-bot-trainer"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": DEFAULT_GPU_PRODUCT}
     (c,) = pod["containers"]
     args = c["command"]
     assert args[:2] == ["accelerate", "launch"]
-    assert args[args.index("--main_process_ip") + 1] == f"support-bot-train-0.support-bot-train.{namespace}.svc"
+    assert args[args.index("--main_process_ip") + 1] == f"{api.child('support-bot', 'train')}-0.{api.child('support-bot', 'train')}.{namespace}.svc"
     assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert env_of(c)["KUBETUNE_JOB_NAME"]["value"] == "support-bot"
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["config"]["configMap"]["name"] == "support-bot-config"
-    svc = api.raw(api.core.read_namespaced_service, "support-bot-train", namespace)
+    assert volumes["config"]["configMap"]["name"] == api.child("support-bot", "config")
+    svc = api.raw(api.core.read_namespaced_service, api.child("support-bot", "train"), namespace)
     assert svc["spec"]["clusterIP"] == "None"
     assert_owned_by(svc, ftj)
-    cm = api.raw(api.core.read_namespaced_config_map, "support-bot-config", namespace)
+    cm = api.raw(api.core.read_namespaced_config_map, api.child("support-bot", "config"), namespace)
     assert "s3://data/support.jsonl" in cm["data"]["trainer.yaml"]
     assert "AWS_SECRET_ACCESS_KEY" not in cm["data"]["trainer.yaml"]
     role = api.raw(api.rbac.read_namespaced_role, "support-bot-trainer", namespace)
     assert role["rules"][0]["resourceNames"] == ["support-bot"]
 
     for stage, command in (("merge", "merge"), ("evaluate", "evaluate")):
-        job = api.job(f"support-bot-{stage}")
+        job = api.job(api.child("support-bot", stage))
         assert_owned_by(job, ftj)
         assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["kubetune", command]
 
@@ -163,7 +166,7 @@ def test_full_lifecycle_pending_to_serving(cluster, namespace, gpu_nodes, start_
     assert_restricted(pod)
     (c,) = pod["containers"]
     assert c["image"] == "registry.test/vllm:test"
-    assert c["command"][:3] == ["vllm", "serve", "s3://artifacts/support-bot/merged/"]
+    assert c["command"][:3] == ["vllm", "serve", f"s3://artifacts/support-bot/revisions/{rev}/merged/"]
     assert "--load-format" in c["command"] and "runai_streamer" in c["command"]
     assert env_of(c)["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vllm-key", "key": "api-key"}
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
@@ -196,14 +199,14 @@ def test_two_nodes_by_four_gpus_is_one_indexed_job(cluster, namespace, gpu_nodes
         podMetadata={"train": {"annotations": {KWOK_DURATION: "3s"}}},
     ))
     api.wait_phase("wide", "Training", timeout=60)
-    train = api.job("wide-train")
+    train = api.job(api.child("wide", "train"))
     assert (train["spec"]["completions"], train["spec"]["parallelism"], train["spec"]["completionMode"]) == (2, 2, "Indexed")
     args = train["spec"]["template"]["spec"]["containers"][0]["command"]
     assert args[args.index("--num_machines") + 1] == "2"
     assert args[args.index("--num_processes") + 1] == "8"
-    assert args[args.index("--main_process_ip") + 1] == f"wide-train-0.wide-train.{namespace}.svc"
+    assert args[args.index("--main_process_ip") + 1] == f"{api.child('wide', 'train')}-0.{api.child('wide', 'train')}.{namespace}.svc"
     assert args[args.index("--deepspeed_config_file") + 1] == "/etc/kubetune/deepspeed.json"
-    cm = api.raw(api.core.read_namespaced_config_map, "wide-config", namespace)
+    cm = api.raw(api.core.read_namespaced_config_map, api.child("wide", "config"), namespace)
     assert '"stage": 2' in cm["data"]["deepspeed.json"]
 
     pods = wait_for("two train pods scheduled", lambda: [
@@ -212,8 +215,8 @@ def test_two_nodes_by_four_gpus_is_one_indexed_job(cluster, namespace, gpu_nodes
     pods = api.pods("kubetune.io/job=wide,kubetune.io/stage=train")
     indexes = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods)
     assert indexes == ["0", "1"]
-    assert sorted(p["spec"]["hostname"] for p in pods) == ["wide-train-0", "wide-train-1"]
-    assert {p["spec"]["subdomain"] for p in pods} == {"wide-train"}
+    assert sorted(p["spec"]["hostname"] for p in pods) == [f"{api.child('wide', 'train')}-{i}" for i in (0, 1)]
+    assert {p["spec"]["subdomain"] for p in pods} == {api.child("wide", "train")}
     # 4 GPUs each on 4-GPU nodes: one pod per node.
     assert {p["spec"]["nodeName"] for p in pods} == nodes
     status = api.wait_phase("wide", "Succeeded", timeout=60)
@@ -231,7 +234,7 @@ def test_training_pod_failure_fails_the_job_with_the_pod_reason(cluster, namespa
     status = api.wait_phase("oom", "Failed", timeout=90)
     trained = condition(status, "Trained")
     assert (trained["status"], trained["reason"]) == ("False", "OOMKilled")
-    assert "oom-train-0" in trained["message"] and "137" in trained["message"]
+    assert f"{api.child('oom', 'train')}-0" in trained["message"] and "137" in trained["message"]
     assert condition(status, "Validated")["status"] == "True"
     warnings = [e for e in api.events("oom") if e["type"] == "Warning"]
     assert warnings and warnings[-1]["reason"] == "Failed" and "OOMKilled" in warnings[-1]["message"]
@@ -253,7 +256,7 @@ def test_validation_failure_reports_the_bad_rows(cluster, namespace, gpu_nodes, 
     assert (validated["status"], validated["reason"]) == ("False", "InvalidRows")
     assert "row 4" in validated["message"] and "row 9" in validated["message"]
     assert status["validation"]["errors"][0]["row"] == 4
-    assert api.children("badrows")["Job"] == ["badrows-validate"]  # no GPU time spent
+    assert api.children("badrows")["Job"] == [api.child("badrows", "validate")]  # no GPU time spent
 
 
 def test_evaluation_gate_keeps_a_worse_model_from_serving(cluster, namespace, gpu_nodes, start_operator):
@@ -278,12 +281,12 @@ def test_queue_name_creates_a_suspended_job_and_phase_queued(cluster, namespace,
                     evaluation={"enabled": False}, serving={"enabled": False}))
     status = api.wait_phase("queued", "Queued", timeout=60)
     assert condition(status, "Trained")["reason"] == "Queued"
-    train = api.job("queued-train")
+    train = api.job(api.child("queued", "train"))
     assert train["spec"]["suspend"] is True
     assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
     assert api.pods("kubetune.io/job=queued,kubetune.io/stage=train") == []
     # What Kueue does on admission: unsuspend. The job then trains and finishes.
-    api.batch.patch_namespaced_job("queued-train", namespace, {"spec": {"suspend": False}})
+    api.batch.patch_namespaced_job(api.child("queued", "train"), namespace, {"spec": {"suspend": False}})
     api.wait_phase("queued", "Succeeded", timeout=60)
     reasons = [e["reason"] for e in api.events("queued")]
     assert reasons.index("Queued") < reasons.index("Training") < reasons.index("Succeeded")
@@ -337,7 +340,7 @@ def test_preempted_training_pod_is_replaced_without_using_a_retry(cluster, names
 
     status = api.wait_phase("preempted", "Succeeded", timeout=90)
     assert condition(status, "Trained")["status"] == "True"
-    train = api.job("preempted-train")
+    train = api.job(api.child("preempted", "train"))
     # Ignored, not counted: without the policy this Job fails (BackoffLimitExceeded).
     assert train["status"]["succeeded"] == 1 and train["status"].get("failed", 0) == 0
 

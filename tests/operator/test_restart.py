@@ -25,7 +25,8 @@ def test_sigkill_after_creating_the_train_job(cluster, namespace, gpu_nodes, sta
     assert first.proc.returncode == -signal.SIGKILL
     assert "crash point create-train-job reached" in first.log()
     # The train Job exists, but the status never said so.
-    train_uid = api.job("crashy-train")["metadata"]["uid"]
+    rev = api.rev("crashy")
+    train_uid = api.job(f"crashy-train-{rev}")["metadata"]["uid"]
     assert api.status("crashy")["phase"] == "Validating"
 
     start_operator(namespace)
@@ -34,15 +35,15 @@ def test_sigkill_after_creating_the_train_job(cluster, namespace, gpu_nodes, sta
 
     children = api.children("crashy")
     assert children == {
-        "Job": ["crashy-evaluate", "crashy-merge", "crashy-train", "crashy-validate"],
+        "Job": [f"crashy-{stage}-{rev}" for stage in ("evaluate", "merge", "train", "validate")],
         "Deployment": ["crashy-serve"],
-        "Service": ["crashy-serve", "crashy-train"],
-        "ConfigMap": ["crashy-config"],
+        "Service": ["crashy-serve", f"crashy-train-{rev}"],
+        "ConfigMap": [f"crashy-config-{rev}"],
         "ServiceAccount": ["crashy-trainer"],
         "Role": ["crashy-trainer"],
         "RoleBinding": ["crashy-trainer"],
     }
-    assert api.job("crashy-train")["metadata"]["uid"] == train_uid  # the same Job, not a re-creation
+    assert api.job(f"crashy-train-{rev}")["metadata"]["uid"] == train_uid  # the same Job, not a re-creation
     assert len(api.pods("kubetune.io/job=crashy,kubetune.io/stage=train")) == 1
     # Each transition announced once; the restarted operator may skip a phase
     # it never saw (training finished while no operator ran), never repeat one.
@@ -64,7 +65,8 @@ def test_job_survives_a_kube_apiserver_crash_mid_training(cluster, namespace, gp
     assert op.alive(), op.log()[-3000:]
     assert condition(status, "Ready")["status"] == "True"
     children = api.children("survivor")
-    assert children["Job"] == ["survivor-evaluate", "survivor-merge", "survivor-train", "survivor-validate"]
+    rev = api.rev("survivor")
+    assert children["Job"] == [f"survivor-{stage}-{rev}" for stage in ("evaluate", "merge", "train", "validate")]
     assert children["Deployment"] == ["survivor-serve"]
     reasons = [e["reason"] for e in api.events("survivor")]
     assert len(reasons) == len(set(reasons)), reasons

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from kubetune.operator import configmaps, deepspeed, job_rbac, names, serving, stage_jobs, stages, training
+from kubetune.operator import configmaps, deepspeed, job_rbac, names, revisions, serving, stage_jobs, stages, training
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer.config import parse_config
@@ -44,10 +44,21 @@ def assert_owned(obj, name="support-bot", uid="1111-2222"):
 
 
 def test_child_names_are_deterministic():
-    assert names.stage_job("a", "train") == "a-train"
-    assert names.train_pod_host("a", 1, "ns") == "a-train-1.a-train.ns.svc"
-    with pytest.raises(ValueError):
-        names.stage_job("a", "serve")
+    assert names.stage_job("a", "train", "r1") == "a-train-r1"
+    assert names.train_pod_host("a", "r1", 1, "ns") == "a-train-r1-1.a-train-r1.ns.svc"
+    # The longest: a 40-character job's evaluate Job of a revision still fits a 63-character label value.
+    assert len(names.stage_job("a" * 40, "evaluate", revisions.of(ftj()))) <= 63
+
+
+def test_per_revision_children_carry_the_revision_in_name_and_labels():
+    rev = revisions.of(ftj())
+    assert len(rev) == revisions.ID_LENGTH
+    for obj in stages.TRAIN.build(ftj(), SETTINGS):
+        if obj["kind"] in ("Job", "ConfigMap", "Service"):
+            assert obj["metadata"]["name"].endswith(f"-{rev}")
+            assert obj["metadata"]["labels"]["kubetune.io/revision"] == rev
+        else:  # RBAC belongs to the job
+            assert "kubetune.io/revision" not in obj["metadata"]["labels"]
 
 
 def test_single_node_train_job():
@@ -58,7 +69,7 @@ def test_single_node_train_job():
     assert spec["suspend"] is False and "kueue.x-k8s.io/queue-name" not in obj["metadata"]["labels"]
     pod = spec["template"]["spec"]
     assert_restricted(pod)
-    assert pod["subdomain"] == "support-bot-train"
+    assert pod["subdomain"] == f"support-bot-train-{revisions.of(ftj(method={'type': 'lora'}))}"
     assert pod["restartPolicy"] == "Never"
     assert pod["automountServiceAccountToken"] is True  # rank 0 patches status
     assert pod["serviceAccountName"] == "support-bot-trainer"
@@ -77,7 +88,7 @@ def test_single_node_train_job():
     assert mounts["/etc/kubetune"] == "config" and mounts["/dev/shm"] == "dshm"
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert vols["config"]["configMap"]["name"] == "support-bot-config"
+    assert vols["config"]["configMap"]["name"] == f"support-bot-config-{revisions.of(ftj(method={'type': 'lora'}))}"
     env = env_of(c)
     assert env["KUBETUNE_JOB_NAME"]["value"] == "support-bot"
     assert env["KUBETUNE_JOB_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -97,7 +108,8 @@ def test_multi_node_deepspeed_train_job_ranks_and_dns():
     assert args[args.index("--num_machines") + 1] == "2"
     assert args[args.index("--num_processes") + 1] == "8"
     assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
-    assert args[args.index("--main_process_ip") + 1] == "support-bot-train-0.support-bot-train.tenant-a.svc"
+    rev = revisions.of(job_)
+    assert args[args.index("--main_process_ip") + 1] == f"support-bot-train-{rev}-0.support-bot-train-{rev}.tenant-a.svc"
     assert args[args.index("--main_process_port") + 1] == "29500"
     assert args[args.index("--deepspeed_config_file") + 1] == "/etc/kubetune/deepspeed.json"
     assert "--use_deepspeed" in args and args[args.index("--deepspeed_multinode_launcher") + 1] == "standard"
@@ -169,7 +181,7 @@ def test_stage_jobs_run_their_command(stage, command):
     build = {"validate": stage_jobs.validate_job, "merge": stage_jobs.merge_job, "evaluate": stage_jobs.evaluate_job}[stage]
     obj = build(ftj(), SETTINGS)
     assert_owned(obj)
-    assert obj["metadata"]["name"] == f"support-bot-{stage}"
+    assert obj["metadata"]["name"] == f"support-bot-{stage}-{revisions.of(ftj())}"
     assert obj["spec"]["backoffLimit"] == 0
     pod = obj["spec"]["template"]["spec"]
     assert_restricted(pod)
@@ -191,9 +203,12 @@ def test_config_map_holds_the_trainer_config_and_deepspeed():
     job_ = ftj(method={"type": "lora"}, resources={"strategy": "deepspeed-zero2"}, training={"maxSteps": 10})
     cm = configmaps.config_map(job_)
     assert_owned(cm)
-    assert cm["metadata"]["name"] == "support-bot-config"
+    rev = revisions.of(job_)
+    assert cm["metadata"]["name"] == f"support-bot-config-{rev}"
     cfg = parse_config(yaml.safe_load(cm["data"]["trainer.yaml"]))
     assert cfg.training.max_steps == 10 and cfg.job.name == "support-bot"
+    # The revision writes under its own prefix.
+    assert cfg.output.uri == f"s3://artifacts/tenant-a/support-bot/revisions/{rev}/"
     ds = json.loads(cm["data"]["deepspeed.json"])
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_micro_batch_size_per_gpu"] == "auto"
@@ -221,7 +236,7 @@ def test_merged_serving_deployment():
     (c,) = pod["containers"]
     assert c["image"] == "registry.local/vllm:test"
     args = c["command"]
-    assert args[:3] == ["vllm", "serve", "s3://artifacts/tenant-a/support-bot/merged/"]
+    assert args[:3] == ["vllm", "serve", f"s3://artifacts/tenant-a/support-bot/revisions/{revisions.of(job_)}/merged/"]
     assert args[args.index("--host") + 1] == "0.0.0.0" and args[args.index("--port") + 1] == "8000"
     assert args[args.index("--served-model-name") + 1] == "support-bot"
     assert args[args.index("--load-format") + 1] == "runai_streamer"

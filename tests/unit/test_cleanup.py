@@ -20,7 +20,9 @@ def test_cleanup_job_is_not_owned_and_expires():
     assert obj["metadata"]["labels"]["kubetune.io/stage"] == "cleanup"
     assert obj["spec"]["ttlSecondsAfterFinished"] == stage_jobs.CLEANUP_TTL_SECONDS
     (c,) = obj["spec"]["template"]["spec"]["containers"]
-    assert c["command"] == ["kubetune", "delete-artifacts", "--config", "/etc/kubetune/trainer.yaml"]
+    # Every revision goes: the whole output.uri, not the current revision's prefix.
+    assert c["command"] == ["kubetune", "delete-artifacts", "--config", "/etc/kubetune/trainer.yaml",
+                            "--uri", "s3://artifacts/tenant-a/support-bot/"]
 
 
 class RecordingStore(LocalStore):
@@ -60,6 +62,6 @@ def test_delete_artifacts_empties_the_output_prefix_and_nothing_else(s3, tmp_pat
                                  storage={"endpointUrl": s3.endpoint_url}))
     path = tmp_path / "trainer.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
-    assert artifact_cleanup.run(path) == 0
+    assert artifact_cleanup.run(path, "s3://cleanup-test/run/") == 0
     left = [o["Key"] for o in s3.client.list_objects_v2(Bucket="cleanup-test").get("Contents", [])]
     assert left == ["run-2/keep.bin"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kubetune.operator import stages
+from kubetune.operator import revisions, stages
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.lifecycle import decide, progress_percent, status_update
 from kubetune.operator.outcomes import StageOutcome
@@ -48,8 +48,9 @@ def test_each_stage_in_order_with_merge_and_evaluation():
         "Deployed": ("True", "DeploymentAvailable"),
     }
     assert d.status["endpoint"]["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
-    assert d.status["artifacts"]["merged"] == "s3://artifacts/tenant-a/support-bot/merged/"
-    assert d.status["artifacts"]["adapter"] == "s3://artifacts/tenant-a/support-bot/adapter/"
+    rev = revisions.of(ftj())
+    assert d.status["artifacts"]["merged"] == f"s3://artifacts/tenant-a/support-bot/revisions/{rev}/merged/"
+    assert d.status["artifacts"]["adapter"] == f"s3://artifacts/tenant-a/support-bot/revisions/{rev}/adapter/"
 
 
 def test_without_merge_evaluation_and_serving_the_job_succeeds():
@@ -122,11 +123,13 @@ def test_a_job_without_serving_ends_succeeded_with_every_condition_true():
     assert [c for c, (status, _) in conds(d).items() if status == "True"] == ["Validated", "Trained", "Evaluated"]
 
 
-def test_serving_replica_edit_scales_the_deployment():
+def test_serving_is_the_current_stage_once_evaluated_so_its_children_are_reapplied():
     observed = {s: OK for s in ("validate", "train", "merge", "evaluate")}
     observed["serve"] = StageOutcome("succeeded", "", "", details={"replicas": 1})
-    assert decide(ftj(serving={"replicas": 3}), observed).scale_to == 3
-    assert decide(ftj(), observed).scale_to is None
+    d = decide(ftj(serving={"replicas": 3}), observed)
+    assert d.current == "serve" and stages.SERVE.reapplied and d.create is None
+    # Every Job stage found done is handed over for recording, with its verdict where it has one.
+    assert set(d.finished) == {"validate", "train", "merge", "evaluate"}
 
 
 def test_status_update_keeps_transition_time_when_status_is_unchanged():

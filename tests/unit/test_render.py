@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from kubetune.contract import recipe
 from kubetune.operator import render
 from kubetune.operator.api import FineTuneJob, FineTuneJobSpec
+from kubetune.operator.revisions import revision_id
 from kubetune.operator.render import OPERATOR_ONLY, RECIPE_SECTIONS, RENDERED, trainer_config_for
 from kubetune.trainer.config import TrainerConfig, load_config
 
@@ -145,7 +146,10 @@ def test_rendered_fields_land_where_declared(src, dst):
         node = node.setdefault({"endpoint_url": "endpointUrl"}.get(part, part), {})
     node[{"endpoint_url": "endpointUrl"}.get(src[-1], src[-1])] = values[src]
     cfg = trainer_config_for(body)
-    assert getattr(getattr(cfg, dst[0]), dst[1]) == values[src]
+    expected = values[src]
+    if src == ("output", "uri"):  # each revision writes under its own prefix of output.uri
+        expected = f"{expected}revisions/{revision_id(FineTuneJob.from_body(body).spec)}/"
+    assert getattr(getattr(cfg, dst[0]), dst[1]) == expected
 
 
 def test_all_linear_and_namespace_override(tmp_path):

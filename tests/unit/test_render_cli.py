@@ -17,8 +17,10 @@ def test_render_prints_every_stage_child_once():
     docs = list(yaml.safe_load_all(out.output))
     kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert len(kinds) == len(set(kinds))
-    for child in [("ConfigMap", "support-bot-config"), ("Job", "support-bot-validate"), ("Job", "support-bot-train"),
-                  ("Service", "support-bot-train"), ("Job", "support-bot-merge"), ("Job", "support-bot-evaluate"),
+    rev = next(d for d in docs if d["kind"] == "ConfigMap")["metadata"]["labels"]["kubetune.io/revision"]
+    for child in [("ConfigMap", f"support-bot-config-{rev}"), ("Job", f"support-bot-validate-{rev}"),
+                  ("Job", f"support-bot-train-{rev}"), ("Service", f"support-bot-train-{rev}"),
+                  ("Job", f"support-bot-merge-{rev}"), ("Job", f"support-bot-evaluate-{rev}"),
                   ("Deployment", "support-bot-serve")]:
         assert child in kinds
     config = next(d for d in docs if d["kind"] == "ConfigMap")
@@ -39,4 +41,4 @@ def test_render_one_stage(tmp_path):
     out = CliRunner().invoke(app, ["render", str(EXAMPLE), "--stage", "merge"])
     assert out.exit_code == 0, out.output
     jobs = [d["metadata"]["name"] for d in yaml.safe_load_all(out.output) if d["kind"] == "Job"]
-    assert jobs == ["support-bot-merge"]
+    assert len(jobs) == 1 and jobs[0].startswith("support-bot-merge-")

@@ -18,10 +18,25 @@ def test_bad_setting_names_the_variable():
         OperatorSettings.from_env({"KUBETUNE_TRAIN_BACKOFF_LIMIT": "many"})
 
 
-def test_operator_never_reads_secrets_nor_deletes():
+def test_operator_never_reads_secrets_and_deletes_only_its_children_kinds():
+    from kubetune.operator.children import KINDS
+
+    child_resources = {k.plural for k in KINDS}
     for rule in rbac.RULES:
         assert "secrets" not in rule["resources"]
-        assert "delete" not in rule["verbs"] and "*" not in rule["verbs"]
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+        if "delete" in rule["verbs"]:  # a superseded revision's Jobs, ConfigMaps and Services
+            assert set(rule["resources"]) <= child_resources, rule
+
+
+def test_children_rules_come_from_the_children_table():
+    from kubetune.operator.children import KINDS
+
+    for k in KINDS:
+        rule = next(r for r in rbac.RULES if r["apiGroups"] == [k.group] and k.plural in r["resources"])
+        assert rule["verbs"] == k.verbs()
+        # Applied kinds are patched (server-side apply); created-once kinds never are.
+        assert ("patch" in rule["verbs"]) is k.applied
 
 
 def test_operator_can_grant_what_the_per_job_role_grants():

@@ -1,0 +1,73 @@
+"""The kinds of object the operator manages for a FineTuneJob: one table.
+
+The table says, per kind, where it lives in the API and how the operator
+keeps it: `applied` kinds go through server-side apply on every pass that
+reaches their stage (one field manager, forced: a hand edit is put back and a
+spec edit reaches the object); the others are created once and never changed
+(a Job's pod template is immutable, and a revision's ConfigMap is too). The
+operator's RBAC (`rbac.py`) is generated from the same table, so a kind the
+operator starts to manage cannot be forgotten there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+FIELD_MANAGER = "kubetune-operator"
+
+
+@dataclass(frozen=True)
+class ChildKind:
+    api_version: str
+    kind: str
+    plural: str
+    applied: bool  # server-side applied every pass; else created once
+    # What the operator does with it beyond get/create/patch(apply)/delete.
+    watch: bool = False  # listed and watched (its changes trigger the owner's reconcile)
+    extra_verbs: tuple[str, ...] = ()
+
+    @property
+    def group(self) -> str:
+        return self.api_version.rpartition("/")[0]
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
+
+    def path(self, namespace: str, name: Optional[str] = None) -> str:
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.api_version}"
+        out = f"{base}/namespaces/{namespace}/{self.plural}"
+        return f"{out}/{name}" if name else out
+
+    def verbs(self) -> list[str]:
+        verbs = ["get", "create", "delete", "list"]
+        if self.applied:
+            verbs.append("patch")
+        if self.watch:
+            verbs.append("watch")
+        return sorted(set(verbs) | set(self.extra_verbs))
+
+
+KINDS: tuple[ChildKind, ...] = (
+    ChildKind("v1", "ServiceAccount", "serviceaccounts", applied=True),
+    ChildKind("rbac.authorization.k8s.io/v1", "Role", "roles", applied=True),
+    ChildKind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", applied=True),
+    ChildKind("v1", "ConfigMap", "configmaps", applied=False),
+    ChildKind("v1", "Service", "services", applied=True),
+    ChildKind("batch/v1", "Job", "jobs", applied=False, watch=True),
+    ChildKind("apps/v1", "Deployment", "deployments", applied=True, watch=True),
+)
+BY_KIND: dict[tuple[str, str], ChildKind] = {(k.api_version, k.kind): k for k in KINDS}
+
+# Per-revision kinds: removed once a newer revision has taken over.
+REVISION_KINDS: tuple[ChildKind, ...] = tuple(
+    k for k in KINDS if k.kind in ("Job", "ConfigMap", "Service")
+)
+
+
+def kind_of(obj: dict) -> ChildKind:
+    try:
+        return BY_KIND[(obj["apiVersion"], obj["kind"])]
+    except KeyError:
+        raise ValueError(f"{obj.get('kind')} ({obj.get('apiVersion')}) is not a kind the operator manages") from None
