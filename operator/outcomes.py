@@ -175,6 +175,13 @@ def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str
                                 labels.get(LABEL_GENERATION), details)
     available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
     wanted = min(1, details["replicas"] if details["replicas"] is not None else 1)
+    # An edit (model name, image) rolls out: done only once the controller has seen the
+    # new template and every replica runs it.
+    rolled_out = (status.get("observedGeneration", 0) >= (deployment.get("metadata") or {}).get("generation", 0)
+                  and status.get("updatedReplicas", 0) >= (details["replicas"] or 0))
+    if not rolled_out:
+        return StageOutcome("running", "RollingOut", "rolling out the new serving template", None,
+                            labels.get(LABEL_GENERATION), details)
     if available and available.get("status") == "True" and status.get("readyReplicas", 0) >= wanted:
         return StageOutcome("succeeded", available.get("reason") or "MinimumReplicasAvailable", available.get("message", ""),
                             None, labels.get(LABEL_GENERATION), details)

@@ -88,9 +88,10 @@ def test_completed_job_result():
 
 
 def test_deployment_available_progressing_failed():
-    def dep(conditions, ready=0, replicas=1):
-        return {"metadata": {"labels": {}}, "spec": {"replicas": replicas},
-                "status": {"readyReplicas": ready, "conditions": conditions}}
+    def dep(conditions, ready=0, replicas=1, generation=1, observed=1, updated=None):
+        return {"metadata": {"labels": {}, "generation": generation}, "spec": {"replicas": replicas},
+                "status": {"readyReplicas": ready, "conditions": conditions, "observedGeneration": observed,
+                           "updatedReplicas": replicas if updated is None else updated}}
 
     assert deployment_outcome(None, []).state == "absent"
     assert deployment_outcome(dep([{"type": "Available", "status": "False"}]), []).state == "running"
@@ -98,6 +99,11 @@ def test_deployment_available_progressing_failed():
     assert ok.state == "succeeded" and ok.details["replicas"] == 1
     stuck = deployment_outcome(dep([{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]), [])
     assert stuck.state == "failed" and stuck.reason == "ProgressDeadlineExceeded"
+    # An edited template is not served until the controller has rolled it out to every replica.
+    available = [{"type": "Available", "status": "True"}]
+    assert deployment_outcome(dep(available, ready=1, generation=2, observed=1), []).reason == "RollingOut"
+    assert deployment_outcome(dep(available, ready=2, replicas=2, updated=1), []).state == "running"
+    assert deployment_outcome(dep(available, ready=2, replicas=2, generation=2, observed=2), []).state == "succeeded"
 
 
 def test_set_condition_rejects_bad_status():
