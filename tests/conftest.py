@@ -3,7 +3,9 @@
 `cluster` starts a real control plane (etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, kwok) on loopback, once per test
 run and only when a test asks for it: unit and trainer tests never start it.
-`s3` starts a moto S3 server on loopback. Everything started here is stopped
+`kueue` adds Kueue's controller manager to it, once per run and only for
+runs that ask (its first build takes minutes). `s3` starts a moto S3 server
+on loopback. Everything started here is stopped
 at the end of the session, on Ctrl-C, and (through atexit and the
 components' parent-death signal) when the run dies.
 """
@@ -95,6 +97,62 @@ def gpu_nodes(cluster):
     yield make
     for node in created:
         cluster.delete_node(node)
+
+
+@pytest.fixture
+def cpu_nodes(cluster):
+    """Factory of fake CPU-only, untainted nodes (kwok-managed, Ready), deleted after the test.
+
+    `cpu_nodes()` -> node name; keyword arguments go to
+    `kubetune.devcluster.fakenodes.cpu_node` (cpu="32", memory="128Gi", labels=...).
+    """
+    created: list[str] = []
+
+    def make(name: str | None = None, **kwargs) -> str:
+        node = cluster.create_cpu_node(name, **kwargs)
+        created.append(node)
+        return node
+
+    yield make
+    for node in created:
+        cluster.delete_node(node)
+
+
+@pytest.fixture(scope="session")
+def kueue(cluster):
+    """Kueue's controller manager running against the session's control plane;
+    a `kubetune.devcluster.kueue.Install` (`.ports`, `.files`, `.log`).
+
+    Started once per session (built first if the cache lacks it) and stopped at
+    the end, its webhooks unregistered first. Fault injection goes through the
+    plane like any component: `cluster.plane.kill("kueue")`,
+    `cluster.plane.restart("kueue")`. Create queues with `kueue_queues`.
+    """
+    from kubetune.devcluster import build, controlplane
+    from kubetune.devcluster import kueue as kueue_addon
+
+    try:
+        install = kueue_addon.start(cluster.plane)
+    except (build.GoMissingError, build.BuildError, controlplane.StartError, RuntimeError, TimeoutError) as error:
+        # Never skip, as for `cluster`: a silently skipped Kueue suite proves nothing.
+        pytest.fail(f"Kueue did not start: {error}", pytrace=False)
+    try:
+        yield install
+    finally:
+        if "kueue" in cluster.plane.pids or "kueue" in cluster.plane.addons:
+            kueue_addon.stop(install)
+
+
+@pytest.fixture
+def kueue_queues(cluster, kueue):
+    """A `kubetune.devcluster.queues.Queues`: creates ResourceFlavors, ClusterQueues,
+    LocalQueues and WorkloadPriorityClasses, reads a Job's Workload, and deletes
+    what it created after the test."""
+    from kubetune.devcluster.queues import Queues
+
+    queues = Queues(cluster.api_client())
+    yield queues
+    queues.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """A handle on a running control plane for tests and tools: API clients, kubectl,
-namespaces, fake GPU nodes, waiting for conditions."""
+namespaces, fake GPU and CPU nodes, waiting for conditions."""
 
 from __future__ import annotations
 
@@ -95,11 +95,20 @@ class Cluster:
 
     def create_gpu_node(self, name: str | None = None, **kwargs) -> str:
         """Create a fake GPU node (see fakenodes.gpu_node) and wait until kwok marks it Ready."""
+        name = name or f"gpu-{uuid.uuid4().hex[:8]}"
+        return self.create_node(fakenodes.gpu_node(name, **kwargs))
+
+    def create_cpu_node(self, name: str | None = None, **kwargs) -> str:
+        """Create a fake CPU-only, untainted node (see fakenodes.cpu_node) and wait until it is Ready."""
+        name = name or f"cpu-{uuid.uuid4().hex[:8]}"
+        return self.create_node(fakenodes.cpu_node(name, **kwargs))
+
+    def create_node(self, manifest: dict) -> str:
         from kubernetes import client
 
-        name = name or f"gpu-{uuid.uuid4().hex[:8]}"
+        name = manifest["metadata"]["name"]
         core = client.CoreV1Api(self.api_client())
-        core.create_node(fakenodes.gpu_node(name, **kwargs))
+        core.create_node(manifest)
         wait_for(f"node {name} Ready", lambda: _node_ready(core.read_node(name)), timeout=30)
         return name
 

@@ -1,6 +1,6 @@
 """CLI commands of this part (registered by kubetune.cli):
 
-    kubetune dev cluster up [--foreground] [--gpu-nodes N]
+    kubetune dev cluster up [--foreground] [--gpu-nodes N] [--cpu-nodes N] [--kueue]
     kubetune dev cluster env
     kubetune dev cluster down
 """
@@ -12,7 +12,7 @@ import typer
 dev_app = typer.Typer(help="Development tools.", no_args_is_help=True)
 cluster_app = typer.Typer(
     help="A real Kubernetes control plane on loopback (etcd, kube-apiserver, "
-    "kube-controller-manager, kube-scheduler, kwok fake GPU nodes).",
+    "kube-controller-manager, kube-scheduler, kwok fake GPU and CPU nodes; Kueue on request).",
     no_args_is_help=True,
 )
 dev_app.add_typer(cluster_app, name="cluster")
@@ -43,7 +43,15 @@ def _running_state() -> dict | None:
 @cluster_app.command("up")
 def up(
     foreground: bool = typer.Option(False, "--foreground", "-f", help="Stay attached; Ctrl-C stops the cluster."),
-    gpu_nodes: int = typer.Option(1, "--gpu-nodes", min=0, help="Fake 8-GPU nodes to create."),
+    gpu_nodes: int = typer.Option(1, "--gpu-nodes", min=0, help="Fake 8-GPU nodes to create (tainted nvidia.com/gpu)."),
+    cpu_nodes: int = typer.Option(
+        1, "--cpu-nodes", min=0,
+        help="Fake CPU-only, untainted nodes to create: pods without a GPU toleration (validate, merge) schedule there.",
+    ),
+    kueue: bool = typer.Option(
+        False, "--kueue",
+        help="Also start Kueue (batch/job integration, webhooks on loopback); the first use builds it (minutes).",
+    ),
 ) -> None:
     """Start the control plane (building it on first use) and print its KUBECONFIG."""
     import shutil
@@ -75,6 +83,17 @@ def up(
     cluster = Cluster(plane)
     for index in range(gpu_nodes):
         cluster.create_gpu_node(f"gpu-node-{index}")
+    for index in range(cpu_nodes):
+        cluster.create_cpu_node(f"cpu-node-{index}")
+    if kueue:
+        from kubetune.devcluster import kueue as kueue_addon
+
+        try:
+            kueue_addon.start(plane)
+        except (build.GoMissingError, build.BuildError, controlplane.StartError, RuntimeError) as error:
+            typer.echo(str(error), err=True)
+            plane.stop()
+            raise typer.Exit(1) from None
     typer.echo(f"export KUBECONFIG={plane.kubeconfig}")
     typer.echo(f"kubectl: {plane.binaries['kubectl']}")
     if not foreground:

@@ -5,6 +5,10 @@ The run directory holds the certificates, a kubeconfig per component, every
 component's log (`logs/<component>.log`) and `state.json` (pids and
 addresses), which lets `kubetune dev cluster down` stop a control plane that
 another process started.
+
+Add-ons (Kueue, see kubetune.devcluster.kueue) join a running control plane
+through `ControlPlane.add_addon`; from then on they are components like the
+others: logged, in state.json, stopped first, and `kill`/`restart`-able.
 """
 
 from __future__ import annotations
@@ -48,6 +52,15 @@ class StartError(RuntimeError):
     """The control plane did not come up; the message carries the component logs."""
 
 
+@dataclass(frozen=True)
+class Addon:
+    """A component started on demand after the control plane: its command line
+    and the plain-HTTP URL that answers 200 once it is ready."""
+
+    argv: tuple[str, ...]
+    ready_url: str
+
+
 @dataclass
 class ControlPlane:
     layout: Layout
@@ -55,7 +68,12 @@ class ControlPlane:
     # False for `kubetune dev cluster up`, whose components outlive the command.
     die_with_parent: bool = True
     pids: dict[str, int] = field(default_factory=dict)
+    addons: dict[str, Addon] = field(default_factory=dict)
     _children: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Own copy: callers pass one plane's binaries to start another, and add-ons extend it.
+        self.binaries = dict(self.binaries)
 
     @property
     def run_dir(self) -> Path:
@@ -83,17 +101,23 @@ class ControlPlane:
                 return name
         return None
 
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component in start order: the control plane, then the add-ons."""
+        return (*L.COMPONENTS, *self.addons)
+
     def log_tails(self, lines: int = 30) -> str:
         parts = []
-        for name in L.COMPONENTS:
+        for name in self.components:
             path = self.layout.log(name)
             if path.exists():
                 parts.append(f"----- {name} ({path}) -----\n{processes.tail(path, lines)}")
         return "\n".join(parts)
 
     def stop(self, remove_run_dir: bool = False) -> None:
-        """Stop components in reverse start order (clients before the API server, etcd last)."""
-        for name in reversed(L.COMPONENTS):
+        """Stop components in reverse start order (add-ons and other clients before the
+        API server, etcd last)."""
+        for name in reversed(self.components):
             pid = self.pids.get(name)
             if pid is not None:
                 processes.stop_group(pid)
@@ -121,8 +145,36 @@ class ControlPlane:
         self._spawn(name)
         _wait_healthy(self, name)
 
+    def add_addon(self, name: str, addon: Addon, binary: Path, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Start an add-on and wait until its ready URL answers; on failure it is
+        stopped again and StartError carries its log."""
+        if name in self.addons or name in L.COMPONENTS:
+            raise ValueError(f"{name} is already a component of this control plane")
+        self.addons[name] = addon
+        self.binaries[name] = binary
+        try:
+            self._spawn(name)
+            _wait_healthy(self, name, timeout)
+        except (RuntimeError, TimeoutError) as error:
+            tail = processes.tail(self.layout.log(name), 60)
+            self.remove_addon(name)
+            raise StartError(f"{name} did not start: {error}\n----- {name} ({self.layout.log(name)}) -----\n{tail}") from error
+
+    def remove_addon(self, name: str) -> None:
+        """Stop an add-on (SIGTERM, as a Deployment scaled to zero would) and forget it."""
+        pid = self.pids.pop(name, None)
+        self._children.pop(name, None)
+        if pid is not None:
+            processes.stop_group(pid)
+        self.addons.pop(name, None)
+        self.binaries.pop(name, None)
+        self._write_state()
+
     def _spawn(self, name: str) -> None:
-        argv = _COMMANDLINES[name](self.binaries[name], self.layout)
+        if name in self.addons:
+            argv = list(self.addons[name].argv)
+        else:
+            argv = _COMMANDLINES[name](self.binaries[name], self.layout)
         child = processes.spawn(argv, self.layout.log(name), die_with_parent=self.die_with_parent)
         self._children[name] = child
         self.pids[name] = child.pid
@@ -133,6 +185,8 @@ class ControlPlane:
             "server": self.server,
             "kubeconfig": str(self.kubeconfig),
             "pids": self.pids,
+            # Stop order for `stop_from_state`: add-ons first, as in `stop`.
+            "components": list(self.components),
             "binaries": {name: str(path) for name, path in self.binaries.items()},
         }
         self.layout.state_file.write_text(json.dumps(state, indent=2))
@@ -201,6 +255,9 @@ def start(
 def _health_check(plane: ControlPlane, name: str) -> tuple[str, Callable[[], bool]]:
     """What "ready" means for one component, as (description, check)."""
     lay = plane.layout
+    if name in plane.addons:
+        url = plane.addons[name].ready_url
+        return f"{name} {url}", lambda: processes.http_ok(url)
     admin = plane.admin_ssl_context()
     # Self-signed serving certs of the controller-manager and scheduler: only liveness is checked.
     insecure = ssl._create_unverified_context()
@@ -275,7 +332,7 @@ def stop_from_state(run_dir: Path) -> list[str]:
     """Stop the components listed in a run directory's state.json; returns their names."""
     state = load(run_dir)
     stopped = []
-    for name in reversed(L.COMPONENTS):
+    for name in reversed(state.get("components", L.COMPONENTS)):
         pid = state["pids"].get(name)
         # Only signal a pid that still runs our binary: pids are reused after a reboot.
         if pid is not None and _runs_binary(pid, state["binaries"].get(name, "")):

@@ -117,12 +117,29 @@ def etcd_wrapper(etcd_version: str, upstream_gomod: str) -> str:
     )
 
 
+def plain_wrapper(family: str, module: str, version: str, upstream_gomod: str, package: str) -> str:
+    """go.mod of a module that builds `package` of a module with no local replaces.
+
+    Equivalent to `go install <package>@<version>` (the same minimal version
+    selection), but through a wrapper directory, so that `go build` can write
+    the binary to a temporary name and the resolved go.sum is kept for reuse.
+    """
+    if local_replaces(upstream_gomod):
+        raise ValueError(f"{module} {version} has local replaces; it needs a wrapper like kubernetes_wrapper")
+    return _render(
+        module=f"kubetune.local/devcluster/{family}",
+        go=go_directive(upstream_gomod),
+        requires={module: version},
+        replaces={},
+        tools=[package],
+    )
+
+
 def kwok_wrapper(kwok_version: str, upstream_gomod: str) -> str:
     """go.mod of a module that builds kwok (it needs no replaces)."""
-    return _render(
-        module="kubetune.local/devcluster/kwok",
-        go=go_directive(upstream_gomod),
-        requires={"sigs.k8s.io/kwok": kwok_version},
-        replaces={},
-        tools=["sigs.k8s.io/kwok/cmd/kwok"],
-    )
+    return plain_wrapper("kwok", "sigs.k8s.io/kwok", kwok_version, upstream_gomod, "sigs.k8s.io/kwok/cmd/kwok")
+
+
+def kueue_wrapper(kueue_version: str, upstream_gomod: str) -> str:
+    """go.mod of a module that builds Kueue's controller manager (no replaces either)."""
+    return plain_wrapper("kueue", "sigs.k8s.io/kueue", kueue_version, upstream_gomod, "sigs.k8s.io/kueue/cmd/kueue")

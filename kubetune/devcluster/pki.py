@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _VALIDITY = datetime.timedelta(days=7)
@@ -39,7 +39,14 @@ SCHEDULER = ClientIdentity("kube-scheduler", "system:kube-scheduler")
 KWOK = ClientIdentity("kwok", "kubetune:kwok", ("system:masters",))
 # The API server's identity towards aggregated API servers (front proxy).
 FRONT_PROXY = ClientIdentity("front-proxy-client", "front-proxy-client")
-CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, FRONT_PROXY)
+# Kueue authenticates as its in-cluster ServiceAccount would (same user name and
+# groups), so the RBAC installed from Kueue's own manifests is what authorizes it.
+KUEUE = ClientIdentity(
+    "kueue",
+    "system:serviceaccount:kueue-system:kueue-controller-manager",
+    ("system:serviceaccounts", "system:serviceaccounts:kueue-system"),
+)
+CLIENTS = (ADMIN, CONTROLLER_MANAGER, SCHEDULER, KWOK, FRONT_PROXY, KUEUE)
 
 
 @dataclass(frozen=True)
@@ -99,7 +106,9 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> x509.Name:
     return x509.Name(attributes)
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime) -> x509.CertificateBuilder:
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key, now: datetime.datetime, validity: datetime.timedelta = _VALIDITY
+) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -108,7 +117,7 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key, now: datetime.da
         .serial_number(x509.random_serial_number())
         # Backdated a little: the components may judge the clock differently by a second.
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + _VALIDITY)
+        .not_valid_after(now + validity)
     )
 
 
@@ -174,3 +183,61 @@ def _write(path: Path, data: bytes, private: bool = False) -> None:
     path.write_bytes(data)
     if private:
         path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class WebhookPki:
+    """PEM bytes of a webhook server's own CA and serving certificate."""
+
+    ca_cert: bytes
+    ca_key: bytes
+    cert: bytes
+    key: bytes
+
+
+def webhook_pki(ca_name: str, dns_names: list[str], ip_addresses: list[str], validity_days: int = 365) -> WebhookPki:
+    """A CA and a serving certificate for an add-on's webhook server, kept apart
+    from the cluster CA (whose key mints cluster-admin client certificates).
+
+    RSA keys in PKCS#1 PEM and a CA that names itself in a DNS SAN: this is
+    the shape open-policy-agent/cert-controller (Kueue's certificate rotator)
+    writes and accepts; given anything else it throws the pair away and
+    generates its own, whose certificate lacks the loopback address. A year of
+    validity: the rotator replaces certificates expiring within 90 days.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    validity = datetime.timedelta(days=validity_days)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_subject = _name(ca_name, (ca_name,))
+    ca_cert = (
+        _builder(ca_subject, ca_subject, ca_key.public_key(), now, validity)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=False, content_commitment=False,
+                key_encipherment=True, data_encipherment=False, key_agreement=False,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(ca_name)]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sans = [x509.DNSName(d) for d in dns_names] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ip_addresses]
+    cert = (
+        _builder(_name(dns_names[0]), ca_subject, key.public_key(), now, validity)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return WebhookPki(_cert_pem(ca_cert), _rsa_pem(ca_key), _cert_pem(cert), _rsa_pem(key))
+
+
+def _rsa_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )

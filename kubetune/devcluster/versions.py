@@ -7,6 +7,11 @@ modules are published as `v0.<minor>.<patch>` twins of `v1.<minor>.<patch>`.
 KUBERNETES = "v1.36.3"
 ETCD = "v3.6.16"
 KWOK = "v0.8.0"
+# Kueue's controller manager (sigs.k8s.io/kueue/cmd/kueue), started on demand by
+# the `kueue` test fixture. v0.17 serves kueue.x-k8s.io/v1beta2 (v1beta1 still
+# served, through Kueue's conversion webhook) and was built against k8s 1.35
+# client libraries: one minor behind the API server, inside client-go's skew.
+KUEUE = "v0.17.0"
 
 # Binaries built from k8s.io/kubernetes/cmd/<name>.
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")

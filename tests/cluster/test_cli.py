@@ -30,11 +30,20 @@ def test_dev_cluster_up_env_down(cluster, tmp_path):
         assert f"export KUBECONFIG={kubeconfig}" in up.stdout
 
         # The command has exited; the control plane still serves.
-        nodes = subprocess.run(
-            [str(cluster.kubectl_binary), f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "name"],
+        nodes = json.loads(subprocess.run(
+            [str(cluster.kubectl_binary), f"--kubeconfig={kubeconfig}", "get", "nodes", "-o", "json"],
             capture_output=True, text=True, check=True,
-        ).stdout.split()
-        assert nodes == ["node/gpu-node-0", "node/gpu-node-1"]
+        ).stdout)["items"]
+        by_name = {n["metadata"]["name"]: n for n in nodes}
+        assert sorted(by_name) == ["cpu-node-0", "gpu-node-0", "gpu-node-1"]
+        # Beside the tainted GPU nodes, one untainted CPU node: pods without a GPU
+        # toleration (validate, merge) have somewhere to run.
+        cpu = by_name["cpu-node-0"]
+        assert not cpu["spec"].get("taints") and "nvidia.com/gpu" not in cpu["status"]["allocatable"]
+        assert all(by_name[g]["spec"]["taints"][0]["key"] == "nvidia.com/gpu" for g in ("gpu-node-0", "gpu-node-1"))
+        assert all(
+            c["status"] == "True" for n in nodes for c in n["status"]["conditions"] if c["type"] == "Ready"
+        )
         assert _kubetune("dev", "cluster", "env", env=env).stdout.strip() == f"export KUBECONFIG={kubeconfig}"
         pids = json.loads((tmp_path / "run" / "dev" / "state.json").read_text())["pids"].values()
     finally:

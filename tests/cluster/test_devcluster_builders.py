@@ -183,3 +183,172 @@ def test_fake_gpu_node_manifest():
     assert node["spec"]["taints"] == [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
     with pytest.raises(ValueError, match="gpus must be >= 0"):
         fakenodes.gpu_node("n2", gpus=-1)
+
+
+def test_fake_cpu_node_is_untainted_and_has_no_gpus():
+    node = fakenodes.cpu_node("c1")
+    assert node["metadata"]["annotations"] == {"kwok.x-k8s.io/node": "fake"}
+    assert node["spec"]["taints"] == []
+    assert fakenodes.GPU_RESOURCE not in node["status"]["allocatable"]
+    assert node["metadata"]["labels"]["kubetune.io/node-pool"] == "cpu"
+    assert fakenodes.gpu_node("g1")["metadata"]["labels"]["kubetune.io/node-pool"] == "gpu"
+
+
+# ----- Kueue ---------------------------------------------------------------------------------
+
+KUEUE_GOMOD = "module sigs.k8s.io/kueue\n\ngo 1.25.0\n\nrequire (\n\tk8s.io/api v0.35.3\n)\n"
+
+
+def test_kueue_wrapper_is_a_plain_requirement_of_the_pinned_release():
+    gomod = gomodules.kueue_wrapper(versions.KUEUE, KUEUE_GOMOD)
+    assert f"\tsigs.k8s.io/kueue {versions.KUEUE}\n" in gomod
+    assert "go 1.25.0" in gomod and "replace" not in gomod
+    assert "\tsigs.k8s.io/kueue/cmd/kueue\n" in gomod.split("tool (", 1)[1]
+    with pytest.raises(ValueError, match="local replaces"):
+        gomodules.plain_wrapper("x", "example.com/x", "v1.0.0", KUEUE_GOMOD + "replace example.com/y => ./y\n", "example.com/x")
+
+
+def test_kueue_is_built_on_demand_with_its_version_stamped():
+    assert build.KUEUE not in build.targets()  # a plain control plane never builds it
+    assert build.KUEUE.version == versions.KUEUE
+    assert build.version_ldflags(build.KUEUE) == [f"-X 'sigs.k8s.io/kueue/pkg/version.GitVersion={versions.KUEUE}'"]
+
+
+def _fake_build(target, with_assets=True):
+    binary = build.binary_path(target)
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.with_name(binary.name + ".stamp").write_text(json.dumps(build._stamp(target)))
+    if with_assets:
+        for relative in target.assets:
+            (build.assets_path(target) / relative).mkdir(parents=True, exist_ok=True)
+
+
+def test_a_cached_kueue_with_its_manifests_is_reused_without_go(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("KUBETUNE_GO", raising=False)
+    _fake_build(build.KUEUE)
+    found = build.ensure_built(log=lambda m: pytest.fail(f"unexpected build: {m}"), wanted=[build.KUEUE])
+    assert found == {"kueue": tmp_path / "bin" / f"kueue-{versions.KUEUE}"}
+
+
+def test_a_cached_kueue_without_its_manifests_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    _fake_build(build.KUEUE, with_assets=False)
+    assert not build.is_built(build.KUEUE)
+
+
+def test_kueue_configuration_runs_the_job_integration_on_loopback_with_fair_sharing(tmp_path):
+    from kubetune.devcluster import kueue
+
+    config = kueue.configuration(kueue.Ports(webhook=9443, health=8081), tmp_path / "certs")
+    assert config["apiVersion"] == "config.kueue.x-k8s.io/v1beta2"
+    assert config["integrations"] == {"frameworks": ["batch/job"]}
+    assert config["fairSharing"] == {"preemptionStrategies": ["LessThanOrEqualToFinalShare", "LessThanInitialShare"]}
+    assert config["webhook"] == {"host": "127.0.0.1", "port": 9443, "certDir": str(tmp_path / "certs")}
+    assert config["health"] == {"healthProbeBindAddress": "127.0.0.1:8081"}
+    assert config["metrics"] == {"bindAddress": "0"}
+    assert config["internalCertManagement"] == {
+        "enable": True, "webhookServiceName": "kueue-webhook-service", "webhookSecretName": "kueue-webhook-server-cert",
+    }
+    assert config["featureGates"] == {"VisibilityOnDemand": False}
+    assert config["leaderElection"] == {"leaderElect": False}
+
+
+def _crd(plural: str) -> dict:
+    return {"kind": "CustomResourceDefinition", "metadata": {"name": f"{plural}.kueue.x-k8s.io"},
+            "spec": {"names": {"plural": plural}}}
+
+
+def test_kueue_crds_get_conversion_webhooks_on_loopback():
+    from kubetune.devcluster import kueue
+
+    documents = [_crd(p) for p in (*kueue.CONVERSION_CRDS, "resourceflavors")]
+    rendered = {c["spec"]["names"]["plural"]: c for c in kueue.crds(documents, "https://127.0.0.1:9443", b"CA")}
+    conversion = rendered["workloads"]["spec"]["conversion"]
+    assert conversion["strategy"] == "Webhook"
+    assert conversion["webhook"]["clientConfig"] == {"url": "https://127.0.0.1:9443/convert", "caBundle": "Q0E="}
+    assert "conversion" not in rendered["resourceflavors"]["spec"]
+    assert "conversion" not in documents[0]["spec"]  # the inputs are not modified
+    with pytest.raises(ValueError, match="lack"):
+        kueue.crds([_crd("workloads")], "https://127.0.0.1:9443", b"CA")
+
+
+def _webhook(name: str, group: str, resource: str, path: str) -> dict:
+    return {
+        "name": name,
+        "clientConfig": {"service": {"name": "webhook-service", "namespace": "system", "path": path}},
+        "failurePolicy": "Fail",
+        "rules": [{"apiGroups": [group], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": [resource]}],
+    }
+
+
+def test_kueue_webhooks_kept_are_its_own_api_and_the_job_integration_called_on_loopback():
+    from kubetune.devcluster import kueue
+
+    documents = [
+        {"kind": "MutatingWebhookConfiguration", "metadata": {"name": "mutating-webhook-configuration"}, "webhooks": [
+            _webhook("mjob.kb.io", "batch", "jobs", "/mutate-batch-v1-job"),
+            _webhook("mpod.kb.io", "", "pods", "/mutate--v1-pod"),
+            _webhook("mclusterqueue.kb.io", "kueue.x-k8s.io", "clusterqueues", "/mutate-kueue-x-k8s-io-v1beta2-clusterqueue"),
+        ]},
+        {"kind": "ValidatingWebhookConfiguration", "metadata": {"name": "validating-webhook-configuration"}, "webhooks": [
+            _webhook("vjob.kb.io", "batch", "jobs", "/validate-batch-v1-job"),
+            _webhook("vrayjob.kb.io", "ray.io", "rayjobs", "/validate-ray-io-v1-rayjob"),
+        ]},
+    ]
+    mutating, validating = kueue.webhook_configurations(documents, "https://127.0.0.1:9443", b"CA")
+    # The names Kueue's certificate rotator injects its CA into.
+    assert mutating["metadata"]["name"] == "kueue-mutating-webhook-configuration"
+    assert validating["metadata"]["name"] == "kueue-validating-webhook-configuration"
+    assert [w["name"] for w in mutating["webhooks"]] == ["mjob.kb.io", "mclusterqueue.kb.io"]
+    assert [w["name"] for w in validating["webhooks"]] == ["vjob.kb.io"]
+    assert mutating["webhooks"][0]["clientConfig"] == {"url": "https://127.0.0.1:9443/mutate-batch-v1-job", "caBundle": "Q0E="}
+    assert mutating["webhooks"][0]["failurePolicy"] == "Fail"
+
+
+def test_kueue_rbac_is_rendered_as_its_kustomization_does():
+    from kubetune.devcluster import kueue
+
+    sa = {"kind": "ServiceAccount", "metadata": {"name": "controller-manager", "namespace": "system"}}
+    binding = {"kind": "ClusterRoleBinding", "metadata": {"name": "manager-rolebinding"},
+               "roleRef": {"kind": "ClusterRole", "name": "manager-role"},
+               "subjects": [{"kind": "ServiceAccount", "name": "controller-manager", "namespace": "system"}]}
+    role = {"kind": "Role", "metadata": {"name": "manager-secrets-role", "namespace": "system"}}
+    rendered_sa, rendered_binding, rendered_role = kueue.rbac([sa, binding, role])
+    assert rendered_sa["metadata"] == {"name": "kueue-controller-manager", "namespace": "kueue-system"}
+    assert rendered_binding["roleRef"]["name"] == "kueue-manager-role"
+    assert rendered_binding["subjects"] == [{"kind": "ServiceAccount", "name": "kueue-controller-manager", "namespace": "kueue-system"}]
+    assert "namespace" not in rendered_binding["metadata"]
+    assert rendered_role["metadata"] == {"name": "kueue-manager-secrets-role", "namespace": "kueue-system"}
+    # The identity Kueue's client certificate carries is the one the binding names.
+    from kubetune.devcluster import pki
+
+    assert pki.KUEUE.user == "system:serviceaccount:kueue-system:kueue-controller-manager"
+
+
+def test_kueue_webhook_certificates_pass_the_checks_of_kueues_rotator_and_the_api_server():
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    from kubetune.devcluster import kueue, pki
+
+    made = pki.webhook_pki(kueue.CA_NAME, ["kueue-webhook-service.kueue-system.svc"], ["127.0.0.1"])
+    # cert-controller parses the CA key as PKCS#1 RSA and checks the CA against its own name.
+    assert made.ca_key.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    ca = x509.load_pem_x509_certificate(made.ca_cert)
+    assert ca.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == ["kueue-ca"]
+    # Valid past the rotator's 90-day look-ahead, else it replaces them with certificates lacking 127.0.0.1.
+    assert ca.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc) > datetime.timedelta(days=300)
+    cert = x509.load_pem_x509_certificate(made.cert)
+    at = datetime.datetime.now(datetime.timezone.utc)
+    store = Store([ca])
+    for name in (x509.DNSName("kueue-webhook-service.kueue-system.svc"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))):
+        PolicyBuilder().store(store).time(at).build_server_verifier(name).verify(cert, [])
+    secret = kueue.webhook_secret(made)
+    assert sorted(secret["data"]) == ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+    assert secret["metadata"] == {"name": "kueue-webhook-server-cert", "namespace": "kueue-system"}

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kubetune.devcluster.jobs import gpu_job, job_pods, wait_job_finished
+from kubetune.devcluster.jobs import cpu_job, gpu_job, job_pods, wait_job_finished
 
 pytestmark = pytest.mark.cluster
 
@@ -47,6 +47,17 @@ def test_job_is_scheduled_onto_a_gpu_node_and_completes(cluster, namespace, gpu_
     assert json.loads(terminated.message) == result
     # The pod ran for its annotated duration before it completed.
     assert terminated.finished_at - pod.status.start_time >= datetime.timedelta(seconds=1)
+
+
+def test_a_cpu_stage_job_without_gpu_toleration_runs_on_the_untainted_cpu_node(cluster, namespace, gpu_nodes, cpu_nodes, apis):
+    """`kubetune dev cluster up` gives such a node: validate and merge pods have somewhere to go."""
+    core, batch = apis
+    gpu_nodes()
+    node = cpu_nodes()
+    batch.create_namespaced_job(namespace, cpu_job("merge", annotations={"kwok.kubetune.io/run-duration": "500ms"}))
+    assert wait_job_finished(batch, namespace, "merge") == "Complete"
+    (pod,) = job_pods(core, namespace, "merge")
+    assert pod.spec.node_name == node and pod.status.phase == "Succeeded"
 
 
 def test_pod_labelled_to_fail_fails_its_job_with_the_annotated_reason(cluster, namespace, gpu_nodes, apis):
