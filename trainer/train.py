@@ -202,6 +202,8 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
     # after it. The model's config says whether the varlen kernel reproduces its attention.
     perf = resolve_performance(cfg, cuda=cuda, local_rank=local_rank, model_config=AutoConfig.from_pretrained(str(model_dir)))
     log.info("training.performance: %s", perf.describe())
+    if perf.overrides:  # a debugging knob left set must not pass unnoticed: it wins over the job's spec
+        log.warning("training.performance overridden by the environment: %s", " ".join(perf.overrides))
     kwargs = model_load_kwargs(cfg, cuda=cuda, precision=precision, local_rank=local_rank,
                                attn=attention_implementation(perf.attention))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)

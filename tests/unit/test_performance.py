@@ -217,3 +217,28 @@ def test_the_trainer_refuses_before_loading_the_model(tmp_path, monkeypatch):
         with pytest.raises(TrainingError, match=message.replace(".", r"\.")):
             load_model(cfg, tmp_path, cuda=False, precision="fp32", local_rank=0)
     assert loads == []  # refused before from_pretrained was reached
+
+
+def test_an_environment_override_is_announced(tmp_path, monkeypatch, caplog):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kubetune.trainer.config import parse_config
+    from kubetune.trainer.train import load_model
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config.save_pretrained(tmp_path)
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        return LlamaForCausalLM(config)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_load)
+    monkeypatch.setenv("KUBETUNE_LIGER", "0")
+    monkeypatch.setenv("KUBETUNE_ATTENTION", "eager")
+    cfg = parse_config({"baseModel": {"uri": str(tmp_path)}, "dataset": {"uri": "d.jsonl"}, "output": {"uri": "o"},
+                        "method": {"type": "lora"}})
+    with caplog.at_level("WARNING", logger="kubetune.trainer.train"):
+        load_model(cfg, tmp_path, cuda=False, precision="fp32", local_rank=0)
+    assert seen["attn_implementation"] == "eager"  # the override reached the load
+    assert "overridden by the environment: KUBETUNE_ATTENTION=eager KUBETUNE_LIGER=0" in caplog.text
