@@ -1,22 +1,57 @@
-"""kopf registration: settings once at startup, one level-based timer per
-FineTuneJob that calls the reconciler. Thin on purpose; the logic lives in
-lifecycle.py (pure) and reconcile.py (I/O)."""
+"""kopf registration: settings once at startup, and watch handlers that only
+say *which* FineTuneJob needs a reconcile; `triggers.ReconcileQueue` runs the
+reconciles, one at a time per FineTuneJob. Thin on purpose; the logic lives
+in lifecycle.py (pure) and reconcile.py (I/O).
+
+What triggers a FineTuneJob's reconcile:
+- any watch event of the FineTuneJob itself (create, spec edit, a trainer's
+  progress patch), except the one showing the status our last pass wrote;
+- any watch event of its Jobs, their Pods and its Deployment (server-side
+  filtered on the `kubetune.io/job` label, which names the owner);
+- a resync `reconcile_interval` after each pass: the slow safety net.
+With `reconcile_on_events` off, only the FineTuneJob's first sighting and the
+resync do, which is how the operator behaved before (a 10 s kopf timer).
+
+No finalizer unless a deletion needs one. kopf puts its finalizer on every
+object that has a timer or daemon (they are stopped on deletion), or a
+non-optional on.delete handler whose filters match; with one on the object,
+`kubectl delete` and namespace deletion hang while the operator is down. So:
+no kopf timer (the resync lives in the queue), on.event for what used to be
+an optional on.delete, and the only on.delete handler is filtered to specs
+with `output.deleteOnJobDeletion`, which really must run before the object
+goes (kopf adds or removes the finalizer as that field changes).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
-from . import metrics
-from kubetune.contract.facts import GROUP, PLURAL, VERSION
+from kubetune.contract.facts import GROUP, LABEL_JOB, PLURAL, VERSION
+
+from . import metrics, triggers
+from .children import KINDS
 from .kube import ChildConflict, Kube, load_config
 from .reconcile import cleanup_artifacts, reconcile
 from .settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
-_kube: Kube | None = None
+log = logging.getLogger("kubetune.operator")
+_kube: Optional[Kube] = None
+_queue: Optional[triggers.ReconcileQueue] = None
+
+# Children whose changes decide a FineTuneJob's next step: the kinds the children
+# table marks `watch` (Jobs, the Deployment), plus the Pods of the stage Jobs
+# (termination messages, stuck waiting reasons, Unschedulable: the Job object
+# itself does not change for those).
+WATCHED: tuple[tuple[str, str], ...] = (
+    *((k.api_version, k.plural) for k in KINDS if k.watch),
+    ("v1", "pods"),
+)
 
 
 def _client() -> Kube:
@@ -28,7 +63,8 @@ def _client() -> Kube:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _queue
     # Everything kopf stores on our objects lives under our own prefix.
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
@@ -38,32 +74,99 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = SETTINGS.watch_server_timeout
     settings.watching.client_timeout = SETTINGS.watch_client_timeout
     settings.watching.connect_timeout = 30
+    # Only the operator's children, filtered by the API server: without this kopf
+    # would list and watch every Pod, Job and Deployment in the watched namespaces.
+    for api_version, plural in WATCHED:
+        settings.watching.label_selectors[api_version, plural] = LABEL_JOB
     # kopf turns log lines of this level and above into Events on the object;
     # our transitions are posted explicitly (kopf.event), so only warnings go.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
-    # A failed reconcile is retried soon: it is idempotent.
-    settings.execution.default_backoff = max(1.0, SETTINGS.reconcile_interval)
+    settings.execution.default_backoff = max(1.0, SETTINGS.cleanup_poll_interval)
     if SETTINGS.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(SETTINGS.metrics_port)
     _client()
+    _queue = triggers.ReconcileQueue(
+        _reconcile_pass, resync=SETTINGS.reconcile_interval, workers=SETTINGS.reconcile_workers,
+        # Timer-only (the behaviour before events): one pass per interval, nothing in between.
+        requeue_on_write=SETTINGS.reconcile_on_events,
+    )
+    log.info("reconciles: %s, resync every %.1fs", "on events" if SETTINGS.reconcile_on_events else "timer only",
+             SETTINGS.reconcile_interval)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval, sharp=False,
-            backoff=max(1.0, SETTINGS.reconcile_interval))
-def reconcile_timer(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_: Any) -> None:
+@kopf.on.cleanup()
+async def stop_queue(**_: Any) -> None:
+    if _queue is not None:
+        await _queue.close()
+
+
+def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
+    """One reconcile of one FineTuneJob, run by the queue (never two at once for a key).
+
+    The FineTuneJob is read afresh here rather than taken from a watch event:
+    events of children and of the FineTuneJob arrive on separate streams, and a
+    body from any of them may predate the status the previous pass wrote."""
+    namespace, name = key
+    kube = _client()
+    custom = client.CustomObjectsApi(kube.api)
+    try:
+        body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return triggers.Pass(exists=False)
+        raise
+
     def emit(type_: str, reason: str, message: str) -> None:
         kopf.event(body, type=type_, reason=reason, message=message[:1024])
 
     try:
-        status = reconcile(dict(body), _client(), SETTINGS, emit)
+        status = reconcile(body, kube, SETTINGS, emit)
     except ChildConflict as e:
         emit("Warning", "ChildConflict", str(e))
-        raise kopf.TemporaryError(str(e), delay=30) from None
-    if status:
-        patch.status.update(status)
+        raise triggers.RetryLater(str(e), delay=30) from None
+    if not status:
+        return triggers.Pass()
+    # resourceVersion as a precondition: the status is written only onto the very
+    # object it was computed from. A trainer's progress patch or a spec edit in
+    # between is a 409, and the pass runs again on the newer object.
+    patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "status": status}
+    try:
+        out = custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, patch)
+    except ApiException as e:
+        if e.status == 404:
+            return triggers.Pass(exists=False)
+        if e.status == 409:
+            raise triggers.RetryLater("the FineTuneJob changed during the pass", delay=0) from None
+        raise
+    return triggers.Pass(wrote=out["metadata"]["resourceVersion"])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def finetunejob_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    key = triggers.key_of(body)
+    if event.get("type") == "DELETED":
+        metrics.forget(body.metadata.uid or "")
+        _queue.forget(key)
+        return
+    if not SETTINGS.reconcile_on_events and _queue.known(key):
+        return  # timer-only: the resync alone drives a job once seen
+    if _queue.own_write(key, body.metadata.get("resourceVersion")):
+        return
+    _queue.trigger(key)
+
+
+async def child_changed(body: kopf.Body, **_: Any) -> None:
+    key = triggers.owner_key(body)
+    if key is not None:
+        _queue.trigger(key)
+
+
+if SETTINGS.reconcile_on_events:
+    for _api_version, _plural in WATCHED:
+        kopf.on.event(_api_version, _plural, labels={LABEL_JOB: kopf.PRESENT}, id=f"child_changed/{_plural}")(child_changed)
 
 
 def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
@@ -72,8 +175,9 @@ def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_deletes_artifacts)
 def delete_artifacts(body: kopf.Body, **_: Any) -> None:
-    """Hold the deletion (kopf's finalizer) until the cleanup Job has emptied
-    spec.output.uri; then the children go by garbage collection as usual."""
+    """Hold the deletion (kopf's finalizer, on these FineTuneJobs only) until the
+    cleanup Job has emptied spec.output.uri; then the children go by garbage
+    collection as usual."""
     outcome = cleanup_artifacts(dict(body), _client(), SETTINGS)
     if outcome.state == "succeeded":
         kopf.event(body, type="Normal", reason="ArtifactsDeleted", message=outcome.message or "artifacts deleted")
@@ -82,14 +186,9 @@ def delete_artifacts(body: kopf.Body, **_: Any) -> None:
         kopf.event(body, type="Warning", reason="ArtifactCleanupFailed", message=outcome.message[:1024])
         # Permanent: the object goes anyway; the failed cleanup Job stays for inspection.
         raise kopf.PermanentError(f"artifact cleanup failed: {outcome.message}")
-    raise kopf.TemporaryError("waiting for the artifact cleanup Job", delay=max(1.0, SETTINGS.reconcile_interval))
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget(body: kopf.Body, **_: Any) -> None:
-    # No finalizer (optional=True): children go by garbage collection, S3
-    # artifacts stay. Only the metrics forget the job.
-    metrics.forget(body.metadata.uid or "")
+    # Polled, not evented: kopf runs a delayed handler no sooner than its delay,
+    # whatever event arrives, so the cleanup Job's events cannot hurry it.
+    raise kopf.TemporaryError("waiting for the artifact cleanup Job", delay=SETTINGS.cleanup_poll_interval)
 
 
 @kopf.on.probe(id="reconcile_interval")

@@ -61,6 +61,24 @@ class Kube:
                 return None
             raise
 
+    def get_custom(self, group: str, version: str, plural: str, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        """A namespaced object of an API the operator does not manage (Kueue's LocalQueues)."""
+        try:
+            return self._call("GET", f"/apis/{group}/{version}/namespaces/{namespace}/{plural}/{name}")
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def preferred_version(self, group: str) -> Optional[str]:
+        """The served version of an API group (discovery), or None when it is not installed."""
+        try:
+            return self._call("GET", f"/apis/{group}")["preferredVersion"]["version"]
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
     def list(self, api_version: str, kind: str, namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
         k = BY_KIND[(api_version, kind)]
         return self._call("GET", k.path(namespace), query=[("labelSelector", _selector(labels))]).get("items", [])

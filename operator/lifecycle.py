@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .api import FineTuneJob
-from .outcomes import StageOutcome
+from .outcomes import STUCK_WAITING_REASONS, StageOutcome
 from .stages import Stage, pipeline
 
 
@@ -76,7 +76,8 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
         if outcome.state == "running":
             message = outcome.message or f"{stage.name} running"
             conditions.append((cond, stage.pending_status, outcome.reason or "Running", message))
-            return result(stage.phase, message)
+            stuck = outcome.reason if outcome.reason in STUCK_WAITING_REASONS else None
+            return result(stage.phase, message, stalled=stuck)
         if outcome.state == "failed":
             message = outcome.message or f"{stage.name} failed"
             conditions.append((cond, "False", outcome.reason or "Failed", message))
@@ -108,6 +109,17 @@ def progress_percent(progress: Optional[dict[str, Any]], trained: bool) -> Optio
 
 
 DONE_PHASES = ("Serving", "Succeeded")
+
+
+def stall(decision: Decision, reason: str, message: str) -> Decision:
+    """The same decision, but nothing can happen until a person acts: no child is
+    created, the stage's condition and the job say why (Stalled=True)."""
+    conditions = list(decision.conditions)
+    if conditions:
+        type_, status, _, _ = conditions[-1]
+        conditions[-1] = (type_, status, reason, message)
+    return Decision(decision.phase, message, conditions, create=None, status=decision.status,
+                    current=decision.current, finished=decision.finished, stalled=reason)
 
 
 def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:

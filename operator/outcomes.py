@@ -16,8 +16,10 @@ from kubetune.contract.facts import ANNOTATION_COMPLETION_INDEX, LABEL_GENERATIO
 
 State = Literal["absent", "suspended", "running", "succeeded", "failed"]
 
-# Waiting reasons that will not fix themselves; surfaced while the Job runs.
-STUCK_WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError", "CreateContainerError")
+# Waiting reasons that will not fix themselves: the job is Stalled until a person acts
+# (a missing Secret is CreateContainerConfigError; a bad image ImagePullBackOff).
+STUCK_WAITING_REASONS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                         "CreateContainerError", "CrashLoopBackOff")
 MAX_MESSAGE = 2000
 
 

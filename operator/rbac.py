@@ -42,8 +42,11 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     # Children (generated from the children table).
     *_children_rules(),
-    # Pods: read only, for termination messages and failure reasons.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    # Kueue's LocalQueues: read only, to say "queue not found" instead of a Job suspended for ever.
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
+    # Pods: read only, for termination messages and failure reasons; watched
+    # (label-selected) because their changes trigger their FineTuneJob's reconcile.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     # Events on FineTuneJobs (kopf posts core/v1 Events).
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
     # kopf discovers resources and watches namespaces/CRDs for changes.

@@ -8,17 +8,19 @@ same thing again on restart and finds the children already there.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import time
 from typing import Any, Callable, Optional
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kubetune.contract.facts import LABEL_JOB, LABEL_REVISION
 
-from . import children, lifecycle, metrics, revisions, stage_jobs, stages
+from . import children, lifecycle, metrics, preflight, revisions, stage_jobs, stages
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -159,15 +161,38 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
 
     rev = revisions.of(job)
     decision = lifecycle.decide(job, observe(kube, job, revisions.finished_stages(status, rev)))
-    act(kube, job, decision, settings)
+    if decision.create:
+        missing = preflight.check(kube, job, queued=stages.BY_NAME[decision.create].queued)
+        if missing is not None:
+            decision = lifecycle.stall(decision, missing.reason, missing.message)
+    try:
+        act(kube, job, decision, settings)
+    except ApiException as e:
+        if e.status is None or e.status >= 500 or e.status in (409, 429):
+            emit("Warning", "ApiCallFailed", f"{e.status} {e.reason}: will retry")
+            raise  # transient: kopf retries the handler
+        # The API server refuses a child (quota, admission policy, LimitRange): a person must act.
+        message = f"the API server refused a child: {_api_message(e)}"
+        emit("Warning", "ChildRejected", message)
+        decision = lifecycle.stall(decision, "ChildRejected", message)
     if any(r.get("id") != rev for r in status.get("revisions") or []):
         for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
             emit("Normal", "SupersededChildDeleted", f"{name} of an earlier revision deleted")
     patch = lifecycle.status_update(status, decision, generation, now(), rev)
     _record(uid, decision.phase, emit, "Warning" if decision.failed else "Normal", decision.phase, decision.message, phase)
+    was = next((c for c in status.get("conditions") or [] if c.get("type") == "Stalled"), {})
+    if decision.stalled and not decision.failed and (was.get("status") != "True" or was.get("reason") != decision.stalled):
+        emit("Warning", decision.stalled, decision.message)  # once, when the job gets stuck for this reason
     if _unchanged(status, patch):
         return None
     return patch
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body)["message"][:1500]
+    except (TypeError, ValueError, KeyError):
+        return f"{e.status} {e.reason}"
 
 
 def _refuse(status: dict[str, Any], uid: str, generation: Optional[int], reason: str, message: str, emit: EventFn,

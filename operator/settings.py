@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
 ENV_PREFIX = "KUBETUNE_"
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,19 @@ class OperatorSettings:
     trainer_image: str = "ghcr.io/kubetune/kubetune:0.1.0"
     vllm_image: str = "vllm/vllm-openai:v0.11.0"
     image_pull_policy: str = "IfNotPresent"
-    # Level-based reconcile: how often each FineTuneJob is looked at.
-    reconcile_interval: float = 10.0
+    # Reconciles follow events (the FineTuneJob's and its children's); this is
+    # the resync, the safety net for what no watched object announces (a
+    # ServiceAccount or Secret created later) and for a missed watch event.
+    # Each FineTuneJob is looked at again this long after its last pass.
+    reconcile_interval: float = 30.0
+    # Off: the timer alone drives reconciles, as before events (kept for the
+    # latency benchmark's baseline, bench/operator_latency.py).
+    reconcile_on_events: bool = True
+    # Reconciles of different FineTuneJobs that may run at once (threads; one
+    # FineTuneJob is never reconciled twice at the same time).
+    reconcile_workers: int = 4
+    # How often a deletion held for the artifact cleanup Job checks on it.
+    cleanup_poll_interval: float = 2.0
     # Retries of a failed training pod (preemptions, marked DisruptionTarget, are not counted).
     train_backoff_limit: int = 2
     stage_backoff_limit: int = 0
@@ -48,6 +60,11 @@ class OperatorSettings:
             if raw is None or raw == "":
                 continue
             kind = type(f.default)
+            if kind is bool:  # bool("0") is True
+                if raw.lower() not in _BOOLS:
+                    raise ValueError(f"{ENV_PREFIX}{f.name.upper()}: expected one of {sorted(_BOOLS)}, got {raw!r}")
+                values[f.name] = _BOOLS[raw.lower()]
+                continue
             try:
                 values[f.name] = kind(raw)
             except ValueError:

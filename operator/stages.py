@@ -109,8 +109,11 @@ def _shared(job: FineTuneJob) -> list[dict[str, Any]]:
 
 
 def _evaluation_gate(job: FineTuneJob, outcome: StageOutcome) -> Optional[str]:
-    """Message when a finished evaluation says the tuned model must not be served."""
-    result = outcome.result or {}
+    """Message when a finished evaluation says the tuned model must not be served.
+    Fails closed: a pod that ended without a verdict never lets a model through."""
+    if outcome.result is None:
+        return "the evaluate pod ended without a verdict (no termination message): the gate fails closed"
+    result = outcome.result
     if result.get("ok") is False:
         return result.get("message") or "the tuned model did not pass the evaluation gate"
     gate = job.spec.evaluation.min_improvement

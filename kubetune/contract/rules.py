@@ -37,15 +37,6 @@ class Rule:
         return out
 
 
-def immutable(field: str, what: str) -> Rule:
-    """A transition rule: `field` of this node may not change once created."""
-    return Rule(
-        cel=f"self.{field} == oldSelf.{field}",
-        message=f"{what} is immutable: create a new FineTuneJob to change it",
-        field_path=f".{field}",
-    )
-
-
 def _add_rules(schema: dict[str, Any], cls: type) -> None:
     rules = getattr(cls, "__rules__", ())
     if rules:

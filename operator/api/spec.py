@@ -30,6 +30,11 @@ HTTP_URL = "^https?://[^ /]+(/.*)?$"
 DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 LABEL_VALUE = "^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# A Kubernetes quantity as a person writes it (4, 500m, 1.5, 32Gi): what a pod's resources accept.
+QUANTITY = "^[0-9]+([.][0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+# An image reference: registry[:port]/path[:tag][@sha256:digest], lowercase path components.
+IMAGE_REF = ("^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[0-9]+)?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*"
+             "(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
 
 
 def _pattern_str(pattern: str, message: str, max_length: int, description: str):
@@ -57,6 +62,9 @@ DnsLabel = _pattern_str(DNS_LABEL, "must be a DNS label (lowercase letters, digi
 ObjectName = _pattern_str(DNS_SUBDOMAIN, "must be a valid Kubernetes object name", 253, "A Kubernetes object name.")
 HttpUrl = _pattern_str(HTTP_URL, "must be an http:// or https:// URL", 512, "An http(s) URL.")
 LabelValue = _pattern_str(LABEL_VALUE, "must be a valid label value", 63, "A Kubernetes label value.")
+Quantity = _pattern_str(QUANTITY, "must be a Kubernetes quantity, e.g. 4, 500m, 32Gi", 32, "A Kubernetes quantity.")
+ImageRef = _pattern_str(IMAGE_REF, "must be an image reference, e.g. registry.example.com/team/kubetune:1.2.3", 512,
+                        "An image reference.")
 
 ServingMode = Literal["merged", "adapter"]
 
@@ -86,9 +94,9 @@ class ResourcesSpec(ApiModel):
         default=None, description="Value of the nvidia.com/gpu.product node label to schedule on, e.g. NVIDIA-H100-80GB-HBM3."
     )
     strategy: Strategy = Field(default="ddp", description="ddp, or DeepSpeed ZeRO stage 2 or 3 (rendered into a ConfigMap).")
-    cpu: str = Field(default="4", max_length=32, description="CPU request per training pod.")
-    memory: str = Field(default="32Gi", max_length=32, description="Memory request and limit per training pod.")
-    shm_size: str = Field(default="16Gi", max_length=32, description="Size of /dev/shm (NCCL, data loader workers).")
+    cpu: Quantity = Field(default="4", description="CPU request per training pod, e.g. 4 or 500m.")
+    memory: Quantity = Field(default="32Gi", description="Memory request and limit per training pod, e.g. 32Gi.")
+    shm_size: Quantity = Field(default="16Gi", description="Size of /dev/shm (NCCL, data loader workers), e.g. 16Gi.")
     queue_name: Optional[DnsLabel] = Field(
         default=None, description="Kueue LocalQueue: the Jobs are created suspended and Kueue admits them."
     )
@@ -223,8 +231,8 @@ class FineTuneJobSpec(ApiModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Evaluation and serving gate.")
     serving: ServingSpec = Field(default_factory=ServingSpec, description="vLLM serving.")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="S3 endpoint and credentials.")
-    image: Optional[str] = Field(
-        default=None, max_length=512, description="Trainer image for every stage; the operator's default when unset."
+    image: Optional[ImageRef] = Field(
+        default=None, description="Trainer image for every stage; the operator's default when unset."
     )
     pod_metadata: PodMetadataSpec = Field(
         default_factory=PodMetadataSpec, description="Extra pod labels and annotations, for all stages or per stage."

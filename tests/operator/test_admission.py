@@ -69,6 +69,11 @@ INVALID = [
      "spec.training.performance.selectiveCheckpointing"),
     ("memory-budget", {"training": {"performance": {"memoryBudgetGiB": 0}}}, "spec.training.performance.memoryBudgetGiB"),
     ("max-eval-rows", {"evaluation": {"maxEvalRows": 0}}, "spec.evaluation.maxEvalRows"),
+    # Quantities and image references are checked at admission, not by a create that fails every pass.
+    ("memory-quantity", {"resources": {"memory": "lots"}}, "spec.resources.memory"),
+    ("cpu-quantity", {"resources": {"cpu": "4 cores"}}, "spec.resources.cpu"),
+    ("shm-quantity", {"resources": {"shmSize": "-1Gi"}}, "spec.resources.shmSize"),
+    ("image-reference", {"image": "Registry.Example.com/Kubetune:latest tag"}, "spec.image"),
     ("queue-name", {"resources": {"queueName": "Team_A"}}, "spec.resources.queueName"),
     ("credentials-and-irsa", {"storage": {"credentialsSecretRef": {"name": "s3"}, "serviceAccountName": "irsa"}},
      "spec.storage.serviceAccountName"),

@@ -9,7 +9,7 @@ from kubetune.operator.outcomes import StageOutcome
 
 from .jobs import job
 
-OK = StageOutcome("succeeded", "Completed", "done")
+OK = StageOutcome("succeeded", "Completed", "done", {"ok": True})  # every stage pod leaves a verdict
 
 
 def ftj(**overrides):
@@ -102,6 +102,10 @@ def test_evaluation_gate_stops_serving():
     # The same numbers pass a lower gate.
     assert decide(ftj(evaluation={"minImprovement": 0.0}), observed).create == "serve"
     # The evaluator's own verdict counts too.
+    # No verdict at all (the pod died after exit 0 without its message): the gate fails closed.
+    silent = decide(ftj(), {**observed, "evaluate": StageOutcome("succeeded", "Completed", "", None)})
+    assert silent.phase == "Failed" and conds(silent)["Evaluated"][1] == "EvaluationGateFailed"
+    assert "fails closed" in silent.message
     refused = StageOutcome("succeeded", "Completed", "", {"ok": False, "message": "tuned loss 2.1 > base 2.0"})
     d = decide(ftj(), {**observed, "evaluate": refused})
     assert conds(d)["Evaluated"][1] == "EvaluationGateFailed" and "2.1" in d.message

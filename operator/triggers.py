@@ -1,0 +1,212 @@
+"""Who asks for a FineTuneJob's reconcile, and when: one work queue keyed by
+the FineTuneJob's (namespace, name).
+
+Reasons to reconcile arrive from several watch streams at once: the
+FineTuneJob itself (create, spec edit, a trainer's progress patch), its Jobs,
+their Pods, its Deployment; plus a slow resync (the safety net for anything
+no watched object announces, and for a missed watch event) and retries after
+errors. kopf serialises handlers per *watched object*, so a Pod's handler and
+its owner's handler may run at the same moment; calling the reconciler from
+each would run two reconciles of one FineTuneJob concurrently. Instead every
+handler only calls `trigger(key)`, and the queue guarantees, like
+controller-runtime's workqueue:
+
+- at most one reconcile per key runs at a time (one asyncio task per key);
+- a trigger while one runs is not lost: the key is marked dirty and runs once
+  more right after, reading the FineTuneJob afresh (so a burst of child
+  events costs one or two passes, not one each);
+- after every pass the key is scheduled again `resync` seconds later (the
+  timer of old, now a safety net), or after a backoff when the pass failed.
+
+Why a queue in this process rather than touching an annotation on the owner
+so that its own handler runs: that costs a write to the API server per child
+event, bumps the owner's resourceVersion (conflicting with the trainer's
+status patches) and adds a watch round trip to every hop; the queue costs
+nothing and is just as race-free, because every pass starts with a fresh GET
+of the owner under the per-key exclusivity.
+
+The reconciler is not always done in one pass (a pass that only records
+`Pending` creates the first Job on the next one), so a pass that wrote the
+status is followed at once by another (`requeue_on_write`), up to
+`max_requeues` in a row; the FineTuneJob's watch event for that very write
+is then redundant and skipped (`own_write`).
+
+Pure asyncio: no kopf and no Kubernetes here, so the rules above are tested
+without a cluster; the handlers (`handlers.py`) supply `work`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from kubetune.contract.facts import LABEL_JOB
+
+log = logging.getLogger("kubetune.operator.triggers")
+
+Key = tuple[str, str]  # (namespace, FineTuneJob name)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one reconcile pass did."""
+
+    exists: bool = True  # False: the FineTuneJob is gone; stop scheduling it
+    wrote: Optional[str] = None  # resourceVersion of the status this pass wrote, if any
+
+
+class RetryLater(Exception):
+    """The pass could not finish; try again after `delay` seconds (not counted as a failure of the code)."""
+
+    def __init__(self, message: str, delay: float):
+        super().__init__(message)
+        self.delay = delay
+
+
+def owner_key(body: Mapping[str, Any]) -> Optional[Key]:
+    """The FineTuneJob a child belongs to, from its `kubetune.io/job` label.
+
+    The label, not the ownerReference: Pods of the stage Jobs are owned by the
+    Job, not by the FineTuneJob, and every child carries the label."""
+    meta = body.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(LABEL_JOB)
+    namespace = meta.get("namespace")
+    return (namespace, name) if name and namespace else None
+
+
+def key_of(body: Mapping[str, Any]) -> Key:
+    meta = body.get("metadata") or {}
+    return (meta.get("namespace") or "", meta.get("name") or "")
+
+
+class ReconcileQueue:
+    def __init__(
+        self,
+        work: Callable[[Key], Pass],
+        *,
+        resync: float,
+        workers: int = 4,
+        requeue_on_write: bool = True,
+        max_requeues: int = 10,
+        max_backoff: Optional[float] = None,
+    ):
+        self._work = work
+        self.resync = resync
+        self.requeue_on_write = requeue_on_write
+        self.max_requeues = max_requeues
+        self.max_backoff = max_backoff if max_backoff is not None else max(1.0, resync)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self._slots = asyncio.Semaphore(workers)
+        self._running: dict[Key, asyncio.Task] = {}
+        self._dirty: set[Key] = set()
+        self._later: dict[Key, asyncio.TimerHandle] = {}
+        self._failures: dict[Key, int] = {}
+        self._own: dict[Key, str] = {}
+        self.passes = 0  # for the log and the tests
+
+    # ---- what the handlers call (on the event loop's thread) ----
+
+    def trigger(self, key: Key) -> None:
+        """Reconcile `key` as soon as possible (now, or right after the pass running for it)."""
+        handle = self._later.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        if key in self._running:
+            self._dirty.add(key)
+            return
+        self._running[key] = asyncio.get_running_loop().create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    def known(self, key: Key) -> bool:
+        """True while the key is running or scheduled."""
+        return key in self._running or key in self._later
+
+    def own_write(self, key: Key, resource_version: Optional[str]) -> bool:
+        """True when this watch event shows exactly the status our last pass wrote:
+        that pass has already been followed by another, so it brings nothing new."""
+        return resource_version is not None and self._own.get(key) == resource_version
+
+    def forget(self, key: Key) -> None:
+        """The FineTuneJob is gone: no more resyncs (a pass still running ends on its own)."""
+        handle = self._later.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        self._dirty.discard(key)
+        self._failures.pop(key, None)
+        self._own.pop(key, None)
+
+    async def close(self) -> None:
+        for handle in self._later.values():
+            handle.cancel()
+        self._later.clear()
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the per-key loop ----
+
+    def _schedule(self, key: Key, delay: float) -> None:
+        handle = self._later.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+        self._later[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        self._later.pop(key, None)
+        self.trigger(key)
+
+    async def _run(self, key: Key) -> None:
+        loop = asyncio.get_running_loop()
+        writes_in_a_row = 0
+        next_delay: Optional[float] = None
+        try:
+            while True:
+                self._dirty.discard(key)
+                # The context carries kopf's event poster into the worker thread.
+                call = functools.partial(contextvars.copy_context().run, self._work, key)
+                try:
+                    async with self._slots:
+                        self.passes += 1
+                        result = await loop.run_in_executor(self._pool, call)
+                except RetryLater as e:
+                    log.info("reconcile of %s/%s: %s; again in %.1fs", key[0], key[1], e, e.delay)
+                    next_delay = e.delay
+                except Exception:
+                    failures = self._failures[key] = self._failures.get(key, 0) + 1
+                    next_delay = min(self.max_backoff, 0.5 * 2 ** failures)
+                    log.exception("reconcile of %s/%s failed (%d in a row); again in %.1fs",
+                                  key[0], key[1], failures, next_delay)
+                else:
+                    self._failures.pop(key, None)
+                    next_delay = self.resync
+                    if not result.exists:
+                        # Gone: nothing more to schedule, unless a trigger arrived
+                        # meanwhile (the name was created again).
+                        next_delay = None
+                        self._own.pop(key, None)
+                    elif result.wrote is None:
+                        writes_in_a_row = 0
+                    else:
+                        self._own[key] = result.wrote
+                        writes_in_a_row += 1
+                        if not self.requeue_on_write:
+                            pass
+                        elif writes_in_a_row <= self.max_requeues:
+                            self._dirty.add(key)
+                        else:
+                            # A reconciler that wrote on every pass would spin: leave it to
+                            # the triggers and the resync. Never expected; say so.
+                            log.warning("reconcile of %s/%s wrote its status %d passes in a row; "
+                                        "not requeued at once", key[0], key[1], writes_in_a_row)
+                if key not in self._dirty:
+                    break
+        finally:
+            self._running.pop(key, None)
+        if next_delay is not None:
+            self._schedule(key, next_delay)
