@@ -57,6 +57,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,6 +316,7 @@ def start(plane: ControlPlane, log: Callable[[str], None] = lambda m: print(m, f
     """Build Kueue if needed, install its CRDs, RBAC and certificates, start its
     controller manager on loopback, and register its webhooks once it is ready."""
     binary = build.ensure_built(log, [build.KUEUE])[NAME]
+    started = time.monotonic()
     assets = build.assets_path(build.KUEUE)
     files = Files(plane.run_dir / NAME)
     files.cert_dir.mkdir(parents=True, exist_ok=True)
@@ -342,9 +344,13 @@ def start(plane: ControlPlane, log: Callable[[str], None] = lambda m: print(m, f
              *(f"crd/{c['metadata']['name']}" for c in crd_objects))
 
     plane.add_addon(NAME, Addon(commandline(binary, files.config, kueue_kubeconfig), ports.ready_url), binary)
-    # Registered only now, so that no Job or Kueue object is refused while Kueue starts.
+    # Registered only once Kueue serves them: a Kueue that fails to start leaves no
+    # webhook behind that would refuse every Job for the rest of the session. (Its
+    # certificate rotator logs "Webhook not found" meanwhile; it injects the CA
+    # when they appear.)
     _apply(plane, hooks)
-    log(f"kueue {build.KUEUE.version} ready (webhooks on {ports.webhook_url}, log {plane.layout.log(NAME)})")
+    log(f"kueue {build.KUEUE.version} ready in {time.monotonic() - started:.1f}s "
+        f"(webhooks on {ports.webhook_url}, log {plane.layout.log(NAME)})")
     return Install(plane, ports, files, [(h["kind"], h["metadata"]["name"]) for h in hooks])
 
 
