@@ -134,11 +134,14 @@ class PerformanceSpec(ApiModel):
     attention: Attention = Field(
         default="auto",
         description="Attention kernel. auto: varlen (packed rows without a quadratic mask) on CUDA GPUs where "
-        "the family's attention allows it, else sdpa; eager: the library's reference implementation.",
+        "the family's attention allows it; sdpa for families with a sliding window narrower than dataset.maxLength; "
+        "eager for soft-capped families (Gemma 2); eager: the library's reference implementation.",
     )
     liger: Toggle = Field(default="auto", description="Liger kernels (RMSNorm, RoPE, SwiGLU). auto: on CUDA GPUs when installed.")
     fused_lora: Toggle = Field(
-        default="auto", description="Each LoRA linear as one fused autograd node. auto: on GPUs, off under DeepSpeed ZeRO-3."
+        default="auto",
+        description="Each LoRA linear as one fused autograd node. auto: on GPUs, off under DeepSpeed ZeRO-3 "
+        "and for DoRA layers."
     )
     fp8: Toggle = Field(
         default="auto",

@@ -30,12 +30,12 @@ def test_cpu_arguments():
 
 def test_gpu_arguments_and_deepspeed(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    c = cfg(training={"strategy": "deepspeed-zero3", "batchSize": "auto"})
+    c = cfg(launch={"strategy": "deepspeed-zero3"}, training={"batchSize": "auto"})
     kw = sft_arguments(c, Path("/w"), cuda=True, precision="bf16", has_eval=False)
     assert kw["per_device_train_batch_size"] == GPU_BATCH_SIZE and kw["auto_find_batch_size"] and kw["bf16"]
     zero = kw["deepspeed"]["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
-    assert deepspeed_config(cfg(training={"strategy": "deepspeed-zero2"}))["zero_optimization"]["stage"] == 2
+    assert deepspeed_config(cfg(launch={"strategy": "deepspeed-zero2"}))["zero_optimization"]["stage"] == 2
     assert deepspeed_config(cfg()) is None
     # Launched by `accelerate launch --use_deepspeed --deepspeed_config_file ...`: the launcher's config wins.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -50,8 +50,8 @@ def test_precision_and_cpu_refusals():
         resolve_precision(cfg(training={"precision": "bf16"}), cuda=False, bf16_supported=False)
     with pytest.raises(TrainingError, match="method.type=qlora needs a CUDA GPU"):
         check_method_supported(cfg(method={"type": "qlora"}), cuda=False)
-    with pytest.raises(TrainingError, match="training.strategy=deepspeed-zero2 needs CUDA"):
-        check_method_supported(cfg(training={"strategy": "deepspeed-zero2"}), cuda=False)
+    with pytest.raises(TrainingError, match="resources.strategy=deepspeed-zero2 needs CUDA"):
+        check_method_supported(cfg(method={"type": "lora"}, launch={"strategy": "deepspeed-zero2"}), cuda=False)
     check_method_supported(cfg(method={"type": "qlora"}), cuda=True)  # fine on a GPU
 
 
@@ -105,7 +105,7 @@ def test_model_load_arguments(monkeypatch, method, strategy, cuda, device_map, s
     from kubetune.trainer.train import model_load_kwargs
 
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
-    c = cfg(method={"type": method}, training={"strategy": strategy})
+    c = cfg(method={"type": method}, launch={"strategy": strategy})
     kw = model_load_kwargs(c, cuda=cuda, precision="bf16" if cuda else "fp32", local_rank=1, attn="sdpa")
     assert kw.get("device_map") == device_map
     assert kw["dtype"] == (torch.bfloat16 if cuda else torch.float32) and kw["attn_implementation"] == "sdpa"
