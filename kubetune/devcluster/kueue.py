@@ -8,6 +8,8 @@ What runs, and where it comes from
   configurations (`config/components/webhook/manifests.yaml`) and the RBAC
   (`config/components/rbac`), copied beside the binary at build time
   (`kueue-<version>.assets/`); nothing of Kueue is committed to this repository.
+  (The binary cannot install them itself: its only flags are --config,
+  --feature-gates, --visibility-server-port, --kubeconfig and logging.)
   The manifests are rendered here the way Kueue's `config/default`
   kustomization renders them (name prefix `kueue-`, namespace `kueue-system`,
   conversion webhooks on the five CRDs it patches), except that every webhook
@@ -104,7 +106,8 @@ class Files:
 
     @property
     def manifests(self) -> Path:
-        """Everything applied to the API server, as applied (for reading when a test fails)."""
+        """What was applied to the API server, as applied (for reading when a test
+        fails), less the certificate Secret: its CA key stays out of files."""
         return self.directory / "manifests.json"
 
 
@@ -336,9 +339,9 @@ def start(plane: ControlPlane, log: Callable[[str], None] = lambda m: print(m, f
 
     crd_objects = crds(crd_documents(assets), ports.webhook_url, webhook.ca_cert)
     hooks = webhook_configurations(webhook_documents(assets), ports.webhook_url, webhook.ca_cert)
-    before = [namespace(), *rbac(rbac_documents(assets)), webhook_secret(webhook), *crd_objects]
-    files.manifests.write_text(json.dumps([*before, *hooks], indent=1))
-    _apply(plane, before)
+    setup = [namespace(), webhook_secret(webhook), *rbac(rbac_documents(assets)), *crd_objects]
+    files.manifests.write_text(json.dumps([o for o in (*setup, *hooks) if o["kind"] != "Secret"], indent=1))
+    _apply(plane, setup)
     # Kueue's informers fail to start on a CRD that is not served yet.
     _kubectl(plane, "wait", "--for=condition=Established", "--timeout=60s",
              *(f"crd/{c['metadata']['name']}" for c in crd_objects))
