@@ -13,7 +13,9 @@ What runs, and where it comes from
   The manifests are rendered here the way Kueue's `config/default`
   kustomization renders them (name prefix `kueue-`, namespace `kueue-system`,
   conversion webhooks on the five CRDs it patches), except that every webhook
-  client config names a loopback URL instead of a Service.
+  client config names a loopback URL instead of a Service: for a Service the
+  API server would dial its ClusterIP, which nothing routes here (no
+  kube-proxy), and Endpoints may not hold loopback addresses.
 - It authenticates with a client certificate for the user and groups its
   in-cluster ServiceAccount `kueue-system/kueue-controller-manager` would
   have, so Kueue's own ClusterRole and Roles (applied from its manifests)
@@ -46,6 +48,10 @@ disabled; registering them would only route every pod creation in the
 cluster through a process that fault-injection tests kill. While Kueue is
 down, creating a batch/v1 Job or a Kueue object is refused (failurePolicy
 Fail), exactly as in a cluster whose Kueue is down.
+
+Start-up measured 10.8 s on the busy 2-core machine (`kubetune dev cluster
+up --kueue`): the CRDs applied and established, then about 5 s of Kueue's
+certificate bootstrap, which polls with a 1 s, 2 s, ... back-off.
 
 Configuration (see `configuration`): integrations `batch/job` only; fair
 sharing on (`fairSharing.preemptionStrategies`, Kueue's defaults), so that
