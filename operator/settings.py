@@ -35,7 +35,6 @@ class OperatorSettings:
     # How often a deletion held for the artifact cleanup Job checks on it.
     cleanup_poll_interval: float = 2.0
     # Retries of a failed training pod (preemptions, marked DisruptionTarget, are not counted).
-    train_backoff_limit: int = 2
     stage_backoff_limit: int = 0
     validate_deadline_seconds: int = 1800
     main_process_port: int = 29500

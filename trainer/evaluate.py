@@ -93,9 +93,10 @@ def run_evaluate(cfg: TrainerConfig) -> tuple[int, dict[str, Any]]:
     from transformers import AutoModelForCausalLM
 
     from kubetune.trainer.dataset import prepare
-    from kubetune.trainer.modelio import base_model_dir, fetch_adapter, load_tokenizer, output_store
+    from kubetune.trainer.modelio import base_model_dir, check_model_source, fetch_adapter, load_tokenizer, output_store
     from kubetune.trainer.train import run_dir_for
 
+    check_model_source(cfg)  # before "no adapter yet": a base model that can never load is the first thing to say
     store = output_store(cfg)
     work = run_dir_for(cfg) / "evaluate"
     msg = fetch_adapter(cfg, store, work / "adapter", STAGE)

@@ -44,13 +44,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, max_shard_si
 
 
 def run_merge(cfg: TrainerConfig) -> int:
-    from kubetune.trainer.modelio import base_model_dir, fetch_adapter, output_store
+    from kubetune.trainer.modelio import base_model_dir, check_model_source, fetch_adapter, output_store
     from kubetune.trainer.train import run_dir_for
 
     if not cfg.merge.enabled:
         write_message(STAGE, True, "MergeDisabled", "merge.enabled is false; nothing to do")
         print("merge disabled (merge.enabled=false)")
         return 0
+    check_model_source(cfg)  # before "no adapter yet": a base model that can never load is the first thing to say
     store = output_store(cfg)
     work = run_dir_for(cfg) / "merge"
     msg = fetch_adapter(cfg, store, work / "adapter", STAGE)

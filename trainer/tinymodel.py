@@ -71,7 +71,7 @@ FAMILIES: dict[str, Family] = {
                      ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"), bos="<bos>",
                      config_kwargs={"sliding_window": 32, "query_pre_attn_scalar": 16,
                                     "layer_types": ["sliding_attention", "full_attention"]}),
-    "phi3": Family("Phi3Config", "phi3", "<|end|>", "<|endoftext|>",
+    "phi3": Family("Phi3Config", "phi3", "<|endoftext|>", "<|endoftext|>",
                    ("<unk>", "<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), bos="<s>"),
 }
 

@@ -196,3 +196,54 @@ def test_object_replaced_mid_download_fails_instead_of_mixing(s3_env, bucket, tm
     with pytest.raises(ClientError, match="PreconditionFailed|412"):
         fetch(f"s3://{bucket}/m/", cache_dir=str(tmp_path / "cache"), max_concurrency=1)
     assert not list((tmp_path / "cache").rglob("w.bin"))
+
+
+# ---------------------------------------------------------------- the run a checkpoint belongs to
+
+
+def _cfg(**sections):
+    from kubetune.trainer.config import parse_config
+
+    cfg = {"baseModel": {"uri": "s3://b/models/m/", "name": "m"}, "dataset": {"uri": "s3://b/data.jsonl"},
+           "method": {"type": "lora", "r": 16}, "training": {"maxSteps": 100}, "output": {"uri": "s3://b/out/"}}
+    for key, val in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **val}
+    return parse_config(cfg)
+
+
+def test_run_record_holds_what_defines_the_run():
+    fields = artifacts.run_fields(_cfg())
+    assert fields["method.r"] == 16 and fields["method.quantization.bits"] == 4
+    assert fields["dataset.uri"] == "s3://b/data.jsonl" and fields["baseModel.uri"] == "s3://b/models/m/"
+    assert fields["training.learningRate"] == 2e-4 and fields["launch.strategy"] == "ddp"
+    # Speed, memory, logging and bookkeeping do not change what the run learns.
+    assert not [k for k in fields if k.startswith(("training.performance", "training.logEvery", "baseModel.name",
+                                                   "training.keepCheckpoints", "training.checkpointEvery",
+                                                   "training.evalEvery", "training.gradientCheckpointing",
+                                                   "output.", "storage.", "evaluation.", "merge."))]
+    same = _cfg(training={"maxSteps": 100, "logEvery": 5, "keepCheckpoints": 9, "performance": {"liger": "off"}},
+                baseModel={"name": "other-name"}, evaluation={"prompts": ["hi"]})
+    assert artifacts.run_record(same) == artifacts.run_record(_cfg())
+    assert artifacts.run_record(_cfg(method={"r": 8}))["hash"] != artifacts.run_record(_cfg())["hash"]
+
+
+def test_config_changes_name_each_changed_field():
+    old = artifacts.run_fields(_cfg())
+    new = artifacts.run_fields(_cfg(method={"r": 8}, dataset={"maxLength": 512}))
+    assert artifacts.config_changes(old, new) == ["dataset.maxLength: 2048 -> 512", "method.r: 16 -> 8"]
+    # A field one record lacks (a kubetune upgrade added or removed it) is no change of the run.
+    assert artifacts.config_changes({**old, "method.gone": 1}, {**old, "method.added": 2}) == []
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    store = LocalStore(tmp_path / "out")
+    artifacts.publish_dir(store, _ckpt_dir(tmp_path, 8), artifacts.checkpoint_prefix(8),
+                          meta={"step": 8, "config": artifacts.run_record(_cfg())})
+    assert artifacts.check_checkpoint_run(store, 8, _cfg(training={"maxSteps": 100, "logEvery": 3})) is None
+    with pytest.raises(artifacts.CheckpointMismatch) as err:
+        artifacts.check_checkpoint_run(store, 8, _cfg(method={"r": 8}))
+    assert str(err.value).startswith(f"{store.uri}/checkpoints/step-00000008/ was trained under another config "
+                                     "(method.r: 16 -> 8); resuming from it would mix two runs.")
+    # Checkpoints written before checkpoints recorded their run resume unchecked, and say so.
+    artifacts.publish_dir(store, _ckpt_dir(tmp_path, 9), artifacts.checkpoint_prefix(9), meta={"step": 9})
+    assert "records no config" in artifacts.check_checkpoint_run(store, 9, _cfg(method={"r": 8}))

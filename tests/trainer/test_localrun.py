@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +83,12 @@ def test_example_runs_with_local_directories(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "embedded S3" not in proc.stdout
-    out = tmp_path / "s3" / "kubetune-examples" / "artifacts" / "support-bot"
+    # Each recipe revision has its own prefix under output.uri (artifacts/support-bot/revisions/<revision>/).
+    job_root = tmp_path / "s3" / "kubetune-examples" / "artifacts" / "support-bot"
+    adapter_line = re.search(r"^  adapter: +(\S+)/adapter/", proc.stdout, re.M)
+    assert adapter_line, proc.stdout[-2000:]
+    out = Path(adapter_line.group(1))
+    assert out.parent == job_root / "revisions"
     for prefix in (artifacts.ADAPTER, artifacts.MERGED, artifacts.VALIDATION, artifacts.EVALUATION):
         assert (out / prefix / artifacts.MANIFEST).is_file(), prefix
     assert (tmp_path / "s3" / "kubetune-examples" / "data" / "support.jsonl").read_bytes() == DATA.read_bytes()
-    assert f"adapter:     {out}/adapter/" in proc.stdout

@@ -42,7 +42,7 @@ def setup(s3, tiny_model, support_rows, tmp_path_factory):
            "TOKENIZERS_PARALLELISM": "false", "KUBETUNE_TERMINATION_LOG": str(tmp / "termination-log"),
            "PYTHONUNBUFFERED": "1"}
 
-    def write_config(name: str) -> Path:
+    def write_config(name: str, **sections) -> Path:
         cfg = {
             "baseModel": {"uri": f"s3://{bucket}/models/tiny/", "name": "tiny-llama"},
             "dataset": {"uri": f"s3://{bucket}/data/train.jsonl", "validationSplit": 0.1, "maxLength": 128},
@@ -53,7 +53,9 @@ def setup(s3, tiny_model, support_rows, tmp_path_factory):
             "output": {"uri": f"s3://{bucket}/{name}/"},
             "storage": {"cacheDir": str(tmp / "cache")},
         }
-        path = tmp / f"{name}.json"
+        for key, val in sections.items():
+            cfg[key] = {**cfg[key], **val}
+        path = tmp / f"{name}-{len(list(tmp.glob(f'{name}*.json')))}.json"
         path.write_text(json.dumps(cfg))
         return path
 
@@ -181,3 +183,29 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_resume_under_another_config_fails_naming_the_changed_fields(setup):
+    """The same output.uri with method.r 8 -> 4 (and a new learning rate): the checkpoints belong to another run.
+    The stage fails in one line naming both fields (no PEFT size-mismatch traceback), and leaves the old run's
+    checkpoints alone; a change of what is only logging or bookkeeping still resumes."""
+    env, write_config, _, store, tmp = setup
+    before = artifacts.complete_checkpoints(store("baseline"))
+    assert before  # the fixture's finished run left checkpoints behind
+    changed = _train(write_config("baseline", method={"r": 4}, training={"learningRate": 0.02}), env)
+    assert changed.returncode == 1, changed.stdout[-3000:]
+    assert "Traceback" not in changed.stdout
+    lines = [l for l in changed.stdout.splitlines() if l.startswith("train failed:")]
+    assert len(lines) == 1
+    assert "/checkpoints/step-00000012/ was trained under another config (method.r: 8 -> 4; " \
+           "training.learningRate: 0.01 -> 0.02); resuming from it would mix two runs." in lines[0]
+    assert lines[0].endswith("Put the changed run under another output.uri, or delete "
+                             f"{store('baseline').uri.rstrip('/')}/checkpoints/ to start it over here")
+    msg = json.loads((tmp / "termination-log").read_text())
+    assert msg["stage"] == "train" and msg["ok"] is False and msg["reason"] == "CheckpointOfAnotherRun"
+    assert "method.r: 8 -> 4" in msg["message"]
+    assert artifacts.complete_checkpoints(store("baseline")) == before
+
+    same_run = _train(write_config("baseline", training={"logEvery": 2, "keepCheckpoints": 5, "evalEvery": 50}), env)
+    assert same_run.returncode == 0, same_run.stdout[-3000:]
+    assert f"step-{before[-1]:08d}" in same_run.stdout  # resumed from the newest checkpoint
