@@ -29,14 +29,30 @@ class Decision:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Reason when the job cannot make progress without a person (a missing object, a refused child).
     stalled: Optional[str] = None
+    # Stage whose failed children are deleted now so the next pass starts it again (the gang),
+    # and whether that restart counts toward spec.resources.maxRestarts (preemptions do not).
+    restart: Optional[str] = None
+    restart_counts: bool = True
 
     @property
     def failed(self) -> bool:
         return self.phase == "Failed"
 
 
-def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
-    """`observed` maps stage name to its outcome; stages not in it are absent.
+def restart_kind(outcome: StageOutcome) -> Optional[str]:
+    """Why a failed stage may run again: "preempted" (not counted), "crashed" (counted),
+    or None when running it again cannot help: the trainer's own refusal of its input
+    (a JSON verdict) or an OOM kill (the same memory, the same death)."""
+    if outcome.reason == "OOMKilled":
+        return None
+    if outcome.result is None:
+        return "crashed"  # no verdict: a crash, a lost node, a kill
+    return "preempted" if outcome.result.get("reason") == "Preempted" else None
+
+
+def decide(job: FineTuneJob, observed: dict[str, StageOutcome], restarts: int = 0) -> Decision:
+    """`observed` maps stage name to its outcome; stages not in it are absent. `restarts`:
+    counted restarts of the current revision's restartable stage so far.
 
     Walks the job's pipeline in order: the first stage not done decides the
     phase; every done stage's condition is True and its artifacts published."""
@@ -78,6 +94,19 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome]) -> Decision:
             conditions.append((cond, stage.pending_status, outcome.reason or "Running", message))
             stuck = outcome.reason if outcome.reason in STUCK_WAITING_REASONS else None
             return result(stage.phase, message, stalled=stuck)
+        if outcome.state == "failed" and stage.restartable:
+            kind = restart_kind(outcome)
+            limit = job.spec.resources.max_restarts
+            if kind == "preempted" or (kind == "crashed" and restarts < limit):
+                counted = kind == "crashed"
+                message = (f"restarting every rank from the newest checkpoint after: {outcome.message or outcome.reason}"
+                           + (f" (restart {restarts + 1} of {limit})" if counted else " (preempted: not counted)"))
+                conditions.append((cond, stage.pending_status, "Restarting", message))
+                return result(stage.phase, message, restart=stage.name, restart_counts=counted)
+            if kind == "crashed":
+                outcome = StageOutcome("failed", outcome.reason or "Failed",
+                                       f"{outcome.message} (after {restarts} restarts, spec.resources.maxRestarts)",
+                                       outcome.result)
         if outcome.state == "failed":
             message = outcome.message or f"{stage.name} failed"
             conditions.append((cond, "False", outcome.reason or "Failed", message))
@@ -162,7 +191,8 @@ def status_update(current: dict[str, Any], decision: Decision, generation: Optio
         patch["revision"] = rev
         patch["revisions"] = revisions.record(current, rev, generation, finished, phase,
                                               decision.status.get("artifacts") or {},
-                                              decision.status.get("evaluation"))
+                                              decision.status.get("evaluation"),
+                                              restarted=bool(decision.restart and decision.restart_counts))
         if decision.phase == "Serving":
             patch["servingRevision"] = rev
     if not current.get("startTime"):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kubetune.contract.facts import LABEL_JOB, LABEL_REVISION
 
-from . import children, lifecycle, metrics, preflight, revisions, stage_jobs, stages
+from . import children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -160,7 +160,13 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         }
 
     rev = revisions.of(job)
-    decision = lifecycle.decide(job, observe(kube, job, revisions.finished_stages(status, rev)))
+    decision = lifecycle.decide(job, observe(kube, job, revisions.finished_stages(status, rev)),
+                                restarts=revisions.restarts(status, rev))
+    if decision.restart:
+        # Delete the failed gang's Job (its pods go with it); the next pass creates it again,
+        # and the trainer resumes from the newest complete checkpoint in S3.
+        kube.delete("batch/v1", "Job", job.metadata.namespace, names.stage_job(job.metadata.name, decision.restart, rev))
+        emit("Warning", "GangRestarted", decision.message)
     if decision.create:
         missing = preflight.check(kube, job, queued=stages.BY_NAME[decision.create].queued)
         if missing is not None:

@@ -62,6 +62,11 @@ def finished_stages(status: dict[str, Any], rev: str) -> dict[str, dict[str, Any
     return dict(entry.get("stages") or {})
 
 
+def restarts(status: dict[str, Any], rev: str) -> int:
+    """Counted gang restarts of `rev` so far."""
+    return int((find(status, rev) or {}).get("restarts") or 0)
+
+
 def record(
     status: dict[str, Any],
     rev: str,
@@ -70,6 +75,7 @@ def record(
     phase: str,
     artifacts: dict[str, str],
     evaluation: Optional[dict[str, Any]],
+    restarted: bool = False,
 ) -> list[dict[str, Any]]:
     """status.revisions with `rev` updated (added last if new); others marked
     Superseded when they were still running; the oldest dropped past KEEP."""
@@ -93,5 +99,7 @@ def record(
         entry["artifacts"] = {**(entry.get("artifacts") or {}), **artifacts}
     if evaluation is not None:
         entry["evaluation"] = evaluation
+    if restarted:
+        entry["restarts"] = int(entry.get("restarts") or 0) + 1
     out.append(entry)  # the one asked for now is always last
     return out[-KEEP:]

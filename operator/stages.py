@@ -21,6 +21,9 @@ from .api import FineTuneJob
 from .api.spec import FineTuneJobSpec
 from .outcomes import StageOutcome, deployment_outcome, job_outcome
 from .pods import selector_labels
+
+# The Job controller labels every pod with its Job's uid (Kubernetes' own constant).
+JOB_CONTROLLER_UID = "batch.kubernetes.io/controller-uid"
 from .settings import OperatorSettings
 
 if TYPE_CHECKING:
@@ -62,6 +65,9 @@ class Stage:
     # Spec combinations this stage cannot do: refused at admission (CEL), by
     # `kubetune run` and by the reconciler (Python twins), never after training.
     admission: tuple[Rule, ...] = ()
+    # A failure without a verdict of its own restarts the whole stage (every rank of the
+    # gang), up to spec.resources.maxRestarts: the training gang.
+    restartable: bool = False
     # Reason of its condition before its children exist.
     start_reason: str = "Pending"
     # Status fields it publishes from its outcome (serve: the endpoint).
@@ -89,7 +95,9 @@ class Stage:
 def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
     ns, rev = job.metadata.namespace, revisions.of(job)
     child = kube.get("batch/v1", "Job", ns, names.stage_job(job.metadata.name, stage, rev))
-    pods = kube.list_pods(ns, selector_labels(job, stage, rev)) if child else []
+    # This Job's own pods (by its uid): a restarted gang's Job has the same name, and the
+    # pods of the one before may still be terminating.
+    pods = kube.list_pods(ns, {JOB_CONTROLLER_UID: child["metadata"]["uid"]}) if child else []
     return job_outcome(child, pods)
 
 
@@ -150,7 +158,7 @@ TRAIN = Stage(
     name="train", condition="Trained", phase="Training", done_reason="TrainingSucceeded", queued=True,
     wanted=lambda spec: True,
     children=lambda job, settings: _shared(job) + [training.train_service(job, settings), training.train_job(job, settings)],
-    observe=_observe_job,
+    observe=_observe_job, restartable=True,
     artifacts=(("adapter", f"{facts.ADAPTER}/"), ("metrics", f"{facts.ADAPTER}/{facts.METRICS_FILE}"),
                ("lossCurve", f"{facts.ADAPTER}/{facts.LOSS_CURVE_FILE}")),
 )

@@ -69,14 +69,15 @@ def train_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
         job,
         "train",
         pod,
-        backoff_limit=settings.train_backoff_limit,
+        # Ranks train as one gang: a replacement for one failed rank would wait for peers that
+        # are themselves stuck in a collective. So the first failed pod fails the Job (the Job
+        # controller stops the other ranks) and the operator restarts the whole gang from the
+        # newest complete checkpoint, up to spec.resources.maxRestarts (lifecycle.decide).
+        backoff_limit=0,
         extra={
             "completions": r.nodes,
             "parallelism": r.nodes,
             "completionMode": "Indexed",
-            # Preempted pods (evicted for a higher priority, node drained) resume
-            # from the latest checkpoint without using up a retry.
-            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
         },
     )
 

@@ -101,6 +101,12 @@ class ResourcesSpec(ApiModel):
         default=None, description="Kueue LocalQueue: the Jobs are created suspended and Kueue admits them."
     )
     priority_class_name: Optional[ObjectName] = Field(default=None, description="PriorityClass of the training pods.")
+    max_restarts: int = Field(
+        default=3, ge=0, le=100,
+        description="Restarts of the whole training gang (every rank, from the newest checkpoint) after a rank "
+        "fails without a verdict of its own (crash, lost node). Preemptions do not count; the trainer's refusals "
+        "of bad input and OOM kills fail at once.",
+    )
 
 
 class OutputSpec(ApiModel):

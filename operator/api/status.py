@@ -102,6 +102,7 @@ class Revision(StatusModel):
     artifacts: Optional[Artifacts] = Field(default=None, description="Its artifact URIs, under <output>/revisions/<id>/.")
     evaluation: Optional[StageResult] = Field(default=None, description="Its evaluation verdict.")
     stages: dict[str, StageRecord] = Field(default_factory=dict, description="Stages finished for this revision.")
+    restarts: Optional[int] = Field(default=None, description="Restarts of its training gang after a rank failed.")
 
 
 class FineTuneJobStatus(StatusModel):

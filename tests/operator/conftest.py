@@ -133,7 +133,6 @@ def start_operator(operator_kubeconfig, tmp_path, request):
             **{k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")},
             "KUBECONFIG": str(operator_kubeconfig),
             "KUBETUNE_RECONCILE_INTERVAL": "0.5",
-            "KUBETUNE_TRAIN_BACKOFF_LIMIT": "0",
             "KUBETUNE_METRICS_PORT": str(metrics_port),
             "KUBETUNE_TRAINER_IMAGE": "registry.test/kubetune:test",
             "KUBETUNE_VLLM_IMAGE": "registry.test/vllm:test",

@@ -8,7 +8,9 @@ import time
 
 from kubetune.devcluster.cluster import wait_for
 
-from .ftj import KWOK_DURATION, Api, body, condition, fleet
+from .ftj import KWOK_DURATION, KWOK_FAIL, Api, body, condition, fleet
+
+KWOK_FAIL_AFTER = "kwok.kubetune.io/fail-after"
 
 RECONCILE_INTERVAL = 0.5  # what start_operator sets (tests/operator/conftest.py)
 
@@ -117,3 +119,35 @@ def test_serving_edits_reach_the_deployment_and_a_finished_stage_never_runs_agai
     status = api.wait_phase("edits", "Serving", timeout=30)
     assert train not in [j["metadata"]["name"] for j in api.jobs("edits")]
     assert condition(status, "Trained")["status"] == "True"
+
+
+def test_one_failed_rank_restarts_the_whole_gang_within_bounds(cluster, namespace, gpu_nodes, start_operator):
+    fleet(gpu_nodes, count=2)
+    api = Api(cluster, namespace)
+    start_operator(namespace)
+    # Rank 1 dies 0.3 s in (no verdict: a crash); rank 0 would train for a minute.
+    api.create(body("gang", resources={"nodes": 2, "gpusPerNode": 8, "maxRestarts": 2}, serving={"enabled": False},
+                    podMetadata={"train": {"labels": {KWOK_FAIL: "rank-1"},
+                                           "annotations": {KWOK_DURATION: "60s", KWOK_FAIL_AFTER: "300ms"}}}))
+    train = None
+    uids: set[str] = set()
+
+    def watch_gang():
+        nonlocal train
+        train = train or api.child("gang", "train")
+        jobs = [j for j in api.jobs("gang") if j["metadata"]["name"] == train]
+        uids.update(j["metadata"]["uid"] for j in jobs)
+        status = api.status("gang")
+        return status if status.get("phase") == "Failed" else None
+
+    status = wait_for("gang restarts used up", watch_gang, timeout=120, interval=0.2)
+    # Two restarts, each a new Job of every rank: three gangs in all, the last one failed for good.
+    assert len(uids) == 3, uids
+    assert revision_entry(status, api.rev("gang"))["restarts"] == 2
+    trained = condition(status, "Trained")
+    assert trained["status"] == "False" and "maxRestarts" in trained["message"] and "gang-train" in trained["message"]
+    restarts = [e for e in api.events("gang") if e["reason"] == "GangRestarted"]
+    assert len(restarts) == 2 and "restart 1 of 2" in restarts[0]["message"]
+    # Rank 0 was stopped with its gang each time: no pod of the gang is left running.
+    pods = api.pods(f"kubetune.io/job=gang,kubetune.io/stage=train")
+    assert all(p["status"].get("phase") != "Running" for p in pods), [p["status"].get("phase") for p in pods]

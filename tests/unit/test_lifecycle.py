@@ -190,7 +190,9 @@ DONE = {s: OK for s in ("validate", "train", "merge", "evaluate")}
     ({**DONE, "serve": StageOutcome("running", "Deploying", "")}, "Deploying", "InProgress"),
     ({**DONE, "serve": StageOutcome("succeeded", "MinimumReplicasAvailable", "", details={"replicas": 1})}, "Serving",
      "Current"),
-    ({"validate": OK, "train": StageOutcome("failed", "BackoffLimitExceeded", "rank 0 failed")}, "Failed", "Failed"),
+    ({"validate": OK, "train": StageOutcome("failed", "TrainingRejected", "bad config",
+                                            {"ok": False, "reason": "TrainingRejected"})}, "Failed", "Failed"),
+    ({"validate": OK, "train": StageOutcome("failed", "Error", "rank 1 crashed")}, "Training", "InProgress"),
     ({**DONE, "serve": StageOutcome("failed", "ProgressDeadlineExceeded", "too slow")}, "Failed", "Failed"),
 ])
 def test_kstatus_reads_every_phase_correctly(observed, expected_phase, expected):
@@ -209,3 +211,28 @@ def test_a_job_without_serving_is_current_once_every_stage_is_done():
     assert kstatus({"metadata": {"generation": 1}, "status": status}) == "Current"
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "Succeeded")
+
+
+CRASH = StageOutcome("failed", "Error", "pod x-1: container terminated with Error (exit code 1)")  # no verdict
+PREEMPTED = StageOutcome("failed", "Preempted", "pod x-0: preempted", {"ok": False, "reason": "Preempted"})
+REFUSED = StageOutcome("failed", "TrainingRejected", "pod x-0: bad input", {"ok": False, "reason": "TrainingRejected"})
+OOM = StageOutcome("failed", "OOMKilled", "pod x-0: container terminated with OOMKilled (exit code 137)")
+
+
+@pytest.mark.parametrize("outcome, restarts, phase, restart, counted", [
+    (CRASH, 0, "Training", "train", True),  # a rank died without a verdict: the whole gang again
+    (CRASH, 2, "Training", "train", True),
+    (CRASH, 3, "Failed", None, True),  # spec.resources.maxRestarts (3 by default) used up
+    (PREEMPTED, 3, "Training", "train", False),  # preemption: again, and not counted
+    (REFUSED, 0, "Failed", None, True),  # the trainer refused its input: at once
+    (OOM, 0, "Failed", None, True),  # the same memory would kill it again
+])
+def test_a_failed_rank_restarts_the_whole_gang_within_bounds(outcome, restarts, phase, restart, counted):
+    d = decide(ftj(), {"validate": OK, "train": outcome}, restarts=restarts)
+    assert d.phase == phase and d.restart == restart
+    if restart:
+        assert d.restart_counts is counted and conds(d)["Trained"] == ("Unknown", "Restarting")
+        status = status_update({"revisions": [{"id": "r1", "restarts": restarts}]}, d, 1, "t", "r1")
+        assert status["revisions"][-1]["restarts"] == restarts + (1 if counted else 0)
+    elif restarts:
+        assert "maxRestarts" in d.message

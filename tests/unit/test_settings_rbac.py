@@ -7,15 +7,15 @@ from kubetune.operator.settings import OperatorSettings
 
 
 def test_settings_from_env_with_types():
-    s = OperatorSettings.from_env({"KUBETUNE_RECONCILE_INTERVAL": "0.5", "KUBETUNE_TRAIN_BACKOFF_LIMIT": "0",
+    s = OperatorSettings.from_env({"KUBETUNE_RECONCILE_INTERVAL": "0.5", "KUBETUNE_STAGE_BACKOFF_LIMIT": "2",
                                    "KUBETUNE_VLLM_IMAGE": "vllm:x", "KUBETUNE_CRASH_AFTER": ""})
-    assert s.reconcile_interval == 0.5 and s.train_backoff_limit == 0 and s.vllm_image == "vllm:x"
+    assert s.reconcile_interval == 0.5 and s.stage_backoff_limit == 2 and s.vllm_image == "vllm:x"
     assert s.crash_after == ""
 
 
 def test_bad_setting_names_the_variable():
-    with pytest.raises(ValueError, match="KUBETUNE_TRAIN_BACKOFF_LIMIT"):
-        OperatorSettings.from_env({"KUBETUNE_TRAIN_BACKOFF_LIMIT": "many"})
+    with pytest.raises(ValueError, match="KUBETUNE_STAGE_BACKOFF_LIMIT"):
+        OperatorSettings.from_env({"KUBETUNE_STAGE_BACKOFF_LIMIT": "many"})
 
 
 def test_operator_never_reads_secrets_and_deletes_only_its_children_kinds():
