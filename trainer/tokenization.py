@@ -159,6 +159,10 @@ def resolve_chat_template(tokenizer, *, completion_only: bool, origin: str = TOK
             raise TemplateError(f"{origin} cannot be rendered: {_one_line(e)}") from None
         if training:
             text, patched = training, True
+    if completion_only and not getattr(tokenizer, "is_fast", True):
+        # transformers maps the generation blocks to tokens through the fast tokenizer's offsets.
+        raise TemplateError("the base model's tokenizer has no fast (tokenizer.json) version, which assistant token "
+                            "masks need; add tokenizer.json to the model or set training.completionOnlyLoss: false")
     return ChatTemplate(text, has_generation_blocks(text), _probe_blocks(tokenizer, text, origin), origin, patched)
 
 
