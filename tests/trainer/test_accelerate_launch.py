@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _launch_line(rank: int, port: int, config: Path) -> list[str]:
     """The train container's args, from the operator's builder, made runnable on this machine."""
-    from kubetune.operator import names, training
+    from kubetune.operator import names, revisions, training
     from kubetune.operator.api import FineTuneJob
     from kubetune.operator.settings import OperatorSettings
 
@@ -42,7 +42,7 @@ def _launch_line(rank: int, port: int, config: Path) -> list[str]:
     settings = OperatorSettings(trainer_image="registry.local/kubetune:test")
     args = training.accelerate_args(job, settings)
     assert args[:2] == ["accelerate", "launch"]
-    host = names.train_pod_host("launch", 0, "tenant-a")
+    host = names.train_pod_host("launch", revisions.of(job), 0, "tenant-a")
     swap = {
         "accelerate": str(Path(sys.executable).with_name("accelerate")),
         f"$({training.COMPLETION_INDEX_ENV})": str(rank),  # what the kubelet expands in the pod
