@@ -35,6 +35,7 @@ from kubetune.contract.facts import GROUP, LABEL_JOB, PLURAL, VERSION
 
 from . import metrics, triggers
 from .children import KINDS
+from .essence import LeanDiffBaseStorage, LeanProgressStorage
 from .kube import ChildConflict, Kube, load_config
 from .reconcile import cleanup_artifacts, reconcile
 from .settings import OperatorSettings
@@ -67,10 +68,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _queue
     # Everything kopf stores on our objects lives under our own prefix.
     settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    settings.persistence.progress_storage = LeanProgressStorage(prefix=GROUP)
+    # The same annotations as kopf's own storages, built with less copying (essence.py).
+    settings.persistence.diffbase_storage = LeanDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     settings.watching.server_timeout = SETTINGS.watch_server_timeout
     settings.watching.client_timeout = SETTINGS.watch_client_timeout
     settings.watching.connect_timeout = 30
@@ -155,13 +155,13 @@ async def finetunejob_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -
         return  # timer-only: the resync alone drives a job once seen
     if _queue.own_write(key, body.metadata.get("resourceVersion")):
         return
-    _queue.trigger(key)
+    _queue.trigger(key, "finetunejob")
 
 
-async def child_changed(body: kopf.Body, **_: Any) -> None:
+async def child_changed(body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
     key = triggers.owner_key(body)
     if key is not None:
-        _queue.trigger(key)
+        _queue.trigger(key, resource.plural)
 
 
 if SETTINGS.reconcile_on_events:

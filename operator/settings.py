@@ -29,9 +29,9 @@ class OperatorSettings:
     # Off: the timer alone drives reconciles, as before events (kept for the
     # latency benchmark's baseline, bench/operator_latency.py).
     reconcile_on_events: bool = True
-    # Reconciles of different FineTuneJobs that may run at once (threads; one
-    # FineTuneJob is never reconciled twice at the same time).
-    reconcile_workers: int = 4
+    # Reconciles of different FineTuneJobs that may run at once (threads, mostly
+    # waiting on the API server; one FineTuneJob is never reconciled twice at once).
+    reconcile_workers: int = 8
     # How often a deletion held for the artifact cleanup Job checks on it.
     cleanup_poll_interval: float = 2.0
     # Retries of a failed training pod (preemptions, marked DisruptionTarget, are not counted).

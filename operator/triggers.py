@@ -45,11 +45,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from prometheus_client import Counter, Histogram
+
 from kubetune.contract.facts import LABEL_JOB
 
 log = logging.getLogger("kubetune.operator.triggers")
 
 Key = tuple[str, str]  # (namespace, FineTuneJob name)
+
+TRIGGERS = Counter("kubetune_reconcile_triggers_total", "Requests for a reconcile, by what asked", ["source"])
+WAIT = Histogram(
+    "kubetune_reconcile_wait_seconds", "From the request that found a FineTuneJob idle to the start of its pass",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 
 @dataclass(frozen=True)
@@ -111,15 +119,17 @@ class ReconcileQueue:
 
     # ---- what the handlers call (on the event loop's thread) ----
 
-    def trigger(self, key: Key) -> None:
+    def trigger(self, key: Key, source: str = "event") -> None:
         """Reconcile `key` as soon as possible (now, or right after the pass running for it)."""
+        TRIGGERS.labels(source=source).inc()
         handle = self._later.pop(key, None)
         if handle is not None:
             handle.cancel()
         if key in self._running:
             self._dirty.add(key)
             return
-        self._running[key] = asyncio.get_running_loop().create_task(self._run(key), name=f"reconcile {key[0]}/{key[1]}")
+        loop = asyncio.get_running_loop()
+        self._running[key] = loop.create_task(self._run(key, loop.time()), name=f"reconcile {key[0]}/{key[1]}")
 
     def known(self, key: Key) -> bool:
         """True while the key is running or scheduled."""
@@ -151,20 +161,21 @@ class ReconcileQueue:
 
     # ---- the per-key loop ----
 
-    def _schedule(self, key: Key, delay: float) -> None:
+    def _schedule(self, key: Key, delay: float, source: str) -> None:
         handle = self._later.pop(key, None)
         if handle is not None:
             handle.cancel()
-        self._later[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
+        self._later[key] = asyncio.get_running_loop().call_later(delay, self._fire, key, source)
 
-    def _fire(self, key: Key) -> None:
+    def _fire(self, key: Key, source: str) -> None:
         self._later.pop(key, None)
-        self.trigger(key)
+        self.trigger(key, source)
 
-    async def _run(self, key: Key) -> None:
+    async def _run(self, key: Key, since: float) -> None:
         loop = asyncio.get_running_loop()
         writes_in_a_row = 0
         next_delay: Optional[float] = None
+        source = "resync"
         try:
             while True:
                 self._dirty.discard(key)
@@ -172,19 +183,20 @@ class ReconcileQueue:
                 call = functools.partial(contextvars.copy_context().run, self._work, key)
                 try:
                     async with self._slots:
+                        WAIT.observe(loop.time() - since)
                         self.passes += 1
                         result = await loop.run_in_executor(self._pool, call)
                 except RetryLater as e:
                     log.info("reconcile of %s/%s: %s; again in %.1fs", key[0], key[1], e, e.delay)
-                    next_delay = e.delay
+                    next_delay, source = e.delay, "retry"
                 except Exception:
                     failures = self._failures[key] = self._failures.get(key, 0) + 1
-                    next_delay = min(self.max_backoff, 0.5 * 2 ** failures)
+                    next_delay, source = min(self.max_backoff, 0.5 * 2 ** failures), "retry"
                     log.exception("reconcile of %s/%s failed (%d in a row); again in %.1fs",
                                   key[0], key[1], failures, next_delay)
                 else:
                     self._failures.pop(key, None)
-                    next_delay = self.resync
+                    next_delay, source = self.resync, "resync"
                     if not result.exists:
                         # Gone: nothing more to schedule, unless a trigger arrived
                         # meanwhile (the name was created again).
@@ -198,6 +210,7 @@ class ReconcileQueue:
                         if not self.requeue_on_write:
                             pass
                         elif writes_in_a_row <= self.max_requeues:
+                            TRIGGERS.labels(source="requeue").inc()
                             self._dirty.add(key)
                         else:
                             # A reconciler that wrote on every pass would spin: leave it to
@@ -206,7 +219,8 @@ class ReconcileQueue:
                                         "not requeued at once", key[0], key[1], writes_in_a_row)
                 if key not in self._dirty:
                     break
+                since = loop.time()
         finally:
             self._running.pop(key, None)
         if next_delay is not None:
-            self._schedule(key, next_delay)
+            self._schedule(key, next_delay, source)

@@ -183,6 +183,36 @@ def test_owner_key_reads_the_job_label():
     assert triggers.owner_key({"metadata": {"namespace": "ns", "labels": {}}}) is None
 
 
+def test_lean_storages_give_kopf_the_same_essence():
+    import kopf
+
+    from kubetune.operator.essence import LeanDiffBaseStorage, LeanProgressStorage
+
+    pod = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "n", "uid": "u", "resourceVersion": "5", "generation": 1,
+                     "labels": {"kubetune.io/job": "x"},
+                     "annotations": {"kwok.kubetune.io/run-duration": "1s", f"{GROUP}/last-handled-configuration": "{}",
+                                     "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                     "managedFields": [{"manager": "kube-controller-manager", "fieldsV1": {"f:spec": {}}}],
+                     "ownerReferences": [{"kind": "Job", "name": "j", "uid": "1"}], "finalizers": ["f"]},
+        "spec": {"containers": [{"name": "c", "image": "i", "env": [{"name": "A", "value": "1"}]}]},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    ftj = {**pod, "kind": "FineTuneJob", "metadata": {**pod["metadata"], "annotations": {
+        f"{GROUP}/delete_artifacts": '{"retries": 1}', f"{GROUP}/last-handled-configuration": "{}", "user": "note"}}}
+    kopf_diffbase = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    lean_diffbase = LeanDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+    kopf_progress, lean_progress = kopf.AnnotationsProgressStorage(prefix=GROUP), LeanProgressStorage(prefix=GROUP)
+    for obj in (pod, ftj):
+        for extra in (None, [("status", "phase")]):
+            theirs = kopf_diffbase.build(body=kopf.Body(obj), extra_fields=extra)
+            ours = lean_diffbase.build(body=kopf.Body(obj), extra_fields=extra)
+            assert ours == theirs
+            assert lean_progress.clear(essence=ours) == kopf_progress.clear(essence=theirs)
+    assert "managedFields" not in str(lean_diffbase.build(body=kopf.Body(pod)))
+
+
 # ---------------------------------------------------------------- on the control plane
 
 
