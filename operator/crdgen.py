@@ -182,6 +182,57 @@ def render_crd() -> str:
     return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
 
 
+TENANT_POLICY_CRD_PATH = CRD_PATH.with_name("tenantpolicy.yaml")
+
+
+def build_tenant_policy_crd() -> dict[str, Any]:
+    """The cluster-scoped TenantPolicy CRD (operator/api/tenancy.py): the tenancy admission policy's parameters."""
+    from .api import tenancy
+
+    root = {
+        "type": "object",
+        "description": "TenantPolicy: limits on the FineTuneJobs of the namespaces it selects, enforced by the "
+        "API server (ValidatingAdmissionPolicy kubetune-tenancy) and by the operator.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": schema_of(tenancy.TenantPolicySpec),
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{tenancy.PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Cluster",
+            "names": {
+                "kind": tenancy.KIND,
+                "listKind": tenancy.LIST_KIND,
+                "plural": tenancy.PLURAL,
+                "singular": tenancy.SINGULAR,
+                "shortNames": list(tenancy.SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "additionalPrinterColumns": tenancy.PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def render_tenant_policy_crd() -> str:
+    return HEADER + yaml.safe_dump(build_tenant_policy_crd(), sort_keys=False, width=120)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 

@@ -52,6 +52,7 @@ RULES: list[dict[str, Any]] = [
     # kopf discovers resources and watches namespaces/CRDs for changes.
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [GROUP], "resources": ["tenantpolicies"], "verbs": ["list"]},  # operator/tenancy.py: refuse jobs that slipped past admission
 ]
 
 
