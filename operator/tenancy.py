@@ -44,15 +44,14 @@ from kubetune.contract.facts import GROUP, PLURAL, VERSION
 from .api import FineTuneJob
 from .api import tenancy as api
 from .api.spec import FineTuneJobSpec
-from .api.tenancy import TenantPolicySpec
+from .api.tenancy import DOT_SEGMENT, TenantPolicySpec
 
 if TYPE_CHECKING:
     from .kube import Kube
 
 POLICY_NAME = "kubetune-tenancy"
-# '.' and '..' path segments: "s3://team-a/../team-b/x" starts with "s3://team-a/"
-# but some S3-compatible servers normalise it into team-b's prefix.
-DOT_SEGMENT = "/[.][.]?(/|$)"
+# '.' and '..' path segments (DOT_SEGMENT): "s3://team-a/../team-b/x" starts with
+# "s3://team-a/" but some S3-compatible servers normalise it into team-b's prefix.
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from kubetune.contract.facts import GROUP, VERSION
-from kubetune.contract.rules import ApiModel, Rule
+from kubetune.contract.rules import ApiModel, Rule, matches
 
 from .spec import _pattern_str
 
@@ -43,10 +43,28 @@ API_VERSION = f"{GROUP}/{VERSION}"
 # A prefix ends with '/' so that s3://team-a/ can never allow s3://team-ab/...;
 # no empty, '.' or '..' segment (some S3-compatible servers normalise paths).
 S3_PREFIX = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/([^/]+/)*$"
-S3Prefix = _pattern_str(
-    S3_PREFIX, "must be an s3://bucket/ or s3://bucket/prefix/ URI ending with '/'", 1024,
-    "An s3://bucket/prefix/ ending with '/': URIs starting with it are allowed.",
-)
+DOT_SEGMENT = "/[.][.]?(/|$)"
+S3_PREFIX_MESSAGE = "must be an s3://bucket/ or s3://bucket/prefix/ URI ending with '/'"
+DOT_SEGMENT_MESSAGE = "must have no '.' or '..' segment"
+
+
+def _s3_prefix(value: str) -> str:
+    if not matches(S3_PREFIX, value):
+        raise ValueError(S3_PREFIX_MESSAGE)
+    if matches(DOT_SEGMENT, value):
+        raise ValueError(DOT_SEGMENT_MESSAGE)
+    return value
+
+
+S3Prefix = Annotated[
+    str,
+    Field(min_length=1, max_length=1024, description="An s3://bucket/prefix/ ending with '/': URIs starting with it are allowed.",
+          json_schema_extra={"x-kubernetes-validations": [
+              {"rule": f"self.matches('{S3_PREFIX}')", "message": S3_PREFIX_MESSAGE},
+              {"rule": f"!self.matches('{DOT_SEGMENT}')", "message": DOT_SEGMENT_MESSAGE},
+          ]}),
+    AfterValidator(_s3_prefix),
+]
 LabelValue = _pattern_str(
     "^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", "must be a valid label value", 63, "A Kubernetes label value."
 )

@@ -268,6 +268,19 @@ def test_a_reference_into_another_namespace_cannot_be_written(cluster, walkthrou
     assert stored["spec"]["serving"]["apiKeySecretRef"] == {"name": "vllm-key", "key": "api-key"}
 
 
+@pytest.mark.parametrize("uri_prefixes, text", [
+    # s3://team-c would also allow s3://team-c-old/...
+    ({"datasets": ["s3://team-c"], "models": [], "outputs": []}, "ending with '/'"),
+    ({"datasets": [], "models": [], "outputs": ["s3://team-c/../team-a-artifacts/"]}, "no '.' or '..' segment"),
+])
+def test_the_api_server_refuses_a_tenant_policy_that_would_allow_too_much(cluster, walkthrough, uri_prefixes, text):
+    policy = {"apiVersion": tenancy_api.API_VERSION, "kind": tenancy_api.KIND, "metadata": {"name": "team-c"},
+              "spec": {"namespaceSelector": {"matchLabels": {"kubetune.io/tenant": "team-c"}}, "uriPrefixes": uri_prefixes}}
+    with pytest.raises(ApiException) as err:
+        client.CustomObjectsApi(cluster.api_client()).create_cluster_custom_object(GROUP, VERSION, tenancy_api.PLURAL, policy)
+    assert err.value.status == 422 and "spec.uriPrefixes" in err.value.body and text in err.value.body, err.value.body
+
+
 # ---------------------------------------------------------------- a job admitted before its policy
 
 
