@@ -70,6 +70,15 @@ class Kube:
                 return None
             raise
 
+    def workload_of(self, namespace: str, job_uid: str) -> Optional[dict[str, Any]]:
+        """The Kueue Workload of a Job (owned by it), or None (no Kueue, not created yet)."""
+        version = self.preferred_version("kueue.x-k8s.io")
+        if version is None:
+            return None
+        items = self._call("GET", f"/apis/kueue.x-k8s.io/{version}/namespaces/{namespace}/workloads").get("items", [])
+        return next((w for w in items if any(r.get("uid") == job_uid for r in w["metadata"].get("ownerReferences") or [])),
+                    None)
+
     def preferred_version(self, group: str) -> Optional[str]:
         """The served version of an API group (discovery), or None when it is not installed."""
         try:

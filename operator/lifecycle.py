@@ -87,8 +87,9 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome], restarts: int = 
             conditions.append((cond, stage.pending_status, stage.start_reason, f"{stage.name} not started"))
             return result(stage.phase, f"starting {stage.name}", create=stage.name)
         if outcome.state == "suspended":
-            conditions.append((cond, stage.pending_status, "Queued", outcome.message))
-            return result("Queued", f"{stage.name} is waiting in queue {queue}")
+            conditions.append((cond, stage.pending_status, outcome.reason or "Queued", outcome.message))
+            waiting = f"{stage.name} is waiting in queue {queue}"
+            return result("Queued", f"{waiting}: {outcome.message}" if outcome.message else waiting)
         if outcome.state == "running":
             message = outcome.message or f"{stage.name} running"
             conditions.append((cond, stage.pending_status, outcome.reason or "Running", message))

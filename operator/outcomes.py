@@ -164,6 +164,34 @@ def job_outcome(job: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> St
     return StageOutcome("running", "Running" if active else "Starting", "", None, generation)
 
 
+def queue_state(workload: Optional[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """(reason, message) of a queued Job from its Kueue Workload: Preempted with Kueue's
+    message after an eviction, else why quota is not reserved yet. Pure."""
+    if workload is None:
+        return None
+    conditions = {c.get("type"): c for c in (workload.get("status") or {}).get("conditions") or []}
+
+    def true(type_: str) -> dict[str, Any]:
+        cond = conditions.get(type_) or {}
+        return cond if cond.get("status") == "True" else {}
+
+    reserved = conditions.get("QuotaReserved") or {}
+    if reserved.get("status") == "True":
+        return None
+    waiting = f"; waiting: {reserved['message']}" if reserved.get("message") else ""
+    # Kueue marks an eviction (Evicted, while it happens), then Requeued with reason Preempted
+    # (and Preempted) while the workload waits again: both mean "preempted, back in the queue".
+    evicted = true("Evicted")
+    requeued = true("Requeued")
+    if evicted or true("Preempted") or requeued.get("reason") == "Preempted":
+        reason = evicted.get("reason") or "Preempted"
+        what = evicted.get("message") or true("Preempted").get("message") or "preempted"
+        return reason, _shorten(f"Kueue: {what}{waiting}; it resumes from its newest checkpoint once re-admitted")
+    if reserved.get("status") == "False" and reserved.get("message"):
+        return "Queued", _shorten(f"Kueue: {reserved['message']}")
+    return None
+
+
 def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> StageOutcome:
     """succeeded == Available (at least the minimum of replicas Ready)."""
     if deployment is None:

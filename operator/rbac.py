@@ -44,6 +44,8 @@ RULES: list[dict[str, Any]] = [
     *_children_rules(),
     # Kueue's LocalQueues: read only, to say "queue not found" instead of a Job suspended for ever.
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
+    # Kueue's Workloads: read only, to put Kueue's own reason (quota, preemption) in the job's condition.
+    {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
     # Pods: read only, for termination messages and failure reasons; watched
     # (label-selected) because their changes trigger their FineTuneJob's reconcile.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},

@@ -44,6 +44,7 @@ OPERATOR_ONLY: frozenset[tuple[str, ...]] = frozenset({
     ("resources", "shm_size"),
     ("resources", "queue_name"),
     ("resources", "priority_class_name"),
+    ("resources", "workload_priority_class_name"),
     ("resources", "max_restarts"),  # the operator restarts the gang; the trainer resumes either way
     ("output", "delete_on_job_deletion"),
     ("serving",),

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from . import names, pods, revisions
 from .api import FineTuneJob
-from kubetune.contract.facts import CONFIG_PATH, LABEL_KUEUE_QUEUE, TERMINATION_LOG_PATH
+from kubetune.contract.facts import CONFIG_PATH, LABEL_KUEUE_PRIORITY, LABEL_KUEUE_QUEUE, TERMINATION_LOG_PATH
 from .settings import OperatorSettings
 
 CONTAINER = "kubetune"
@@ -63,11 +63,13 @@ def pod_spec(
     return spec
 
 
-def enqueue(obj: dict[str, Any], queue_name: str) -> dict[str, Any]:
-    """The Job created suspended with Kueue's queue label: Kueue admits it (all
-    pods of an Indexed Job at once) by unsuspending it. Pure; returns a copy."""
-    meta = {**obj["metadata"], "labels": {**obj["metadata"].get("labels", {}), LABEL_KUEUE_QUEUE: queue_name}}
-    return {**obj, "metadata": meta, "spec": {**obj["spec"], "suspend": True}}
+def enqueue(obj: dict[str, Any], queue_name: str, priority_class: Optional[str] = None) -> dict[str, Any]:
+    """The Job created suspended with Kueue's queue label (and WorkloadPriorityClass):
+    Kueue admits it (all pods of an Indexed Job at once) by unsuspending it. Pure."""
+    labels = {**obj["metadata"].get("labels", {}), LABEL_KUEUE_QUEUE: queue_name}
+    if priority_class:
+        labels[LABEL_KUEUE_PRIORITY] = priority_class
+    return {**obj, "metadata": {**obj["metadata"], "labels": labels}, "spec": {**obj["spec"], "suspend": True}}
 
 
 def batch_job(

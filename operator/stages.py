@@ -19,7 +19,7 @@ from kubetune.contract.rules import Rule
 from . import configmaps, job_rbac, names, revisions, serving, stage_jobs, training
 from .api import FineTuneJob
 from .api.spec import FineTuneJobSpec
-from .outcomes import StageOutcome, deployment_outcome, job_outcome
+from .outcomes import StageOutcome, deployment_outcome, job_outcome, queue_state
 from .pods import selector_labels
 
 # The Job controller labels every pod with its Job's uid (Kubernetes' own constant).
@@ -79,9 +79,10 @@ class Stage:
         """Its children in creation order (shared objects first); with a queue its Jobs
         are created suspended and labelled, for Kueue to admit."""
         objs = self.children(job, settings)
-        queue = job.spec.resources.queue_name
-        if self.queued and queue:
-            objs = [stage_jobs.enqueue(o, queue) if o["kind"] == "Job" else o for o in objs]
+        r = job.spec.resources
+        if self.queued and r.queue_name:
+            objs = [stage_jobs.enqueue(o, r.queue_name, r.workload_priority_class_name) if o["kind"] == "Job" else o
+                    for o in objs]
         return objs
 
     def artifact_uris(self, job: FineTuneJob) -> dict[str, str]:
@@ -98,7 +99,13 @@ def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
     # This Job's own pods (by its uid): a restarted gang's Job has the same name, and the
     # pods of the one before may still be terminating.
     pods = kube.list_pods(ns, {JOB_CONTROLLER_UID: child["metadata"]["uid"]}) if child else []
-    return job_outcome(child, pods)
+    outcome = job_outcome(child, pods)
+    if outcome.state == "suspended" and job.spec.resources.queue_name:
+        # Waiting in Kueue: say what Kueue says (insufficient quota, preempted) instead of "queued".
+        waiting = queue_state(kube.workload_of(ns, child["metadata"]["uid"]))
+        if waiting is not None:
+            outcome = StageOutcome("suspended", waiting[0], waiting[1], None, outcome.generation)
+    return outcome
 
 
 def _observe_deployment(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
@@ -163,7 +170,8 @@ TRAIN = Stage(
                ("lossCurve", f"{facts.ADAPTER}/{facts.LOSS_CURVE_FILE}")),
 )
 MERGE = Stage(
-    name="merge", condition="Merged", phase="Merging", done_reason="MergeSucceeded", queued=True,
+    # A CPU stage: it never waits behind GPU quota.
+    name="merge", condition="Merged", phase="Merging", done_reason="MergeSucceeded", queued=False,
     wanted=lambda spec: spec.output.merge,
     children=lambda job, settings: _shared(job) + [stage_jobs.merge_job(job, settings)],
     observe=_observe_job,

@@ -31,8 +31,9 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 MANAGED_BY = "kubetune-operator"
-# Kueue admits a suspended Job carrying this label (Kueue's own constant).
+# Kueue admits a suspended Job carrying this label (Kueue's own constants).
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_KUEUE_PRIORITY = "kueue.x-k8s.io/priority-class"  # a WorkloadPriorityClass
 # Indexed Job pods carry their completion index here (Kubernetes' own constant).
 ANNOTATION_COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 

@@ -24,8 +24,6 @@ __all__ = [
 # Patterns avoid backslashes so that they read the same in Python and inside
 # CEL string literals.
 S3_URI = "^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$"
-HF_ID = "^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
-MODEL_URI = f"^(s3://[a-z0-9][a-z0-9.-]{{1,61}}[a-z0-9](/.*)?|{HF_ID[1:-1]})$"
 HTTP_URL = "^https?://[^ /]+(/.*)?$"
 DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -51,12 +49,14 @@ def _pattern_str(pattern: str, message: str, max_length: int, description: str):
 
 
 S3Uri = _pattern_str(S3_URI, "must be an s3:// URI (s3://bucket/prefix)", 1024, "An s3://bucket/prefix URI.")
+# Base models come from S3 only: a Hugging Face id (org/name) is refused at admission,
+# saying how to copy the snapshot to S3 once (the trainer never downloads from a hub).
 ModelUri = _pattern_str(
-    MODEL_URI,
-    "must be an s3:// URI (s3://bucket/prefix/) or a Hugging Face model id (org/name)",
+    S3_URI,
+    "must be an s3:// URI of a model directory (s3://bucket/prefix/); a Hugging Face id is not downloaded: "
+    "copy the snapshot to S3 once (huggingface-cli download ORG/NAME --local-dir DIR, then upload DIR)",
     1024,
-    "s3://bucket/prefix/ of a Hugging Face model directory, or a Hugging Face id (org/name) "
-    "resolved from the offline cache of the trainer image.",
+    "s3://bucket/prefix/ of a Hugging Face model directory (save_pretrained's layout).",
 )
 DnsLabel = _pattern_str(DNS_LABEL, "must be a DNS label (lowercase letters, digits, '-')", 63, "A DNS label.")
 ObjectName = _pattern_str(DNS_SUBDOMAIN, "must be a valid Kubernetes object name", 253, "A Kubernetes object name.")
@@ -76,7 +76,18 @@ ServingMode = Literal["merged", "adapter"]
 class BaseModelSpec(recipe.BaseModelSpec):
     """The model to fine-tune."""
 
-    uri: ModelUri = Field(description="s3://bucket/prefix/ of a Hugging Face model directory, or a Hugging Face id (org/name).")
+    __rules__ = (
+        Rule(
+            cel="!has(self.revision)",
+            message="baseModel.revision applies to Hugging Face ids, which are not downloaded: the files under "
+            "baseModel.uri are the version trained; remove revision",
+            field_path=".revision",
+            check=lambda b: b.revision is None,
+            reason="FieldValueForbidden",
+        ),
+    )
+
+    uri: ModelUri = Field(description="s3://bucket/prefix/ of a Hugging Face model directory (save_pretrained's layout).")
 
 
 class DatasetSpec(recipe.DatasetSpec):
@@ -101,6 +112,11 @@ class ResourcesSpec(ApiModel):
         default=None, description="Kueue LocalQueue: the Jobs are created suspended and Kueue admits them."
     )
     priority_class_name: Optional[ObjectName] = Field(default=None, description="PriorityClass of the training pods.")
+    workload_priority_class_name: Optional[ObjectName] = Field(
+        default=None,
+        description="Kueue WorkloadPriorityClass of the queued Jobs (with queueName): the order in the queue and "
+        "which job Kueue preempts for which.",
+    )
     max_restarts: int = Field(
         default=3, ge=0, le=100,
         description="Restarts of the whole training gang (every rank, from the newest checkpoint) after a rank "

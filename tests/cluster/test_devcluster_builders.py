@@ -154,11 +154,16 @@ def test_kwok_config_has_exclusive_complete_and_fail_stages():
         (rule,) = [r for r in stage["selector"]["matchExpressions"] if "kwok.kubetune.io/fail" in r["key"]]
         return rule["operator"], rule["values"]
 
-    assert fail_label_rule(stages["pod-complete"]) == ("NotIn", ["true"])
-    assert fail_label_rule(stages["pod-fail"]) == ("In", ["true"])
+    # One expression, two exclusive answers: "fail" (label true, or rank-N on completion index N) or "pass".
+    complete_key = [r["key"] for r in stages["pod-complete"]["selector"]["matchExpressions"] if "kwok.kubetune.io/fail" in r["key"]]
+    fail_key = [r["key"] for r in stages["pod-fail"]["selector"]["matchExpressions"] if "kwok.kubetune.io/fail" in r["key"]]
+    assert complete_key == fail_key and "job-completion-index" in fail_key[0]
+    assert fail_label_rule(stages["pod-complete"]) == ("In", ["pass"])
+    assert fail_label_rule(stages["pod-fail"]) == ("In", ["fail"])
     for name in ("pod-complete", "pod-fail"):
         assert "kwok.kubetune.io/run-duration" in stages[name]["delay"]["durationFrom"]["expressionFrom"]
         assert "kwok.kubetune.io/termination-message" in stages[name]["next"]["statusTemplate"]
+    assert "kwok.kubetune.io/fail-after" in stages["pod-fail"]["delay"]["durationFrom"]["expressionFrom"]
 
 
 def test_component_command_lines_enable_real_auth_and_controllers(tmp_path):

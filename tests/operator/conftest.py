@@ -30,7 +30,10 @@ KUBETUNE = Path(sys.executable).with_name("kubetune")
 def crd(cluster):
     """The generated CRD, applied and Established."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/finetunejobs.kubetune.io")
+    # `kubectl wait` errors out (instead of waiting) while the new CRD has no status.conditions yet.
+    wait_for("CRD Established", lambda: cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/finetunejobs.kubetune.io", check=False
+    ).returncode == 0, timeout=60, interval=0.5)
     return CRD_PATH
 
 

@@ -17,6 +17,9 @@ EXAMPLES = ROOT / "manifests" / "examples"
 # (case id, spec sections to merge, text that must appear in the rejection)
 INVALID = [
     ("base-model-scheme", {"baseModel": {"uri": "gs://models/x/"}}, "spec.baseModel.uri"),
+    # Hugging Face ids are refused at admission (no hub downloads), saying how to copy the snapshot to S3.
+    ("base-model-hf-id", {"baseModel": {"uri": "Qwen/Qwen2.5-7B-Instruct"}}, "huggingface-cli download"),
+    ("base-model-revision", {"baseModel": {"uri": "s3://models/x/", "revision": "main"}}, "spec.baseModel.revision"),
     ("base-model-empty", {"baseModel": {"uri": ""}}, "spec.baseModel.uri"),
     ("dataset-scheme", {"dataset": {"uri": "https://example.org/data.jsonl"}}, "spec.dataset.uri"),
     ("output-scheme", {"output": {"uri": "/mnt/out"}}, "spec.output.uri"),
@@ -225,3 +228,22 @@ def test_kustomize_base_renders_the_operator(cluster):
     dep = next(d for d in docs if d["kind"] == "Deployment")
     assert dep["metadata"]["namespace"] == "kubetune-system"
     assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/kubetune/kubetune:0.1.0"
+
+
+def test_examples_apply_cleanly_on_a_fresh_cluster_with_their_prerequisites(cluster, crd):
+    """The first hour: prerequisites (namespaces with Pod Security, the IRSA account, the
+    Secrets) and then every example, applied as a user would, with kubectl."""
+    prerequisites = EXAMPLES / "prerequisites"
+    try:
+        for path in (prerequisites / "namespaces.yaml", prerequisites / "secrets.example.yaml", *sorted(EXAMPLES.glob("*.yaml"))):
+            out = cluster.kubectl("apply", "-f", str(path), check=False)
+            assert out.returncode == 0, f"{path.name}: {out.stderr}"
+        listed = {ns: cluster.kubectl("get", "ftj", "-n", ns, "-o", "name").stdout.split()
+                  for ns in ("team-a", "team-b", "team-c")}
+        assert listed == {"team-a": ["finetunejob.kubetune.io/support-bot"],
+                          "team-b": ["finetunejob.kubetune.io/legal-summarizer"],
+                          "team-c": ["finetunejob.kubetune.io/sql-adapter"]}
+        labels = cluster.kubectl("get", "namespace", "team-a", "-o", "jsonpath={.metadata.labels}").stdout
+        assert '"pod-security.kubernetes.io/enforce":"restricted"' in labels
+    finally:
+        cluster.kubectl("delete", "-f", str(prerequisites / "namespaces.yaml"), "--wait=false", check=False)

@@ -273,25 +273,6 @@ def test_evaluation_gate_keeps_a_worse_model_from_serving(cluster, namespace, gp
     assert api.children("gated")["Deployment"] == []
 
 
-def test_queue_name_creates_a_suspended_job_and_phase_queued(cluster, namespace, gpu_nodes, start_operator):
-    fleet(gpu_nodes)
-    api = Api(cluster, namespace)
-    start_operator(namespace)
-    api.create(body("queued", resources={"queueName": "team-a-gpus"}, output={"merge": False},
-                    evaluation={"enabled": False}, serving={"enabled": False}))
-    status = api.wait_phase("queued", "Queued", timeout=60)
-    assert condition(status, "Trained")["reason"] == "Queued"
-    train = api.job(api.child("queued", "train"))
-    assert train["spec"]["suspend"] is True
-    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
-    assert api.pods("kubetune.io/job=queued,kubetune.io/stage=train") == []
-    # What Kueue does on admission: unsuspend. The job then trains and finishes.
-    api.batch.patch_namespaced_job(api.child("queued", "train"), namespace, {"spec": {"suspend": False}})
-    api.wait_phase("queued", "Succeeded", timeout=60)
-    reasons = [e["reason"] for e in api.events("queued")]
-    assert reasons.index("Queued") < reasons.index("Training") < reasons.index("Succeeded")
-
-
 def test_delete_removes_children_and_keeps_s3_artifacts(cluster, namespace, gpu_nodes, start_operator, s3):
     fleet(gpu_nodes)
     api = Api(cluster, namespace)

@@ -20,7 +20,7 @@ def test_minimal_job_gets_defaults():
 @pytest.mark.parametrize(
     "overrides, field, text",
     [
-        ({"baseModel": {"uri": "gs://models/x/"}}, "spec.baseModel.uri", "Hugging Face model id"),
+        ({"baseModel": {"uri": "gs://models/x/"}}, "spec.baseModel.uri", "s3:// URI of a model directory"),
         ({"dataset": {"uri": "https://example.org/x.jsonl"}}, "spec.dataset.uri", "s3://"),
         ({"output": {"uri": "/tmp/out"}}, "spec.output.uri", "s3://"),
         ({"resources": {"gpusPerNode": 9}}, "spec.resources.gpusPerNode", "less than or equal to 8"),
@@ -51,9 +51,12 @@ def test_bad_spec_is_rejected_naming_the_field(overrides, field, text):
     assert text in rendered
 
 
-def test_hugging_face_id_is_a_valid_base_model():
-    ftj = FineTuneJob.from_body(job(baseModel={"uri": "meta-llama/Llama-3.1-8B"}))
-    assert ftj.spec.base_model.uri == "meta-llama/Llama-3.1-8B"
+def test_hugging_face_ids_and_revisions_are_refused_saying_how_to_use_s3():
+    # kubetune never downloads from a hub: the message says how to copy the snapshot to S3 once.
+    with pytest.raises(ValidationError, match="huggingface-cli download"):
+        FineTuneJob.from_body(job(baseModel={"uri": "meta-llama/Llama-3.1-8B"}))
+    with pytest.raises(ValidationError, match="remove revision"):
+        FineTuneJob.from_body(job(baseModel={"uri": "s3://models/llama/", "revision": "main"}))
 
 
 def test_4bit_qlora_with_zero3_is_accepted():

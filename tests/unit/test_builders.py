@@ -129,20 +129,21 @@ def test_multi_gpu_ddp_uses_multi_gpu_flag():
 
 
 def test_queue_name_creates_suspended_jobs_with_kueue_label():
-    job_ = ftj(resources={"queueName": "team-a"})
-    for name in ("train", "merge", "evaluate"):
+    job_ = ftj(resources={"queueName": "team-a", "workloadPriorityClassName": "tenant-high"})
+    for name in ("train", "evaluate"):  # the GPU stages
         jobs = [o for o in stages.BY_NAME[name].build(job_, SETTINGS) if o["kind"] == "Job"]
         assert len(jobs) == 1
         assert jobs[0]["spec"]["suspend"] is True
         assert jobs[0]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert jobs[0]["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "tenant-high"
         # Only the Jobs wait: the ConfigMap and RBAC they mount exist before admission.
         assert all("kueue.x-k8s.io/queue-name" not in o["metadata"].get("labels", {})
                    for o in stages.BY_NAME[name].build(job_, SETTINGS) if o["kind"] != "Job")
-    # Validation is a CPU pre-flight: never queued behind GPU quota.
-    (validate,) = [o for o in stages.VALIDATE.build(job_, SETTINGS) if o["kind"] == "Job"]
-    assert validate["spec"]["suspend"] is False
-    assert "kueue.x-k8s.io/queue-name" not in validate["metadata"]["labels"]
-    assert "kueue.x-k8s.io/queue-name" not in validate["metadata"]["labels"]
+    # Validation and merge are CPU stages: never queued behind GPU quota.
+    for cpu_stage in (stages.VALIDATE, stages.MERGE):
+        (cpu_job,) = [o for o in cpu_stage.build(job_, SETTINGS) if o["kind"] == "Job"]
+        assert cpu_job["spec"]["suspend"] is False
+        assert "kueue.x-k8s.io/queue-name" not in cpu_job["metadata"]["labels"]
 
 
 def test_s3_env_references_secrets_and_never_copies_them():

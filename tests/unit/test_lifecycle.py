@@ -66,7 +66,9 @@ def test_queued_stages_are_created_in_phase_queued_but_validation_is_not():
     d = decide(job_, {"validate": OK})
     assert (d.phase, d.create) == ("Queued", "train")
     assert conds(d)["Trained"] == ("Unknown", "Queued")
-    assert decide(job_, {"validate": OK, "train": OK}).phase == "Queued"  # merge waits too
+    # Merge is a CPU stage: it never waits behind GPU quota; evaluate (one GPU) does.
+    assert decide(job_, {"validate": OK, "train": OK}).phase == "Merging"
+    assert decide(job_, {"validate": OK, "train": OK, "merge": OK}).phase == "Queued"
     assert decide(job_, {"validate": OK, "train": StageOutcome("running", "Running", "")}).phase == "Training"
 
 

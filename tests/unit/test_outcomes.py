@@ -3,7 +3,7 @@
 import json
 
 from kubetune.operator.conditions import set_condition
-from kubetune.operator.outcomes import deployment_outcome, job_outcome
+from kubetune.operator.outcomes import deployment_outcome, job_outcome, queue_state
 
 
 def batch_job(conditions=(), suspend=False, active=0):
@@ -121,3 +121,25 @@ def test_unschedulable_pod_is_surfaced_while_running():
                                   "message": "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."}]
     out = job_outcome(batch_job(active=1), [p])
     assert out.state == "running" and out.reason == "Unschedulable" and "Insufficient nvidia.com/gpu" in out.message
+
+
+def test_a_queued_job_says_what_kueue_says():
+    def workload(*conditions):
+        return {"status": {"conditions": [dict(zip(("type", "status", "reason", "message"), c)) for c in conditions]}}
+
+    assert queue_state(None) is None
+    waiting = workload(("QuotaReserved", "False", "Pending",
+                        "couldn't assign flavors to pod set main: insufficient unused quota for nvidia.com/gpu"))
+    reason, message = queue_state(waiting)
+    assert reason == "Queued" and message.startswith("Kueue: couldn't assign flavors") and "nvidia.com/gpu" in message
+    preempted = workload(("QuotaReserved", "False", "Pending", "waiting"),
+                         ("Evicted", "True", "Preempted", "Preempted to accommodate a workload (UID: x) due to prioritization"))
+    reason, message = queue_state(preempted)
+    assert reason == "Preempted" and "prioritization" in message and "checkpoint" in message
+    assert queue_state(workload(("QuotaReserved", "True", "QuotaReserved", ""))) is None
+    # After the eviction Kueue keeps Requeued/Preempted while the workload waits again.
+    requeued = workload(("QuotaReserved", "False", "Pending", "insufficient unused quota for nvidia.com/gpu"),
+                        ("Evicted", "False", "QuotaReserved", ""), ("Requeued", "True", "Preempted", ""),
+                        ("Preempted", "True", "InClusterQueue", "Preempted to accommodate a higher priority workload"))
+    reason, message = queue_state(requeued)
+    assert reason == "Preempted" and "higher priority" in message and "insufficient unused quota" in message
