@@ -292,7 +292,8 @@ def _admitted_before_its_policy(cluster, namespace: str, request) -> dict:
     obj = job_of("job-team-a.yaml", "slipped-in", output={"uri": "s3://team-b-artifacts/slipped-in/"},
                  resources={"queueName": None}, serving={"enabled": False})
     obj["metadata"]["namespace"] = namespace
-    obj["spec"]["podMetadata"] = {"validate": {"annotations": {KWOK_MESSAGE: message(VALIDATE_OK)}}}
+    obj["spec"]["podMetadata"] = {"validate": {"annotations": {KWOK_MESSAGE: message(VALIDATE_OK)}},
+                                  "evaluate": {"annotations": {KWOK_MESSAGE: message(EVALUATE_OK)}}}
     api.create(obj)
     team_a = next(yaml.safe_load_all((EXAMPLES / "policies.yaml").read_text()))
     policy = {**team_a, "metadata": {"name": namespace}}
@@ -350,8 +351,17 @@ def test_the_operator_refuses_a_job_admitted_before_its_policy(cluster, walkthro
     assert all(names == [] for names in api.children("slipped-in").values()), api.children("slipped-in")
 
     # An edit that brings it within policy lets it go on.
-    api.patch("slipped-in", {"spec": {"output": {"uri": "s3://team-a-artifacts/slipped-in/"}}})
-    api.wait_phase("slipped-in", "Validating", "Training", "Merging", "Evaluating", "Succeeded", timeout=60)
+    generation = api.patch("slipped-in", {"spec": {"output": {"uri": "s3://team-a-artifacts/slipped-in/"}}})["metadata"]["generation"]
+
+    def recovered():
+        status = api.status("slipped-in")
+        if status.get("observedGeneration") != generation:
+            return None  # the operator has not seen the edit yet
+        assert status.get("phase") != "Failed", status
+        return status
+
+    wait_for("slipped-in going on after the edit", recovered, timeout=60, interval=0.3)
+    api.wait_phase("slipped-in", "Succeeded", timeout=90)
 
 
 # ---------------------------------------------------------------- a tenant's job in its own queue
