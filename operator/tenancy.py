@@ -105,11 +105,6 @@ def _prefix_limit(name: str, field: str, kind: str, uri: Callable[[FineTuneJobSp
     )
 
 
-def _workload_priority(s: FineTuneJobSpec) -> Optional[str]:
-    # getattr: the field is newer than some API models this module meets (the CEL reads it with has()).
-    return getattr(s.resources, "workload_priority_class_name", None)
-
-
 IMAGE_PREFIX_ENDS = ("/", ":", "@")
 MODEL_PREFIX_ENDS = ("/",)
 
@@ -244,8 +239,9 @@ LIMITS: tuple[Limit, ...] = (
                     "' is not a WorkloadPriorityClass TenantPolicy ' + params.metadata.name + ' allows: ' + "
                     "(has(params.spec.workloadPriorityClassNames) ? "
                     + _cel_list("params.spec.workloadPriorityClassNames") + " : '[]')",
-        allowed=lambda s, p: _workload_priority(s) is None or _workload_priority(s) in p.workload_priority_class_names,
-        message=lambda s, p, n: f"spec.resources.workloadPriorityClassName {_workload_priority(s)} is not a "
+        allowed=lambda s, p: s.resources.workload_priority_class_name is None
+        or s.resources.workload_priority_class_name in p.workload_priority_class_names,
+        message=lambda s, p, n: f"spec.resources.workloadPriorityClassName {s.resources.workload_priority_class_name} is not a "
         f"WorkloadPriorityClass TenantPolicy {n} allows: {_list(p.workload_priority_class_names)}",
     ),
     Limit(

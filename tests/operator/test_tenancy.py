@@ -180,6 +180,7 @@ TEAM_A_REFUSED = [
     ("service-account", {"storage": {"credentialsSecretRef": None, "serviceAccountName": "default"}},
      "spec.storage.serviceAccountName"),
     ("priority-class", {"resources": {"priorityClassName": "high-priority"}}, "spec.resources.priorityClassName"),
+    ("kueue-priority", {"resources": {"workloadPriorityClassName": "urgent"}}, "spec.resources.workloadPriorityClassName"),
     ("queue-unset", {"resources": {"queueName": None}}, "spec.resources.queueName"),
     ("queue-not-listed", {"resources": {"queueName": "team-b"}}, "spec.resources.queueName"),
 ]

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from kubetune.operator import rbac, tenancy
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.api import tenancy as api
-from kubetune.operator.api.spec import ResourcesSpec
 from kubetune.operator.crdgen import TENANT_POLICY_CRD_PATH, build_crd, build_tenant_policy_crd
 from kubetune.operator.packaging import ROOT, chart_tenancy, kustomize_tenancy
 
@@ -103,8 +102,6 @@ def test_each_limit_names_its_field(changes, field):
     assert fields(team_a_job(**changes)) == [field]
 
 
-@pytest.mark.skipif("workload_priority_class_name" not in ResourcesSpec.model_fields,
-                    reason="the API has no resources.workloadPriorityClassName yet")
 def test_a_kueue_priority_must_be_allowed():
     assert fields(team_a_job(resources={"workloadPriorityClassName": "urgent"})) == ["spec.resources.workloadPriorityClassName"]
     allowed = policies()
