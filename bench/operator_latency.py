@@ -168,6 +168,10 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -255,6 +259,7 @@ def run_mode(cluster: Cluster, kubeconfig: Path, workdir: Path, mode: str, env: 
     wait_for(f"{mode}: warm-up validate Job", lambda: ("warmup", "validate") in watch.created,
              timeout=2 * float(env["KUBETUNE_RECONCILE_INTERVAL"]) + 30, interval=0.2)
     cpu_before = cpu_seconds(proc.pid)
+    load_before = loadavg()
     metrics_before = scrape(metrics_port)
     started = time.monotonic()
     try:
@@ -306,6 +311,8 @@ def run_mode(cluster: Cluster, kubeconfig: Path, workdir: Path, mode: str, env: 
         "per_hop_s": {k: summary(v) for k, v in per_hop.items()},
         "wall_s": round(wall, 1),
         "operator_cpu_s": round(cpu, 1),
+        # The machine is shared: its 1-minute load average before and after the mode ran.
+        "loadavg_1m": [load_before, loadavg()],
         # Over the measured jobs (and the warm-up's end): what asked for passes, how many ran, what they cost.
         "operator_metrics": {k: round(v - metrics_before.get(k, 0.0), 3) for k, v in metrics_after.items()
                              if k.startswith(("kubetune_reconcile_triggers_total", "kubetune_reconcile_duration_seconds_count",

@@ -110,7 +110,7 @@ def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
     events of children and of the FineTuneJob arrive on separate streams, and a
     body from any of them may predate the status the previous pass wrote."""
     namespace, name = key
-    kube = _client()
+    kube = _Announcing(_client())
     custom = client.CustomObjectsApi(kube.api)
     try:
         body = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -128,7 +128,7 @@ def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
         emit("Warning", "ChildConflict", str(e))
         raise triggers.RetryLater(str(e), delay=30) from None
     if not status:
-        return triggers.Pass()
+        return triggers.Pass(announced=kube.announced)
     # resourceVersion as a precondition: the status is written only onto the very
     # object it was computed from. A trainer's progress patch or a spec edit in
     # between is a 409, and the pass runs again on the newer object.
@@ -141,7 +141,33 @@ def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
         if e.status == 409:
             raise triggers.RetryLater("the FineTuneJob changed during the pass", delay=0) from None
         raise
-    return triggers.Pass(wrote=out["metadata"]["resourceVersion"])
+    return triggers.Pass(wrote=out["metadata"]["resourceVersion"], announced=kube.announced)
+
+
+class _Announcing:
+    """The pass's Kube, noting whether a write touched a watched child kind (whose
+    watch event will then trigger the next pass: triggers.Pass.announced)."""
+
+    _WATCHED_KINDS = frozenset((k.api_version, k.kind) for k in KINDS if k.watch)
+
+    def __init__(self, kube: Kube):
+        self._kube = kube
+        self.announced = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kube, name)
+
+    def ensure(self, obj: dict[str, Any]) -> bool:
+        changed = self._kube.ensure(obj)
+        if changed and (obj.get("apiVersion"), obj.get("kind")) in self._WATCHED_KINDS:
+            self.announced = True
+        return changed
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        deleted = self._kube.delete(api_version, kind, namespace, name)
+        if deleted and (api_version, kind) in self._WATCHED_KINDS:
+            self.announced = True
+        return deleted
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -153,14 +179,15 @@ async def finetunejob_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -
         return
     if not SETTINGS.reconcile_on_events and _queue.known(key):
         return  # timer-only: the resync alone drives a job once seen
-    if _queue.own_write(key, body.metadata.get("resourceVersion")):
-        return
-    _queue.trigger(key, "finetunejob")
+    _queue.trigger(key, "finetunejob", resource_version=body.metadata.get("resourceVersion"))
 
 
-async def child_changed(body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
+_signals = triggers.ChildSignals()
+
+
+async def child_changed(event: kopf.RawEvent, body: kopf.Body, resource: kopf.Resource, **_: Any) -> None:
     key = triggers.owner_key(body)
-    if key is not None:
+    if key is not None and _signals.changed(resource.plural, body, deleted=event.get("type") == "DELETED"):
         _queue.trigger(key, resource.plural)
 
 

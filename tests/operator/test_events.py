@@ -101,13 +101,58 @@ def test_a_pass_that_wrote_is_followed_at_once_and_its_own_event_is_skipped():
         q = triggers.ReconcileQueue(work, resync=3600)
         q.trigger(A)
         await asyncio.sleep(0.3)
-        own = q.own_write(A, "2"), q.own_write(A, "1"), q.own_write(A, None)
+        own = q.own_write(A, "2"), q.own_write(A, "1"), q.own_write(A, "3"), q.own_write(A, None)
         await q.close()
         return own
 
-    # pass 1 wrote -> pass 2 wrote -> pass 3 wrote nothing: converged.
-    assert run(main()) == (True, False, False)
+    # pass 1 wrote "1" -> pass 2 wrote "2" -> pass 3 wrote nothing: converged. The
+    # watch events of both writes are ours; a version nobody here wrote is not.
+    assert run(main()) == (True, True, False, False)
     assert work.calls == [A, A, A]
+
+
+def test_the_event_of_our_own_write_during_the_pass_is_dropped_anothers_is_not():
+    calls: list[triggers.Key] = []
+
+    def work(key):
+        calls.append(key)
+        time.sleep(0.1)
+        return triggers.Pass(wrote="7" if len(calls) == 1 else None, announced=True)
+
+    async def main(other: str):
+        q = triggers.ReconcileQueue(work, resync=3600)
+        q.trigger(A)
+        await asyncio.sleep(0.05)
+        # The watch can deliver the written version before the pass has returned.
+        q.trigger(A, "finetunejob", resource_version="7")
+        q.trigger(A, "finetunejob", resource_version=other)
+        await asyncio.sleep(0.4)
+        q.trigger(A, "finetunejob", resource_version="7")  # late: still ours
+        await asyncio.sleep(0.2)
+        await q.close()
+
+    run(main(other="7"))
+    assert calls == [A]
+    calls.clear()
+    run(main(other="6"))  # a trainer's progress patch, say
+    assert calls == [A, A]
+
+
+def test_a_write_that_changed_a_watched_child_waits_for_that_childs_event():
+    calls: list[triggers.Key] = []
+
+    def work(key):
+        calls.append(key)
+        return triggers.Pass(wrote=str(len(calls)), announced=True)
+
+    async def main():
+        q = triggers.ReconcileQueue(work, resync=3600)
+        q.trigger(A)
+        await asyncio.sleep(0.2)
+        await q.close()
+
+    run(main())
+    assert calls == [A]
 
 
 def test_a_reconciler_writing_on_every_pass_does_not_spin():
@@ -175,6 +220,54 @@ def test_retry_later_is_honoured():
 
     run(main())
     assert len(calls) == 2 and calls[1] - calls[0] >= 0.3
+
+
+def test_routine_pod_and_job_changes_trigger_nothing_news_does():
+    signals = triggers.ChildSignals()
+
+    def pod(phase=None, waiting=None, conditions=(), deleting=False):
+        status = {"phase": phase, "conditions": list(conditions)} if phase else {}
+        if waiting:
+            status["containerStatuses"] = [{"name": "kubetune", "state": {"waiting": {"reason": waiting}}}]
+        meta = {"uid": "p1", **({"deletionTimestamp": "now"} if deleting else {})}
+        return {"metadata": meta, "status": status}
+
+    changed = lambda body, plural="pods", deleted=False: signals.changed(plural, body, deleted)  # noqa: E731
+    assert not changed(pod())  # created: its Job's status says so
+    assert not changed(pod("Pending", conditions=[{"type": "PodScheduled", "status": "True"}]))
+    assert not changed(pod("Pending", waiting="ContainerCreating"))
+    assert not changed(pod("Running"))
+    assert changed(pod("Running", waiting="CreateContainerConfigError"))  # a missing Secret
+    assert not changed(pod("Running", waiting="CreateContainerConfigError"))  # the same news again
+    assert changed(pod("Running"))  # and its end
+    assert changed(pod("Pending", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                               "message": "0/3 nodes are available"}]))
+    assert changed(pod("Failed", conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "Preempted"}]))
+    assert changed(pod("Failed", deleting=True))
+    assert not changed(pod("Failed"), deleted=True)
+
+    def job(**status):
+        return {"metadata": {"uid": "j1", "labels": {"kubetune.io/job": "x"}}, "spec": {}, "status": status}
+
+    assert changed(job(), "jobs")  # created
+    assert changed(job(active=1), "jobs")
+    assert not changed(job(active=1, ready=1), "jobs")
+    assert changed(job(active=0, succeeded=1, conditions=[{"type": "SuccessCriteriaMet", "status": "True"}]), "jobs")
+    assert changed(job(active=0, succeeded=1, conditions=[{"type": "SuccessCriteriaMet", "status": "True"},
+                                                          {"type": "Complete", "status": "True"}]), "jobs") is False
+    assert changed(job(), "jobs", deleted=True)  # a deleted Job may need re-creating
+
+    def deployment(**status):
+        return {"metadata": {"uid": "d1", "generation": 1}, "spec": {"replicas": 1}, "status": status}
+
+    rolled_out = {"observedGeneration": 1, "updatedReplicas": 1}
+    assert changed(deployment(), "deployments")
+    assert changed(deployment(**rolled_out), "deployments")
+    assert not changed(deployment(**rolled_out, unavailableReplicas=1), "deployments")
+    assert changed(deployment(**rolled_out, readyReplicas=1,
+                              conditions=[{"type": "Available", "status": "True"}]), "deployments")
+    assert signals.changed("services", {"metadata": {"uid": "s"}}, False)  # no signal function: always
+    assert signals.changed("services", {"metadata": {"uid": "s"}}, False)
 
 
 def test_owner_key_reads_the_job_label():
