@@ -15,6 +15,7 @@ the same TrainerConfig. Storage:
 
 from __future__ import annotations
 
+import enum
 import os
 import socket
 import sys
@@ -33,6 +34,11 @@ EMBEDDED_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetune-local", "AWS_SECRET_ACCES
 
 class RunError(RuntimeError):
     pass
+
+
+class Storage(str, enum.Enum):
+    embedded = "embedded"
+    local = "local"
 
 
 def load_job(path: Path) -> Any:
@@ -57,6 +63,32 @@ def load_job(path: Path) -> Any:
     if refused:
         raise RunError(f"{path}: invalid FineTuneJob:\n" + "\n".join(refused))
     return job
+
+
+def check_job_file(job_file: Path, dataset_file: Optional[Path], model_dir: Optional[Path], spec_only: bool = False):
+    """`kubetune validate job.yaml`: the API server's checks (schema, rules, what the stages can
+    do), then the job's pipeline and revision. With `spec_only` returns an exit code; otherwise
+    the trainer config for validating the data (local files override the job's URIs)."""
+    from kubetune.operator import revisions
+    from kubetune.operator.render import trainer_config_for
+    from kubetune.operator.stages import pipeline
+
+    try:
+        job = load_job(job_file)
+    except RunError as e:
+        typer.secho(str(e), err=True, fg="red")
+        raise typer.Exit(2) from None
+    stages = " -> ".join(s.name for s in pipeline(job.spec))
+    typer.echo(f"{job_file}: FineTuneJob {job.metadata.name} is valid: {stages}; revision {revisions.of(job)}")
+    if spec_only:
+        return 0
+    cfg = trainer_config_for(job)
+    cfg.job.name = cfg.job.namespace = None
+    if dataset_file is not None:
+        cfg.dataset.uri = str(dataset_file.resolve())
+    if model_dir is not None:
+        cfg.base_model.uri = str(model_dir.resolve())
+    return cfg
 
 
 def local_path_for(uri: str, root: Path) -> str:
@@ -103,13 +135,13 @@ def _upload_inputs(cfg, dataset_file: Optional[Path], tiny_model: bool, workdir:
 
 
 def _stage(name: str, fn) -> Any:
-    from kubetune.trainer.commands import _expected_errors
+    from kubetune.trainer.commands import expected_errors
 
     typer.secho(f"== {name}", bold=True)
     t0 = time.monotonic()
     try:
         out = fn()
-    except tuple(_expected_errors()) as e:  # the user's input or the machine: one line, no traceback
+    except tuple(expected_errors()) as e:  # the user's input or the machine: one line, no traceback
         raise RunError(f"stage {name} failed: {e}") from None
     code = out[0] if isinstance(out, tuple) else getattr(out, "exit_code", out)
     typer.echo(f"== {name}: {'ok' if code == 0 else f'exit {code}'} in {time.monotonic() - t0:.1f}s")
@@ -209,18 +241,17 @@ def run_pipeline(job_file: Path, *, workdir: Path, storage: str = "embedded", da
 def run(
     job_file: Path = typer.Argument(..., help="FineTuneJob YAML (the same file you would kubectl apply)."),
     workdir: Path = typer.Option(Path(".kubetune-run"), "--workdir", help="Cache, scratch and (embedded S3) outputs."),
-    storage: str = typer.Option("embedded", "--storage", help="embedded: in-process S3 server; local: directories. "
-                                "Ignored when spec.storage.endpointUrl is set."),
+    storage: Storage = typer.Option(Storage.embedded, "--storage", help="embedded: an in-process S3 server; local: "
+                                    "directories under --workdir. Ignored when spec.storage.endpointUrl is set."),
     dataset_file: Optional[Path] = typer.Option(None, "--dataset-file", help="Upload this file to spec.dataset.uri first."),
-    tiny_model: bool = typer.Option(False, "--tiny-model", help="Write a tiny random-weight model to spec.baseModel.uri first."),
+    # metavar "": a flag takes no value, and the help should not suggest one.
+    tiny_model: bool = typer.Option(False, "--tiny-model", metavar="",
+                                    help="Write a tiny random-weight model to spec.baseModel.uri first."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override spec.training.maxSteps."),
 ) -> None:
     """Run validate -> train -> merge -> evaluate locally (CPU or GPU) from a FineTuneJob YAML."""
-    if storage not in ("embedded", "local"):
-        typer.echo("--storage must be 'embedded' or 'local'", err=True)
-        raise typer.Exit(2)
     try:
-        result = run_pipeline(job_file, workdir=workdir, storage=storage, dataset_file=dataset_file,
+        result = run_pipeline(job_file, workdir=workdir, storage=storage.value, dataset_file=dataset_file,
                               tiny_model=tiny_model, max_steps=max_steps)
     except RunError as e:
         typer.secho(str(e), err=True, fg="red")

@@ -23,8 +23,9 @@ class ChildKind:
     kind: str
     plural: str
     applied: bool  # server-side applied every pass; else created once
-    # What the operator does with it beyond get/create/patch(apply)/delete.
+    # What the operator does with it beyond get and create (and patch, for an applied kind).
     watch: bool = False  # listed and watched (its changes trigger the owner's reconcile)
+    per_revision: bool = False  # one per revision: listed, and deleted once a newer revision took over
     extra_verbs: tuple[str, ...] = ()
 
     @property
@@ -41,11 +42,14 @@ class ChildKind:
         return f"{out}/{name}" if name else out
 
     def verbs(self) -> list[str]:
-        verbs = ["get", "create", "delete", "list"]
+        """Exactly what the operator does with the kind (a test checks each verb is used)."""
+        verbs = ["get", "create"]
         if self.applied:
             verbs.append("patch")
+        if self.per_revision:
+            verbs += ["list", "delete"]
         if self.watch:
-            verbs.append("watch")
+            verbs += ["list", "watch"]
         return sorted(set(verbs) | set(self.extra_verbs))
 
 
@@ -53,17 +57,15 @@ KINDS: tuple[ChildKind, ...] = (
     ChildKind("v1", "ServiceAccount", "serviceaccounts", applied=True),
     ChildKind("rbac.authorization.k8s.io/v1", "Role", "roles", applied=True),
     ChildKind("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", applied=True),
-    ChildKind("v1", "ConfigMap", "configmaps", applied=False),
-    ChildKind("v1", "Service", "services", applied=True),
-    ChildKind("batch/v1", "Job", "jobs", applied=False, watch=True),
+    ChildKind("v1", "ConfigMap", "configmaps", applied=False, per_revision=True),
+    ChildKind("v1", "Service", "services", applied=True, per_revision=True),
+    ChildKind("batch/v1", "Job", "jobs", applied=False, watch=True, per_revision=True),
     ChildKind("apps/v1", "Deployment", "deployments", applied=True, watch=True),
 )
 BY_KIND: dict[tuple[str, str], ChildKind] = {(k.api_version, k.kind): k for k in KINDS}
 
 # Per-revision kinds: removed once a newer revision has taken over.
-REVISION_KINDS: tuple[ChildKind, ...] = tuple(
-    k for k in KINDS if k.kind in ("Job", "ConfigMap", "Service")
-)
+REVISION_KINDS: tuple[ChildKind, ...] = tuple(k for k in KINDS if k.per_revision)
 
 
 def kind_of(obj: dict) -> ChildKind:

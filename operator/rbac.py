@@ -38,7 +38,7 @@ RULES: list[dict[str, Any]] = [
     # The custom resource: watched, status written, ownership (blockOwnerDeletion
     # on children requires update on the owner's finalizers subresource).
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
-    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch", "update"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["get", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     # Children (generated from the children table).
     *_children_rules(),
@@ -48,11 +48,11 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["workloads"], "verbs": ["list"]},
     # Pods: read only, for termination messages and failure reasons; watched
     # (label-selected) because their changes trigger their FineTuneJob's reconcile.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    # Events on FineTuneJobs (kopf posts core/v1 Events).
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    # Events on FineTuneJobs (kopf creates core/v1 Events).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf discovers resources and watches namespaces/CRDs for changes.
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [GROUP], "resources": ["tenantpolicies"], "verbs": ["list"]},  # operator/tenancy.py: refuse jobs that slipped past admission
 ]

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kubetune.contract.facts import LABEL_JOB, LABEL_REVISION
 
-from . import children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages
+from . import children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages, tenancy
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -150,6 +150,11 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     if refused:
         # A CRD older than this operator let in what no stage can do: refuse before any work.
         return _refuse(status, uid, generation, "UnsupportedSpec", "; ".join(refused)[:2000], emit, phase)
+    # A job admitted while no TenantPolicy covered its namespace (docs/multi-tenancy.md):
+    # refused before any work, in the words the API server would have used.
+    violation = tenancy.refusal(job, *tenancy.read(kube, job.metadata.namespace))
+    if violation:
+        return _refuse(status, uid, generation, "PolicyViolation", violation, emit, phase)
     if not phase:
         _record(uid, "Pending", emit, "Normal", "Pending", "accepted; validation starts next", phase)
         return {

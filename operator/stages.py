@@ -147,7 +147,7 @@ def _serving_modes_rule() -> Rule:
     listed = ", ".join(f"'{m}'" for m in modes)
     return Rule(
         cel=f"!self.serving.enabled || self.serving.mode in [{listed}]",
-        message=f"serving.mode: this operator version serves {' and '.join(modes)} models only; "
+        message=f"this operator version serves {' and '.join(modes)} models only; "
         "set serving.mode: merged or serving.enabled: false",
         field_path=".serving.mode",
         check=lambda s: not s.serving.enabled or s.serving.mode in serving.BUILDERS,

@@ -56,7 +56,6 @@ def expected_errors() -> dict[type, str]:
             TemplateError: "ChatTemplateUnusable", IntegrityError: "ArtifactCorrupted"}
 
 
-_expected_errors = expected_errors  # kubetune.localrun's name for it
 
 
 def run_stage(stage: str, fn):
@@ -80,13 +79,32 @@ def run_stage(stage: str, fn):
 
 
 def validate(
-    config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
+    job_file: Optional[Path] = typer.Argument(
+        None, help="A FineTuneJob YAML: check it as the API server would, without a cluster (instead of --config)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here instead of stdout."),
     no_upload: bool = typer.Option(False, "--no-upload", help="Do not publish validation/report.json."),
+    data: bool = typer.Option(False, "--data", metavar="", help="With a FineTuneJob file: validate its data too."),
+    dataset_file: Optional[Path] = typer.Option(None, "--dataset-file", help="With --data: this local file instead of dataset.uri."),
+    model_dir: Optional[Path] = typer.Option(None, "--model-dir", help="With --data: this local model (tokenizer) instead of baseModel.uri."),
 ) -> None:
-    """Check every dataset row and the token lengths against the base model; exit 1 on bad rows."""
+    """Check every dataset row and the token lengths against the base model; exit 1 on bad rows.
+
+    `kubetune validate job.yaml` checks a FineTuneJob file instead (schema, rules, what the stages
+    can do) and prints its pipeline and revision; add --data to validate its dataset as well."""
     from kubetune.trainer.validate import run_validate
 
+    if (job_file is None) == (config is None):
+        raise typer.BadParameter("give a FineTuneJob file or --config (a trainer config), not both", param_hint="JOB_FILE")
+    if job_file is not None:
+        # The CLI's view of a whole job: only here, never in a stage pod (which always has --config).
+        from kubetune.localrun import check_job_file
+
+        cfg = check_job_file(job_file, dataset_file, model_dir) if data else None
+        if cfg is None:
+            raise typer.Exit(check_job_file(job_file, None, None, spec_only=True))
+        code, _ = run_stage("validate", lambda: run_validate(cfg, report, publish=False))
+        raise typer.Exit(code)
     cfg = _load(config)
     code, _ = run_stage("validate", lambda: run_validate(cfg, report, publish=not no_upload))
     raise typer.Exit(code)

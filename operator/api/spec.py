@@ -48,7 +48,8 @@ def _pattern_str(pattern: str, message: str, max_length: int, description: str):
     ]
 
 
-S3Uri = _pattern_str(S3_URI, "must be an s3:// URI (s3://bucket/prefix)", 1024, "An s3://bucket/prefix URI.")
+S3Uri = _pattern_str(S3_URI, "must be an s3:// URI (s3://bucket/prefix) whose bucket name is 3-63 lowercase letters, "
+                     "digits, '.' or '-'", 1024, "An s3://bucket/prefix URI.")
 # Base models come from S3 only: a Hugging Face id (org/name) is refused at admission,
 # saying how to copy the snapshot to S3 once (the trainer never downloads from a hub).
 ModelUri = _pattern_str(

@@ -331,8 +331,6 @@ def test_the_operator_check_reads_the_policy_and_refuses_a_job_admitted_before_i
     assert "s3://team-b-artifacts/slipped-in/" in violation.message and "[s3://team-a-artifacts/]" in violation.message
 
 
-@pytest.mark.xfail(strict=True, reason="needs reconcile.py to call tenancy.refusal (report of the tenancy change); "
-                                       "remove this marker once it does")
 def test_the_operator_refuses_a_job_admitted_before_its_policy(cluster, walkthrough, namespace, gpu_nodes,
                                                               start_operator, request):
     fleet(gpu_nodes)
