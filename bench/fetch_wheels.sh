@@ -3,7 +3,8 @@
 # .whl/ the wheels the GPU image lacks, for its Python 3.12 on x86-64, then
 # builds this project's wheel and copies the reference recipe
 # (bench/prepare_device.sh). On the GPU machine `source bench/device_env.sh`
-# installs them. The image already has torch, transformers, peft, accelerate,
+# installs them (bench/fetch_unsloth_wheels.sh, run at the end, adds .whl/unsloth/,
+# which bench/run.py --unsloth installs into a target of its own). The image already has torch, transformers, peft, accelerate,
 # triton, numpy, pandas, pyarrow, rich, typer, safetensors.
 #
 # bitsandbytes ships one native library per CUDA release (about 20 MiB
@@ -40,5 +41,7 @@ if ! ls .whl/deepspeed-*.whl >/dev/null 2>&1; then
     && (cd "$b" && DS_BUILD_OPS=0 "$b/venv/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$W" deepspeed==0.19.8)
   rm -rf "$b"
 fi
+# Unsloth's own wheels, for `bench/run.py --unsloth` (its own install target on the GPU machine).
+sh bench/fetch_unsloth_wheels.sh
 sh bench/prepare_device.sh
 ls -la .whl

@@ -45,6 +45,21 @@ for the loss).
 The reference recipe (`--reference-script`, default .bench/reference_recipe.py,
 a copy of the team's) runs after the cases; the ratio to each reference
 recipe is printed and everything is appended to `<out>/results.jsonl`.
+
+Unsloth (`--unsloth 8x1`: rows per micro-batch x accumulation, a comma list)
+runs after the reference, each setting in its own process
+(bench/unsloth_recipe.py) with PYTHONPATH set to Unsloth's own install target
+only (`--unsloth-site`, installed from `.whl/unsloth/` plus bitsandbytes and
+pydantic from `.whl/`): its trl 1.15 and datasets 4.x never reach the cases,
+nor the cases' trl and datasets it. Same random model, same data file.
+
+Model folders: the cases read `--model-dir` (made once by synthetic.make_model;
+the trainer only reads a base model). Each reference gets a folder of its own,
+copied from it just before it runs and removed after (the reference recipe's
+is the MODEL_DIR its script names; Unsloth's `<work>/models/unsloth-BxA`), so
+no recipe can alter the model another one loads. Every folder is checked
+against the fingerprint taken when the model was made (size, mtime and hashes
+of every file) after each recipe; the result is in the record.
 """
 
 from __future__ import annotations
@@ -401,6 +416,137 @@ def loss_checks(results: list[dict]) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- model folders, Unsloth's process
+
+def fingerprint(model_dir: str | Path) -> dict:
+    """What identifies the model's files: per file (relative path) its size, a sha256 of
+    the whole file (small ones) or of its first and last MiB (weight shards: hashing 16 GB
+    would cost more than a step), and its mtime (any write in the middle of a shard moves
+    it)."""
+    import hashlib
+
+    root = Path(model_dir)
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            if st.st_size <= 64 * 2**20:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(2**20))
+                fh.seek(st.st_size - 2**20)
+                h.update(fh.read(2**20))
+        out[str(f.relative_to(root))] = [st.st_size, h.hexdigest(), st.st_mtime_ns]
+    return out
+
+
+def model_changes(expected: dict, found: dict, mtimes: bool = True) -> list[str]:
+    """Files added, removed or changed in a model folder, each prefixed with what happened
+    (mtimes=False: content only, for a copy, whose file system may not keep mtimes)."""
+    n = 3 if mtimes else 2
+    return ([f"added {k}" for k in sorted(set(found) - set(expected))]
+            + [f"removed {k}" for k in sorted(set(expected) - set(found))]
+            + [f"changed {k}" for k in sorted(set(expected) & set(found)) if expected[k][:n] != found[k][:n]])
+
+
+def copy_model(src: str | Path, dest: str | Path, expected: dict) -> tuple[float, dict]:
+    """A fresh folder for one recipe: `dest` removed, then `src` copied into it. Refuses
+    when `src` no longer matches the fingerprint taken when it was made (so that one
+    recipe's alteration cannot reach the next one's copy) or the copy differs from it.
+    Returns the seconds spent and the copy's own fingerprint, to check it against after
+    the recipe ran."""
+    changed = model_changes(expected, fingerprint(src))
+    if changed:
+        raise RuntimeError(f"model folder {src} changed since it was made: {changed[:5]}")
+    if Path(dest).resolve() == Path(src).resolve():
+        raise ValueError(f"a recipe's own model folder cannot be the source folder {src}")
+    t = time.time()
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    secs = time.time() - t
+    copied = fingerprint(dest)
+    changed = model_changes(expected, copied, mtimes=False)
+    if changed:
+        raise RuntimeError(f"copy {dest} differs from {src}: {changed[:5]}")
+    return secs, copied
+
+
+def reference_model_dir(script: str | Path) -> Path:
+    """The folder the reference recipe loads (its script's MODEL_DIR line): the harness
+    fills it with a fresh copy of the benchmark model before the recipe runs."""
+    import re
+
+    found = re.findall(r"^MODEL_DIR\s*=\s*[\"']([^\"']+)[\"']", Path(script).read_text(), flags=re.M)
+    if len(found) != 1:
+        raise ValueError(f"{script}: expected one MODEL_DIR = '...' line, found {len(found)}")
+    return Path(found[0])
+
+
+# Wheels of the cases' folder (.whl/) that Unsloth's install target takes too: the
+# packages its own folder (.whl/unsloth/) does not hold and the GPU image lacks.
+UNSLOTH_SHARED_WHEELS = ("bitsandbytes", "pydantic", "pydantic_core", "annotated_types", "typing_inspection",
+                         "dill", "multiprocess")
+
+
+def wheel_name(path: str | Path) -> str:
+    """The distribution name of a wheel file, normalised (PEP 503/427: lower case, '_')."""
+    import re
+
+    return re.sub(r"[-_.]+", "_", Path(path).name.split("-")[0]).lower()
+
+
+def unsloth_install_cmd(python: str, own: str | Path, shared: str | Path, site: str | Path) -> list[str]:
+    """pip line that installs Unsloth's own target: every wheel of `own` (.whl/unsloth:
+    unsloth, unsloth_zoo, trl 1.15, datasets 4.x, ...) and, from `shared` (.whl), only the
+    UNSLOTH_SHARED_WHEELS that `own` lacks. One version of each name (pip stops on two)."""
+    own_w = sorted(Path(own).glob("*.whl"))
+    if not own_w:
+        raise FileNotFoundError(f"no wheels in {own} (bench/fetch_wheels.sh --unsloth prepares them)")
+    names = [wheel_name(w) for w in own_w]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two versions of {dup} in {own}")
+    extra = [w for w in sorted(Path(shared).glob("*.whl")) if wheel_name(w) in UNSLOTH_SHARED_WHEELS
+             and wheel_name(w) not in names]
+    extra_names = [wheel_name(w) for w in extra]
+    dup = sorted({n for n in extra_names if extra_names.count(n) > 1})
+    if dup:
+        raise ValueError(f"two versions of {dup} in {shared}")
+    return [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+            "--upgrade", "--target", str(site), *map(str, own_w), *map(str, extra)]
+
+
+def unsloth_env(base: dict, site: str | Path) -> dict:
+    """Environment of Unsloth's process: its own install target is the whole PYTHONPATH
+    (the cases' target, with trl 1.16 and datasets 5, is not on it); no network (the GPU
+    machine has none: Unsloth's statistics download and hub look-ups are turned off)."""
+    env = dict(base)
+    env["PYTHONPATH"] = str(site)
+    env.update(UNSLOTH_DISABLE_STATISTICS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def parse_unsloth(spec: str) -> list[tuple[int, int]]:
+    """'8x1,2x4' -> [(8, 1), (2, 4)]: rows per micro-batch x gradient accumulation."""
+    out = []
+    for part in [p for p in spec.split(",") if p]:
+        b, sep, a = part.partition("x")
+        if not sep or not b.isdigit() or not a.isdigit() or int(b) < 1 or int(a) < 1:
+            raise ValueError(f"--unsloth takes BxA settings such as 8x1, got {part!r}")
+        out.append((int(b), int(a)))
+    return out
+
+
+def unsloth_cmd(python: str, script: str | Path, model_dir: str | Path, data: str | Path, batch: int, accum: int,
+                steps: int, warmup: int, seed: int, max_length: int, targets: str, result: str | Path,
+                output_dir: str | Path, log_every: int) -> list[str]:
+    return [python, str(script), "--model-dir", str(model_dir), "--data", str(data), "--max-length", str(max_length),
+            "--batch", str(batch), "--accum", str(accum), "--steps", str(steps), "--warmup", str(warmup),
+            "--seed", str(seed), "--targets", targets, "--result", str(result), "--output-dir", str(output_dir),
+            "--log-every", str(log_every)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="qlora-instruct")
@@ -411,12 +557,28 @@ def main() -> int:
     ap.add_argument("--targets", default=REFERENCE_TARGETS, help="LoRA target modules: comma list or all-linear")
     ap.add_argument("--rows", type=int, default=6000)
     ap.add_argument("--model-dir", default=None,
-                    help="where the random model is made once (default /tmp/llama<shape>-rand; the reference recipe "
-                         "reads /tmp/llama8b-rand)")
+                    help="where the cases' random model is made once (default /tmp/llama<shape>-kubetune); each "
+                         "reference gets a copy in a folder of its own (the reference recipe's: its MODEL_DIR, "
+                         "/tmp/llama8b-rand), made just before it runs and removed after")
     ap.add_argument("--work", default="/tmp/kubetune-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reference", default="", help="reference recipes to run too: comma list of A, B, pf")
     ap.add_argument("--reference-script", default=str(HERE.parent / ".bench" / "reference_recipe.py"))
+    ap.add_argument("--unsloth", default="",
+                    help="Unsloth settings to run too, each in its own process and model folder: comma list of "
+                         "BxA (rows per micro-batch x gradient accumulation), e.g. 8x1")
+    ap.add_argument("--unsloth-script", default=str(HERE / "unsloth_recipe.py"))
+    ap.add_argument("--unsloth-site", default="/tmp/site-unsloth",
+                    help="Unsloth's own install target (the whole PYTHONPATH of its process)")
+    ap.add_argument("--unsloth-wheels", default=str(HERE.parent / ".whl" / "unsloth"),
+                    help="installed into --unsloth-site first (with bitsandbytes and pydantic from the folder above); "
+                         "'' to use the target as it is")
+    ap.add_argument("--unsloth-steps", type=int, default=0, help="Unsloth's optimizer steps (0: --steps)")
+    ap.add_argument("--keep-model-copies", action="store_true",
+                    help="leave each reference's model folder in place (default: removed after it ran, for disk)")
+    ap.add_argument("--deadline-s", type=float, default=0,
+                    help="seconds from start after which no recipe starts; each one is stopped at it (0: none), so "
+                         "that a device call's limit still leaves the record written")
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
@@ -454,11 +616,29 @@ def main() -> int:
     from synthetic import make_dataset, make_model
 
     work = Path(args.work).resolve()  # children run inside it
-    args.model_dir = str(Path(args.model_dir or f"/tmp/llama{args.model_shape}-rand").resolve())
+    args.model_dir = str(Path(args.model_dir or f"/tmp/llama{args.model_shape}-kubetune").resolve())
+    try:
+        unsloth_settings = parse_unsloth(args.unsloth)
+    except ValueError as e:
+        ap.error(str(e))
+    ref_dir = reference_model_dir(args.reference_script).resolve() if args.reference else None
+    if ref_dir is not None and ref_dir == Path(args.model_dir):
+        ap.error(f"--model-dir {args.model_dir} is the reference recipe's own model folder: give the cases another")
     work.mkdir(parents=True, exist_ok=True)
     vocab = 1024 if args.tiny else 128256
     made = make_model(args.model_dir, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
+    model_fp = fingerprint(args.model_dir)
     print(f"model ready ({made:.0f}s to make)", flush=True)
+
+    def time_left() -> float | None:
+        return None if not args.deadline_s else args.deadline_s - (time.time() - T_PROCESS)
+
+    def child_timeout(what: str) -> float | None:
+        left = time_left()
+        if left is not None and left < 45:
+            raise TimeoutError(f"{what}: not started, {left:.0f}s left before --deadline-s")
+        return None if left is None else left - 15  # 15 s to write the record
+
     results, data_stats = [], {}
     if args.logs:
         Path(args.logs).mkdir(parents=True, exist_ok=True)  # the profile is written into it mid-run
@@ -497,7 +677,12 @@ def main() -> int:
         else:
             cmd = [sys.executable] + program
         t = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=child_timeout(spec))
+        except (subprocess.TimeoutExpired, TimeoutError) as e:
+            print(f"case {spec} STOPPED: {e}", flush=True)
+            results.append({"case": spec, "failed": True, "rc": None, "stderr_tail": str(e)})
+            continue
         if args.logs:
             Path(args.logs).mkdir(parents=True, exist_ok=True)
             (Path(args.logs) / f"{slug}.log").write_text(proc.stdout[-200000:] + "\n--- stderr\n" + proc.stderr[-200000:])
@@ -514,20 +699,91 @@ def main() -> int:
         r["tokens_per_s_per_rank"] = [x["tokens_per_s"] for x in ranks]
         r["config"] = cfg
         r["data"] = data_stats[profile]
+        r["model_dir"] = args.model_dir
+        r["model_dir_changes"] = model_changes(model_fp, fingerprint(args.model_dir))
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
               f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without), "
               f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
 
-    refs = []
+    def run_reference(name: str, cmd: list[str], env: dict, cwd: Path, model_dir: Path) -> tuple[str, dict]:
+        """One reference recipe on a fresh copy of the model in its own folder: the copy,
+        the run (log kept), the folder's check afterwards; the folder removed after."""
+        info: dict = {"model_dir": str(model_dir)}
+        copied = None
+        try:
+            secs, copied = copy_model(args.model_dir, model_dir, model_fp)
+            info["model_copy_s"] = round(secs, 1)
+            t = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=child_timeout(name))
+            info["wall_s"] = round(time.time() - t, 1)
+            info["rc"] = proc.returncode
+            out, err = proc.stdout, proc.stderr
+        except (subprocess.TimeoutExpired, TimeoutError, RuntimeError, ValueError, OSError) as e:
+            info["rc"], info["error"] = None, f"{type(e).__name__}: {e}"
+            out = (e.stdout or "") if isinstance(e, subprocess.TimeoutExpired) else ""
+            err = (e.stderr or "") if isinstance(e, subprocess.TimeoutExpired) else ""
+            out, err = (out.decode() if isinstance(out, bytes) else out), (err.decode() if isinstance(err, bytes) else err)
+        if copied is not None and model_dir.is_dir():
+            info["model_dir_changes"] = model_changes(copied, fingerprint(model_dir))
+            if info["model_dir_changes"]:
+                print(f"{name} CHANGED its model folder {model_dir}: {info['model_dir_changes'][:5]}", flush=True)
+            if not args.keep_model_copies:
+                shutil.rmtree(model_dir, ignore_errors=True)
+        if args.logs:
+            (Path(args.logs) / f"{name}.log").write_text(out[-200000:] + "\n--- stderr\n" + err[-200000:])
+        if info["rc"] != 0:
+            print(f"{name} FAILED ({info.get('error') or 'rc ' + str(info['rc'])})\n{out[-2000:]}\n{err[-4000:]}", flush=True)
+            info["stderr_tail"] = err[-1500:]
+        return out, info
+
+    refs, ref_info = [], {}
     if args.reference:
-        env = dict(os.environ, OUT=str(work))
-        script = Path(args.reference_script)
-        proc = subprocess.run([sys.executable, script.name, *args.reference.split(",")], cwd=script.parent, env=env,
-                              capture_output=True, text=True)
-        refs = [json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0:
-            print(f"reference FAILED rc {proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+        script = Path(args.reference_script).resolve()
+        out_text, ref_info = run_reference(
+            "reference", [sys.executable, script.name, *args.reference.split(",")], dict(os.environ, OUT=str(work)),
+            script.parent, ref_dir)
+        refs = [json.loads(l[7:]) for l in out_text.splitlines() if l.startswith("RESULT ")]
+
+    unsloth, unsloth_info = [], {}
+    if unsloth_settings:
+        site = Path(args.unsloth_site)
+        if args.unsloth_wheels:
+            t = time.time()
+            pip = subprocess.run(unsloth_install_cmd(sys.executable, args.unsloth_wheels, Path(args.unsloth_wheels).parent,
+                                                     site), capture_output=True, text=True)
+            unsloth_info["install_s"] = round(time.time() - t, 1)
+            if pip.returncode != 0:
+                print(f"Unsloth's install FAILED\n{pip.stderr[-3000:]}", flush=True)
+                unsloth_info["install_error"] = pip.stderr[-1500:]
+        unsloth_info["site"] = str(site)
+        targets = ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" if args.targets == "all-linear"
+                   else args.targets)
+        data = work / "instruct.jsonl"  # the cases' own instruct rows (same generator, seed and file)
+        if "instruct" not in data_stats:
+            data_stats["instruct"] = make_dataset(data, args.rows, "instruct", seed=args.seed, vocab_size=vocab)
+        for batch, accum in unsloth_settings:
+            name = f"unsloth-{batch}x{accum}"
+            if "install_error" in unsloth_info:
+                unsloth.append({"name": name, "failed": True, "error": "install failed"})
+                continue
+            rdir = work / name
+            shutil.rmtree(rdir, ignore_errors=True)
+            rdir.mkdir(parents=True)
+            cmd = unsloth_cmd(sys.executable, Path(args.unsloth_script).resolve(), work / "models" / name, data, batch,
+                              accum, args.unsloth_steps or args.steps, args.warmup, args.seed, CASES["qlora-instruct"][2],
+                              targets, rdir / "result.json", rdir / "out", args.log_every)
+            _, info = run_reference(name, cmd, unsloth_env(os.environ, site), rdir, work / "models" / name)
+            res = json.loads((rdir / "result.json").read_text()) if (rdir / "result.json").is_file() else {
+                "name": name, "failed": True}
+            res.update(info)
+            if info["rc"] != 0:
+                res["failed"] = True
+            res["data"] = data_stats["instruct"]
+            unsloth.append(res)
+            if not res.get("failed"):
+                print(f"{name}: {res['tokens_per_s']} tok/s, peak train {res['peak_gib_train']} GiB "
+                      f"(with load {res['peak_mem_gib']}), attention {res.get('attention')}", flush=True)
 
     import torch
 
@@ -539,6 +795,11 @@ def main() -> int:
         "label": args.label,
         "results": results,
         "reference": refs,
+        "reference_run": ref_info,
+        "unsloth": unsloth,
+        "unsloth_run": unsloth_info,
+        "model": {"dir": args.model_dir, "made_s": round(made, 1),
+                  "changes_at_end": model_changes(model_fp, fingerprint(args.model_dir))},
     }
     ratios = {}
     for r in results:
@@ -547,6 +808,11 @@ def main() -> int:
         for ref in refs:
             ratios[f"{r['case']}/{ref['name']}"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2)
     record["ratio_vs_reference"] = ratios
+    ok_unsloth = [u for u in unsloth if not u.get("failed") and u.get("tokens_per_s")]
+    record["ratio_vs_unsloth"] = {f"{r['case']}/{u['name']}": round(r["tokens_per_s"] / u["tokens_per_s"], 2)
+                                  for r in results if not r.get("failed") for u in ok_unsloth}
+    record["unsloth_vs_reference"] = {f"{u['name']}/{ref['name']}": round(u["tokens_per_s"] / ref["tokens_per_s"], 2)
+                                      for u in ok_unsloth for ref in refs}
     record["loss_check"] = loss_checks(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -559,10 +825,24 @@ def main() -> int:
                                                               r["peak_gib_load"], r["ttfs"]["process_start_to_first_step_s"]))
     for ref in refs:
         print("{:<16} {:>9} {:>6.3f} {:>9}  (reference)".format(ref["name"], ref["tokens_per_s"], ref["mfu_4N_vs_989TF"], ref["peak_mem_gib"]))
-    print("ratios:", json.dumps(ratios), flush=True)
+    for u in ok_unsloth:
+        print("{:<16} {:>9} {:>6.3f} {:>9} {:>9}  (Unsloth, {}s to first step)".format(
+            u["name"], u["tokens_per_s"], u["mfu_4N_vs_989TF"], u["peak_gib_train"], u["peak_gib_load"],
+            u["ttfs"]["process_start_to_first_step_s"]))
+    print("ratios:", json.dumps(ratios), json.dumps(record["ratio_vs_unsloth"]), json.dumps(record["unsloth_vs_reference"]),
+          flush=True)
     if record["loss_check"]:
         print("loss check (case vs its variant, same seed):", json.dumps(record["loss_check"]), flush=True)
-    return 0 if all(not r.get("failed") for r in results) else 1
+    # a recipe that altered its model folder fails the run too: its figure was measured on
+    # the model it was given, but a folder it changes must be seen, not just recorded
+    altered = ([r["case"] for r in results if r.get("model_dir_changes")]
+               + (["reference"] if ref_info.get("model_dir_changes") else [])
+               + [u["name"] for u in unsloth if u.get("model_dir_changes")])
+    ok = (all(not r.get("failed") for r in results) and len(ok_unsloth) == len(unsloth)
+          and ref_info.get("rc", 0) == 0 and not record["model"]["changes_at_end"] and not altered)
+    if altered:
+        print(f"model folders altered by: {altered}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -66,3 +66,160 @@ def test_loss_check_pairs_each_variant_with_its_case():
     assert out["qlora-instruct@plain"]["steps"] == 3 and out["qlora-instruct@plain"]["max_abs_diff"] == 0.1
     assert out["qlora-instruct@compile"] == {"steps": 2, "max_abs_diff": 0.25, "max_rel_diff": 0.2,
                                              "first": [1.5, 1.5], "last": [1.0, 1.25]}
+
+
+# ---------------------------------------------------------------- Unsloth beside the cases (issue 16)
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(BENCH.parent))
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def _touch_wheels(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"")
+
+
+def test_unsloth_install_target_takes_its_own_pins_and_only_the_shared_wheels_it_lacks(tmp_path):
+    run = _bench_module("run")
+    shared, own = tmp_path / "whl", tmp_path / "whl" / "unsloth"
+    _touch_wheels(shared, ["trl-1.16.0-py3-none-any.whl", "datasets-5.2.0-py3-none-any.whl",
+                           "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl", "pydantic-2.14.4-py3-none-any.whl",
+                           "pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl", "dill-0.4.1-py3-none-any.whl",
+                           "kubetune-0.1.0-py3-none-any.whl", "liger_kernel-0.8.5-py3-none-any.whl"])
+    _touch_wheels(own, ["unsloth-2026.10.9-py3-none-any.whl", "unsloth_zoo-2026.10.9-py3-none-any.whl",
+                        "trl-1.15.0-py3-none-any.whl", "datasets-4.8.5-py3-none-any.whl", "Nest_Asyncio-1.6.0-py3-none-any.whl"])
+    cmd = run.unsloth_install_cmd("python3", own, shared, "/tmp/site-unsloth")
+    files = [Path(c).name for c in cmd if c.endswith(".whl")]
+    assert cmd[cmd.index("--target") + 1] == "/tmp/site-unsloth" and "--no-deps" in cmd and "--no-index" in cmd
+    # its own trl/datasets pins, never the cases' (a second version would also stop pip)
+    assert "trl-1.15.0-py3-none-any.whl" in files and "trl-1.16.0-py3-none-any.whl" not in files
+    assert "datasets-4.8.5-py3-none-any.whl" in files and "datasets-5.2.0-py3-none-any.whl" not in files
+    # what it shares with the cases: bitsandbytes and pydantic; not the project nor Liger
+    assert {"bitsandbytes", "pydantic", "pydantic_core", "dill"} <= {run.wheel_name(f) for f in files}
+    assert not {"kubetune", "liger_kernel"} & {run.wheel_name(f) for f in files}
+    names = [run.wheel_name(f) for f in files]
+    assert len(names) == len(set(names)) and "nest_asyncio" in names
+    _touch_wheels(own, ["trl-1.14.0-py3-none-any.whl"])
+    with pytest.raises(ValueError, match="trl"):
+        run.unsloth_install_cmd("python3", own, shared, "/tmp/site-unsloth")
+    with pytest.raises(FileNotFoundError):
+        run.unsloth_install_cmd("python3", tmp_path / "none", shared, "/tmp/site-unsloth")
+
+
+def test_unsloth_process_sees_only_its_own_target_and_its_recipe_accepts_the_harness_arguments(tmp_path):
+    run = _bench_module("run")
+    recipe = _bench_module("unsloth_recipe")
+    env = run.unsloth_env({"PYTHONPATH": "/tmp/site", "PATH": "/usr/bin", "HF_TOKEN": "x"}, "/tmp/site-unsloth")
+    assert env["PYTHONPATH"] == "/tmp/site-unsloth"  # the cases' /tmp/site (trl 1.16, datasets 5) is not on it
+    assert env["UNSLOTH_DISABLE_STATISTICS"] == "1" and env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/usr/bin"
+    assert run.parse_unsloth("8x1,2x4") == [(8, 1), (2, 4)] and run.parse_unsloth("") == []
+    for bad in ("8", "8x", "x1", "0x1", "8x1x2", "ax1"):
+        with pytest.raises(ValueError):
+            run.parse_unsloth(bad)
+    cmd = run.unsloth_cmd("python3", BENCH.parent / "unsloth_recipe.py", tmp_path / "models" / "unsloth-8x1",
+                          tmp_path / "instruct.jsonl", 8, 1, 30, 3, 42, 2048, "q_proj,k_proj,v_proj,o_proj",
+                          tmp_path / "r.json", tmp_path / "out", 10)
+    a = recipe.parser().parse_args(cmd[2:])  # the real recipe's parser takes exactly what the harness builds
+    assert (a.batch, a.accum, a.steps, a.warmup, a.seed, a.max_length, a.log_every) == (8, 1, 30, 3, 42, 2048, 10)
+    assert a.model_dir == str(tmp_path / "models" / "unsloth-8x1") and a.result == str(tmp_path / "r.json")
+
+
+def test_model_fingerprint_and_copies(tmp_path):
+    run = _bench_module("run")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "model.safetensors").write_bytes(bytes(range(256)) * (3 * 2**20 // 256 + 1) * 30)  # > 64 MiB: head/tail hash
+    fp = run.fingerprint(src)
+    secs, copied = run.copy_model(src, tmp_path / "a" / "b", fp)
+    assert run.model_changes(fp, copied, mtimes=False) == [] and secs >= 0
+    (tmp_path / "a" / "b" / "config.json").write_text('{"a": 2}')
+    (tmp_path / "a" / "b" / "extra.bin").write_bytes(b"1")
+    assert run.model_changes(copied, run.fingerprint(tmp_path / "a" / "b")) == ["added extra.bin", "changed config.json"]
+    assert run.model_changes(fp, run.fingerprint(src)) == []  # the source is untouched by its copy's change
+    # a source altered since it was made is never copied on
+    (src / "config.json").write_text('{"a": 3}')
+    with pytest.raises(RuntimeError, match="changed since it was made"):
+        run.copy_model(src, tmp_path / "c", fp)
+    with pytest.raises(ValueError):
+        run.copy_model(src, src, run.fingerprint(src))
+    script = tmp_path / "ref.py"
+    script.write_text('import os\nMODEL_DIR = "/tmp/llama8b-rand"\nVOCAB = 1\n')
+    assert run.reference_model_dir(script) == Path("/tmp/llama8b-rand")
+    script.write_text("MODEL_DIR = os.environ['X']\n")
+    with pytest.raises(ValueError):
+        run.reference_model_dir(script)
+
+
+STUB_REFERENCE = '''import json, os, sys
+from pathlib import Path
+MODEL_DIR = "{model_dir}"
+files = sorted(p.name for p in Path(MODEL_DIR).iterdir())
+# a reference that alters the folder it was given: the harness must see it, and no other recipe may
+(Path(MODEL_DIR) / "tokenizer_config.json").write_text("{{}}")
+(Path(MODEL_DIR) / "written-by-reference.txt").write_text("x")
+print("RESULT " + json.dumps(dict(name="padfree_pack", tokens_per_s=100, peak_mem_gib=1.0, mfu_4N_vs_989TF=0.01,
+                                  files=files, argv=sys.argv[1:])), flush=True)
+'''
+
+STUB_UNSLOTH = '''import json, os, sys
+from pathlib import Path
+sys.path.insert(0, "{bench}")
+from unsloth_recipe import parser
+a = parser().parse_args()
+model = Path(a.model_dir)
+rows = Path(a.data).read_text().splitlines()
+res = dict(name=f"unsloth_{{a.batch}}x{{a.accum}}", tokens_per_s=50, peak_gib_train=1.0, peak_gib_load=0.5, peak_mem_gib=1.0,
+           mfu_4N_vs_989TF=0.005, ttfs=dict(process_start_to_first_step_s=1.0), pythonpath=os.environ.get("PYTHONPATH"),
+           cwd=os.getcwd(), files=sorted(p.name for p in model.iterdir()), rows=len(rows),
+           tokenizer_config=(model / "tokenizer_config.json").read_text())
+Path(a.result).write_text(json.dumps(res))
+'''
+
+
+def test_harness_gives_each_recipe_its_own_model_folder_and_unsloth_its_own_target(tmp_path):
+    """The whole parent flow on a CPU without a case: the model made once, the reference
+    recipe and Unsloth (stand-ins with the real scripts' interfaces) each on a fresh copy
+    in its own folder; the reference alters its copy, which is recorded and reaches
+    neither the cases' folder nor Unsloth's."""
+    ref_dir, site = tmp_path / "refmodel", tmp_path / "site-unsloth"
+    site.mkdir()
+    ref = tmp_path / "ref" / "reference_recipe.py"
+    ref.parent.mkdir()
+    ref.write_text(STUB_REFERENCE.format(model_dir=ref_dir))
+    stub = tmp_path / "unsloth_stub.py"
+    stub.write_text(STUB_UNSLOTH.format(bench=BENCH.parent))
+    out, work, model = tmp_path / "out", tmp_path / "work", tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--cases", "", "--rows", "50", "--model-dir", str(model),
+         "--work", str(work), "--out", str(out), "--logs", str(tmp_path / "logs"), "--reference", "pf",
+         "--reference-script", str(ref), "--unsloth", "8x1,2x4", "--unsloth-script", str(stub),
+         "--unsloth-site", str(site), "--unsloth-wheels", "", "--log-every", "10", "--deadline-s", "500"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # rc 1: the reference altered its folder, which the harness reports as a failure of the run
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "reference CHANGED its model folder" in proc.stdout
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    run_info = record["reference_run"]
+    assert run_info["rc"] == 0 and run_info["model_dir"] == str(ref_dir)
+    assert run_info["model_dir_changes"] == ["added written-by-reference.txt", "changed tokenizer_config.json"]
+    assert not ref_dir.exists()  # removed after it ran (disk: a copy of the 8B model is 16 GB)
+    (r,) = record["reference"]
+    assert "config.json" in r["files"] and "tokenizer.json" in r["files"] and r["argv"] == ["pf"]
+    assert record["model"]["changes_at_end"] == [] and record["model"]["dir"] == str(model)
+    assert [u["name"] for u in record["unsloth"]] == ["unsloth_8x1", "unsloth_2x4"]
+    for u, setting in zip(record["unsloth"], ("8x1", "2x4")):
+        assert not u.get("failed") and u["rc"] == 0
+        assert u["model_dir"] == str(work / "models" / f"unsloth-{setting}")
+        assert u["pythonpath"] == str(site)  # only its own install target
+        assert u["cwd"] == str(work / f"unsloth-{setting}")
+        assert "written-by-reference.txt" not in u["files"] and "tokenizer.json" in u["files"]
+        assert u["tokenizer_config"] != "{}" and u["model_dir_changes"] == []
+        assert u["rows"] == 50 and u["data"]["rows"] == 50 and u["data"]["profile"] == "instruct"
+    assert record["unsloth_vs_reference"] == {"unsloth_8x1/padfree_pack": 0.5, "unsloth_2x4/padfree_pack": 0.5}
+    assert record["ratio_vs_unsloth"] == {}  # no case ran
+    assert (tmp_path / "logs" / "reference.log").is_file() and (tmp_path / "logs" / "unsloth-8x1.log").is_file()
