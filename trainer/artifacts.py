@@ -18,17 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# The layout's names are facts the operator shares (status URIs, serving): defined once there.
+from kubetune.contract.facts import (ADAPTER, CHECKPOINTS, EVALUATION, EVALUATION_REPORT, MANIFEST,  # noqa: F401
+                                     MERGED, REPORT, VALIDATION, VALIDATION_REPORT)
 from kubetune.trainer.storage import Store
-
-MANIFEST = "MANIFEST.json"
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-MERGED = "merged"
-VALIDATION = "validation"
-EVALUATION = "evaluation"
-REPORT = "report.json"
-VALIDATION_REPORT = f"{VALIDATION}/{REPORT}"
-EVALUATION_REPORT = f"{EVALUATION}/{REPORT}"
 
 _STEP_RE = re.compile(r"^step-(\d{8})$")
 

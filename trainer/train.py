@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from kubetune.contract.facts import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR
 from kubetune.contract.recipe import CUDA_ONLY_OPTIMIZERS
 from kubetune.trainer import artifacts
 from kubetune.trainer.config import TrainerConfig
@@ -289,11 +290,11 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
                 artifacts.fetch_dir(store, artifacts.checkpoint_prefix(resume_step), resume_dir)
     if resume_dir is not None and state.is_main_process:
         extras = resume_dir / EXTRAS_DIR
-        if (extras / "metrics.jsonl").exists():
-            shutil.copyfile(extras / "metrics.jsonl", run_dir / "metrics.jsonl")
-            truncate_metrics(run_dir / "metrics.jsonl", resume_step)
-        if (extras / "tensorboard").is_dir():
-            shutil.copytree(extras / "tensorboard", run_dir / "tensorboard", dirs_exist_ok=True)
+        if (extras / METRICS_FILE).exists():
+            shutil.copyfile(extras / METRICS_FILE, run_dir / METRICS_FILE)
+            truncate_metrics(run_dir / METRICS_FILE, resume_step)
+        if (extras / TENSORBOARD_DIR).is_dir():
+            shutil.copytree(extras / TENSORBOARD_DIR, run_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
         print(f"resuming from {store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(resume_step)}/", flush=True)
 
     tokenizer = load_tokenizer(model_dir)
@@ -328,7 +329,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     reporter = None
     if state.is_main_process:
         job = job_from_env(cfg.job.name, cfg.job.namespace)
-        reporter = ProgressReporter(run_dir / "metrics.jsonl", run_dir / "tensorboard",
+        reporter = ProgressReporter(run_dir / METRICS_FILE, run_dir / TENSORBOARD_DIR,
                                     StatusPatcher(*job) if job else None)
     stop_cb = StopOnSignal(stop)
     # CountTokens after StopOnSignal (it reads should_training_stop) and before the reporters.
@@ -371,10 +372,10 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     if state.is_main_process:
         check_adapter_complete(adapter_dir)
         set_adapter_base_name(adapter_dir, cfg.base_model.served_name)
-        shutil.copyfile(run_dir / "metrics.jsonl", adapter_dir / "metrics.jsonl")
-        plot_loss_curve(read_metrics(run_dir / "metrics.jsonl"), adapter_dir / "loss_curve.png")
-        if (run_dir / "tensorboard").is_dir():
-            shutil.copytree(run_dir / "tensorboard", adapter_dir / "tensorboard", dirs_exist_ok=True)
+        shutil.copyfile(run_dir / METRICS_FILE, adapter_dir / METRICS_FILE)
+        plot_loss_curve(read_metrics(run_dir / METRICS_FILE), adapter_dir / LOSS_CURVE_FILE)
+        if (run_dir / TENSORBOARD_DIR).is_dir():
+            shutil.copytree(run_dir / TENSORBOARD_DIR, adapter_dir / TENSORBOARD_DIR, dirs_exist_ok=True)
         artifacts.publish_dir(store, adapter_dir, artifacts.ADAPTER,
                               meta={"step": step, "evalLoss": eval_loss, "baseModel": cfg.base_model.served_name})
         adapter_uri = f"{store.uri.rstrip('/')}/{artifacts.ADAPTER}/"
