@@ -121,6 +121,7 @@ def test_sigterm_checkpoints_and_resumes(setup):
     assert artifacts.read_manifest(store("sigterm"), artifacts.ADAPTER) is None  # not finished: no adapter
     msg = json.loads((tmp / "termination-log").read_text())
     assert msg["stage"] == "train" and msg["reason"] == "Preempted" and msg["step"] == stopped
+    _operator_restarts_without_counting((tmp / "termination-log").read_text())
 
     second = _train(config, env)
     assert second.returncode == 0, second.stdout[-3000:]
@@ -129,6 +130,31 @@ def test_sigterm_checkpoints_and_resumes(setup):
     assert steps[0] == stopped + 1  # the step count continues
     assert _train_steps(store("sigterm"), tmp / "sigterm-adapter") == list(range(1, STEPS + 1))  # one curve
     _assert_same_adapter(_adapter(store("sigterm"), tmp / "sigterm-adapter"), baseline)
+
+
+def _operator_restarts_without_counting(termination_message: str) -> None:
+    """What the operator makes of that pod (preempted: Kueue evicted it, a node was drained): the
+    same termination message through its observers and decision gives a restart of the gang that
+    does not count toward spec.resources.maxRestarts; the run above then resumes from the checkpoint."""
+    from kubetune.operator.api import FineTuneJob
+    from kubetune.operator.lifecycle import decide, restart_kind
+    from kubetune.operator.outcomes import StageOutcome, job_outcome
+
+    job = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+           "metadata": {"labels": {}}, "spec": {}}
+    pod = {"metadata": {"name": "ftj-train-r-0-x", "annotations": {"batch.kubernetes.io/job-completion-index": "0"},
+                        "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "status": {"phase": "Failed", "containerStatuses": [{"state": {"terminated": {
+               "exitCode": 143, "reason": "Error", "message": termination_message}}}]}}
+    outcome = job_outcome(job, [pod])
+    assert outcome.state == "failed" and outcome.reason == "Preempted" and restart_kind(outcome) == "preempted"
+    ftj = FineTuneJob.from_body({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                                 "metadata": {"name": "ftj", "namespace": "ns", "uid": "u"},
+                                 "spec": {"baseModel": {"uri": "s3://models/x/"}, "dataset": {"uri": "s3://data/x.jsonl"},
+                                          "output": {"uri": "s3://out/x/"}, "resources": {"maxRestarts": 0}}})
+    done = StageOutcome("succeeded", "Completed", "", {"ok": True})
+    decision = decide(ftj, {"validate": done, "train": outcome}, restarts=0)
+    assert decision.restart == "train" and decision.restart_counts is False
 
 
 def test_sigkill_resumes_from_last_complete_checkpoint(setup):
