@@ -141,7 +141,8 @@ def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
         if e.status == 409:
             raise triggers.RetryLater("the FineTuneJob changed during the pass", delay=0) from None
         raise
-    return triggers.Pass(wrote=out["metadata"]["resourceVersion"], announced=kube.announced)
+    return triggers.Pass(wrote=out["metadata"]["resourceVersion"], announced=kube.announced,
+                         transition="phase" in status and status["phase"] != (body.get("status") or {}).get("phase"))
 
 
 class _Announcing:

@@ -25,15 +25,17 @@ status patches) and adds a watch round trip to every hop; the queue costs
 nothing and is just as race-free, because every pass starts with a fresh GET
 of the owner under the per-key exclusivity.
 
-The reconciler is not always done in one pass (a pass that only records
-`Pending` creates the first Job on the next one), so a pass that wrote the
-status is followed at once by another (`requeue_on_write`), up to
-`max_requeues` in a row; the FineTuneJob's watch event for that very write
-is then redundant and skipped (`own_write`). A pass that also changed a
-watched child (created the next Job, say) is not followed at once: the
-child's watch event brings the next pass, with the child in it (a follow-up
-before that event would find nothing new and cost a pass of API reads; under
-50 jobs that was about a third of all passes).
+The reconciler is not always done in one pass: a pass that only records
+`Pending` creates the first Job on the next one. So a pass whose status
+write moved the phase is followed at once by another (`requeue_on_write`),
+up to `max_requeues` in a row, and the FineTuneJob's watch events of our own
+writes are dropped (`own_write`). Not followed at once: a write that left the
+phase as it was (a stage's "running" message: the next pass would see the
+same children and decide the same), and a pass that changed a watched child
+(created the next Job, say), whose watch event brings the next pass with the
+child in it. Measured under 50 jobs, following every write made about half
+of all passes, each a round of API reads that found nothing new. Whatever
+this rule misses, the resync catches.
 
 Pure asyncio: no kopf and no Kubernetes here, so the rules above are tested
 without a cluster; the handlers (`handlers.py`) supply `work`.
@@ -77,6 +79,9 @@ class Pass:
     # The pass created, changed or deleted a watched child: that child's own watch
     # event triggers the next pass, so a status write needs no immediate follow-up.
     announced: bool = False
+    # The status it wrote changed the phase (see ReconcileQueue: only then is a
+    # write followed by another pass at once).
+    transition: bool = False
 
 
 class RetryLater(Exception):
@@ -317,7 +322,7 @@ class ReconcileQueue:
                     else:
                         self._own.setdefault(key, deque(maxlen=8)).append(result.wrote)
                         writes_in_a_row += 1
-                        if not self.requeue_on_write or result.announced:
+                        if not self.requeue_on_write or result.announced or not result.transition:
                             pass
                         elif writes_in_a_row <= self.max_requeues:
                             TRIGGERS.labels(source="requeue").inc()

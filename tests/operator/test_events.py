@@ -30,7 +30,8 @@ HOUR = "3600"
 class Recorder:
     """A `work` function that records its calls and proves they never overlap per key."""
 
-    def __init__(self, seconds: float = 0.05, writes: int = 0):
+    def __init__(self, seconds: float = 0.05, writes: int = 0, transitions: bool = True):
+        self.transitions = transitions  # whether each write moves the phase
         self.calls: list[triggers.Key] = []
         self.seconds = seconds
         self.writes = writes  # passes that report a status write
@@ -49,7 +50,7 @@ class Recorder:
         time.sleep(self.seconds)
         with self.lock:
             self.active.discard(key)
-        return triggers.Pass(wrote=wrote)
+        return triggers.Pass(wrote=wrote, transition=self.transitions)
 
 
 def run(coro):
@@ -153,6 +154,19 @@ def test_a_write_that_changed_a_watched_child_waits_for_that_childs_event():
 
     run(main())
     assert calls == [A]
+
+
+def test_a_write_that_left_the_phase_alone_is_not_followed():
+    work = Recorder(seconds=0.0, writes=5, transitions=False)
+
+    async def main():
+        q = triggers.ReconcileQueue(work, resync=3600)
+        q.trigger(A)
+        await asyncio.sleep(0.2)
+        await q.close()
+
+    run(main())
+    assert work.calls == [A]
 
 
 def test_a_reconciler_writing_on_every_pass_does_not_spin():
