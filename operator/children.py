@@ -61,6 +61,12 @@ KINDS: tuple[ChildKind, ...] = (
     ChildKind("v1", "Service", "services", applied=True, per_revision=True),
     ChildKind("batch/v1", "Job", "jobs", applied=False, watch=True, per_revision=True),
     ChildKind("apps/v1", "Deployment", "deployments", applied=True, watch=True),
+    # Serving's guards (operator/serving.py): applied like the Deployment, so spec edits reach them.
+    ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", applied=True),
+    ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", applied=True),
+    # Deleted when spec.serving.autoscaling is removed (the Deployment's replicas are the operator's again).
+    ChildKind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", applied=True,
+              extra_verbs=("delete",)),
 )
 BY_KIND: dict[tuple[str, str], ChildKind] = {(k.api_version, k.kind): k for k in KINDS}
 

@@ -192,34 +192,113 @@ def queue_state(workload: Optional[dict[str, Any]]) -> Optional[tuple[str, str]]
     return None
 
 
-def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]]) -> StageOutcome:
-    """succeeded == Available (at least the minimum of replicas Ready)."""
+# Container restarts of a serving pod after which its crash loop fails the serve stage (settings override).
+SERVING_MAX_RESTARTS = 5
+
+
+def _container_statuses(pod: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, status) of every container of `pod`, init containers first ("init" / "main")."""
+    status = pod.get("status") or {}
+    return ([("init", cs) for cs in status.get("initContainerStatuses") or []]
+            + [("main", cs) for cs in status.get("containerStatuses") or []])
+
+
+def _last_exit(cs: dict[str, Any]) -> str:
+    term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+    if not term:
+        return ""
+    verdict = parse_termination_message(term.get("message"))
+    detail = (verdict or {}).get("message") or (term.get("message") or "").strip()
+    text = f"last exit: {term.get('reason') or 'Error'} (exit code {term.get('exitCode')})"
+    return f"{text}: {detail}" if detail else text
+
+
+def _serving_failure(pods: list[dict[str, Any]], max_restarts: int) -> Optional[tuple[str, str]]:
+    """(reason, message) when a serving pod cannot come up by itself: the init container's refusal of the
+    artifact (a verdict: tampered, stale or unservable files stay so on every retry), or a container that
+    crashed `max_restarts` times (a crash loop the kubelet would go on backing off for ever)."""
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for kind, cs in _container_statuses(pod):
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            verdict = parse_termination_message(term.get("message")) if kind == "init" else None
+            if verdict is not None and verdict.get("ok") is False:
+                reason = verdict.get("reason") or "ArtifactRefused"
+                return reason, _shorten(f"pod {name}: {cs.get('name')}: {verdict.get('message') or reason}")
+            restarts = cs.get("restartCount") or 0
+            # Only a container that is down now: restarts a healthy pod gathered over weeks do not count.
+            down = ((cs.get("state") or {}).get("waiting") or {}).get("reason") == "CrashLoopBackOff" \
+                or bool((cs.get("state") or {}).get("terminated"))
+            if down and restarts >= max_restarts:
+                waiting = ((cs.get("state") or {}).get("waiting") or {}).get("reason") or "CrashLoopBackOff"
+                return "CrashLoopBackOff", _shorten(
+                    f"pod {name}: container {cs.get('name')} restarted {restarts} times ({waiting}; the bound is "
+                    f"{max_restarts}); {_last_exit(cs)}".rstrip("; "))
+    return None
+
+
+def _serving_waiting(pods: list[dict[str, Any]]) -> Optional[tuple[str, str]]:
+    """A reason a person should see while pods wait: image pulls, missing Secrets, crash loops below the
+    bound (with the last exit), including the init container's."""
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for _, cs in _container_statuses(pod):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_WAITING_REASONS:
+                text = f"pod {name}: container {cs.get('name')}: {waiting.get('message') or waiting['reason']}"
+                if waiting["reason"] == "CrashLoopBackOff":
+                    text += f" (restart {cs.get('restartCount') or 0}; {_last_exit(cs)})"
+                return waiting["reason"], _shorten(text)
+        unschedulable = _unschedulable(pod)
+        if unschedulable:
+            return "Unschedulable", _shorten(f"pod {name}: {unschedulable.get('message') or 'no node fits'}")
+    return None
+
+
+def deployment_outcome(deployment: Optional[dict[str, Any]], pods: list[dict[str, Any]],
+                       max_restarts: int = SERVING_MAX_RESTARTS) -> StageOutcome:
+    """succeeded == rolled out, Available and at least one replica Ready.
+
+    failed: the rollout's progress deadline passed, the init container refused the artifact, or a
+    container crash-looped `max_restarts` times. running with reason ScaledToZero: spec.replicas is 0
+    (nothing serves; not Serving). running with the waiting reason (ImagePullBackOff,
+    CreateContainerConfigError, CrashLoopBackOff below the bound) while pods cannot start."""
     if deployment is None:
         return StageOutcome("absent")
     status = deployment.get("status") or {}
     labels = (deployment.get("metadata") or {}).get("labels") or {}
-    details = {"replicas": (deployment.get("spec") or {}).get("replicas"), "readyReplicas": status.get("readyReplicas", 0)}
+    generation = labels.get(LABEL_GENERATION)
+    replicas = (deployment.get("spec") or {}).get("replicas")
+    replicas = 1 if replicas is None else replicas  # the API server's default
+    details = {"replicas": replicas, "readyReplicas": status.get("readyReplicas", 0)}
+
+    def out(state: State, reason: str, message: str) -> StageOutcome:
+        return StageOutcome(state, reason, message, None, generation, details)
+
+    failure = _serving_failure(pods, max_restarts)
+    # A refused artifact fails at once; a crash loop only while no replica serves (one bad pod among
+    # ready ones is the Deployment's to replace, not a reason to call the whole endpoint failed).
+    if failure is not None and (failure[0] != "CrashLoopBackOff" or not status.get("readyReplicas")):
+        return out("failed", *failure)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
-            return StageOutcome("failed", cond.get("reason") or "ProgressDeadlineExceeded", cond.get("message", ""), None,
-                                labels.get(LABEL_GENERATION), details)
+            return out("failed", cond.get("reason") or "ProgressDeadlineExceeded", cond.get("message", ""))
+    if replicas == 0:
+        # Scaled to zero by the user: a state of its own, never Serving (no pod answers the endpoint).
+        return out("running", "ScaledToZero", "serving.replicas is 0: no vLLM pod runs; set serving.replicas "
+                   "to 1 or more to serve")
     available = next((c for c in status.get("conditions") or [] if c.get("type") == "Available"), None)
-    wanted = min(1, details["replicas"] if details["replicas"] is not None else 1)
     # An edit (model name, image) rolls out: done only once the controller has seen the
     # new template and every replica runs it.
     rolled_out = (status.get("observedGeneration", 0) >= (deployment.get("metadata") or {}).get("generation", 0)
-                  and status.get("updatedReplicas", 0) >= (details["replicas"] or 0))
+                  and status.get("updatedReplicas", 0) >= replicas)
+    waiting = _serving_waiting(pods)
     if not rolled_out:
-        return StageOutcome("running", "RollingOut", "rolling out the new serving template", None,
-                            labels.get(LABEL_GENERATION), details)
-    if available and available.get("status") == "True" and status.get("readyReplicas", 0) >= wanted:
-        return StageOutcome("succeeded", available.get("reason") or "MinimumReplicasAvailable", available.get("message", ""),
-                            None, labels.get(LABEL_GENERATION), details)
-    for pod in pods:
-        waiting = _waiting(pod)
-        if waiting:
-            name = (pod.get("metadata") or {}).get("name", "?")
-            return StageOutcome("running", waiting["reason"], _shorten(f"pod {name}: {waiting.get('message') or waiting['reason']}"),
-                                None, labels.get(LABEL_GENERATION), details)
-    return StageOutcome("running", "Deploying", "waiting for vLLM replicas to become ready", None,
-                        labels.get(LABEL_GENERATION), details)
+        if waiting is not None:
+            return out("running", *waiting)
+        return out("running", "RollingOut", "rolling out the new serving template")
+    if available and available.get("status") == "True" and status.get("readyReplicas", 0) >= 1:
+        return out("succeeded", available.get("reason") or "MinimumReplicasAvailable", available.get("message", ""))
+    if waiting is not None:
+        return out("running", *waiting)
+    return out("running", "Deploying", "waiting for vLLM replicas to become ready")

@@ -1,15 +1,37 @@
-"""vLLM serving of the result: Deployment + Service (pure builders).
+"""vLLM serving of the result (pure builders).
 
 `BUILDERS` is the seam between serving modes, and the one list of the modes
 this operator can serve (the serve stage's admission rule is made from it):
 "merged" serves `<output>/merged/` straight from S3 (vLLM's Run:ai model
 streamer). "adapter" (hot-loading the adapter onto a shared base-model
 server) has no builder yet, so the API server refuses it at admission.
+
+What a merged-mode job gets (docs/serving.md says why for each):
+
+- Deployment: vLLM at the pinned release (kubetune/contract/vllm.py), CPU and
+  memory requests sized for weight streaming (the streamer's host buffer held
+  to half the memory), progressDeadlineSeconds longer than the startup probe's
+  budget plus the verification, a preStop pause and a drain timeout inside the
+  grace period, and an init container (`kubetune verify-artifact`) that checks
+  every file of merged/ against MANIFEST.json and refuses files the manifest
+  does not list, so vLLM streams only the verified, manifested shards.
+  With autoscaling the Deployment carries no replicas (server-side apply then
+  leaves the field to the HorizontalPodAutoscaler).
+- Service, NetworkPolicy (ingress to the vLLM port from the job's namespace
+  and the installation's serving_allowed_namespaces only), PodDisruptionBudget
+  (one pod at a time).
+- With an API key: a ConfigMap holding `vllm_auth.py`, the middleware that
+  puts the key in front of every path (vLLM's own check covers /v1 only).
+- With autoscaling: a HorizontalPodAutoscaler on vllm:num_requests_waiting.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from kubetune.contract.facts import MERGED
 
@@ -19,6 +41,13 @@ from .settings import OperatorSettings
 
 PORT = 8000
 CONTAINER = "vllm"
+VERIFY_CONTAINER = "verify-artifact"
+# The middleware module as vLLM imports it (--middleware), mounted from a ConfigMap.
+AUTH_MODULE = "kubetune_vllm_auth"
+AUTH_DIR = "/etc/kubetune/vllm"
+AUTH_SOURCE = Path(__file__).with_name("vllm_auth.py")
+# vLLM's Prometheus gauge of requests waiting for a slot; the HPA reads it as a pods metric.
+WAITING_METRIC = "vllm:num_requests_waiting"
 
 
 def merged_model_uri(job: FineTuneJob) -> str:
@@ -39,7 +68,27 @@ def endpoint(job: FineTuneJob) -> dict[str, str]:
     }
 
 
-def vllm_args(job: FineTuneJob, model: str) -> list[str]:
+_QUANTITY = re.compile(r"^([0-9]+(?:[.][0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_FACTORS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+            "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (the spec's pattern) in bytes."""
+    m = _QUANTITY.match(quantity)
+    if m is None:
+        raise ValueError(f"not a quantity: {quantity!r}")
+    return int(float(m.group(1)) * _FACTORS[m.group(2)])
+
+
+def streamer_memory_limit(job: FineTuneJob) -> int:
+    """Bytes the Run:ai streamer may buffer in host memory: half the pod's memory, so that streaming
+    (and vLLM's own host allocations beside it) stay inside the limit instead of getting OOM-killed."""
+    return quantity_bytes(job.spec.serving.memory) // 2
+
+
+def vllm_args(job: FineTuneJob, model: str, settings: Optional[OperatorSettings] = None) -> list[str]:
+    settings = settings or OperatorSettings()
     s = job.spec.serving
     args = [
         "vllm", "serve", model,
@@ -47,13 +96,25 @@ def vllm_args(job: FineTuneJob, model: str) -> list[str]:
         "--port", str(PORT),
         "--served-model-name", served_model_name(job),
         "--load-format", "runai_streamer",
+        "--model-loader-extra-config", json.dumps({"memory_limit": streamer_memory_limit(job)}),
         "--tensor-parallel-size", str(s.gpus),
+        # On SIGTERM vLLM stops taking requests and finishes those in flight for up to this long
+        # (0 would abort them); the pod's grace period covers it.
+        "--shutdown-timeout", str(settings.serving_drain_seconds),
     ]
     if s.max_model_len:
         args += ["--max-model-len", str(s.max_model_len)]
-    # No --api-key flag: vLLM reads VLLM_API_KEY from the environment, so the
-    # key never appears in the pod spec or the process list.
+    if s.api_key_secret_ref:
+        # No --api-key flag: vLLM reads VLLM_API_KEY from the environment, so the key never appears in
+        # the pod spec or the process list. Its own check guards /v1 only; this middleware every path.
+        args += ["--middleware", f"{AUTH_MODULE}.RequireApiKey"]
     return args
+
+
+def verify_args(job: FineTuneJob) -> list[str]:
+    """The init container's command: merged/ checked against its manifest before vLLM reads it."""
+    return ["kubetune", "verify-artifact", merged_model_uri(job),
+            "--tensor-parallel-size", str(job.spec.serving.gpus)]
 
 
 def _env(job: FineTuneJob) -> list[dict[str, Any]]:
@@ -68,26 +129,91 @@ def _env(job: FineTuneJob) -> list[dict[str, Any]]:
     ref = job.spec.serving.api_key_secret_ref
     if ref:
         env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        env.append({"name": "PYTHONPATH", "value": AUTH_DIR})
     return env
+
+
+def auth_config_map_name(job: FineTuneJob) -> str:
+    # Named by content: ConfigMaps are created once, so a new middleware (operator upgrade) is a new name
+    # and the Deployment's rollout moves to it.
+    digest = hashlib.sha256(AUTH_SOURCE.read_bytes()).hexdigest()[:8]
+    return f"{names.serving(job.metadata.name)}-auth-{digest}"
+
+
+def auth_config_map(job: FineTuneJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": pods.metadata(job, auth_config_map_name(job), "serve"),
+        "data": {f"{AUTH_MODULE}.py": AUTH_SOURCE.read_text(encoding="utf-8")},
+    }
+
+
+def startup_budget_seconds(settings: OperatorSettings) -> int:
+    return settings.serving_startup_seconds
+
+
+def progress_deadline_seconds(settings: OperatorSettings) -> int:
+    """Longer than everything a healthy pod may take before Ready: image pull and checksum pass (margin)
+    plus the startup probe's whole budget. A shorter deadline (the default 600 s) fails a slow but healthy
+    start for good."""
+    return startup_budget_seconds(settings) + settings.serving_progress_margin_seconds
+
+
+def grace_period_seconds(settings: OperatorSettings) -> int:
+    # preStop pause, then vLLM's drain, then a little for the process to exit.
+    return settings.serving_prestop_seconds + settings.serving_drain_seconds + 15
+
+
+def _verify_container(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    return {
+        "name": VERIFY_CONTAINER,
+        "image": pods.trainer_image(job, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": verify_args(job),
+        "env": pods.s3_env(job) + [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}],
+        # Hashing streams each file in chunks: little memory, one core.
+        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "terminationMessagePolicy": "File",
+        "securityContext": pods.container_security_context(read_only_root=True),
+    }
 
 
 def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     s = job.spec.serving
     name = names.serving(job.metadata.name)
     health = {"httpGet": {"path": "/health", "port": "http"}}
+    period = 10
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if s.api_key_secret_ref:
+        mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
+        volumes.append({"name": "auth", "configMap": {"name": auth_config_map_name(job)}})
     container = {
         "name": CONTAINER,
         "image": settings.vllm_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": vllm_args(job, merged_model_uri(job)),
+        "command": vllm_args(job, merged_model_uri(job), settings),
         "env": _env(job),
         "ports": [{"name": "http", "containerPort": PORT}],
-        "resources": {"requests": {pods.GPU_RESOURCE: str(s.gpus)}, "limits": {pods.GPU_RESOURCE: str(s.gpus)}},
-        # Loading weights takes minutes: the startup probe holds liveness off.
-        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": 180},
+        # Requests, not only GPUs: a pod without CPU/memory requests is BestEffort (evicted first) while the
+        # streamer holds weights in host memory. Memory limit = request (no overcommit of the buffer).
+        "resources": {
+            "requests": {pods.GPU_RESOURCE: str(s.gpus), "cpu": s.cpu, "memory": s.memory},
+            "limits": {pods.GPU_RESOURCE: str(s.gpus), "memory": s.memory},
+        },
+        # Loading weights takes minutes: the startup probe holds liveness off for the whole budget.
+        "startupProbe": {**health, "periodSeconds": period,
+                         "failureThreshold": startup_budget_seconds(settings) // period},
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}],
+        # The pod leaves the Service's endpoints while it pauses here, before vLLM gets SIGTERM.
+        "lifecycle": {"preStop": {"sleep": {"seconds": settings.serving_prestop_seconds}}},
+        "volumeMounts": mounts,
         # vLLM compiles kernels into caches under the image's paths.
         "securityContext": pods.container_security_context(read_only_root=False),
     }
@@ -96,22 +222,25 @@ def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         "automountServiceAccountToken": False,
         "securityContext": pods.pod_security_context(settings),
         "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": grace_period_seconds(settings),
+        "initContainers": [_verify_container(job, settings)],
         "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": volumes,
         **pods.gpu_scheduling(s.gpu_type),
     }
+    spec: dict[str, Any] = {
+        "progressDeadlineSeconds": progress_deadline_seconds(settings),
+        "selector": {"matchLabels": pods.selector_labels(job, "serve")},
+        "template": {"metadata": pods.pod_template_metadata(job, "serve"), "spec": pod_spec},
+    }
+    if s.autoscaling is None:
+        # With an autoscaler the field is left out: server-side apply then never resets the HPA's count.
+        spec = {"replicas": s.replicas, **spec}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": pods.metadata(job, name, "serve"),
-        "spec": {
-            "replicas": s.replicas,
-            "selector": {"matchLabels": pods.selector_labels(job, "serve")},
-            "template": {"metadata": pods.pod_template_metadata(job, "serve"), "spec": pod_spec},
-        },
+        "spec": spec,
     }
 
 
@@ -127,8 +256,82 @@ def service(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
+def allowed_namespaces(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    extra = [n.strip() for n in settings.serving_allowed_namespaces.split(",") if n.strip()]
+    return sorted({job.metadata.namespace, *extra})
+
+
+def network_policy(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """Ingress to the vLLM pods: the vLLM port, from the job's namespace and the installation's
+    serving_allowed_namespaces; everything else is denied (a NetworkPolicy that selects a pod denies what
+    it does not allow). Egress stays open: the pods stream from S3 endpoints the operator cannot enumerate."""
+    allowed = allowed_namespaces(job, settings)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        "spec": {
+            "podSelector": {"matchLabels": pods.selector_labels(job, "serve")},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"namespaceSelector": {"matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": allowed}]}}],
+                "ports": [{"protocol": "TCP", "port": PORT}],
+            }],
+        },
+    }
+
+
+def pod_disruption_budget(job: FineTuneJob) -> dict[str, Any]:
+    """Voluntary disruptions (node drains) take one vLLM pod at a time. maxUnavailable, not minAvailable:
+    a single replica can still be drained; a crash-looping pod never blocks a drain."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": pods.selector_labels(job, "serve")},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def autoscaler(job: FineTuneJob) -> dict[str, Any]:
+    a = job.spec.serving.autoscaling
+    assert a is not None
+    name = names.serving(job.metadata.name)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": pods.metadata(job, name, "serve"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": [{
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": WAITING_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": str(a.target_waiting_requests)},
+                },
+            }],
+            # A new replica needs minutes to load weights: scale down slowly, so that a lull does not
+            # throw away replicas the next burst needs again.
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 600}},
+        },
+    }
+
+
 def merged_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    return [merged_deployment(job, settings), service(job)]
+    objs = []
+    if job.spec.serving.api_key_secret_ref:
+        objs.append(auth_config_map(job))  # before the pods that mount it
+    objs += [merged_deployment(job, settings), service(job), network_policy(job, settings),
+             pod_disruption_budget(job)]
+    if job.spec.serving.autoscaling is not None:
+        objs.append(autoscaler(job))
+    return objs
 
 
 # serving.mode -> its children, in creation order.

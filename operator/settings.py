@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Mapping, Optional
 
+from kubetune.contract import vllm
+
 ENV_PREFIX = "KUBETUNE_"
 _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
@@ -19,7 +21,23 @@ _BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false":
 class OperatorSettings:
     # Image of the trainer stages (validate/train/merge/evaluate); spec.image overrides it.
     trainer_image: str = "ghcr.io/kubetune/kubetune:0.1.0"
-    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    # The pinned vLLM release (kubetune/contract/vllm.py): the trainer writes merged/ for its transformers.
+    vllm_image: str = vllm.IMAGE
+    # Serving (merged mode). Loading weights takes minutes: the startup probe allows this long.
+    serving_startup_seconds: int = 1800
+    # On top of the startup budget before the Deployment reports ProgressDeadlineExceeded: the image pull
+    # and the init container's checksum pass over every weight file.
+    serving_progress_margin_seconds: int = 1200
+    # Container restarts of a serving pod (crash loop) after which the serve stage fails.
+    serving_max_restarts: int = 5
+    # Graceful drain: the pod leaves the Service's endpoints during preStop, then vLLM finishes
+    # in-flight requests for up to drain seconds after SIGTERM (--shutdown-timeout).
+    serving_prestop_seconds: int = 10
+    serving_drain_seconds: int = 60
+    # Namespaces (comma-separated) whose pods may reach every vLLM port besides the job's own namespace:
+    # the platform's ingress controller, its Prometheus. An installation setting, not a spec field: a
+    # FineTuneJob names nothing outside its namespace (docs/multi-tenancy.md).
+    serving_allowed_namespaces: str = ""
     image_pull_policy: str = "IfNotPresent"
     # Reconciles follow events (the FineTuneJob's and its children's); this is
     # the resync, the safety net for what no watched object announces (a

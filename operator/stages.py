@@ -109,10 +109,17 @@ def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
 
 
 def _observe_deployment(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
-    ns = job.metadata.namespace
-    dep = kube.get("apps/v1", "Deployment", ns, names.serving(job.metadata.name))
+    ns, name = job.metadata.namespace, names.serving(job.metadata.name)
+    if job.spec.serving.autoscaling is None:
+        # Autoscaling switched off: its HPA goes, or it would keep resizing the Deployment the operator
+        # now sizes again (applying children never removes a kind the builder stopped emitting).
+        hpa = kube.get("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)
+        if hpa is not None and ((hpa.get("metadata") or {}).get("labels") or {}).get(facts.LABEL_JOB) == job.metadata.name:
+            kube.delete("autoscaling/v2", "HorizontalPodAutoscaler", ns, name)
+    dep = kube.get("apps/v1", "Deployment", ns, name)
     pods = kube.list_pods(ns, selector_labels(job, stage)) if dep else []
-    return deployment_outcome(dep, pods)
+    # Read here (observers get no settings): the installation's bound on a serving pod's crash loop.
+    return deployment_outcome(dep, pods, OperatorSettings.from_env().serving_max_restarts)
 
 
 # ---------------------------------------------------------------- builders
@@ -190,7 +197,9 @@ SERVE = Stage(
     children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving", recorded=False,
     reapplied=True,
     admission=(_serving_modes_rule(),), start_reason="Deploying",
-    extra_status=lambda job, outcome: {"endpoint": serving.endpoint(job)} if outcome.state != "absent" else {},
+    # The endpoint only while vLLM answers (Ready): not while deploying, failed or scaled to zero, when a
+    # client would be sent to a Service with no ready pod. None removes an earlier one (merge patch).
+    extra_status=lambda job, outcome: {"endpoint": serving.endpoint(job) if outcome.state == "succeeded" else None},
     done_message=lambda job, outcome: f"vLLM serves {serving.served_model_name(job)} at {serving.endpoint(job)['url']}",
 )
 

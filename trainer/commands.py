@@ -173,7 +173,19 @@ def make_tiny_model(
     typer.echo(str(write_tiny_model(out, texts, hidden_size=hidden_size, layers=layers, family=family)))
 
 
+def verify_artifact(
+    uri: str = typer.Argument(..., help="s3://bucket/prefix/ (or a local folder) of a published artifact."),
+    tensor_parallel_size: Optional[int] = typer.Option(
+        None, "--tensor-parallel-size", help="Also check config.json's heads split over this many GPUs."),
+) -> None:
+    """Check an artifact against its MANIFEST.json (every file's sha256, no unlisted file) before serving it."""
+    from kubetune.trainer.verify import run_verify
+
+    raise typer.Exit(run_stage("verify-artifact", lambda: run_verify(uri, tensor_parallel_size)))
+
+
 def register(app: typer.Typer) -> None:
+    app.command("verify-artifact")(verify_artifact)
     app.command("validate")(validate)
     app.command("train")(train)
     app.command("merge")(merge)

@@ -18,7 +18,7 @@ from kubetune.contract.rules import ApiModel, Rule, matches, string_rule
 
 __all__ = [
     "FineTuneJobSpec", "BaseModelSpec", "DatasetSpec", "MethodSpec", "QuantizationSpec", "TrainingSpec",
-    "EvaluationSpec", "ResourcesSpec", "OutputSpec", "ServingSpec", "StorageSpec", "PodMetadataSpec",
+    "EvaluationSpec", "ResourcesSpec", "OutputSpec", "ServingSpec", "AutoscalingSpec", "StorageSpec", "PodMetadataSpec",
 ]
 
 # Patterns avoid backslashes so that they read the same in Python and inside
@@ -145,15 +145,62 @@ class SecretKeyRef(ApiModel):
     key: str = Field(default="api-key", min_length=1, max_length=253, description="Key inside the Secret.")
 
 
+# Tensor-parallel sizes vLLM shards a model over on one node (its heads must divide evenly).
+TENSOR_PARALLEL_SIZES = (1, 2, 4, 8)
+
+
+class AutoscalingSpec(ApiModel):
+    """A HorizontalPodAutoscaler on vLLM's queue length; the operator then leaves replicas to it."""
+
+    __rules__ = (
+        Rule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must be <= autoscaling.maxReplicas",
+            field_path=".minReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+        ),
+    )
+
+    min_replicas: int = Field(default=1, ge=1, le=64, description="Fewest vLLM replicas.")
+    max_replicas: int = Field(ge=1, le=64, description="Most vLLM replicas.")
+    target_waiting_requests: int = Field(
+        default=4, ge=1, le=10_000,
+        description="Average of vLLM's vllm:num_requests_waiting per replica to scale at (served to the HPA as a "
+        "pods metric by a Prometheus adapter).",
+    )
+
+
 class ServingSpec(ApiModel):
     """vLLM serving of the result."""
+
+    __rules__ = (
+        Rule(
+            cel="self.gpus in [" + ", ".join(str(n) for n in TENSOR_PARALLEL_SIZES) + "]",
+            message="serving.gpus is vLLM's tensor-parallel size: 1, 2, 4 or 8 (the model's attention heads are "
+            "split evenly over them)",
+            field_path=".gpus",
+            check=lambda s: s.gpus in TENSOR_PARALLEL_SIZES,
+        ),
+    )
 
     enabled: bool = Field(default=True, description="Serve the fine-tuned model with vLLM.")
     mode: ServingMode = Field(
         default="merged", description="merged: serve merged/ from S3; adapter: load the adapter onto a base-model server."
     )
-    replicas: int = Field(default=1, ge=0, le=64, description="vLLM replicas (the only field that may change after creation).")
-    gpus: int = Field(default=1, ge=1, le=8, description="GPUs per replica (tensor parallel size).")
+    replicas: int = Field(
+        default=1, ge=0, le=64,
+        description="vLLM replicas; 0 scales serving to zero (status says ScaledToZero). Ignored with autoscaling.",
+    )
+    gpus: int = Field(default=1, ge=1, le=8, description="GPUs per replica (tensor parallel size): 1, 2, 4 or 8.")
+    cpu: Quantity = Field(default="8", description="CPU request per vLLM pod (tokenization, weight streaming), e.g. 8.")
+    memory: Quantity = Field(
+        default="64Gi",
+        description="Memory request and limit per vLLM pod. Weights stream from S3 through host memory: the "
+        "streamer's buffer is held to half of this.",
+    )
+    autoscaling: Optional[AutoscalingSpec] = Field(
+        default=None, description="Scale replicas on vLLM's waiting requests with a HorizontalPodAutoscaler."
+    )
     gpu_type: Optional[LabelValue] = Field(default=None, description="nvidia.com/gpu.product of the serving nodes.")
     max_model_len: Optional[int] = Field(default=None, ge=16, le=1_048_576, description="vLLM --max-model-len.")
     served_model_name: Optional[DnsLabel] = Field(default=None, description="Model name in the OpenAI API; the job name by default.")

@@ -228,7 +228,8 @@ def test_merged_serving_deployment():
         serving={"gpus": 2, "maxModelLen": 4096, "apiKeySecretRef": {"name": "vllm-key"}, "replicas": 2},
         storage={"endpointUrl": "http://s3.local:9000"},
     )
-    dep, svc = serving.BUILDERS["merged"](job_, SETTINGS)
+    by_kind = {o["kind"]: o for o in serving.BUILDERS["merged"](job_, SETTINGS)}
+    dep, svc = by_kind["Deployment"], by_kind["Service"]
     assert_owned(dep)
     assert_owned(svc)
     assert dep["spec"]["replicas"] == 2
@@ -279,13 +280,15 @@ def test_pod_metadata_per_stage_never_overrides_operator_labels():
     assert train_meta["annotations"] == {"cost": "b", "sidecar": "off"}
     validate_meta = stage_jobs.validate_job(job_, SETTINGS)["spec"]["template"]["metadata"]
     assert validate_meta["annotations"] == {"cost": "a"}
-    dep, _ = serving.BUILDERS["merged"](job_, SETTINGS)
+    dep = next(o for o in serving.BUILDERS["merged"](job_, SETTINGS) if o["kind"] == "Deployment")
     assert dep["spec"]["template"]["metadata"]["annotations"] == {"cost": "a"}
 
 
 CLIENT_MODELS = {
     "Job": "V1Job", "Service": "V1Service", "ConfigMap": "V1ConfigMap", "ServiceAccount": "V1ServiceAccount",
     "Role": "V1Role", "RoleBinding": "V1RoleBinding", "Deployment": "V1Deployment",
+    "NetworkPolicy": "V1NetworkPolicy", "PodDisruptionBudget": "V1PodDisruptionBudget",
+    "HorizontalPodAutoscaler": "V2HorizontalPodAutoscaler",
 }
 
 

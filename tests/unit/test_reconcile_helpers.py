@@ -32,4 +32,5 @@ def test_stage_children_order_shared_objects_first():
     kinds = [o["kind"] for o in stages.TRAIN.build(FineTuneJob.from_body(job()), OperatorSettings())]
     assert kinds == ["ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "Job"]
     serve = [o["kind"] for o in stages.SERVE.build(FineTuneJob.from_body(job()), OperatorSettings())]
-    assert serve == ["Deployment", "Service"]
+    # Serving's guards after the Deployment and Service (operator/serving.py).
+    assert serve == ["Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"]
