@@ -154,7 +154,7 @@ class AutoscalingSpec(ApiModel):
 
     __rules__ = (
         Rule(
-            cel="self.minReplicas <= self.maxReplicas",
+            cel="!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
             message="autoscaling.minReplicas must be <= autoscaling.maxReplicas",
             field_path=".minReplicas",
             check=lambda a: a.min_replicas <= a.max_replicas,
@@ -175,7 +175,8 @@ class ServingSpec(ApiModel):
 
     __rules__ = (
         Rule(
-            cel="self.gpus in [" + ", ".join(str(n) for n in TENSOR_PARALLEL_SIZES) + "]",
+            # has(): the API server also checks the rule against the schema's defaults, where gpus is absent.
+            cel="!has(self.gpus) || self.gpus in [" + ", ".join(str(n) for n in TENSOR_PARALLEL_SIZES) + "]",
             message="serving.gpus is vLLM's tensor-parallel size: 1, 2, 4 or 8 (the model's attention heads are "
             "split evenly over them)",
             field_path=".gpus",

@@ -1,0 +1,261 @@
+"""kubetune's serving against the real `vllm` package at the pinned version (CPU, no GPU).
+
+The cached environment (env.py: the lock of `kubetune.contract.vllm.PACKAGE`)
+runs driver.py once for this module; every check there is vLLM's own code:
+
+- every argument list the merged-mode builder generates, over a matrix of
+  specs, goes through `vllm serve`'s real parser and validation, then engine
+  arguments and the model loader (runai_streamer's extra-config check);
+- every VLLM_* variable the builder sets is one vLLM knows;
+- a merged folder written by the trainer's own merge (transformers of
+  requirements.lock) from a base whose config.json is in the classic Llama 3.1
+  form loads through vLLM's config and tokenizer loaders under vLLM's
+  transformers, with rope_theta 500000 and llama3 scaling intact and the chat
+  template rendering exactly as the trainer's does;
+- adapters the trainer's LoRA config publishes pass vLLM's LoRA checks (and
+  the ones vLLM refuses are refused for the reason it gives);
+- the API-key middleware answers 401 on every route of vLLM's server app
+  without the key, and lets each through with it.
+
+No flag or route list is copied from vLLM: the parser and the app are its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from kubetune.contract import vllm as pin
+from kubetune.operator import serving
+from kubetune.operator.api import FineTuneJob
+from kubetune.operator.settings import OperatorSettings
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import env as vllm_env  # noqa: E402
+
+SETTINGS = OperatorSettings()
+KEY = "s3cret-test-key"
+MESSAGES = [{"role": "system", "content": "You answer support tickets."},
+            {"role": "user", "content": "My invoice is wrong."}]
+
+SPECS = {
+    "defaults": {},
+    "tp2-len": {"gpus": 2, "maxModelLen": 4096, "servedModelName": "support-v2"},
+    "tp4-key": {"gpus": 4, "apiKeySecretRef": {"name": "k"}, "memory": "24Gi"},
+    "tp8-autoscaled": {"gpus": 8, "autoscaling": {"maxReplicas": 4}, "cpu": "16", "memory": "1Ti"},
+}
+
+
+def job(serving_spec: dict, **spec) -> FineTuneJob:
+    return FineTuneJob.from_body({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "support-bot", "namespace": "tenant-a", "uid": "u-1", "generation": 1},
+        "spec": {"baseModel": {"uri": "s3://models/llama/"}, "dataset": {"uri": "s3://data/train.jsonl"},
+                 "output": {"uri": "s3://artifacts/support-bot/"}, "serving": serving_spec, **spec},
+    })
+
+
+def _container(objs: list[dict]) -> dict:
+    dep = next(o for o in objs if o["kind"] == "Deployment")
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _base_model(path: Path) -> Path:
+    """A tiny Llama whose config.json is in the classic form of a Llama 3.1 snapshot (rope_theta 500000,
+    llama3 rope_scaling), with the Llama 3 chat template: what the trainer starts from."""
+    from kubetune.trainer.tinymodel import write_tiny_model
+
+    write_tiny_model(path, ["how do I reset my password", "your invoice is corrected"] * 20, family="llama",
+                     heads=4, kv_heads=2, max_positions=1024)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_theta"] = 500000.0
+    config["rope_scaling"] = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 256, "rope_type": "llama3"}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return path
+
+
+def _publish_adapter(base: Path, out: Path, **method) -> Path:
+    """An adapter as the trainer configures it (trainer.train.lora_config of the recipe's MethodSpec)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.contract.recipe import MethodSpec
+    from kubetune.trainer.train import lora_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, lora_config(types.SimpleNamespace(method=MethodSpec(type="lora", **method))))
+    with torch.no_grad():  # a trained-looking adapter: B != 0, so the merge really changes weights
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+ADAPTERS = {
+    "default": {},
+    "r64-rslora": {"r": 64, "alpha": 128, "use_rslora": True},
+    "r512": {"r": 512, "alpha": 512},
+    "dora": {"use_dora": True},
+}
+
+
+@pytest.fixture(scope="module")
+def answer(tmp_path_factory):
+    python = vllm_env.ensure()  # builds the env on a machine without it (minutes), then cached
+    work = tmp_path_factory.mktemp("vllm")
+    from kubetune.trainer.merge import merge_adapter
+
+    base = _base_model(work / "base")
+    adapters = {name: _publish_adapter(base, work / f"adapter-{name}", **m) for name, m in ADAPTERS.items()}
+    merged = merge_adapter(base, adapters["default"], work / "merged")
+
+    parse = {}
+    env_names: set[str] = set()
+    for name, spec in SPECS.items():
+        objs = serving.BUILDERS["merged"](job(spec), SETTINGS)
+        container = _container(objs)
+        parse[name] = container["command"]
+        env_names |= {e["name"] for e in container["env"]}
+    # Negative controls: the parser really refuses what it does not know.
+    good = parse["defaults"]
+    parse["control-unknown-flag"] = good + ["--no-such-flag-kubetune", "1"]
+    parse["control-bad-load-format"] = [a if a != "runai_streamer" else "no_such_format" for a in good]
+
+    keyed = serving.BUILDERS["merged"](job(SPECS["tp4-key"]), SETTINGS)
+    config_map = next(o for o in keyed if o["kind"] == "ConfigMap")
+    module_dir = work / "auth"
+    module_dir.mkdir()
+    for filename, text in config_map["data"].items():  # what the pod mounts at serving.AUTH_DIR
+        (module_dir / filename).write_text(text)
+
+    request = {
+        "parse": parse,
+        "env": sorted(env_names),
+        "merged": {"trainer": {"dir": str(merged), "messages": MESSAGES}},
+        "adapters": {name: {"dir": str(path), "max_lora_rank": _rank_choice(ADAPTERS[name].get("r", 16)),
+                            "max_position_embeddings": 1024} for name, path in adapters.items()},
+        "auth": {"argv": _container(keyed)["command"], "module_dir": str(module_dir), "key": KEY},
+    }
+    (work / "request.json").write_text(json.dumps(request))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
+                "TOKENIZERS_PARALLELISM": "false"})
+    proc = subprocess.run([str(python), str(HERE / "driver.py"), str(work / "request.json"), str(work / "answer.json")],
+                          env=env, capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = json.loads((work / "answer.json").read_text())
+    out["_trainer_merged"] = merged
+    return out
+
+
+def _rank_choice(r: int) -> int:
+    """The --max-lora-rank a server needs for rank r: the smallest of vLLM's choices at or above it."""
+    return min(c for c in (1, 8, 16, 32, 64, 128, 256, 320, 512) if c >= r) if r <= pin.MAX_LORA_RANK else r
+
+
+def test_the_installed_vllm_is_the_pinned_one_with_the_pinned_transformers_range(answer):
+    pkg = answer["package"]
+    assert pkg["version"] == pin.VERSION
+    assert SETTINGS.vllm_image == pin.IMAGE and pin.IMAGE.endswith(f":v{pkg['version']}")
+    low, high = pin.TRANSFORMERS
+    # The requirement vLLM's own metadata states, e.g. "transformers<5.21.0,>=5.16.1".
+    clauses = set(pkg["transformers_requirement"].replace("transformers", "").replace(" ", "").split(","))
+    assert clauses == {f">={low}", f"<{high}"}, pkg["transformers_requirement"]
+    # The lock's max rank matches vLLM's own choices (rank_choice above uses the same list).
+    assert max(answer["lora_ranks"]["ranks"]) == pin.MAX_LORA_RANK
+    assert answer["lora_ranks"]["ranks"] == [1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_generated_argument_list_parses_with_vllms_own_cli(answer, name):
+    result = answer["parse"][name]
+    assert result["ok"], result.get("error")
+    j, spec = job(SPECS[name]), SPECS[name]
+    args, engine = result["args"], result["engine"]
+    assert args["model_tag"] == serving.merged_model_uri(j)
+    assert engine["tensor_parallel_size"] == spec.get("gpus", 1)
+    assert engine["load_format"] == "runai_streamer" and result["loader"] == "RunaiModelStreamerLoader"
+    assert engine["served_model_name"] == [serving.served_model_name(j)]
+    assert engine["max_model_len"] == spec.get("maxModelLen")
+    assert engine["shutdown_timeout"] == SETTINGS.serving_drain_seconds
+    assert args["port"] == serving.PORT and args["host"] == "0.0.0.0"
+    assert args["model_loader_extra_config"] == {"memory_limit": serving.streamer_memory_limit(j)}
+    if "apiKeySecretRef" in spec:
+        assert args["middleware"] == [f"{serving.AUTH_MODULE}.RequireApiKey"]
+    else:
+        assert not args["middleware"]
+    assert not args.get("api_key"), "the key travels in VLLM_API_KEY, never on the command line"
+
+
+def test_the_parser_refuses_what_it_does_not_know(answer):
+    unknown = answer["parse"]["control-unknown-flag"]
+    assert not unknown["ok"] and "--no-such-flag-kubetune" in unknown["error"]
+    bad = answer["parse"]["control-bad-load-format"]
+    assert not bad["ok"] and "no_such_format" in bad["error"]
+
+
+def test_every_vllm_environment_variable_set_is_one_vllm_reads(answer):
+    assert answer["env"]["unknown"] == []
+
+
+def test_the_trainers_merged_folder_loads_through_vllms_loaders(answer):
+    from transformers import AutoTokenizer
+
+    result = answer["merged"]["trainer"]
+    assert result["ok"], result.get("trace") or result.get("error")
+    low, high = pin.TRANSFORMERS
+    version = tuple(int(x) for x in result["transformers"].split(".")[:3])
+    assert tuple(int(x) for x in low.split(".")) <= version < tuple(int(x) for x in high.split("."))
+    rope = result["rope_parameters"]
+    # Not silently rope_theta 10000 without scaling: the base's values reach vLLM's config.
+    assert rope["rope_theta"] == 500000.0 and rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    assert rope["original_max_position_embeddings"] == 256
+    assert result["architectures"] == ["LlamaForCausalLM"]
+    # The chat template the trainer kept renders the same under vLLM as under the trainer's transformers.
+    trainer_tok = AutoTokenizer.from_pretrained(str(answer["_trainer_merged"]))
+    assert result["template"] == trainer_tok.chat_template
+    assert result["rendered"] == trainer_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
+    assert result["eos_token"] == trainer_tok.eos_token == "<|eot_id|>"
+
+
+@pytest.mark.parametrize("name", ["default", "r64-rslora", "r512"])
+def test_adapters_the_trainer_publishes_pass_vllms_lora_checks(answer, name):
+    result = answer["adapters"][name]
+    assert result["ok"], result.get("error")
+    assert result["r"] == ADAPTERS[name].get("r", 16)
+
+
+def test_vllm_refuses_a_dora_adapter_so_adapter_serving_must_refuse_dora_at_admission(answer):
+    result = answer["adapters"]["dora"]
+    assert not result["ok"] and "DoRA" in result["error"]
+
+
+def test_the_api_key_covers_every_route_of_vllms_server(answer):
+    result = answer["auth"]
+    assert result["ok"], result.get("trace") or result.get("error")
+    routes = result["routes"]
+    paths = {r["path"] for r in routes}
+    # The enumeration reaches the paths vLLM's own check leaves open.
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/invocations", "/metrics", "/health",
+                 "/scale_elastic_ep", "/inference/v1/generate"):
+        assert path in paths, sorted(paths)
+    for r in routes:
+        if r["path"] in ("/health",):
+            assert r["bare"] != 401, r
+        else:
+            assert r["bare"] == 401, r
+            assert r["keyed"] != 401, r
+    assert [s["path"] for s in result["websockets"]] == ["/v1/realtime"]
+    assert all(s["refused"] for s in result["websockets"]), result["websockets"]
