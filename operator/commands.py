@@ -8,6 +8,10 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
+    from kubetune.operator import chat  # `kubetune chat` (a client of the served model; no heavy imports)
+
+    chat.register(app)
+
     @app.command("operator")
     def operator_cmd(
         namespace: Optional[List[str]] = typer.Option(

@@ -259,3 +259,38 @@ def test_the_api_key_covers_every_route_of_vllms_server(answer):
             assert r["keyed"] != 401, r
     assert [s["path"] for s in result["websockets"]] == ["/v1/realtime"]
     assert all(s["refused"] for s in result["websockets"]), result["websockets"]
+
+
+def test_kubetune_chat_through_the_real_openai_package():
+    """`kubetune chat`'s openai path (the project's venv has no openai; the vLLM env has vLLM's own pin of it),
+    against a local server speaking the chat API: the endpoint in status works with the OpenAI client."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_chat_fake", HERE.parent / "unit" / "test_chat.py")
+    fake = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = fake  # its dataclasses look their module up
+    spec.loader.exec_module(fake)
+    server = fake.FakeOpenAI("sk-test")
+    try:
+        chat_py = Path(serving.__file__).with_name("chat.py")
+        script = (
+            "import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('chat', {str(chat_py)!r})\n"
+            "chat = importlib.util.module_from_spec(spec); sys.modules['chat'] = chat; spec.loader.exec_module(chat)\n"
+            "import openai; print(openai.__version__)\n"
+            f"print(chat.send({server.url!r}, chat.chat_body('support-v2', 'hello there', None, 16, 0.0), 'sk-test'))\n"
+            f"try:\n    chat.send({server.url!r}, chat.chat_body('m', 'x', None, 1, 0.0), 'bad')\n"
+            "except chat.ChatError as e:\n    print('refused:', e)\n"
+        )
+        # cwd: not the repository root, whose operator/ folder would shadow the standard library's operator.
+        proc = subprocess.run([str(vllm_env.ensure()), "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd=str(HERE))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        version, reply, refused = proc.stdout.strip().splitlines()[-3:]
+        assert reply == "echo: hello there"
+        assert refused.startswith("refused:") and "401" in refused
+        headers, body = server.requests[0]
+        assert headers["authorization"] == "Bearer sk-test" and body["model"] == "support-v2"
+        assert "OpenAI" in headers.get("user-agent", "")  # it really went through the openai client
+    finally:
+        server.close()
