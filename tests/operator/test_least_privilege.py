@@ -242,13 +242,14 @@ def recorded(cluster, crd, kueue, operator_kubeconfig, tmp_path_factory):
         api.create(body(
             "lp", resources={"queueName": "queue"},
             storage={"endpointUrl": "http://s3.test:9000", "region": "us-east-1", "credentialsSecretRef": {"name": "s3-creds"}},
-            serving={"apiKeySecretRef": {"name": "vllm-key"}},
+            # With an autoscaler, later switched off: the HPA is applied (patch), then deleted.
+            serving={"apiKeySecretRef": {"name": "vllm-key"}, "autoscaling": {"maxReplicas": 2}},
             output={"uri": "s3://artifacts/lp/", "deleteOnJobDeletion": True},
         ))
         api.wait_phase("lp", "Serving", timeout=180)
         first = api.rev("lp")
         # A recipe edit: a new revision, whose children replace the first one's once it serves.
-        api.patch("lp", {"spec": {"training": {"learningRate": 0.0001}}})
+        api.patch("lp", {"spec": {"training": {"learningRate": 0.0001}, "serving": {"autoscaling": None}}})
         second = api.rev("lp")
         assert second != first
         wait_for("second revision serving", lambda: api.status("lp").get("servingRevision") == second
