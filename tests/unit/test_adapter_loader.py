@@ -1,0 +1,182 @@
+"""The adapter loader against a real HTTP server speaking vLLM's documented load/unload requests.
+
+The server keeps vLLM's behaviour as vLLM 0.33's handlers have it: a second load of a loaded name is 400
+"has already been loaded", an unload of an unknown name 404, /v1/models lists adapters with `parent` and
+`root`; a load reads the folder's adapter_config.json (vLLM does). It can answer 503 for a while (a server
+restarting) and lose every adapter (a restarted container).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer import adapter_loader as loader
+from kubetune.trainer import artifacts
+from kubetune.trainer.storage import LocalStore
+
+BASE = "s3://models/llama/"
+
+
+class FakeVllm:
+    def __init__(self):
+        self.adapters: dict[str, str] = {}
+        self.fail_next = 0
+        self.calls: list[tuple[str, str, dict]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                data = (obj if isinstance(obj, str) else json.dumps(obj)).encode()
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _maybe_fail(self) -> bool:
+                if outer.fail_next > 0:
+                    outer.fail_next -= 1
+                    self._send(503, {"error": "engine starting"})
+                    return True
+                return False
+
+            def do_GET(self):
+                outer.calls.append(("GET", self.path, {}))
+                if self._maybe_fail():
+                    return
+                data = [{"id": BASE, "object": "model", "root": BASE, "parent": None}]
+                data += [{"id": n, "object": "model", "root": p, "parent": BASE} for n, p in outer.adapters.items()]
+                self._send(200, {"object": "list", "data": data})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.calls.append(("POST", self.path, body))
+                if self._maybe_fail():
+                    return
+                name = body.get("lora_name")
+                if self.path == "/v1/load_lora_adapter":
+                    if name in outer.adapters:
+                        return self._send(400, {"error": {"message": f"The lora adapter '{name}' has already been "
+                                                                     "loaded. If you want to load the adapter in place, "
+                                                                     "set 'load_inplace' to True.", "code": 400}})
+                    config = Path(body["lora_path"]) / "adapter_config.json"
+                    if not config.exists():
+                        return self._send(404, {"error": {"message": f"No adapter found for {body['lora_path']}"}})
+                    json.loads(config.read_text())
+                    outer.adapters[name] = body["lora_path"]
+                    return self._send(200, f"Success: LoRA adapter '{name}' added successfully.")
+                if self.path == "/v1/unload_lora_adapter":
+                    if name not in outer.adapters:
+                        return self._send(404, {"error": {"message": f"The lora adapter '{name}' cannot be found."}})
+                    del outer.adapters[name]
+                    return self._send(200, f"Success: LoRA adapter '{name}' removed successfully.")
+                self._send(404, {"error": "no route"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def loads(self) -> list[str]:
+        return [b["lora_name"] for m, p, b in self.calls if p == "/v1/load_lora_adapter"]
+
+
+@pytest.fixture
+def vllm():
+    server = FakeVllm()
+    yield server
+    server.server.shutdown()
+
+
+def publish(root: Path, name: str, content: bytes = b"weights") -> str:
+    src = root / "src" / name
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "base_model_name_or_path": BASE}))
+    (src / "adapter_model.safetensors").write_bytes(content)
+    artifacts.publish_dir(LocalStore(root / "bucket"), src, f"{name}/adapter")
+    return f"{name}/adapter"
+
+
+def client(vllm: FakeVllm, **kw) -> loader.VllmClient:
+    return loader.VllmClient(vllm.url, attempts=kw.pop("attempts", 5), backoff=0.0, **kw)
+
+
+def test_loads_verified_adapters_and_a_second_pass_changes_nothing(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    desired = {n: (store, publish(tmp_path, n)) for n in ("alpha", "beta", "gamma")}
+    c = client(vllm)
+    result = loader.sync(c, desired, tmp_path / "cache")
+    assert result.loaded == ["alpha", "beta", "gamma"] and not result.refused
+    assert set(vllm.adapters) == {"alpha", "beta", "gamma"}
+    for name, path in vllm.adapters.items():
+        assert (Path(path) / "adapter_config.json").exists() and Path(path).name.startswith(f"{name}-")
+    assert loader.ready(c, desired, result.refused)
+    again = loader.sync(c, desired, tmp_path / "cache")
+    assert again.loaded == [] and again.unloaded == [] and vllm.loads() == ["alpha", "beta", "gamma"]
+    # A second load of the same name is idempotent (vLLM's 400 "already been loaded" is success).
+    c.load("alpha", vllm.adapters["alpha"])
+    assert vllm.adapters["alpha"] == again.present["alpha"]
+
+
+def test_a_tampered_adapter_is_refused_and_never_loaded(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    desired = {n: (store, publish(tmp_path, n)) for n in ("alpha", "beta")}
+    c = client(vllm)
+    loader.sync(c, desired, tmp_path / "cache")
+    # beta's weights change in the bucket after its manifest was written.
+    (tmp_path / "bucket" / "beta" / "adapter" / "adapter_model.safetensors").write_bytes(b"poisoned")
+    result = loader.sync(c, desired, tmp_path / "cache2")  # a new pod: nothing cached yet
+    assert set(result.refused) == {"beta"} and "sha256 mismatch" in result.refused["beta"]
+    assert "beta" not in vllm.adapters and "alpha" in vllm.adapters  # the one it served is unloaded too
+    assert result.unloaded == ["beta"]
+    assert loader.ready(c, desired, result.refused)  # the others serve; the job of beta says why
+    # No manifest at all: refused as incomplete.
+    result = loader.sync(c, {"ghost": (store, "ghost/adapter")}, tmp_path / "cache2")
+    assert "no MANIFEST.json" in result.refused["ghost"] and "alpha" not in vllm.adapters
+
+
+def test_5xx_and_refused_connections_are_retried_then_given_up(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    desired = {"alpha": (store, publish(tmp_path, "alpha"))}
+    vllm.fail_next = 3
+    result = loader.sync(client(vllm), desired, tmp_path / "cache")
+    assert result.loaded == ["alpha"] and vllm.fail_next == 0
+    vllm.fail_next = 100
+    with pytest.raises(loader.VllmError, match="503"):
+        loader.sync(client(vllm, attempts=3), desired, tmp_path / "cache")
+    dead = loader.VllmClient("http://127.0.0.1:1", attempts=2, backoff=0.0)
+    with pytest.raises(OSError):
+        dead.adapters()
+    assert not loader.ready(dead, desired, {})
+
+
+def test_removed_and_republished_adapters(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    desired = {n: (store, publish(tmp_path, n)) for n in ("alpha", "beta", "gamma")}
+    c = client(vllm)
+    loader.sync(c, desired, tmp_path / "cache")
+    del desired["beta"], desired["gamma"]
+    result = loader.sync(c, desired, tmp_path / "cache")
+    assert result.unloaded == ["beta", "gamma"] and set(vllm.adapters) == {"alpha"}
+    old = vllm.adapters["alpha"]
+    publish(tmp_path, "alpha", b"retrained")  # a new revision's adapter under the same name
+    result = loader.sync(c, desired, tmp_path / "cache")
+    assert result.loaded == ["alpha"] and vllm.adapters["alpha"] != old
+    assert (Path(vllm.adapters["alpha"]) / "adapter_model.safetensors").read_bytes() == b"retrained"
+
+
+def test_a_restarted_server_is_not_ready_until_its_adapters_are_back(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    desired = {n: (store, publish(tmp_path, n)) for n in ("alpha", "beta")}
+    c = client(vllm)
+    loader.sync(c, desired, tmp_path / "cache")
+    vllm.adapters.clear()  # the vLLM container restarted: its adapters are gone
+    assert not loader.ready(c, desired, {})
+    result = loader.sync(c, desired, tmp_path / "cache")
+    assert result.loaded == ["alpha", "beta"] and loader.ready(c, desired, result.refused)
