@@ -45,3 +45,32 @@ def tensor_parallel_problem(config: dict, tp: int) -> str | None:
     if kv < tp and tp % kv:
         return f"the model's {kv} key/value heads cannot be replicated evenly over {tp} GPUs"
     return None
+
+
+# vLLM's --max-lora-rank choices (its LoRAConfig.max_lora_rank Literal); tests/vllm compares with vLLM's own.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_problems(r: int, use_dora: bool, bias: str, modules_to_save: list[str] | tuple[str, ...],
+                  rank_pattern: dict | None = None) -> list[str]:
+    """Why vLLM VERSION would refuse to load an adapter of this recipe (its PEFTHelper checks), or [].
+
+    For adapter-mode serving, which must refuse such a recipe at admission instead of after training;
+    tests/vllm checks this predicate against vLLM's own checks on a matrix of adapter configs."""
+    out = []
+    unsupported = [m for m in modules_to_save or () if m not in ("classifier", "score")]
+    if unsupported:
+        out.append(f"vLLM serves no adapter with modules_to_save {unsupported} (only classifier/score heads)")
+    if use_dora:
+        out.append("vLLM does not serve DoRA adapters")
+    top = max([r, *(rank_pattern or {}).values()])
+    if top > MAX_LORA_RANK:
+        out.append(f"LoRA rank {top} is above vLLM's largest --max-lora-rank {MAX_LORA_RANK}")
+    if bias != "none":
+        out.append("vLLM serves no adapter with trained biases (bias must be none)")
+    return out
+
+
+def max_lora_rank_for(r: int) -> int:
+    """The --max-lora-rank a server needs for adapters of rank up to r: the smallest choice at or above it."""
+    return min(c for c in LORA_RANKS if c >= r)

@@ -113,6 +113,25 @@ def adapter(adapter_dir: str, max_lora_rank: int, max_position_embeddings: int) 
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
+def lora_matrix(cases: dict, work: str) -> dict:
+    """vLLM's verdict on adapter configs (adapter_config.json only: that is what its checks read)."""
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    out = {}
+    for name, case in cases.items():
+        folder = os.path.join(work, name)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(case["config"], f)
+        try:
+            PEFTHelper.from_local_dir(folder, 4096).validate_legal(LoRAConfig(max_lora_rank=case["max_lora_rank"]))
+            out[name] = {"ok": True}
+        except Exception as e:
+            out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    return out
+
+
 def lora_ranks() -> dict:
     from vllm.config.lora import MaxLoRARanks
 
@@ -196,6 +215,8 @@ def main() -> None:
     answer["merged"] = {k: merged(v["dir"], v["messages"]) for k, v in request.get("merged", {}).items()}
     answer["adapters"] = {k: adapter(v["dir"], v["max_lora_rank"], v["max_position_embeddings"])
                           for k, v in request.get("adapters", {}).items()}
+    if "lora_matrix" in request:
+        answer["lora_matrix"] = lora_matrix(request["lora_matrix"]["cases"], request["lora_matrix"]["work"])
     if "auth" in request:
         a = request["auth"]
         answer["auth"] = auth(a["argv"], a["module_dir"], a["key"])

@@ -111,6 +111,26 @@ ADAPTERS = {
 }
 
 
+def _lora_case(r=16, use_dora=False, bias="none", modules_to_save=None, rank_pattern=None) -> dict:
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "use_dora": use_dora,
+              "bias": bias, "modules_to_save": modules_to_save, "rank_pattern": rank_pattern or {},
+              "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "s3://models/llama/"}
+    top = max([r, *(rank_pattern or {}).values()])
+    # The server kubetune would start: the smallest --max-lora-rank choice that fits (512 at most).
+    return {"config": config, "max_lora_rank": pin.max_lora_rank_for(min(top, pin.MAX_LORA_RANK)),
+            "recipe": {"r": r, "use_dora": use_dora, "bias": bias, "modules_to_save": modules_to_save or [],
+                       "rank_pattern": rank_pattern}}
+
+
+LORA_CASES = {
+    "r8": _lora_case(8), "r16": _lora_case(16), "r320": _lora_case(320), "r512": _lora_case(512),
+    "r1024": _lora_case(1024), "pattern-over": _lora_case(16, rank_pattern={"q_proj": 1024}),
+    "dora": _lora_case(use_dora=True), "bias-all": _lora_case(bias="all"), "bias-lora-only": _lora_case(bias="lora_only"),
+    "save-lm-head": _lora_case(modules_to_save=["lm_head", "embed_tokens"]), "save-score": _lora_case(modules_to_save=["score"]),
+    "dora-r1024": _lora_case(1024, use_dora=True),
+}
+
+
 @pytest.fixture(scope="module")
 def answer(tmp_path_factory):
     python = vllm_env.ensure()  # builds the env on a machine without it (minutes), then cached
@@ -141,6 +161,7 @@ def answer(tmp_path_factory):
         (module_dir / filename).write_text(text)
 
     request = {
+        "lora_matrix": {"cases": LORA_CASES, "work": str(work / "lora-matrix")},
         "parse": parse,
         "env": sorted(env_names),
         "merged": {"trainer": {"dir": str(merged), "messages": MESSAGES}},
@@ -294,3 +315,14 @@ def test_kubetune_chat_through_the_real_openai_package():
         assert "OpenAI" in headers.get("user-agent", "")  # it really went through the openai client
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("name", sorted(LORA_CASES))
+def test_the_adapter_serving_predicate_agrees_with_vllms_lora_checks(answer, name):
+    """kubetune.contract.vllm.lora_problems (what adapter-mode admission will refuse) says no exactly when
+    vLLM's own checks refuse the adapter."""
+    case = LORA_CASES[name]
+    verdict = answer["lora_matrix"][name]
+    problems = pin.lora_problems(**case["recipe"])
+    assert verdict["ok"] == (problems == []), (problems, verdict)
+    assert list(pin.LORA_RANKS) == answer["lora_ranks"]["ranks"]
