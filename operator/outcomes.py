@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from kubetune.contract.facts import ANNOTATION_COMPLETION_INDEX, LABEL_GENERATION
+from kubetune.contract.vllm import ARTIFACT_REFUSALS
 
 State = Literal["absent", "suspended", "running", "succeeded", "failed"]
 
@@ -215,14 +216,15 @@ def _last_exit(cs: dict[str, Any]) -> str:
 
 def _serving_failure(pods: list[dict[str, Any]], max_restarts: int) -> Optional[tuple[str, str]]:
     """(reason, message) when a serving pod cannot come up by itself: the init container's refusal of the
-    artifact (a verdict: tampered, stale or unservable files stay so on every retry), or a container that
-    crashed `max_restarts` times (a crash loop the kubelet would go on backing off for ever)."""
+    artifact (contract.vllm.ARTIFACT_REFUSALS: tampered, stale or unservable files stay so on every retry),
+    or a container that crashed `max_restarts` times (a crash loop the kubelet would go on backing off for
+    ever; an init container failing otherwise, e.g. S3 unreachable, counts here)."""
     for pod in pods:
         name = (pod.get("metadata") or {}).get("name", "?")
         for kind, cs in _container_statuses(pod):
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
             verdict = parse_termination_message(term.get("message")) if kind == "init" else None
-            if verdict is not None and verdict.get("ok") is False:
+            if verdict is not None and verdict.get("ok") is False and verdict.get("reason") in ARTIFACT_REFUSALS:
                 reason = verdict.get("reason") or "ArtifactRefused"
                 return reason, _shorten(f"pod {name}: {cs.get('name')}: {verdict.get('message') or reason}")
             restarts = cs.get("restartCount") or 0

@@ -23,7 +23,7 @@ import hashlib
 import json
 from typing import Any, Iterator, Optional
 
-from kubetune.contract.vllm import tensor_parallel_problem
+from kubetune.contract.vllm import ARTIFACT_REFUSALS, tensor_parallel_problem
 from kubetune.trainer.artifacts import MANIFEST, IntegrityError
 from kubetune.trainer.storage import LocalStore, S3Store, Store, open_store
 
@@ -35,6 +35,7 @@ class ArtifactRefused(IntegrityError):
     """The artifact must not be served; `reason` is the condition reason the operator shows."""
 
     def __init__(self, reason: str, message: str):
+        assert reason in ARTIFACT_REFUSALS, reason  # the operator fails the serve stage at once on these
         super().__init__(message)
         self.reason = reason
 

@@ -26,6 +26,12 @@ TRANSFORMERS = ("5.16.1", "5.21.0")
 MAX_LORA_RANK = 512
 
 
+# Reasons `kubetune verify-artifact` refuses an artifact with (its termination message): the same files give
+# the same answer on every retry, so the operator fails the serve stage at once. Any other failure of the
+# init container (S3 unreachable, a crash) is retried by the kubelet and bounded like a crash loop.
+ARTIFACT_REFUSALS = ("ArtifactCorrupted", "ArtifactIncomplete", "UnmanifestedFiles", "TensorParallelMismatch")
+
+
 def tensor_parallel_problem(config: dict, tp: int) -> str | None:
     """Why vLLM cannot shard a model with this config.json over `tp` GPUs, or None.
 

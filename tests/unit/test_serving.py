@@ -138,6 +138,13 @@ def refused_artifact_fails_at_once():
             "lastState": {"terminated": {"reason": "Error", "exitCode": 1, "message": verdict}}}
     out = deployment_outcome(deployment(), [serving_pod({"state": {"waiting": {"reason": "PodInitializing"}}}, init=init)])
     assert out.state == "failed" and out.reason == "ArtifactCorrupted" and "model-00001" in out.message
+    # Any other failure of the init container (S3 unreachable: an InternalError verdict) is retried, bounded.
+    flaky = {**init, "lastState": {"terminated": {"exitCode": 1, "message": json.dumps(
+        {"stage": "verify-artifact", "ok": False, "reason": "InternalError", "message": "EndpointConnectionError"})}}}
+    out = deployment_outcome(deployment(), [serving_pod({}, init=flaky)], max_restarts=5)
+    assert out.state == "running" and out.reason == "CrashLoopBackOff" and "EndpointConnectionError" in out.message
+    out = deployment_outcome(deployment(), [serving_pod({}, init={**flaky, "restartCount": 5})], max_restarts=5)
+    assert out.state == "failed" and out.reason == "CrashLoopBackOff"
 
 
 def endpoint_published_only_when_ready():
