@@ -51,6 +51,7 @@ from kubetune.devcluster.fakenodes import DEFAULT_GPU_PRODUCT
 from kubetune.devcluster.processes import free_ports
 from kubetune.operator import rbac
 from kubetune.operator.crdgen import CRD_PATH
+from kubetune.operator.settings import OperatorSettings
 
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 STAGES = ("validate", "train", "merge", "evaluate")
@@ -306,6 +307,7 @@ def run_mode(cluster: Cluster, kubeconfig: Path, workdir: Path, mode: str, env: 
     return {
         "mode": mode,
         "operator_env": {k: v for k, v in env.items() if k.startswith("KUBETUNE_RECONCILE")},
+        "reconcile_workers": env.get("KUBETUNE_RECONCILE_WORKERS", str(OperatorSettings().reconcile_workers)),
         "apply_to_first_job_s": summary(first),
         "job_finished_to_next_job_s": summary(hops),
         "per_hop_s": {k: summary(v) for k, v in per_hop.items()},
@@ -357,16 +359,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--gpu-nodes", type=int, default=8)
     parser.add_argument("--resync", default="30", help="event-driven mode: the resync interval (the default)")
     parser.add_argument("--timer-interval", default="10", help="timer-only mode: the interval (the old default)")
-    parser.add_argument("--modes", default="events,timer")
+    parser.add_argument("--modes", default="events,timer",
+                        help="comma-separated; events@N: event-driven with KUBETUNE_RECONCILE_WORKERS=N")
     parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--out", type=Path, help="write the JSON here too")
+    parser.add_argument("--out", type=Path, help="append the JSON to this file's list of invocations")
     parser.add_argument("--profile", type=Path, help="a folder: run each operator under cProfile, its stats there")
     args = parser.parse_args(argv)
 
-    envs = {
-        "events": {"KUBETUNE_RECONCILE_ON_EVENTS": "1", "KUBETUNE_RECONCILE_INTERVAL": args.resync},
-        "timer": {"KUBETUNE_RECONCILE_ON_EVENTS": "0", "KUBETUNE_RECONCILE_INTERVAL": args.timer_interval},
-    }
+    def env_of(mode: str) -> dict[str, str]:
+        kind, _, workers = mode.partition("@")
+        if kind == "timer":
+            return {"KUBETUNE_RECONCILE_ON_EVENTS": "0", "KUBETUNE_RECONCILE_INTERVAL": args.timer_interval}
+        if kind != "events":
+            raise SystemExit(f"unknown mode {mode!r}")
+        return {"KUBETUNE_RECONCILE_ON_EVENTS": "1", "KUBETUNE_RECONCILE_INTERVAL": args.resync,
+                **({"KUBETUNE_RECONCILE_WORKERS": workers} if workers else {})}
+
     plane = controlplane.start()
     try:
         cluster = Cluster(plane)
@@ -382,15 +390,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["runs"] = []
         for mode in args.modes.split(","):
             print(f"--- {mode}", file=sys.stderr)
-            run = run_mode(cluster, kubeconfig, workdir, mode, envs[mode], args)
+            run = run_mode(cluster, kubeconfig, workdir, mode, env_of(mode), args)
             print(json.dumps(run), file=sys.stderr)
             result["runs"].append(run)
     finally:
         plane.stop(remove_run_dir=True)
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if args.out:
-        args.out.write_text(text + "\n")
+        # One file, one entry per invocation: runs on a shared machine differ, keep them all.
+        history = json.loads(args.out.read_text()) if args.out.exists() else []
+        history.append(result)
+        args.out.write_text(json.dumps(history, indent=1) + "\n")
     return 0
 
 
