@@ -46,11 +46,15 @@ def env_dir() -> Path:
     return cache_root() / f"vllm-{_contract().VERSION}-{digest}"
 
 
-def _uv() -> str:
+def _uv() -> list[str]:
+    """uv as scripts/bootstrap.sh installs it (pip's `uv` package: a binary on PATH, or `python3 -m uv`)."""
     uv = shutil.which("uv")
-    if uv is None:
-        raise RuntimeError("uv is not installed (scripts/bootstrap.sh installs it)")
-    return uv
+    if uv is not None:
+        return [uv]
+    for python in ("python3", _base_python()):
+        if subprocess.run([python, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+            return [python, "-m", "uv"]
+    raise RuntimeError("uv is not installed (scripts/bootstrap.sh installs it)")
 
 
 def _base_python() -> str:
@@ -71,9 +75,9 @@ def ensure() -> Path:
             return python
         shutil.rmtree(target, ignore_errors=True)
         started = time.monotonic()
-        subprocess.run([_uv(), "venv", "-q", "--python", _base_python(), str(target)], check=True)
+        subprocess.run([*_uv(), "venv", "-q", "--python", _base_python(), str(target)], check=True)
         # --no-deps: the lock is the whole resolution; nothing else is looked up.
-        subprocess.run([_uv(), "pip", "install", "-q", "--no-deps", "--python", str(python), "-r", str(LOCK)],
+        subprocess.run([*_uv(), "pip", "install", "-q", "--no-deps", "--python", str(python), "-r", str(LOCK)],
                        check=True)
         (target / ".complete").write_text(f"built in {time.monotonic() - started:.0f}s\n")
     return python
@@ -84,7 +88,7 @@ def lock() -> None:
     request = HERE / "vllm-env.in"
     request.write_text(_contract().PACKAGE + "\n")
     try:
-        subprocess.run([_uv(), "pip", "compile", "-q", str(request), "--python-version", PYTHON_VERSION,
+        subprocess.run([*_uv(), "pip", "compile", "-q", str(request), "--python-version", PYTHON_VERSION,
                         "--python-platform", PLATFORM, "--no-header", "-o", str(LOCK)], check=True)
     finally:
         request.unlink()
