@@ -8,9 +8,11 @@ no GPU is used: VLLM_TARGET_DEVICE=cpu). Regenerate it after a bump with
 
     .venv/bin/python tests/vllm/env.py lock
 
-Measured on the 2-core CI machine (2026-12): a cold build (empty uv cache)
-takes 1 min 49 s and 8.9 GB on disk; importing vLLM's CLI in it takes
-40-100 s, so the tests run everything in one driver process per module.
+Measured on the 2-core CI machine (2026-12): a cold build (empty uv cache,
+empty env dir) took 1 min 49 s and 60 s in two runs and 8.9 GB on disk
+(a uv cache of 146 MB beside it: uv moves the wheels' files into the env);
+importing vLLM in it takes 40-100 s, so the tests run everything in one driver
+process per module (tests/vllm: 26 tests in 64-90 s once the env exists).
 """
 
 from __future__ import annotations
