@@ -317,9 +317,8 @@ def run_mode(cluster: Cluster, kubeconfig: Path, workdir: Path, mode: str, env: 
         "loadavg_1m": [load_before, loadavg()],
         # Over the measured jobs (and the warm-up's end): what asked for passes, how many ran, what they cost.
         "operator_metrics": {k: round(v - metrics_before.get(k, 0.0), 3) for k, v in metrics_after.items()
-                             if k.startswith(("kubetune_reconcile_triggers_total", "kubetune_reconcile_duration_seconds_count",
-                                              "kubetune_reconcile_duration_seconds_sum", "kubetune_reconcile_wait_seconds_count",
-                                              "kubetune_reconcile_wait_seconds_sum"))},
+                             if k.startswith(("kubetune_reconcile_triggers_total", "kubetune_reconcile_duration_seconds",
+                                              "kubetune_reconcile_wait_seconds"))},
     }
 
 
