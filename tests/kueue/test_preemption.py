@@ -42,7 +42,8 @@ def test_a_higher_priority_job_preempts_a_lower_one_which_goes_back_to_the_queue
     assert wait_job_finished(batch, namespace, "high") == "Complete"
     # Once the high-priority Job is done, the preempted one is admitted again.
     kueue_queues.wait_workload(namespace, "low", lambda w: is_true(w, "Admitted"), "admitted again")
-    assert not is_suspended(batch, namespace, "low")
+    # Kueue marks the Workload admitted first and unsuspends the Job right after.
+    wait_for("low unsuspended", lambda: not is_suspended(batch, namespace, "low"), timeout=30)
 
 
 def test_a_cohort_lends_an_idle_tenants_gpus_and_reclaims_them(cluster, namespace, gpu_nodes, kueue_queues, apis):

@@ -304,10 +304,17 @@ def _admitted_before_its_policy(cluster, namespace: str, request) -> dict:
     custom.create_cluster_custom_object(GROUP, VERSION, tenancy_api.PLURAL, policy)
     request.addfinalizer(lambda: custom.delete_cluster_custom_object(GROUP, VERSION, tenancy_api.PLURAL, namespace))
     # From now on the API server refuses spec edits that stay outside the policy, while
-    # metadata edits (the operator's finalizer, labels) still go through.
-    with pytest.raises(ApiException) as err:
-        api.patch("slipped-in", {"spec": {"serving": {"replicas": 2}}})
-    assert err.value.status == 403 and "spec.output.uri" in err.value.body, err.value.body
+    # metadata edits (the operator's finalizer, labels) still go through. The admission
+    # policy's parameters reach the API server through an informer: a moment after the create.
+    def refused():
+        try:
+            api.patch("slipped-in", {"spec": {"serving": {"replicas": 2}}})
+        except ApiException as e:
+            return e
+        return None
+
+    err = wait_for("the policy's refusal", refused, timeout=30, interval=0.3)
+    assert err.status == 403 and "spec.output.uri" in err.body, err.body
     api.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "slipped-in",
                                               {"metadata": {"labels": {"team": "a"}}})
     return obj
