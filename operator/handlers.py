@@ -5,9 +5,10 @@ in lifecycle.py (pure) and reconcile.py (I/O).
 
 What triggers a FineTuneJob's reconcile:
 - any watch event of the FineTuneJob itself (create, spec edit, a trainer's
-  progress patch), except the one showing the status our last pass wrote;
-- any watch event of its Jobs, their Pods and its Deployment (server-side
-  filtered on the `kubetune.io/job` label, which names the owner);
+  progress patch), except those of the status our own passes wrote;
+- watch events of its Jobs, their Pods and its Deployment (server-side
+  filtered on the `kubetune.io/job` label, which names the owner) that can
+  change what a pass decides (`triggers.ChildSignals`);
 - a resync `reconcile_interval` after each pass: the slow safety net.
 With `reconcile_on_events` off, only the FineTuneJob's first sighting and the
 resync do, which is how the operator behaved before (a 10 s kopf timer).
@@ -47,8 +48,8 @@ _queue: Optional[triggers.ReconcileQueue] = None
 
 # Children whose changes decide a FineTuneJob's next step: the kinds the children
 # table marks `watch` (Jobs, the Deployment), plus the Pods of the stage Jobs
-# (termination messages, stuck waiting reasons, Unschedulable: the Job object
-# itself does not change for those).
+# (stuck waiting reasons, Unschedulable, failures: the Job object itself does
+# not change for those).
 WATCHED: tuple[tuple[str, str], ...] = (
     *((k.api_version, k.plural) for k in KINDS if k.watch),
     ("v1", "pods"),

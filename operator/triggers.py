@@ -37,8 +37,12 @@ child in it. Measured under 50 jobs, following every write made about half
 of all passes, each a round of API reads that found nothing new. Whatever
 this rule misses, the resync catches.
 
-Pure asyncio: no kopf and no Kubernetes here, so the rules above are tested
-without a cluster; the handlers (`handlers.py`) supply `work`.
+Which child events are reasons at all is `ChildSignals`' business: only
+those that can change what a pass decides.
+
+No kopf and no Kubernetes client here (asyncio, and the pure readings of
+outcomes.py), so the rules above are tested without a cluster; the handlers
+(`handlers.py`) supply `work`.
 """
 
 from __future__ import annotations
