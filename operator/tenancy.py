@@ -108,6 +108,24 @@ def _prefix_limit(name: str, field: str, kind: str, uri: Callable[[FineTuneJobSp
 IMAGE_PREFIX_ENDS = ("/", ":", "@")
 MODEL_PREFIX_ENDS = ("/",)
 
+def _named_in(name: str, section: str, key: str, attr: str, allowed_key: str, allowed_attr: str, what: str) -> Limit:
+    """A name the job may set only to one of the policy's list `allowed_key` (none allowed when
+    the policy has no list): the same check for ServiceAccounts and (Workload)PriorityClasses."""
+    field = f"object.spec.{section}.{key}"
+    allowed = f"params.spec.{allowed_key}"
+    return Limit(
+        name=name,
+        field=f"spec.{section}.{key}",
+        cel=f"!has({field}) || (has({allowed}) && {field} in {allowed})",
+        message_cel=f"'spec.{section}.{key} ' + {field} + ' is not a {what} TenantPolicy ' + params.metadata.name + "
+                    f"' allows: ' + (has({allowed}) ? " + _cel_list(allowed) + " : '[]')",
+        allowed=lambda s, p: getattr(getattr(s, section), attr) is None
+        or getattr(getattr(s, section), attr) in getattr(p, allowed_attr),
+        message=lambda s, p, n: f"spec.{section}.{key} {getattr(getattr(s, section), attr)} is not a "
+        f"{what} TenantPolicy {n} allows: {_list(getattr(p, allowed_attr))}",
+    )
+
+
 LIMITS: tuple[Limit, ...] = (
     _prefix_limit("dataset-prefix", "spec.dataset.uri", "dataset", lambda s: s.dataset.uri, "datasets"),
     _prefix_limit("model-prefix", "spec.baseModel.uri", "model", lambda s: s.base_model.uri, "models",
@@ -204,46 +222,12 @@ LIMITS: tuple[Limit, ...] = (
         message=lambda s, p, n: f"spec.serving.replicas is {s.serving.replicas}; TenantPolicy {n} allows at most "
         f"{p.max_serving_replicas}",
     ),
-    Limit(
-        name="service-account",
-        field="spec.storage.serviceAccountName",
-        cel="!has(object.spec.storage.serviceAccountName) || (has(params.spec.serviceAccountNames) && "
-            "object.spec.storage.serviceAccountName in params.spec.serviceAccountNames)",
-        message_cel="'spec.storage.serviceAccountName ' + object.spec.storage.serviceAccountName + "
-                    "' is not a ServiceAccount TenantPolicy ' + params.metadata.name + ' allows: ' + "
-                    "(has(params.spec.serviceAccountNames) ? " + _cel_list("params.spec.serviceAccountNames") + " : '[]')",
-        allowed=lambda s, p: s.storage.service_account_name is None
-        or s.storage.service_account_name in p.service_account_names,
-        message=lambda s, p, n: f"spec.storage.serviceAccountName {s.storage.service_account_name} is not a "
-        f"ServiceAccount TenantPolicy {n} allows: {_list(p.service_account_names)}",
-    ),
-    Limit(
-        name="priority-class",
-        field="spec.resources.priorityClassName",
-        cel="!has(object.spec.resources.priorityClassName) || (has(params.spec.priorityClassNames) && "
-            "object.spec.resources.priorityClassName in params.spec.priorityClassNames)",
-        message_cel="'spec.resources.priorityClassName ' + object.spec.resources.priorityClassName + "
-                    "' is not a PriorityClass TenantPolicy ' + params.metadata.name + ' allows: ' + "
-                    "(has(params.spec.priorityClassNames) ? " + _cel_list("params.spec.priorityClassNames") + " : '[]')",
-        allowed=lambda s, p: s.resources.priority_class_name is None
-        or s.resources.priority_class_name in p.priority_class_names,
-        message=lambda s, p, n: f"spec.resources.priorityClassName {s.resources.priority_class_name} is not a "
-        f"PriorityClass TenantPolicy {n} allows: {_list(p.priority_class_names)}",
-    ),
-    Limit(
-        name="workload-priority-class",
-        field="spec.resources.workloadPriorityClassName",
-        cel="!has(object.spec.resources.workloadPriorityClassName) || (has(params.spec.workloadPriorityClassNames) && "
-            "object.spec.resources.workloadPriorityClassName in params.spec.workloadPriorityClassNames)",
-        message_cel="'spec.resources.workloadPriorityClassName ' + object.spec.resources.workloadPriorityClassName + "
-                    "' is not a WorkloadPriorityClass TenantPolicy ' + params.metadata.name + ' allows: ' + "
-                    "(has(params.spec.workloadPriorityClassNames) ? "
-                    + _cel_list("params.spec.workloadPriorityClassNames") + " : '[]')",
-        allowed=lambda s, p: s.resources.workload_priority_class_name is None
-        or s.resources.workload_priority_class_name in p.workload_priority_class_names,
-        message=lambda s, p, n: f"spec.resources.workloadPriorityClassName {s.resources.workload_priority_class_name} is not a "
-        f"WorkloadPriorityClass TenantPolicy {n} allows: {_list(p.workload_priority_class_names)}",
-    ),
+    _named_in("service-account", "storage", "serviceAccountName", "service_account_name", "serviceAccountNames",
+              "service_account_names", "ServiceAccount"),
+    _named_in("priority-class", "resources", "priorityClassName", "priority_class_name", "priorityClassNames",
+              "priority_class_names", "PriorityClass"),
+    _named_in("workload-priority-class", "resources", "workloadPriorityClassName", "workload_priority_class_name",
+              "workloadPriorityClassNames", "workload_priority_class_names", "WorkloadPriorityClass"),
     Limit(
         name="queue",
         field="spec.resources.queueName",
