@@ -61,6 +61,7 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome], restarts: int = 
     artifacts: dict[str, str] = {}
     finished: dict[str, dict[str, Any]] = {}
     last: Optional[Stage] = None
+    queue = job.spec.resources.queue_name
 
     def result(phase: str, message: str, **kw: Any) -> Decision:
         out = dict(status)
@@ -78,7 +79,6 @@ def decide(job: FineTuneJob, observed: dict[str, StageOutcome], restarts: int = 
             status[stage.result_field] = verdict
         if stage.extra_status:
             status.update(stage.extra_status(job, outcome))
-        queue = job.spec.resources.queue_name
         if outcome.state == "absent":
             if queue and stage.queued:
                 # Created suspended: it waits for Kueue from the first moment.
