@@ -58,12 +58,63 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def cluster_role(name: str = CLUSTER_ROLE_NAME) -> dict[str, Any]:
+# The cluster-scoped resources among RULES: a Role cannot grant them, so an
+# operator that watches only some namespaces still holds these in a (small)
+# ClusterRole: kopf's namespace and CRD observers, the tenancy check's namespace
+# labels and TenantPolicies. Everything else in RULES is namespaced and goes into
+# a Role per watched namespace. A cluster test checks this set against the API
+# server's discovery, so a new rule cannot land on the wrong side.
+CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset({
+    ("", "namespaces"),
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    (GROUP, "tenantpolicies"),
+})
+
+
+def _is_cluster_scoped(groups: list[str], resource: str) -> bool:
+    """`resource` (maybe `name/subresource`) is cluster-scoped in every group of the rule, or in none."""
+    scopes = {(g, resource.partition("/")[0]) in CLUSTER_SCOPED for g in groups}
+    if len(scopes) != 1:
+        raise ValueError(f"rule mixes scopes for {resource} across API groups {groups}; split it")
+    return scopes.pop()
+
+
+def _scoped_rules(cluster_scoped: bool) -> list[dict[str, Any]]:
+    """RULES restricted to cluster-scoped (or to namespaced) resources, in RULES' order."""
+    out = []
+    for rule in RULES:
+        resources = [r for r in rule["resources"] if _is_cluster_scoped(rule["apiGroups"], r) == cluster_scoped]
+        if resources:
+            out.append({**rule, "resources": resources})
+    return out
+
+
+def cluster_scoped_rules() -> list[dict[str, Any]]:
+    """What a namespaced install grants cluster-wide (ClusterRole)."""
+    return _scoped_rules(True)
+
+
+def namespaced_rules() -> list[dict[str, Any]]:
+    """What a namespaced install grants in each watched namespace (Role)."""
+    return _scoped_rules(False)
+
+
+def cluster_role(name: str = CLUSTER_ROLE_NAME, rules: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "kubetune"}},
-        "rules": RULES,
+        "rules": RULES if rules is None else rules,
+    }
+
+
+def role(namespace: str, name: str = CLUSTER_ROLE_NAME) -> dict[str, Any]:
+    """The namespaced part of RULES as a Role in one watched namespace."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "rules": namespaced_rules(),
     }
 
 

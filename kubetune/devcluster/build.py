@@ -88,6 +88,11 @@ KUEUE = Target(
 )
 
 
+# Helm, for the chart's tests (`helm lint`, `helm template`, `helm install` into the
+# test control plane); built only for runs that ask for it, then cached.
+HELM = Target("helm", versions.HELM, "helm", "helm.sh/helm/v3", "helm.sh/helm/v3/cmd/helm")
+
+
 def _unpublished(go: str, modules: list[str], version: str, log: Callable[[str], None]) -> frozenset[str]:
     """The modules among `modules` that the module proxy cannot serve at `version`."""
     result = subprocess.run(
@@ -149,6 +154,17 @@ def version_ldflags(target: Target) -> list[str]:
     if target.family == "kueue":
         # Kueue logs it at start-up ("Initializing", gitVersion); its Makefile sets the same variable.
         return [f"-X 'sigs.k8s.io/kueue/pkg/version.GitVersion={target.version}'"]
+    if target.family == "helm":
+        # What helm's Makefile sets for a release: the version (else `v3.22` plus no
+        # patch), and the Kubernetes version that `helm template` and `helm lint`
+        # assume without a cluster (else 1.20, and a chart's `kubeVersion: >=1.30`
+        # fails). Helm's release takes it from its client-go; here it is the
+        # Kubernetes the harness runs, so offline rendering sees the tested server.
+        major, minor = versions.KUBERNETES.lstrip("v").split(".")[:2]
+        return [f"-X 'helm.sh/helm/v3/internal/version.version={target.version}'",
+                "-X 'helm.sh/helm/v3/internal/version.gitTreeState=clean'",
+                *(f"-X 'helm.sh/helm/v3/pkg/{package}.k8sVersion{key}={value}'"
+                  for package in ("chartutil", "lint/rules") for key, value in (("Major", major), ("Minor", minor)))]
     if target.family != "kubernetes":
         return []
     major, minor = target.version.lstrip("v").split(".")[:2]

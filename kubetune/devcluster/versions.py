@@ -12,6 +12,9 @@ KWOK = "v0.8.0"
 # served, through Kueue's conversion webhook) and was built against k8s 1.35
 # client libraries: one minor behind the API server, inside client-go's skew.
 KUEUE = "v0.17.0"
+# Helm (helm.sh/helm/v3/cmd/helm), built on demand by the `helm` test fixture for
+# the chart's tests (lint, template, install into the test control plane).
+HELM = "v3.22.0"
 
 # Binaries built from k8s.io/kubernetes/cmd/<name>.
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.operator import rbac
+from kubetune.operator import children, rbac
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.packaging import ROOT, generated_files
 
@@ -31,9 +31,37 @@ def _chart_template(name):
 
 def test_chart_cluster_role_rules_are_the_python_rules():
     text = _chart_template("clusterrole.yaml")
-    # The rules part has no template expressions; it parses as YAML on its own.
-    rules = yaml.safe_load(text[text.index("rules:"):])["rules"]
-    assert rules == rbac.RULES
+    # Two branches without template expressions inside; each parses as YAML on its own.
+    namespaced_mode, cluster_wide_mode = text.split("{{- if .Values.watchNamespaces }}\n")[1].split("{{- else }}\n")
+    cluster_wide_mode = cluster_wide_mode.split("{{- end }}\n")[0]
+    assert yaml.safe_load(cluster_wide_mode) == rbac.RULES
+    assert yaml.safe_load(namespaced_mode) == rbac.cluster_scoped_rules()
+
+
+def test_chart_role_rules_are_the_python_namespaced_rules():
+    text = _chart_template("role.yaml")
+    role_part = text.split("rules:\n", 1)[1].split("---\n", 1)[0]
+    assert yaml.safe_load(role_part) == rbac.namespaced_rules()
+    assert "{{- range .Values.watchNamespaces }}" in text and "kind: RoleBinding" in text
+
+
+def _grants(rules):
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def test_namespaced_and_cluster_scoped_rules_partition_the_rules():
+    cluster, namespaced = _grants(rbac.cluster_scoped_rules()), _grants(rbac.namespaced_rules())
+    assert cluster and namespaced and not cluster & namespaced
+    assert cluster | namespaced == _grants(rbac.RULES)
+    assert {(g, r) for g, r, _ in cluster} == set(rbac.CLUSTER_SCOPED)
+    # The operator's children are all namespaced.
+    assert {(k.group, k.plural) for k in children.KINDS} <= {(g, r) for g, r, _ in namespaced}
+
+
+def test_a_rule_mixing_scopes_across_groups_is_refused(monkeypatch):
+    monkeypatch.setattr(rbac, "RULES", [{"apiGroups": ["", "apps"], "resources": ["namespaces"], "verbs": ["get"]}])
+    with pytest.raises(ValueError, match="mixes scopes"):
+        rbac.namespaced_rules()
 
 
 def test_chart_operator_deployment_is_single_replica_recreate_and_restricted():
