@@ -99,6 +99,18 @@ CASES = {
     # plumbing check of the harness itself on a CPU (with --tiny): no figures
     "cpu-smoke": ("lora", "instruct", 512),
 }
+# Long context (issue 16 item 3): "qlora-ctx<N>" is 8B QLoRA on packed rows of N tokens of
+# the longctx profile (documents of median ~6k tokens, tail to 32k), e.g. qlora-ctx32768.
+CTX_PREFIX = "qlora-ctx"
+
+
+def case_spec(case: str) -> tuple[str, str, int]:
+    """(method, data profile, dataset.maxLength) of a case name (CASES, or qlora-ctx<N>)."""
+    if case in CASES:
+        return CASES[case]
+    if case.startswith(CTX_PREFIX) and case[len(CTX_PREFIX):].isdigit() and int(case[len(CTX_PREFIX):]) >= 256:
+        return ("qlora", "longctx", int(case[len(CTX_PREFIX):]))
+    raise KeyError(case)
 # "<case>@<variant>" runs the same case with the config's training.performance
 # section set so (same seed, data and micro-batches), as a FineTuneJob would set
 # it: "plain" turns every fast path off, the loss-curve check; the others are
@@ -111,6 +123,11 @@ VARIANTS = {
     "allgc": {"selectiveCheckpointing": "off"},
     "fp8": {"fp8": "on"},
     "bf16": {"fp8": "off"},
+    # memory budgets of the long-context runs (the micro-batch planner's bound)
+    "b24": {"memoryBudgetGiB": 24},
+    "b80": {"memoryBudgetGiB": 80},
+    "allgc-b24": {"selectiveCheckpointing": "off", "memoryBudgetGiB": 24},
+    "allgc-b80": {"selectiveCheckpointing": "off", "memoryBudgetGiB": 80},
 }
 
 
@@ -137,7 +154,7 @@ def performance_section(case: str, variant: str, qlora_budget_gib: float) -> dic
     and the variant's switches; everything else stays auto (the default a
     FineTuneJob gets)."""
     perf: dict = {}
-    if CASES[case][0] == "qlora" and qlora_budget_gib > 0:
+    if case_spec(case)[0] == "qlora" and qlora_budget_gib > 0:
         perf["memoryBudgetGiB"] = qlora_budget_gib
     if variant:
         if variant not in VARIANTS:
@@ -149,7 +166,7 @@ def performance_section(case: str, variant: str, qlora_budget_gib: float) -> dic
 def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, batch, seed: int,
                    targets: str = REFERENCE_TARGETS, log_every: int = 1, strategy: str = "ddp",
                    variant: str = "", qlora_budget_gib: float = 0) -> dict:
-    method, _, max_len = CASES[case]
+    method, _, max_len = case_spec(case)
     training = {"maxSteps": steps, "batchSize": batch, "gradientAccumulation": 1, "learningRate": 2e-4,
                 "packing": True, "seed": seed, "checkpointEvery": 100000, "logEvery": log_every}
     perf = performance_section(case, variant, qlora_budget_gib)
@@ -326,7 +343,7 @@ def run_case(args) -> dict:
     return {
         "case": args.case + (f"@{args.variant}" if args.variant else ""),
         "method": cfg.method.type,
-        "profile": CASES[args.case][1],
+        "profile": case_spec(args.case)[1],
         "max_length": cfg.dataset.max_length,
         "micro_batch_rows": marks.get("micro_batch"),
         "gradient_checkpointing": marks.get("gradient_checkpointing"),
@@ -527,15 +544,28 @@ def unsloth_env(base: dict, site: str | Path) -> dict:
     return env
 
 
-def parse_unsloth(spec: str) -> list[tuple[int, int]]:
-    """'8x1,2x4' -> [(8, 1), (2, 4)]: rows per micro-batch x gradient accumulation."""
+def parse_unsloth(spec: str) -> list[tuple[int, int, str]]:
+    """'8x1,1x1:qlora-ctx16384' -> [(8, 1, 'qlora-instruct'), (1, 1, 'qlora-ctx16384')]: rows
+    per micro-batch x gradient accumulation, and the case whose data and maxLength it takes
+    (default qlora-instruct)."""
     out = []
     for part in [p for p in spec.split(",") if p]:
-        b, sep, a = part.partition("x")
+        setting, _, case = part.partition(":")
+        b, sep, a = setting.partition("x")
         if not sep or not b.isdigit() or not a.isdigit() or int(b) < 1 or int(a) < 1:
-            raise ValueError(f"--unsloth takes BxA settings such as 8x1, got {part!r}")
-        out.append((int(b), int(a)))
+            raise ValueError(f"--unsloth takes BxA settings such as 8x1 (or 8x1:CASE), got {part!r}")
+        case = case or "qlora-instruct"
+        try:
+            if case_spec(case)[0] != "qlora":
+                raise ValueError(f"--unsloth {part!r}: Unsloth runs the QLoRA cases only")
+        except KeyError:
+            raise ValueError(f"--unsloth {part!r}: unknown case {case!r}") from None
+        out.append((int(b), int(a), case))
     return out
+
+
+def unsloth_name(batch: int, accum: int, case: str) -> str:
+    return f"unsloth-{batch}x{accum}" + ("" if case == "qlora-instruct" else f"-{case}")
 
 
 def unsloth_cmd(python: str, script: str | Path, model_dir: str | Path, data: str | Path, batch: int, accum: int,
@@ -582,7 +612,7 @@ def main() -> int:
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
-    ap.add_argument("--model-shape", default="8b", choices=["8b", "70b"],
+    ap.add_argument("--model-shape", default="8b", choices=["8b", "8b-128k", "70b"],
                     help="Llama-3 shape of the random model (70b: the ZeRO-3 large-model path; about 141 GB on disk)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -645,9 +675,10 @@ def main() -> int:
     for spec in [c for c in args.cases.split(",") if c]:
         case, _, variant = spec.partition("@")
         slug = spec.replace("@", "_")  # file names of this case
-        if case not in CASES:
-            ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}")
-        profile = CASES[case][1]
+        try:
+            profile = case_spec(case)[1]
+        except KeyError:
+            ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}, {CTX_PREFIX}<N>")
         data = work / f"{profile}.jsonl"
         if profile not in data_stats:
             data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
@@ -669,7 +700,7 @@ def main() -> int:
             from launch import launcher_args
 
             ds_file = work / f"deepspeed-{args.strategy}.json"
-            launcher, _, ds = launcher_args(CASES[case][0], args.strategy, args.gpus, work / "unused.yaml", ds_file,
+            launcher, _, ds = launcher_args(case_spec(case)[0], args.strategy, args.gpus, work / "unused.yaml", ds_file,
                                             port=args.port)
             if ds:
                 ds_file.write_text(ds)
@@ -759,11 +790,12 @@ def main() -> int:
         unsloth_info["site"] = str(site)
         targets = ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" if args.targets == "all-linear"
                    else args.targets)
-        data = work / "instruct.jsonl"  # the cases' own instruct rows (same generator, seed and file)
-        if "instruct" not in data_stats:
-            data_stats["instruct"] = make_dataset(data, args.rows, "instruct", seed=args.seed, vocab_size=vocab)
-        for batch, accum in unsloth_settings:
-            name = f"unsloth-{batch}x{accum}"
+        for batch, accum, ucase in unsloth_settings:
+            _, uprofile, umax_len = case_spec(ucase)
+            data = work / f"{uprofile}.jsonl"  # the cases' own rows (same generator, seed and file)
+            if uprofile not in data_stats:
+                data_stats[uprofile] = make_dataset(data, args.rows, uprofile, seed=args.seed, vocab_size=vocab)
+            name = unsloth_name(batch, accum, ucase)
             if "install_error" in unsloth_info:
                 unsloth.append({"name": name, "failed": True, "error": "install failed"})
                 continue
@@ -771,7 +803,7 @@ def main() -> int:
             shutil.rmtree(rdir, ignore_errors=True)
             rdir.mkdir(parents=True)
             cmd = unsloth_cmd(sys.executable, Path(args.unsloth_script).resolve(), work / "models" / name, data, batch,
-                              accum, args.unsloth_steps or args.steps, args.warmup, args.seed, CASES["qlora-instruct"][2],
+                              accum, args.unsloth_steps or args.steps, args.warmup, args.seed, umax_len,
                               targets, rdir / "result.json", rdir / "out", args.log_every)
             _, info = run_reference(name, cmd, unsloth_env(os.environ, site), rdir, work / "models" / name)
             res = json.loads((rdir / "result.json").read_text()) if (rdir / "result.json").is_file() else {
@@ -779,7 +811,11 @@ def main() -> int:
             res.update(info)
             if info["rc"] != 0:
                 res["failed"] = True
-            res["data"] = data_stats["instruct"]
+            if ucase != "qlora-instruct":  # the recipe names its setting only; the case tells the runs apart
+                res["name"] = f"{res.get('name', name)}-{ucase}"
+            res["data"] = data_stats[uprofile]
+            res["case"] = ucase
+            res["max_length"] = umax_len
             unsloth.append(res)
             if not res.get("failed"):
                 print(f"{name}: {res['tokens_per_s']} tok/s, peak train {res['peak_gib_train']} GiB "
@@ -809,8 +845,13 @@ def main() -> int:
             ratios[f"{r['case']}/{ref['name']}"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 2)
     record["ratio_vs_reference"] = ratios
     ok_unsloth = [u for u in unsloth if not u.get("failed") and u.get("tokens_per_s")]
+    # each case against Unsloth on the same data and maxLength ("qlora-ctx16384@allgc-b80" with "...-qlora-ctx16384")
     record["ratio_vs_unsloth"] = {f"{r['case']}/{u['name']}": round(r["tokens_per_s"] / u["tokens_per_s"], 2)
-                                  for r in results if not r.get("failed") for u in ok_unsloth}
+                                  for r in results if not r.get("failed") for u in ok_unsloth
+                                  if r["case"].split("@")[0] == u.get("case", "qlora-instruct")}
+    record["memory_vs_unsloth"] = {f"{r['case']}/{u['name']}": round(r["peak_gib_train"] / u["peak_gib_train"], 2)
+                                   for r in results if not r.get("failed") for u in ok_unsloth
+                                   if r["case"].split("@")[0] == u.get("case", "qlora-instruct") and u.get("peak_gib_train")}
     record["unsloth_vs_reference"] = {f"{u['name']}/{ref['name']}": round(u["tokens_per_s"] / ref["tokens_per_s"], 2)
                                       for u in ok_unsloth for ref in refs}
     record["loss_check"] = loss_checks(results)

@@ -35,6 +35,9 @@ PROFILES = {
     # instruct's lengths, words drawn from a Zipf law: random words teach a random model
     # nothing, these let a loss curve fall, for comparing how two variants learn
     "learn": (math.log(250), 0.6, 24, 2000),
+    # long context (issue 16 item 3): documents of median ~6k tokens, tail to 32k, packed
+    # into rows of 16k-128k tokens; a document longer than dataset.maxLength is truncated
+    "longctx": (math.log(6000), 0.7, 1024, 32768),
 }
 ZIPF = {"learn": (4096, 1.1)}  # profile: (distinct words, exponent)
 
@@ -55,7 +58,12 @@ TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_
 # The large-model path (ZeRO-3 QLoRA): Llama-3-70B shape, about 141 GB in bf16.
 LLAMA3_70B = dict(LLAMA3_8B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                   num_key_value_heads=8)
-SHAPES = {"8b": LLAMA3_8B, "70b": LLAMA3_70B, "tiny": TINY}
+# Long context: Llama-3.1-8B's own config (the 8B shape, 128k positions, llama3 RoPE
+# scaling), so that no recipe rescales RoPE itself past the 8k of Llama-3-8B.
+LLAMA31_8B = dict(LLAMA3_8B, max_position_embeddings=131072,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+SHAPES = {"8b": LLAMA3_8B, "8b-128k": LLAMA31_8B, "70b": LLAMA3_70B, "tiny": TINY}
 SHARD_BYTES = 5 * 2**30
 
 

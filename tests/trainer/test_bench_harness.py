@@ -116,8 +116,13 @@ def test_unsloth_process_sees_only_its_own_target_and_its_recipe_accepts_the_har
     env = run.unsloth_env({"PYTHONPATH": "/tmp/site", "PATH": "/usr/bin", "HF_TOKEN": "x"}, "/tmp/site-unsloth")
     assert env["PYTHONPATH"] == "/tmp/site-unsloth"  # the cases' /tmp/site (trl 1.16, datasets 5) is not on it
     assert env["UNSLOTH_DISABLE_STATISTICS"] == "1" and env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/usr/bin"
-    assert run.parse_unsloth("8x1,2x4") == [(8, 1), (2, 4)] and run.parse_unsloth("") == []
-    for bad in ("8", "8x", "x1", "0x1", "8x1x2", "ax1"):
+    assert run.parse_unsloth("8x1,2x4") == [(8, 1, "qlora-instruct"), (2, 4, "qlora-instruct")]
+    assert run.parse_unsloth("") == []
+    # long context: Unsloth on a long-context case's data and maxLength
+    assert run.parse_unsloth("1x1:qlora-ctx32768") == [(1, 1, "qlora-ctx32768")]
+    assert run.unsloth_name(1, 1, "qlora-ctx32768") == "unsloth-1x1-qlora-ctx32768"
+    assert run.unsloth_name(8, 1, "qlora-instruct") == "unsloth-8x1"
+    for bad in ("8", "8x", "x1", "0x1", "8x1x2", "ax1", "1x1:lora-instruct", "1x1:nothing", "1x1:qlora-ctx12"):
         with pytest.raises(ValueError):
             run.parse_unsloth(bad)
     cmd = run.unsloth_cmd("python3", BENCH.parent / "unsloth_recipe.py", tmp_path / "models" / "unsloth-8x1",
@@ -179,6 +184,24 @@ res = dict(name=f"unsloth_{{a.batch}}x{{a.accum}}", tokens_per_s=50, peak_gib_tr
            tokenizer_config=(model / "tokenizer_config.json").read_text())
 Path(a.result).write_text(json.dumps(res))
 '''
+
+
+def test_long_context_cases_name_their_length():
+    run = _bench_module("run")
+    assert run.case_spec("qlora-ctx16384") == ("qlora", "longctx", 16384)
+    assert run.case_spec("qlora-instruct") == ("qlora", "instruct", 2048)
+    for bad in ("qlora-ctx", "qlora-ctxabc", "qlora-ctx100", "lora-ctx4096"):
+        with pytest.raises(KeyError):
+            run.case_spec(bad)
+    cfg = run.trainer_config("qlora-ctx32768", "/m", "/d.jsonl", "/o", 10, "auto", 42, variant="allgc-b80",
+                             qlora_budget_gib=15.6)
+    assert cfg["dataset"]["maxLength"] == 32768 and cfg["method"]["type"] == "qlora"
+    # the variant's budget wins over the QLoRA cases' default one
+    assert cfg["training"]["performance"] == {"memoryBudgetGiB": 80, "selectiveCheckpointing": "off"}
+    synthetic = _bench_module("synthetic")
+    lengths = synthetic.row_lengths(2000, "longctx", 0)
+    assert min(lengths) >= 1024 and max(lengths) <= 32768 and 4000 < sorted(lengths)[1000] < 8000
+    assert synthetic.SHAPES["8b-128k"]["max_position_embeddings"] == 131072
 
 
 def test_harness_gives_each_recipe_its_own_model_folder_and_unsloth_its_own_target(tmp_path):
