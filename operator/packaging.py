@@ -59,7 +59,8 @@ def chart_roles() -> str:
     text = text.replace("namespace: __NAMESPACE__", "namespace: {{ . }}")
     text = text.replace("namespace: __RELEASE_NAMESPACE__", "namespace: {{ $.Release.Namespace }}")
     text = text.replace("labels: __LABELS__", "labels:\n    {{- include \"kubetune.labels\" $ | nindent 4 }}")
-    return GENERATED_NOTE + "{{- range .Values.watchNamespaces }}\n---\n" + text + "{{- end }}\n"
+    # The note inside the range: with no watchNamespaces the file renders to nothing at all.
+    return "{{- range .Values.watchNamespaces }}\n---\n" + GENERATED_NOTE + text + "{{- end }}\n"
 
 
 def kustomize_cluster_role() -> str:

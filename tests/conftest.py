@@ -7,7 +7,8 @@ run and only when a test asks for it: unit and trainer tests never start it.
 runs that ask (its first build takes minutes). `s3` starts a moto S3 server
 on loopback. Everything started here is stopped
 at the end of the session, on Ctrl-C, and (through atexit and the
-components' parent-death signal) when the run dies.
+components' parent-death signal) when the run dies. `helm` is Helm, built
+the same way as the control plane (cached), for the chart's tests.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -153,6 +157,38 @@ def kueue_queues(cluster, kueue):
     queues = Queues(cluster.api_client())
     yield queues
     queues.cleanup()
+
+
+@dataclass
+class Helm:
+    """Helm (kubetune.devcluster.versions.HELM) with the session's own config,
+    cache and data directories, so no user setting or repository leaks in."""
+
+    binary: Path
+    home: Path
+
+    def __call__(self, *args: str, kubeconfig: Path | None = None, check: bool = True,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+        env = {**os.environ, **{f"HELM_{kind}_HOME": str(self.home / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}}
+        env.pop("KUBECONFIG", None)
+        argv = [str(self.binary), *args, *([f"--kubeconfig={kubeconfig}"] if kubeconfig else [])]
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"helm {' '.join(args)} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def helm(tmp_path_factory) -> Helm:
+    """Helm, built from Go modules on first use (about a minute cold) and then
+    cached under the harness's bin directory like the control plane and Kueue."""
+    from kubetune.devcluster import build
+
+    try:
+        binary = build.ensure_built(wanted=[build.HELM])["helm"]
+    except (build.GoMissingError, build.BuildError) as error:
+        pytest.fail(f"helm could not be built: {error}", pytrace=False)  # never skip, as for `cluster`
+    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,110 @@
+"""The Helm chart, rendered by Helm itself (`helm lint`, `helm template`), in
+both modes: watching every namespace (one ClusterRole with every rule of
+kubetune.operator.rbac.RULES) and watching only `watchNamespaces` (a Role and
+RoleBinding in each of those namespaces with the namespaced rules, and a
+ClusterRole with only the cluster-scoped ones). The install into a real
+control plane is tests/operator/test_chart_install.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubetune.operator import children, rbac
+from kubetune.operator.packaging import ROOT
+
+CHART = ROOT / "charts" / "kubetune"
+RELEASE, RELEASE_NAMESPACE = "kt", "kubetune-system"
+FULLNAME = f"{RELEASE}-operator"
+WATCHED = ["team-a", "team-b"]
+
+Grant = tuple[str, str, str]
+
+
+def grants(rules: list[dict]) -> set[Grant]:
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def values_file(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def render(helm, tmp_path: Path, values: dict) -> list[dict]:
+    out = helm("template", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+               "--values", str(values_file(tmp_path, values))).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def operator_args(docs: list[dict]) -> list[str]:
+    (deployment,) = of_kind(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container["command"]
+
+
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": WATCHED}], ids=["all-namespaces", "watch-namespaces"])
+def test_helm_lint_strict_passes(helm, tmp_path, values):
+    result = helm("lint", "--strict", str(CHART), "--values", str(values_file(tmp_path, values)))
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout, result.stdout
+
+
+def test_all_namespaces_one_cluster_role_with_every_rule(helm, tmp_path):
+    docs = render(helm, tmp_path, {})
+    (role,) = of_kind(docs, "ClusterRole")
+    assert role["metadata"]["name"] == FULLNAME and role["rules"] == rbac.RULES
+    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": FULLNAME}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}]
+    assert of_kind(docs, "Role") == [] and of_kind(docs, "RoleBinding") == []
+    assert "--namespace" not in operator_args(docs)
+
+
+def test_watch_namespaces_grants_roles_in_exactly_those_namespaces(helm, tmp_path):
+    docs = render(helm, tmp_path, {"watchNamespaces": WATCHED})
+    roles, bindings = of_kind(docs, "Role"), of_kind(docs, "RoleBinding")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == WATCHED
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == WATCHED
+    for role in roles:
+        assert role["metadata"]["name"] == FULLNAME
+        assert role["rules"] == rbac.namespaced_rules()
+    for binding in bindings:
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}]
+
+    # The ClusterRole keeps only what a Role cannot grant: cluster-scoped resources.
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == rbac.cluster_scoped_rules()
+    cluster_wide = grants(cluster_role["rules"])
+    assert {(g, r.partition("/")[0]) for g, r, _ in cluster_wide} == set(rbac.CLUSTER_SCOPED)
+    namespaced_kinds = {(k.group, k.plural) for k in children.KINDS} | {
+        ("kubetune.io", "finetunejobs"), ("", "pods"), ("", "events"),
+        ("kueue.x-k8s.io", "localqueues"), ("kueue.x-k8s.io", "workloads")}
+    assert not {(g, r.partition("/")[0]) for g, r, _ in cluster_wide} & namespaced_kinds, cluster_role["rules"]
+    # Scoped differently, the same permissions as the cluster-wide install: nothing lost, nothing added.
+    assert cluster_wide | grants(roles[0]["rules"]) == grants(rbac.RULES)
+    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == FULLNAME
+
+    # And the operator watches exactly those namespaces.
+    args = operator_args(docs)
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == WATCHED
+
+
+def test_the_rendered_rbac_objects_are_the_generated_ones(helm, tmp_path):
+    """What Helm renders is what the generator produces (no template drift between the two)."""
+    docs = render(helm, tmp_path, {"watchNamespaces": ["only"]})
+    (role,) = of_kind(docs, "Role")
+    generated = rbac.role("only", name=FULLNAME)
+    assert role["rules"] == generated["rules"]
+    assert role["metadata"]["labels"]["app.kubernetes.io/name"] == generated["metadata"]["labels"]["app.kubernetes.io/name"]
+    # Every object of the release carries the chart's labels.
+    for doc in docs:
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, json.dumps(doc["metadata"])
