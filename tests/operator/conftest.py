@@ -126,15 +126,17 @@ class OperatorProcess:
 @pytest.fixture
 def start_operator(operator_kubeconfig, tmp_path, request):
     """Factory: `start_operator(namespace, **env)` -> a running OperatorProcess
-    watching `namespace`. Short intervals keep the suite fast; production
-    defaults come from OperatorSettings."""
+    watching `namespace` (or each namespace of a list). Short intervals keep the
+    suite fast; production defaults come from OperatorSettings. `kubeconfig=`
+    runs it under another identity than the chart's ClusterRole."""
     started: list[OperatorProcess] = []
 
-    def start(namespace: str, **extra_env: str) -> OperatorProcess:
+    def start(namespace: str | list[str], kubeconfig: Path | None = None, **extra_env: str) -> OperatorProcess:
         metrics_port, health_port = free_ports(2)
+        namespaces = [namespace] if isinstance(namespace, str) else list(namespace)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")},
-            "KUBECONFIG": str(operator_kubeconfig),
+            "KUBECONFIG": str(kubeconfig or operator_kubeconfig),
             "KUBETUNE_RECONCILE_INTERVAL": "0.5",
             "KUBETUNE_METRICS_PORT": str(metrics_port),
             "KUBETUNE_TRAINER_IMAGE": "registry.test/kubetune:test",
@@ -146,7 +148,8 @@ def start_operator(operator_kubeconfig, tmp_path, request):
         log_path = tmp_path / f"operator-{len(started)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [str(KUBETUNE), "operator", "--namespace", namespace, "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
+                [str(KUBETUNE), "operator", *(a for ns in namespaces for a in ("--namespace", ns)),
+                 "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )
         op = OperatorProcess(proc, log_path, metrics_port, health_port, env)
