@@ -14,7 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from kubetune.contract.facts import API_VERSION
+
 FIELD_MANAGER = "kubetune-operator"
+# Named here, not imported from the API package, so that this table stays importable on its own.
+ADAPTER_SERVER_KIND = "AdapterServer"
+ADAPTER_SERVER_PLURAL = "adapterservers"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,9 @@ class ChildKind:
     watch: bool = False  # listed and watched (its changes trigger the owner's reconcile)
     per_revision: bool = False  # one per revision: listed, and deleted once a newer revision took over
     extra_verbs: tuple[str, ...] = ()
+    # Owned by several FineTuneJobs (the shared adapter server): each applies its own part under a field
+    # manager of its own (owner_manager), so the parts merge instead of overwriting.
+    shared: bool = False
 
     @property
     def group(self) -> str:
@@ -67,11 +75,21 @@ KINDS: tuple[ChildKind, ...] = (
     # Deleted when spec.serving.autoscaling is removed (the Deployment's replicas are the operator's again).
     ChildKind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", applied=True,
               extra_verbs=("delete",)),
+    # Adapter mode's shared server (operator/adapter_servers.py): applied by each job in it; the server
+    # pass prunes departed jobs' entries (patch) and deletes a server left without adapters.
+    ChildKind(API_VERSION, ADAPTER_SERVER_KIND, ADAPTER_SERVER_PLURAL, applied=True, watch=True, shared=True,
+              extra_verbs=("delete",)),
 )
 BY_KIND: dict[tuple[str, str], ChildKind] = {(k.api_version, k.kind): k for k in KINDS}
 
 # Per-revision kinds: removed once a newer revision has taken over.
 REVISION_KINDS: tuple[ChildKind, ...] = tuple(k for k in KINDS if k.per_revision)
+
+
+def owner_manager(uid: str) -> str:
+    """The field manager of one owner's part of a shared object (ChildKind.shared): server-side apply
+    keeps the parts of different managers apart, and an owner's empty apply removes its part only."""
+    return f"kubetune-job-{uid}"
 
 
 def kind_of(obj: dict) -> ChildKind:

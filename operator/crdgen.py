@@ -233,6 +233,61 @@ def render_tenant_policy_crd() -> str:
     return HEADER + yaml.safe_dump(build_tenant_policy_crd(), sort_keys=False, width=120)
 
 
+ADAPTER_SERVER_CRD_PATH = CRD_PATH.with_name("adapterserver.yaml")
+
+
+def build_adapter_server_crd() -> dict[str, Any]:
+    """The AdapterServer CRD (operator/api/adapterserver.py): adapter mode's shared vLLM server."""
+    from .api import adapterserver as api
+
+    status = schema_of(api.AdapterServerStatus)
+    status.pop("required", None)
+    root = {
+        "type": "object",
+        "description": "AdapterServer: one vLLM server of a base model carrying the adapters of the FineTuneJobs "
+        "that own it (serving.mode adapter). Created and deleted by the operator.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": schema_of(api.AdapterServerSpec, frozenset({"serving", "storage"})),
+            "status": status,
+        },
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": api.LIST_KIND,
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": list(CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": api.PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": root},
+                }
+            ],
+        },
+    }
+
+
+def render_adapter_server_crd() -> str:
+    return HEADER + yaml.safe_dump(build_adapter_server_crd(), sort_keys=False, width=120)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 

@@ -9,6 +9,9 @@ What triggers a FineTuneJob's reconcile:
 - watch events of its Jobs, their Pods and its Deployment (server-side
   filtered on the `kubetune.io/job` label, which names the owner) that can
   change what a pass decides (`triggers.ChildSignals`);
+- in adapter mode, any event of its shared AdapterServer (whose own pass,
+  a second queue keyed by the server, is triggered by the server's events
+  and its Deployment's);
 - a resync `reconcile_interval` after each pass: the slow safety net.
 With `reconcile_on_events` off, only the FineTuneJob's first sighting and the
 resync do, which is how the operator behaved before (a 10 s kopf timer).
@@ -32,28 +35,35 @@ import kopf
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.contract.facts import GROUP, LABEL_JOB, PLURAL, VERSION
+from kubetune.contract.facts import API_VERSION, GROUP, LABEL_JOB, LABEL_MANAGED_BY, MANAGED_BY, PLURAL, VERSION
 
-from . import metrics, triggers
+from . import adapter_servers, metrics, triggers
+from .api.adapterserver import KIND as SERVER_KIND
+from .api.adapterserver import PLURAL as SERVER_PLURAL
 from .children import KINDS
 from .essence import LeanDiffBaseStorage, LeanProgressStorage
 from .kube import ChildConflict, Kube, load_config
-from .reconcile import cleanup_artifacts, reconcile
+from .reconcile import cleanup_artifacts, reconcile, reconcile_server
 from .settings import OperatorSettings
 
 SETTINGS = OperatorSettings.from_env()
 log = logging.getLogger("kubetune.operator")
 _kube: Optional[Kube] = None
 _queue: Optional[triggers.ReconcileQueue] = None
+_servers: Optional[triggers.ReconcileQueue] = None  # adapter mode's shared servers, by (namespace, name)
 
 # Children whose changes decide a FineTuneJob's next step: the kinds the children
 # table marks `watch` (Jobs, the Deployment), plus the Pods of the stage Jobs
 # (stuck waiting reasons, Unschedulable, failures: the Job object itself does
 # not change for those).
 WATCHED: tuple[tuple[str, str], ...] = (
-    *((k.api_version, k.plural) for k in KINDS if k.watch),
+    *((k.api_version, k.plural) for k in KINDS if k.watch and not k.shared),
     ("v1", "pods"),
 )
+# The server-side label filter per watched kind: a job's children carry its name; Deployments are
+# also a shared adapter server's (labelled with the server, not a job), so for them the filter is
+# the label every child of the operator carries, and the handlers tell the two apart.
+SELECTORS: dict[str, str] = {"deployments": f"{LABEL_MANAGED_BY}={MANAGED_BY}"}
 
 
 def _client() -> Kube:
@@ -66,7 +76,7 @@ def _client() -> Kube:
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _queue
+    global _queue, _servers
     # Everything kopf stores on our objects lives under our own prefix.
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = LeanProgressStorage(prefix=GROUP)
@@ -78,7 +88,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Only the operator's children, filtered by the API server: without this kopf
     # would list and watch every Pod, Job and Deployment in the watched namespaces.
     for api_version, plural in WATCHED:
-        settings.watching.label_selectors[api_version, plural] = LABEL_JOB
+        settings.watching.label_selectors[api_version, plural] = SELECTORS.get(plural, LABEL_JOB)
     # kopf turns log lines of this level and above into Events on the object;
     # our transitions are posted explicitly (kopf.event), so only warnings go.
     settings.posting.level = logging.WARNING
@@ -94,14 +104,17 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         # Timer-only (the behaviour before events): one pass per interval, nothing in between.
         requeue_on_write=SETTINGS.reconcile_on_events,
     )
+    _servers = triggers.ReconcileQueue(_server_pass, resync=SETTINGS.reconcile_interval, workers=2,
+                                       requeue_on_write=False)
     log.info("reconciles: %s, resync every %.1fs", "on events" if SETTINGS.reconcile_on_events else "timer only",
              SETTINGS.reconcile_interval)
 
 
 @kopf.on.cleanup()
 async def stop_queue(**_: Any) -> None:
-    if _queue is not None:
-        await _queue.close()
+    for queue in (_queue, _servers):
+        if queue is not None:
+            await queue.close()
 
 
 def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
@@ -144,6 +157,25 @@ def _reconcile_pass(key: triggers.Key) -> triggers.Pass:
         raise
     return triggers.Pass(wrote=out["metadata"]["resourceVersion"], announced=kube.announced,
                          transition="phase" in status and status["phase"] != (body.get("status") or {}).get("phase"))
+
+
+def _server_pass(key: triggers.Key) -> triggers.Pass:
+    """One pass over a shared adapter server (reconcile.reconcile_server), read afresh."""
+    namespace, name = key
+    kube = _client()
+    server = kube.get(API_VERSION, SERVER_KIND, namespace, name)
+    if server is None:
+        return triggers.Pass(exists=False)
+    status = reconcile_server(server, kube, SETTINGS)
+    if not status:
+        return triggers.Pass()
+    try:
+        kube.patch_status(API_VERSION, SERVER_KIND, namespace, name, status)
+    except ApiException as e:
+        if e.status == 404:
+            return triggers.Pass(exists=False)
+        raise
+    return triggers.Pass()
 
 
 class _Announcing:
@@ -196,6 +228,27 @@ async def child_changed(event: kopf.RawEvent, body: kopf.Body, resource: kopf.Re
 if SETTINGS.reconcile_on_events:
     for _api_version, _plural in WATCHED:
         kopf.on.event(_api_version, _plural, labels={LABEL_JOB: kopf.PRESENT}, id=f"child_changed/{_plural}")(child_changed)
+
+
+@kopf.on.event(GROUP, VERSION, SERVER_PLURAL)
+async def adapter_server_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A shared server changed (a job joined or left, a sidecar reported an adapter, its own status):
+    the server's pass runs, and so do its jobs' (they read its status)."""
+    key = triggers.key_of(body)
+    if event.get("type") == "DELETED":
+        _servers.forget(key)
+    else:
+        _servers.trigger(key, SERVER_PLURAL)
+    for job in adapter_servers.owners(body):
+        _queue.trigger((key[0], job), SERVER_PLURAL)
+
+
+@kopf.on.event("apps/v1", "deployments", labels={adapter_servers.LABEL_SERVER: kopf.PRESENT})
+async def server_deployment_changed(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    """A shared server's Deployment rolled out, lost a replica, failed: its server's status follows."""
+    meta = body.get("metadata") or {}
+    _servers.trigger((meta.get("namespace") or "", (meta.get("labels") or {})[adapter_servers.LABEL_SERVER]),
+                     "deployments")
 
 
 def _deletes_artifacts(spec: kopf.Spec, **_: Any) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from .children import FIELD_MANAGER, BY_KIND, ChildKind, kind_of
+from .children import FIELD_MANAGER, BY_KIND, ChildKind, kind_of, owner_manager
 
 
 class ChildConflict(Exception):
@@ -121,21 +121,58 @@ class Kube:
             _check_owner(obj, existing)
         return False  # deleted in between: the next reconcile creates it again
 
-    def _apply(self, k: ChildKind, obj: dict[str, Any]) -> bool:
+    def _apply(self, k: ChildKind, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> bool:
         meta = obj["metadata"]
         existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
-        if existing is not None:
+        if existing is not None and not k.shared:
             _check_owner(obj, existing)
+        if k.shared:
+            # Each owner's part under its own manager (children.ChildKind.shared).
+            manager = shared_manager(obj)
         out = self._call(
             "PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
-            query=[("fieldManager", FIELD_MANAGER), ("force", "true")], content_type="application/apply-patch+yaml",
+            query=[("fieldManager", manager), ("force", "true")], content_type="application/apply-patch+yaml",
         )
         before = (existing or {}).get("metadata", {}).get("resourceVersion")
         return out.get("metadata", {}).get("resourceVersion") != before
 
+    def leave(self, obj: dict[str, Any], owner_uid: str) -> None:
+        """Apply `obj` (names only) as owner `owner_uid`: its part of a shared object goes."""
+        k = kind_of(obj)
+        meta = obj["metadata"]
+        try:
+            self._call("PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
+                       query=[("fieldManager", owner_manager(owner_uid)), ("force", "true")],
+                       content_type="application/apply-patch+yaml")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def json_patch(self, api_version: str, kind: str, namespace: str, name: str, ops: list[dict[str, Any]]) -> bool:
+        """A JSON patch (guarded by its own `test` ops); False when a test failed or the object is gone."""
+        try:
+            self._call("PATCH", BY_KIND[(api_version, kind)].path(namespace, name), body=ops,
+                       query=[("fieldManager", FIELD_MANAGER)], content_type="application/json-patch+json")
+            return True
+        except ApiException as e:
+            if e.status in (404, 409, 422):
+                return False
+            raise
+
+    def patch_status(self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+        path = BY_KIND[(api_version, kind)].path(namespace, name) + "/status"
+        self._call("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")
+
     def list_pods(self, namespace: str, selector: dict[str, str]) -> list[dict[str, Any]]:
         resp = self.core.list_namespaced_pod(namespace, label_selector=_selector(selector), _preload_content=False)
         return json.loads(resp.data).get("items", [])
+
+
+def shared_manager(obj: dict[str, Any]) -> str:
+    refs = obj["metadata"].get("ownerReferences") or []
+    if len(refs) != 1:
+        raise ValueError(f"{obj['kind']} {obj['metadata']['name']}: a shared object is applied by exactly one owner")
+    return owner_manager(refs[0]["uid"])
 
 
 def _check_owner(obj: dict[str, Any], existing: dict[str, Any]) -> None:

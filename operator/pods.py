@@ -117,7 +117,11 @@ def container_security_context(read_only_root: bool = True) -> dict[str, Any]:
 
 def s3_env(job: FineTuneJob) -> list[dict[str, Any]]:
     """docs/contracts.md "S3 access in pods": secrets by reference only."""
-    storage = job.spec.storage
+    return s3_env_for(job.spec.storage)
+
+
+def s3_env_for(storage: Any) -> list[dict[str, Any]]:
+    """The S3 environment of a pod reading with `storage` (a spec.storage)."""
     env: list[dict[str, Any]] = []
     if storage.endpoint_url:
         env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint_url})

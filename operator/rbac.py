@@ -42,6 +42,11 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     # Children (generated from the children table).
     *_children_rules(),
+    # Adapter mode's shared server (a child in the table above): its status is the operator's and its
+    # loader sidecar's (the loader's Role grants get/patch of one server's status, which RBAC lets the
+    # operator grant only while it holds them); its own children block its deletion like a job's.
+    {"apiGroups": [GROUP], "resources": ["adapterservers/status"], "verbs": ["get", "patch"]},
+    {"apiGroups": [GROUP], "resources": ["adapterservers/finalizers"], "verbs": ["update"]},
     # Kueue's LocalQueues: read only, to say "queue not found" instead of a Job suspended for ever.
     {"apiGroups": ["kueue.x-k8s.io"], "resources": ["localqueues"], "verbs": ["get"]},
     # Kueue's Workloads: read only, to put Kueue's own reason (quota, preemption) in the job's condition.

@@ -18,13 +18,13 @@ from typing import Any, Callable, Optional
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune.contract.facts import LABEL_JOB, LABEL_REVISION
+from kubetune.contract.facts import API_VERSION, LABEL_JOB, LABEL_REVISION
 
-from . import children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages, tenancy
+from . import adapter_servers, children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages, tenancy
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
-from .outcomes import StageOutcome, job_outcome
+from .outcomes import StageOutcome, deployment_outcome, job_outcome
 from .pods import selector_labels
 from .settings import OperatorSettings
 
@@ -186,6 +186,13 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         message = f"the API server refused a child: {_api_message(e)}"
         emit("Warning", "ChildRejected", message)
         decision = lifecycle.stall(decision, "ChildRejected", message)
+    joined = status.get("adapterServer")
+    if joined and joined != adapter_servers.wanted_server(job):
+        # The spec moved away from that shared server (another base model or settings, merged mode,
+        # serving off): the job's entry and owner reference there go; the server pass does the rest.
+        kube.leave(adapter_servers.leave_intent(joined, job.metadata.namespace), job.metadata.uid or "")
+        if "adapterServer" not in decision.status:
+            decision.status["adapterServer"] = None
     if any(r.get("id") != rev for r in status.get("revisions") or []):
         for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
             emit("Normal", "SupersededChildDeleted", f"{name} of an earlier revision deleted")
@@ -235,3 +242,37 @@ def _unchanged(status: dict[str, Any], patch: dict[str, Any]) -> bool:
         elif current != value:
             return False
     return True
+
+
+# ---------------------------------------------------------------- adapter mode's shared servers
+
+
+def reconcile_server(server: dict[str, Any], kube: Kube, settings: OperatorSettings) -> Optional[dict[str, Any]]:
+    """One pass over an AdapterServer: prune entries of departed jobs, delete a server left without
+    adapters, apply its children for the adapters it carries. Returns its status merge patch (None:
+    nothing to change, or the pass changed the object itself and its watch event brings the next)."""
+    meta = server["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
+        return None
+    ops = adapter_servers.prune_patch(server)
+    if ops:
+        if kube.json_patch(API_VERSION, "AdapterServer", ns, name, ops):
+            log.info("adapter server %s/%s: removed the entries of departed jobs", ns, name)
+        return None
+    if not adapter_servers.live_adapters(server):
+        # Its last job left (serving off, merged mode, another base model): its children go with it
+        # (garbage collection). A server whose jobs were all deleted is the collector's own work.
+        if kube.delete(API_VERSION, "AdapterServer", ns, name):
+            log.info("adapter server %s/%s: no adapters left, deleted", ns, name)
+        return None
+    for obj in adapter_servers.server_objects(server, settings):
+        if kube.ensure(obj):
+            metrics.CHILDREN_CREATED.labels(kind=obj["kind"]).inc()
+            log.info("applied %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+    deployment = kube.get("apps/v1", "Deployment", ns, name)
+    pods = kube.list_pods(ns, {adapter_servers.LABEL_SERVER: name}) if deployment else []
+    outcome = deployment_outcome(deployment, pods, settings.serving_max_restarts)
+    current = server.get("status") or {}
+    patch = adapter_servers.server_status(server, outcome, settings, current.get("conditions"))
+    return None if _unchanged(current, patch) else patch

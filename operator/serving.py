@@ -1,10 +1,10 @@
 """vLLM serving of the result (pure builders).
 
-`BUILDERS` is the seam between serving modes, and the one list of the modes
-this operator can serve (the serve stage's admission rule is made from it):
-"merged" serves `<output>/merged/` straight from S3 (vLLM's Run:ai model
-streamer). "adapter" (hot-loading the adapter onto a shared base-model
-server) has no builder yet, so the API server refuses it at admission.
+Merged mode serves `<output>/merged/` straight from S3 (vLLM's Run:ai model
+streamer) with a server of the job's own. The builders are written over the
+serving settings rather than the job where adapter mode's shared server
+(adapter_servers.py) uses them too. `stages.SERVING_MODES` is the one list of
+the modes.
 
 What a merged-mode job gets (docs/serving.md says why for each):
 
@@ -31,13 +31,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from kubetune.contract.facts import MERGED
 
 from . import names, pods, revisions
 from .api import FineTuneJob
+from .api.adapterserver import ServerServing
+from .api.spec import SecretKeyRef, ServingSpec, StorageSpec
 from .settings import OperatorSettings
+
+# A job's spec.serving or a shared adapter server's settings: the fields a vLLM server is built from.
+Serving = Union[ServingSpec, ServerServing]
 
 PORT = 8000
 CONTAINER = "vllm"
@@ -84,19 +89,27 @@ def quantity_bytes(quantity: str) -> int:
 def streamer_memory_limit(job: FineTuneJob) -> int:
     """Bytes the Run:ai streamer may buffer in host memory: half the pod's memory, so that streaming
     (and vLLM's own host allocations beside it) stay inside the limit instead of getting OOM-killed."""
-    return quantity_bytes(job.spec.serving.memory) // 2
+    return _streamer_limit(job.spec.serving)
+
+
+def _streamer_limit(s: Serving) -> int:
+    return quantity_bytes(s.memory) // 2
 
 
 def vllm_args(job: FineTuneJob, model: str, settings: Optional[OperatorSettings] = None) -> list[str]:
-    settings = settings or OperatorSettings()
-    s = job.spec.serving
+    return server_args(job.spec.serving, model, served_model_name(job), settings or OperatorSettings())
+
+
+def server_args(s: Serving, model: str, served_name: str, settings: OperatorSettings) -> list[str]:
+    """`vllm serve` of `model` from S3 with the settings `s` (a job's spec.serving, or a shared
+    adapter server's): the part merged and adapter servers have in common."""
     args = [
         "vllm", "serve", model,
         "--host", "0.0.0.0",
         "--port", str(PORT),
-        "--served-model-name", served_model_name(job),
+        "--served-model-name", served_name,
         "--load-format", "runai_streamer",
-        "--model-loader-extra-config", json.dumps({"memory_limit": streamer_memory_limit(job)}),
+        "--model-loader-extra-config", json.dumps({"memory_limit": _streamer_limit(s)}),
         "--tensor-parallel-size", str(s.gpus),
         # On SIGTERM vLLM stops taking requests and finishes those in flight for up to this long
         # (0 would abort them); the pod's grace period covers it.
@@ -117,34 +130,46 @@ def verify_args(job: FineTuneJob) -> list[str]:
             "--tensor-parallel-size", str(job.spec.serving.gpus)]
 
 
-def _env(job: FineTuneJob) -> list[dict[str, Any]]:
-    env = pods.s3_env(job) + [
+def server_env(s: Serving, storage: StorageSpec, middleware: bool) -> list[dict[str, Any]]:
+    env = pods.s3_env_for(storage) + [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/huggingface"},
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
     ]
-    if job.spec.storage.endpoint_url:
+    if storage.endpoint_url:
         # S3-compatible servers usually want path-style addressing.
         env.append({"name": "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "value": "0"})
-    ref = job.spec.serving.api_key_secret_ref
-    if ref:
-        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if s.api_key_secret_ref:
+        env.append(api_key_env(s.api_key_secret_ref))
+    if middleware:
         env.append({"name": "PYTHONPATH", "value": AUTH_DIR})
     return env
 
 
+def api_key_env(ref: SecretKeyRef) -> dict[str, Any]:
+    return {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
 def auth_config_map_name(job: FineTuneJob) -> str:
+    return auth_name(names.serving(job.metadata.name))
+
+
+def auth_name(server: str) -> str:
     # Named by content: ConfigMaps are created once, so a new middleware (operator upgrade) is a new name
     # and the Deployment's rollout moves to it.
     digest = hashlib.sha256(AUTH_SOURCE.read_bytes()).hexdigest()[:8]
-    return f"{names.serving(job.metadata.name)}-auth-{digest}"
+    return f"{server}-auth-{digest}"
 
 
 def auth_config_map(job: FineTuneJob) -> dict[str, Any]:
+    return auth_config_map_for(pods.metadata(job, auth_config_map_name(job), "serve"))
+
+
+def auth_config_map_for(metadata: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": pods.metadata(job, auth_config_map_name(job), "serve"),
+        "metadata": metadata,
         "data": {f"{AUTH_MODULE}.py": AUTH_SOURCE.read_text(encoding="utf-8")},
     }
 
@@ -180,25 +205,21 @@ def _verify_container(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
     }
 
 
-def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
-    s = job.spec.serving
-    name = names.serving(job.metadata.name)
+def vllm_container(s: Serving, storage: StorageSpec, command: list[str], settings: OperatorSettings,
+                   middleware: bool, extra_env: tuple[dict[str, Any], ...] = (),
+                   extra_mounts: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+    """The vLLM container of a merged or a shared adapter server."""
     health = {"httpGet": {"path": "/health", "port": "http"}}
     period = 10
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[dict[str, Any]] = [
-        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-        {"name": "tmp", "emptyDir": {}},
-    ]
-    if s.api_key_secret_ref:
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "tmp", "mountPath": "/tmp"}, *extra_mounts]
+    if middleware:
         mounts.append({"name": "auth", "mountPath": AUTH_DIR, "readOnly": True})
-        volumes.append({"name": "auth", "configMap": {"name": auth_config_map_name(job)}})
-    container = {
+    return {
         "name": CONTAINER,
         "image": settings.vllm_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": vllm_args(job, merged_model_uri(job), settings),
-        "env": _env(job),
+        "command": command,
+        "env": server_env(s, storage, middleware) + list(extra_env),
         "ports": [{"name": "http", "containerPort": PORT}],
         # Requests, not only GPUs: a pod without CPU/memory requests is BestEffort (evicted first) while the
         # streamer holds weights in host memory. Memory limit = request (no overcommit of the buffer).
@@ -217,61 +238,99 @@ def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
         # vLLM compiles kernels into caches under the image's paths.
         "securityContext": pods.container_security_context(read_only_root=False),
     }
+
+
+def server_volumes(auth_config_map: Optional[str]) -> list[dict[str, Any]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if auth_config_map:
+        volumes.append({"name": "auth", "configMap": {"name": auth_config_map}})
+    return volumes
+
+
+def server_deployment(*, metadata: dict[str, Any], selector: dict[str, str], template_metadata: dict[str, Any],
+                      s: Serving, service_account: str, settings: OperatorSettings, containers: list[dict[str, Any]],
+                      volumes: list[dict[str, Any]], init_containers: list[dict[str, Any]],
+                      replicas: Optional[int], extra_pod_spec: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A vLLM Deployment; `replicas` None leaves the count to an autoscaler (server-side apply then
+    never resets it)."""
     pod_spec = {
-        "serviceAccountName": pods.service_account_for_stages(job),
+        "serviceAccountName": service_account,
         "automountServiceAccountToken": False,
         "securityContext": pods.pod_security_context(settings),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": grace_period_seconds(settings),
-        "initContainers": [_verify_container(job, settings)],
-        "containers": [container],
+        "initContainers": init_containers,
+        "containers": containers,
         "volumes": volumes,
         **pods.gpu_scheduling(s.gpu_type),
+        **(extra_pod_spec or {}),
     }
     spec: dict[str, Any] = {
         "progressDeadlineSeconds": progress_deadline_seconds(settings),
-        "selector": {"matchLabels": pods.selector_labels(job, "serve")},
-        "template": {"metadata": pods.pod_template_metadata(job, "serve"), "spec": pod_spec},
+        "selector": {"matchLabels": selector},
+        "template": {"metadata": template_metadata, "spec": pod_spec},
     }
-    if s.autoscaling is None:
+    if replicas is not None:
+        spec = {"replicas": replicas, **spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}
+
+
+def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    s = job.spec.serving
+    auth = auth_config_map_name(job) if s.api_key_secret_ref else None
+    container = vllm_container(s, job.spec.storage, vllm_args(job, merged_model_uri(job), settings), settings,
+                               middleware=auth is not None)
+    return server_deployment(
+        metadata=pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        selector=pods.selector_labels(job, "serve"),
+        template_metadata=pods.pod_template_metadata(job, "serve"),
+        s=s, service_account=pods.service_account_for_stages(job), settings=settings,
+        containers=[container], volumes=server_volumes(auth), init_containers=[_verify_container(job, settings)],
         # With an autoscaler the field is left out: server-side apply then never resets the HPA's count.
-        spec = {"replicas": s.replicas, **spec}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": pods.metadata(job, name, "serve"),
-        "spec": spec,
-    }
+        replicas=s.replicas if s.autoscaling is None else None,
+    )
 
 
 def service(job: FineTuneJob) -> dict[str, Any]:
+    return service_for(pods.metadata(job, names.serving(job.metadata.name), "serve"), pods.selector_labels(job, "serve"))
+
+
+def service_for(metadata: dict[str, Any], selector: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
-        "spec": {
-            "selector": pods.selector_labels(job, "serve"),
-            "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
-        },
+        "metadata": metadata,
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
     }
 
 
 def allowed_namespaces(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    return allowed_namespaces_for(job.metadata.namespace, settings)
+
+
+def allowed_namespaces_for(namespace: str, settings: OperatorSettings) -> list[str]:
     extra = [n.strip() for n in settings.serving_allowed_namespaces.split(",") if n.strip()]
-    return sorted({job.metadata.namespace, *extra})
+    return sorted({namespace, *extra})
 
 
 def network_policy(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
-    """Ingress to the vLLM pods: the vLLM port, from the job's namespace and the installation's
+    return network_policy_for(pods.metadata(job, names.serving(job.metadata.name), "serve"),
+                              pods.selector_labels(job, "serve"), allowed_namespaces(job, settings))
+
+
+def network_policy_for(metadata: dict[str, Any], selector: dict[str, str], allowed: list[str]) -> dict[str, Any]:
+    """Ingress to the vLLM pods: the vLLM port, from the server's namespace and the installation's
     serving_allowed_namespaces; everything else is denied (a NetworkPolicy that selects a pod denies what
     it does not allow). Egress stays open: the pods stream from S3 endpoints the operator cannot enumerate."""
-    allowed = allowed_namespaces(job, settings)
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        "metadata": metadata,
         "spec": {
-            "podSelector": {"matchLabels": pods.selector_labels(job, "serve")},
+            "podSelector": {"matchLabels": selector},
             "policyTypes": ["Ingress"],
             "ingress": [{
                 "from": [{"namespaceSelector": {"matchExpressions": [
@@ -283,15 +342,20 @@ def network_policy(job: FineTuneJob, settings: OperatorSettings) -> dict[str, An
 
 
 def pod_disruption_budget(job: FineTuneJob) -> dict[str, Any]:
+    return pod_disruption_budget_for(pods.metadata(job, names.serving(job.metadata.name), "serve"),
+                                     pods.selector_labels(job, "serve"))
+
+
+def pod_disruption_budget_for(metadata: dict[str, Any], selector: dict[str, str]) -> dict[str, Any]:
     """Voluntary disruptions (node drains) take one vLLM pod at a time. maxUnavailable, not minAvailable:
     a single replica can still be drained; a crash-looping pod never blocks a drain."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
-        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        "metadata": metadata,
         "spec": {
             "maxUnavailable": 1,
-            "selector": {"matchLabels": pods.selector_labels(job, "serve")},
+            "selector": {"matchLabels": selector},
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
@@ -332,9 +396,3 @@ def merged_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[st
     if job.spec.serving.autoscaling is not None:
         objs.append(autoscaler(job))
     return objs
-
-
-# serving.mode -> its children, in creation order.
-BUILDERS: dict[str, Callable[[FineTuneJob, OperatorSettings], list[dict[str, Any]]]] = {
-    "merged": merged_objects,
-}

@@ -38,6 +38,10 @@ class OperatorSettings:
     # the platform's ingress controller, its Prometheus. An installation setting, not a spec field: a
     # FineTuneJob names nothing outside its namespace (docs/multi-tenancy.md).
     serving_allowed_namespaces: str = ""
+    # Adapter mode: GPU slots (--max-loras) of a shared server at most. Each slot reserves GPU memory for
+    # an adapter of the server's --max-lora-rank on every layer; adapters beyond it wait in the CPU
+    # cache (--max-cpu-loras holds them all) and are swapped in per request.
+    adapter_max_gpu_loras: int = 8
     image_pull_policy: str = "IfNotPresent"
     # Reconciles follow events (the FineTuneJob's and its children's); this is
     # the resync, the safety net for what no watched object announces (a

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from kubetune.contract import facts
+from kubetune.contract import vllm as pin
 from kubetune.contract.rules import Rule
 
-from . import configmaps, job_rbac, names, revisions, serving, stage_jobs, training
+from . import adapter_servers, configmaps, job_rbac, names, revisions, serving, stage_jobs, training
 from .api import FineTuneJob
 from .api.spec import FineTuneJobSpec
 from .outcomes import StageOutcome, deployment_outcome, job_outcome, queue_state
@@ -108,6 +109,15 @@ def _observe_job(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
     return outcome
 
 
+def _observe_adapter(kube: "Kube", job: FineTuneJob) -> StageOutcome:
+    """The job's adapter on its shared server: the server's Deployment and what its sidecars reported."""
+    ns, name = job.metadata.namespace, adapter_servers.server_name(job)
+    server = kube.get(facts.API_VERSION, "AdapterServer", ns, name)
+    dep = kube.get("apps/v1", "Deployment", ns, name) if server else None
+    pods = kube.list_pods(ns, {adapter_servers.LABEL_SERVER: name}) if dep else []
+    return adapter_servers.job_outcome(job, server, dep, pods, OperatorSettings.from_env().serving_max_restarts)
+
+
 def _observe_deployment(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutcome:
     ns, name = job.metadata.namespace, names.serving(job.metadata.name)
     if job.spec.serving.autoscaling is None:
@@ -145,19 +155,71 @@ def _evaluation_gate(job: FineTuneJob, outcome: StageOutcome) -> Optional[str]:
     return None
 
 
+@dataclass(frozen=True)
+class ServingMode:
+    """One value of spec.serving.mode: what the job's serve stage applies, how it reads the outcome, and
+    where clients go."""
+
+    children: Builder
+    observe: Callable[["Kube", FineTuneJob], StageOutcome]
+    endpoint: Callable[[FineTuneJob], dict[str, str]]
+
+
+SERVING_MODES: dict[str, ServingMode] = {
+    # A server of the job's own, serving merged/.
+    "merged": ServingMode(serving.merged_objects, lambda kube, job: _observe_deployment(kube, job, "serve"),
+                          serving.endpoint),
+    # The job's entry on the shared server of its base model (the server's own children are the server
+    # pass's: handlers.py, adapter_servers.server_objects).
+    "adapter": ServingMode(lambda job, settings: [adapter_servers.intent(job)], _observe_adapter,
+                           adapter_servers.endpoint),
+}
+
+
+def endpoint(job: FineTuneJob) -> dict[str, str]:
+    return SERVING_MODES[job.spec.serving.mode].endpoint(job)
+
+
 def _serve_children(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
-    return serving.BUILDERS[job.spec.serving.mode](job, settings)
+    return SERVING_MODES[job.spec.serving.mode].children(job, settings)
 
 
 def _serving_modes_rule() -> Rule:
-    modes = sorted(serving.BUILDERS)
+    modes = sorted(SERVING_MODES)
     listed = ", ".join(f"'{m}'" for m in modes)
     return Rule(
         cel=f"!self.serving.enabled || self.serving.mode in [{listed}]",
         message=f"this operator version serves {' and '.join(modes)} models only; "
         "set serving.mode: merged or serving.enabled: false",
         field_path=".serving.mode",
-        check=lambda s: not s.serving.enabled or s.serving.mode in serving.BUILDERS,
+        check=lambda s: not s.serving.enabled or s.serving.mode in SERVING_MODES,
+    )
+
+
+def _adapter_mode_rules() -> tuple[Rule, ...]:
+    """What a shared vLLM server cannot do with a job's adapter: refused at admission, before training
+    (kubetune.contract.vllm.lora_problems is the same predicate; tests/vllm checks it against vLLM)."""
+    when = "!self.serving.enabled || self.serving.mode != 'adapter' || "
+    adapter = lambda s: s.serving.enabled and s.serving.mode == "adapter"  # noqa: E731
+    saveable = ", ".join(f"'{m}'" for m in pin.SAVEABLE_MODULES)
+    return (
+        Rule(cel=when + f"self.method.r <= {pin.MAX_LORA_RANK}",
+             message=f"serving.mode adapter: vLLM serves LoRA ranks up to {pin.MAX_LORA_RANK} (method.r)",
+             field_path=".method.r", check=lambda s: not adapter(s) or s.method.r <= pin.MAX_LORA_RANK),
+        Rule(cel=when + "!self.method.useDora", message="serving.mode adapter: vLLM does not serve DoRA adapters "
+             "(method.useDora); use serving.mode merged", field_path=".method.useDora",
+             check=lambda s: not adapter(s) or not s.method.use_dora),
+        Rule(cel=when + "self.method.bias == 'none'", message="serving.mode adapter: vLLM serves no adapter with "
+             "trained biases (method.bias must be none); use serving.mode merged", field_path=".method.bias",
+             check=lambda s: not adapter(s) or s.method.bias == "none"),
+        Rule(cel=when + f"self.method.modulesToSave.all(m, m in [{saveable}])",
+             message="serving.mode adapter: vLLM serves adapters whose method.modulesToSave are classifier/score "
+             "heads only; use serving.mode merged", field_path=".method.modulesToSave",
+             check=lambda s: not adapter(s) or all(m in pin.SAVEABLE_MODULES for m in s.method.modules_to_save)),
+        Rule(cel=when + "!has(self.serving.autoscaling)",
+             message="serving.autoscaling applies to merged mode: a shared adapter server is sized by "
+             "serving.replicas", field_path=".serving.autoscaling",
+             check=lambda s: not adapter(s) or s.serving.autoscaling is None),
     )
 
 
@@ -194,13 +256,17 @@ EVALUATE = Stage(
 SERVE = Stage(
     name="serve", condition="Deployed", phase="Deploying", done_reason="DeploymentAvailable", queued=False,
     wanted=lambda spec: spec.serving.enabled,
-    children=_serve_children, observe=_observe_deployment, pending_status="False", done_phase="Serving", recorded=False,
+    children=_serve_children, observe=lambda kube, job, stage: SERVING_MODES[job.spec.serving.mode].observe(kube, job), pending_status="False", done_phase="Serving", recorded=False,
     reapplied=True,
-    admission=(_serving_modes_rule(),), start_reason="Deploying",
+    admission=(_serving_modes_rule(), *_adapter_mode_rules()), start_reason="Deploying",
     # The endpoint only while vLLM answers (Ready): not while deploying, failed or scaled to zero, when a
     # client would be sent to a Service with no ready pod. None removes an earlier one (merge patch).
-    extra_status=lambda job, outcome: {"endpoint": serving.endpoint(job) if outcome.state == "succeeded" else None},
-    done_message=lambda job, outcome: f"vLLM serves {serving.served_model_name(job)} at {serving.endpoint(job)['url']}",
+    extra_status=lambda job, outcome: {
+        "endpoint": endpoint(job) if outcome.state == "succeeded" else None,
+        # The shared server the job has joined (adapter mode): the reconciler leaves it when the spec moves away.
+        **({"adapterServer": adapter_servers.server_name(job)} if job.spec.serving.mode == "adapter" else {}),
+    },
+    done_message=lambda job, outcome: f"vLLM serves {serving.served_model_name(job)} at {endpoint(job)['url']}",
 )
 
 STAGES: tuple[Stage, ...] = (VALIDATE, TRAIN, MERGE, EVALUATE, SERVE)

@@ -9,6 +9,13 @@ PYTHONPATH): a request without `Authorization: Bearer <VLLM_API_KEY>` gets 401
 on every path except the kubelet's probe path, which cannot carry a secret.
 tests/vllm checks it against every route of vLLM's own app.
 
+`LoopbackAdapterUpdates` guards a shared adapter server (adapter mode):
+vLLM's runtime LoRA routes (`/v1/load_lora_adapter`,
+`/v1/unload_lora_adapter`, opened by VLLM_ALLOW_RUNTIME_LORA_UPDATING) would
+let any client that reaches the port swap a tenant's model. Only the pod's own
+loader sidecar may call them: requests from anywhere but loopback get 403,
+with or without the API key.
+
 Runs inside the vLLM image: standard library only, no kubetune import.
 """
 
@@ -62,3 +69,32 @@ class RequireApiKey:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"www-authenticate", b"Bearer")]})
         await send({"type": "http.response.body", "body": body})
+
+
+# vLLM's runtime LoRA routes (api_server's lora router).
+ADAPTER_UPDATE_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+async def _refuse(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class LoopbackAdapterUpdates:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):] or "/"
+            client = (scope.get("client") or ("", 0))[0]
+            if path.rstrip("/") in ADAPTER_UPDATE_PATHS and client not in LOOPBACK:
+                await _refuse(send, 403, "adapters are loaded by the server's own sidecar only")
+                return
+        await self.app(scope, receive, send)

@@ -39,6 +39,11 @@ from kubetune.trainer.artifacts import MANIFEST, IntegrityError, fetch_dir
 from kubetune.trainer.storage import Store
 
 
+# Written into an adapter's local folder once every file matched the manifest: later passes (every few
+# seconds) do not hash it again. The folder is the pod's own emptyDir, named by the manifest's hash.
+VERIFIED = ".verified"
+
+
 class VllmError(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
@@ -118,7 +123,11 @@ def fetch_verified(store: Store, prefix: str, root: Path, name: str) -> Path:
     if manifest is None:
         raise IntegrityError(f"{store.uri}/{prefix}: no {MANIFEST}: not a complete adapter")
     dest = local_path(root, name, manifest)
+    done = dest / VERIFIED
+    if done.exists():
+        return dest  # verified on an earlier pass (the folder is named by this very manifest)
     fetch_dir(store, prefix, dest)  # exactly the manifested files, each sha256 checked
+    done.write_text("")
     return dest
 
 
@@ -156,3 +165,132 @@ def ready(client: VllmClient, desired: dict[str, Any], refused: dict[str, str]) 
     except Exception:
         return False
     return all(name in present for name in desired if name not in refused)
+
+
+# ---------------------------------------------------------------- the sidecar of a shared server
+
+
+@dataclass
+class Probe:
+    """What the pod's probes answer: ready (every assigned adapter loaded) and alive (the loop turns)."""
+
+    ready: bool = False
+    last_pass: float = field(default_factory=time.monotonic)
+    stall_after: float = 120.0
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_pass < self.stall_after
+
+
+def serve_probes(probe: Probe, port: int, host: str = "0.0.0.0"):
+    """/ready and /healthz for the kubelet, in a daemon thread. Returns the server (`.shutdown()`)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            ok = probe.ready if self.path == "/ready" else probe.alive() if self.path == "/healthz" else None
+            code = 404 if ok is None else 200 if ok else 503
+            body = json.dumps({"ok": bool(ok)}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    return server
+
+
+def _custom_api():
+    from kubetune.trainer.kubestatus import _default_api
+
+    return _default_api()
+
+
+class ServerObject:
+    """The pod's AdapterServer: read (its assigned adapters) and status.adapters written (what this pod
+    did with them). The sidecar's Role names this one object."""
+
+    def __init__(self, name: str, namespace: str, api: Any = None):
+        from kubetune.contract.facts import GROUP, VERSION
+
+        self.name, self.namespace = name, namespace
+        self._group, self._version, self._plural = GROUP, VERSION, "adapterservers"
+        self._api = api
+        self.reported: dict[str, tuple[str, str, Optional[str]]] = {}
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            self._api = _custom_api()
+        return self._api
+
+    def desired(self) -> dict[str, str]:
+        """{served name: adapter URI} of the jobs that own the server now."""
+        from kubetune.contract.adapters import live_adapters
+
+        body = self.api.get_namespaced_custom_object(self._group, self._version, self.namespace, self._plural,
+                                                     self.name, _request_timeout=10)
+        return {a["name"]: a["uri"] for a in live_adapters(body)}
+
+    def report(self, pod: str, desired: dict[str, str], result: SyncResult) -> bool:
+        """Merge-patch status.adapters where this pass changed what was last reported. True when sent."""
+        lines: dict[str, Any] = {}
+        for name, uri in desired.items():
+            refused = result.refused.get(name)
+            if refused is None and name not in result.present:
+                continue  # neither loaded nor refused (a load failed this pass): nothing to claim
+            key = (uri, "Refused" if refused else "Loaded", refused)
+            if self.reported.get(name) != key:
+                line = {"uri": uri, "state": key[1], "pod": pod,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                if refused:
+                    line["message"] = refused[:4000]
+                lines[name] = line
+                self.reported[name] = key
+        if not lines:
+            return False
+        self.api.patch_namespaced_custom_object_status(
+            self._group, self._version, self.namespace, self._plural, self.name, {"status": {"adapters": lines}},
+            _request_timeout=10, _content_type="application/merge-patch+json",
+        )
+        return True
+
+
+def open_desired(desired: dict[str, str], endpoint_url: Optional[str], region: Optional[str]) -> dict[str, tuple[Store, str]]:
+    """{name: URI} -> {name: (store of the URI's bucket, prefix)}."""
+    from kubetune.trainer.storage import open_store, split_s3
+
+    out = {}
+    for name, uri in desired.items():
+        bucket, prefix = split_s3(uri)
+        out[name] = (open_store(f"s3://{bucket}", endpoint_url=endpoint_url, region=region), prefix.rstrip("/"))
+    return out
+
+
+def run_sidecar(server: ServerObject, client: VllmClient, root: Path, probe: Probe, pod: str,
+                endpoint_url: Optional[str] = None, region: Optional[str] = None, interval: float = 5.0,
+                passes: Optional[int] = None, log: Callable[[str], None] = print) -> None:
+    """The loop: read the assigned adapters, sync vLLM to them, report, set readiness; every `interval`
+    seconds (a vLLM restart loses its adapters; the next pass loads them again while the pod is not
+    Ready). `passes`: stop after that many (tests)."""
+    done = 0
+    while passes is None or done < passes:
+        try:
+            desired = server.desired()
+            result = sync(client, open_desired(desired, endpoint_url, region), root)
+            if result.loaded or result.unloaded or result.refused:
+                log(json.dumps({"loaded": result.loaded, "unloaded": result.unloaded, "refused": result.refused}))
+            probe.ready = all(n in result.present for n in desired if n not in result.refused)
+            server.report(pod, desired, result)
+        except Exception as e:  # vLLM starting, the API server unreachable: not ready, try again
+            probe.ready = False
+            log(f"adapter sync: {type(e).__name__}: {e}")
+        probe.last_pass = time.monotonic()
+        done += 1
+        if passes is None or done < passes:
+            time.sleep(interval)

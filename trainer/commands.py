@@ -184,7 +184,39 @@ def verify_artifact(
     raise typer.Exit(run_stage("verify-artifact", lambda: run_verify(uri, tensor_parallel_size)))
 
 
+def adapter_loader(
+    server: str = typer.Option(..., "--server", help="The AdapterServer this pod serves."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", envvar="POD_NAMESPACE", help="Its namespace."),
+    vllm_url: str = typer.Option("http://127.0.0.1:8000", "--vllm-url", help="The pod's vLLM."),
+    root: Path = typer.Option(Path("/adapters"), "--dir", help="Where verified adapters are kept (shared with vLLM)."),
+    port: int = typer.Option(8001, "--port", help="Port of the /ready and /healthz probes."),
+    interval: float = typer.Option(5.0, "--interval", help="Seconds between passes."),
+    passes: Optional[int] = typer.Option(None, "--passes", help="Stop after this many passes (default: never)."),
+) -> None:
+    """The sidecar of a shared adapter server: load the adapters its jobs assign, verified, into vLLM."""
+    import os
+
+    from kubetune.trainer import adapter_loader as loader
+
+    if not namespace:
+        typer.echo("--namespace (or POD_NAMESPACE) is required", err=True)
+        raise typer.Exit(2)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = loader.Probe(stall_after=max(60.0, interval * 12))
+    probes = loader.serve_probes(probe, port)
+    try:
+        loader.run_sidecar(
+            loader.ServerObject(server, namespace), loader.VllmClient(vllm_url, api_key=os.environ.get("VLLM_API_KEY")),
+            root, probe, pod=os.environ.get("POD_NAME", "local"), endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+            region=os.environ.get("AWS_REGION"), interval=interval, passes=passes,
+            log=lambda line: typer.echo(line, err=True),
+        )
+    finally:
+        probes.shutdown()
+
+
 def register(app: typer.Typer) -> None:
+    app.command("adapter-loader")(adapter_loader)
     app.command("verify-artifact")(verify_artifact)
     app.command("validate")(validate)
     app.command("train")(train)

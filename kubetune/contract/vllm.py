@@ -53,6 +53,9 @@ def tensor_parallel_problem(config: dict, tp: int) -> str | None:
     return None
 
 
+# The only modules_to_save vLLM loads with an adapter (heads of classification models).
+SAVEABLE_MODULES = ("classifier", "score")
+
 # vLLM's --max-lora-rank choices (its LoRAConfig.max_lora_rank Literal); tests/vllm compares with vLLM's own.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -64,7 +67,7 @@ def lora_problems(r: int, use_dora: bool, bias: str, modules_to_save: list[str] 
     For adapter-mode serving, which must refuse such a recipe at admission instead of after training;
     tests/vllm checks this predicate against vLLM's own checks on a matrix of adapter configs."""
     out = []
-    unsupported = [m for m in modules_to_save or () if m not in ("classifier", "score")]
+    unsupported = [m for m in modules_to_save or () if m not in SAVEABLE_MODULES]
     if unsupported:
         out.append(f"vLLM serves no adapter with modules_to_save {unsupported} (only classifier/score heads)")
     if use_dora:

@@ -84,6 +84,7 @@ class Endpoint(StatusModel):
     service: Optional[str] = Field(default=None, description="Service name in the job's namespace.")
     url: Optional[str] = Field(default=None, description="In-cluster base URL of the OpenAI-compatible API.")
     model: Optional[str] = Field(default=None, description="Model name to send in requests.")
+    server: Optional[str] = Field(default=None, description="The shared AdapterServer (serving.mode adapter).")
 
 
 class StageRecord(StatusModel):
@@ -120,6 +121,9 @@ class FineTuneJobStatus(StatusModel):
     evaluation: Optional[StageResult] = Field(default=None, description="Result of the evaluate stage.")
     endpoint: Optional[Endpoint] = Field(default=None, description="Serving endpoint.")
     revision: Optional[str] = Field(default=None, description="The revision the current spec asks for.")
+    adapter_server: Optional[str] = Field(
+        default=None, description="The shared AdapterServer the job's adapter is on (serving.mode adapter)."
+    )
     serving_revision: Optional[str] = Field(default=None, description="The revision the endpoint serves.")
     revisions: list[Revision] = Field(
         default_factory=list, max_length=20, description="Recent revisions, newest last (at most 10 kept)."

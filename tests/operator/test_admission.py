@@ -50,8 +50,14 @@ INVALID = [
      "spec.training.performance.fusedLora"),
     ("fused-lora-on-dora", {"training": {"performance": {"fusedLora": "on"}}, "method": {"useDora": True}},
      "spec.training.performance.fusedLora"),
-    # What no stage can do yet is refused before anything runs (the serve stage's admission rule).
-    ("serving-mode-adapter", {"serving": {"mode": "adapter"}}, "spec.serving.mode"),
+    # What a shared vLLM server cannot load is refused before anything runs (the serve stage's rules).
+    ("adapter-rank-above-vllm", {"serving": {"mode": "adapter"}, "method": {"r": 1024}}, "spec.method.r"),
+    ("adapter-dora", {"serving": {"mode": "adapter"}, "method": {"useDora": True}}, "spec.method.useDora"),
+    ("adapter-bias", {"serving": {"mode": "adapter"}, "method": {"bias": "all"}}, "spec.method.bias"),
+    ("adapter-lm-head", {"serving": {"mode": "adapter"}, "method": {"modulesToSave": ["lm_head"]}},
+     "spec.method.modulesToSave"),
+    ("adapter-autoscaling", {"serving": {"mode": "adapter", "autoscaling": {"maxReplicas": 2}}},
+     "spec.serving.autoscaling"),
     # The knobs of the recipe (kubetune.contract.recipe), each refused naming its field.
     ("optimizer", {"training": {"optimizer": "lion"}}, "spec.training.optimizer"),
     ("weight-decay", {"training": {"weightDecay": -0.1}}, "spec.training.weightDecay"),

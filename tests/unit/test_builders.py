@@ -228,7 +228,7 @@ def test_merged_serving_deployment():
         serving={"gpus": 2, "maxModelLen": 4096, "apiKeySecretRef": {"name": "vllm-key"}, "replicas": 2},
         storage={"endpointUrl": "http://s3.local:9000"},
     )
-    by_kind = {o["kind"]: o for o in serving.BUILDERS["merged"](job_, SETTINGS)}
+    by_kind = {o["kind"]: o for o in serving.merged_objects(job_, SETTINGS)}
     dep, svc = by_kind["Deployment"], by_kind["Service"]
     assert_owned(dep)
     assert_owned(svc)
@@ -254,12 +254,22 @@ def test_merged_serving_deployment():
     assert serving.endpoint(job_)["url"] == "http://support-bot-serve.tenant-a.svc:8000/v1"
 
 
-def test_serving_modes_without_a_builder_are_refused_before_any_work():
-    spec = ftj(serving={"enabled": False}, output={"merge": False}).spec.model_copy(
-        update={"serving": ftj().spec.serving.model_copy(update={"mode": "adapter"})})
+@pytest.mark.parametrize("method, serving_spec, field", [
+    ({"r": 1024}, {}, "spec.method.r:"),
+    ({"useDora": True}, {}, "spec.method.useDora:"),
+    ({"bias": "all"}, {}, "spec.method.bias:"),
+    ({"modulesToSave": ["lm_head"]}, {}, "spec.method.modulesToSave:"),
+    ({}, {"autoscaling": {"maxReplicas": 2}}, "spec.serving.autoscaling:"),
+])
+def test_adapters_a_shared_vllm_server_cannot_load_are_refused_before_any_work(method, serving_spec, field):
+    # The Python twins of the CRD's rules (tests/operator/test_admission.py sends the same to the API server).
+    spec = ftj(method=method, serving={"mode": "adapter", **serving_spec}).spec
     (message,) = stages.refusals(spec)
-    assert message.startswith("spec.serving.mode:") and "merged" in message
-    assert stages.refusals(ftj().spec) == []
+    assert message.startswith(field) and "adapter" in message
+    # The same recipe in merged mode is served (merged/ carries no adapter for vLLM to check).
+    if not serving_spec:
+        assert stages.refusals(ftj(method=method).spec) == []
+    assert stages.refusals(ftj(serving={"mode": "adapter"}, method={"r": 512, "modulesToSave": ["score"]}).spec) == []
 
 
 def test_children_need_an_owner_uid():
@@ -280,7 +290,7 @@ def test_pod_metadata_per_stage_never_overrides_operator_labels():
     assert train_meta["annotations"] == {"cost": "b", "sidecar": "off"}
     validate_meta = stage_jobs.validate_job(job_, SETTINGS)["spec"]["template"]["metadata"]
     assert validate_meta["annotations"] == {"cost": "a"}
-    dep = next(o for o in serving.BUILDERS["merged"](job_, SETTINGS) if o["kind"] == "Deployment")
+    dep = next(o for o in serving.merged_objects(job_, SETTINGS) if o["kind"] == "Deployment")
     assert dep["spec"]["template"]["metadata"]["annotations"] == {"cost": "a"}
 
 

@@ -30,11 +30,12 @@ def test_render_prints_every_stage_child_once():
 def test_render_refuses_what_no_stage_can_do(tmp_path):
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc["spec"]["serving"]["mode"] = "adapter"
+    doc["spec"].setdefault("method", {})["useDora"] = True  # vLLM serves no DoRA adapter
     bad = tmp_path / "adapter.yaml"
     bad.write_text(yaml.safe_dump(doc))
     out = CliRunner().invoke(app, ["render", str(bad)])
     assert out.exit_code == 1
-    assert "spec.serving.mode" in out.output
+    assert "spec.method.useDora" in out.output
 
 
 def test_render_one_stage(tmp_path):

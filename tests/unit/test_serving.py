@@ -38,7 +38,7 @@ def ftj(**serving_spec) -> FineTuneJob:
 
 
 def objects(j: FineTuneJob, settings: OperatorSettings = SETTINGS) -> dict[str, dict]:
-    return {o["kind"]: o for o in serving.BUILDERS["merged"](j, settings)}
+    return {o["kind"]: o for o in serving.merged_objects(j, settings)}
 
 
 def pod_spec(j: FineTuneJob, settings: OperatorSettings = SETTINGS) -> dict:
@@ -216,7 +216,7 @@ def api_key_covers_every_path():
     volume = next(v for v in pod_spec(j)["volumes"] if v["name"] == "auth")
     assert volume["configMap"]["name"] == cm["metadata"]["name"]
     assert any(m["mountPath"] == serving.AUTH_DIR for m in c["volumeMounts"])
-    assert serving.BUILDERS["merged"](j, SETTINGS)[0]["kind"] == "ConfigMap"  # before the pods that mount it
+    assert serving.merged_objects(j, SETTINGS)[0]["kind"] == "ConfigMap"  # before the pods that mount it
     assert "ConfigMap" not in objects(ftj()) and "--middleware" not in vllm_container(ftj())["command"]
 
 
@@ -324,11 +324,11 @@ def test_the_middleware_refuses_to_start_without_a_key(monkeypatch):
 
 
 def test_every_serving_kind_is_a_managed_child_with_rbac():
-    kinds = {o["kind"] for o in serving.BUILDERS["merged"](
+    kinds = {o["kind"] for o in serving.merged_objects(
         ftj(apiKeySecretRef={"name": "k"}, autoscaling={"maxReplicas": 2}), SETTINGS)}
     assert kinds == {"ConfigMap", "Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
     granted = {(g, r, v) for rule in rbac.RULES for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
-    for obj in serving.BUILDERS["merged"](ftj(apiKeySecretRef={"name": "k"}, autoscaling={"maxReplicas": 2}), SETTINGS):
+    for obj in serving.merged_objects(ftj(apiKeySecretRef={"name": "k"}, autoscaling={"maxReplicas": 2}), SETTINGS):
         k = children.kind_of(obj)
         for verb in ("get", "create") + (("patch",) if k.applied else ()):
             assert (k.group, k.plural, verb) in granted

@@ -144,7 +144,7 @@ def answer(tmp_path_factory):
     parse = {}
     env_names: set[str] = set()
     for name, spec in SPECS.items():
-        objs = serving.BUILDERS["merged"](job(spec), SETTINGS)
+        objs = serving.merged_objects(job(spec), SETTINGS)
         container = _container(objs)
         parse[name] = container["command"]
         env_names |= {e["name"] for e in container["env"]}
@@ -153,7 +153,7 @@ def answer(tmp_path_factory):
     parse["control-unknown-flag"] = good + ["--no-such-flag-kubetune", "1"]
     parse["control-bad-load-format"] = [a if a != "runai_streamer" else "no_such_format" for a in good]
 
-    keyed = serving.BUILDERS["merged"](job(SPECS["tp4-key"]), SETTINGS)
+    keyed = serving.merged_objects(job(SPECS["tp4-key"]), SETTINGS)
     config_map = next(o for o in keyed if o["kind"] == "ConfigMap")
     module_dir = work / "auth"
     module_dir.mkdir()
