@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-import re
-import shlex
 import subprocess
-from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -35,68 +32,16 @@ from kubetune.operator.kube import Kube
 from kubetune.operator.packaging import ROOT
 
 from .ftj import EVALUATE_OK, GROUP, KWOK_DURATION, KWOK_MESSAGE, PLURAL, VALIDATE_OK, VERSION, Api, condition, fleet, message
+from .guide import FAIR_SHARING_HEADING, GUIDE, guide_steps, run_step, shows
 
-GUIDE = ROOT / "docs" / "multi-tenancy.md"
 EXAMPLES = ROOT / "manifests" / "examples" / "tenancy"
-TEARDOWN_HEADING = "## Tear down"
-
-
-# ---------------------------------------------------------------- the guide's commands
-
-
-@dataclass
-class Step:
-    command: str
-    expected: list[str]  # output lines the guide shows ("..." stands for text that varies, e.g. an age)
-    returncode: int = -1
-    output: str = ""
-
-
-def guide_steps(text: str) -> tuple[list[Step], list[Step]]:
-    """(setup, teardown): the `$ kubectl ...` lines of the guide's console blocks and the output under each."""
-    setup: list[Step] = []
-    teardown: list[Step] = []
-    target = setup
-    in_block = False
-    for line in text.splitlines():
-        if line.startswith(TEARDOWN_HEADING):
-            target = teardown
-        if line.startswith("```console"):
-            in_block = True
-            continue
-        if in_block and line.startswith("```"):
-            in_block = False
-            continue
-        if not in_block:
-            continue
-        if line.startswith("$ "):
-            target.append(Step(line[2:], []))
-        elif line.strip():
-            target[-1].expected.append(line)
-    return setup, teardown
-
-
-def run_step(cluster, step: Step) -> Step:
-    argv = shlex.split(step.command)
-    # Only kubectl: the guide is a platform admin's session, nothing else runs.
-    assert argv[0] == "kubectl", step.command
-    result = subprocess.run([str(cluster.kubectl_binary), f"--kubeconfig={cluster.kubeconfig}", *argv[1:]],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
-    step.returncode = result.returncode
-    step.output = result.stdout + result.stderr
-    return step
-
-
-def shows(output: str, expected: str) -> bool:
-    """`expected` (its '...' parts matching anything) is one line of `output`, spacing aside."""
-    pattern = r"\s+".join(".*?".join(re.escape(part) for part in word.split("...")) for word in expected.split())
-    return any(re.fullmatch(pattern, line.strip()) for line in output.splitlines())
 
 
 @pytest.fixture(scope="module")
 def walkthrough(cluster, crd, kueue):
     """The guide, performed; its teardown after the module (also after a failure)."""
-    setup, teardown = guide_steps(GUIDE.read_text())
+    # The guide up to its fair-sharing walkthrough, which tests/operator/test_fair_sharing.py runs.
+    setup, teardown = guide_steps(GUIDE.read_text().split(FAIR_SHARING_HEADING)[0])
     assert setup and teardown, f"{GUIDE} has no console blocks"
     for step in setup:
         run_step(cluster, step)
