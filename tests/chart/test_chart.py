@@ -108,3 +108,39 @@ def test_the_rendered_rbac_objects_are_the_generated_ones(helm, tmp_path):
     # Every object of the release carries the chart's labels.
     for doc in docs:
         assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE, json.dumps(doc["metadata"])
+
+
+# ---------------------------------------------------------------- the documented install commands
+
+
+DOCUMENTS = [ROOT / "docs" / "multi-tenancy.md", CHART / "README.md"]
+
+
+def documented_installs() -> list[tuple[str, str]]:
+    return [(path.relative_to(ROOT).as_posix(), line.strip())
+            for path in DOCUMENTS for line in path.read_text().splitlines() if line.strip().startswith("helm install ")]
+
+
+def test_the_documents_show_both_modes():
+    commands = [c for _, c in documented_installs()]
+    assert any("watchNamespaces" in c for c in commands) and any("watchNamespaces" not in c for c in commands), commands
+
+
+@pytest.mark.parametrize("source, command", documented_installs(),
+                         ids=[f"{source}-{i}" for i, (source, _) in enumerate(documented_installs())])
+def test_a_documented_helm_install_renders_what_the_documents_say(helm, source, command):
+    """The command as written, with `template` for `install` (Helm's own dry run, no cluster)."""
+    import shlex
+
+    argv = shlex.split(command)
+    assert argv[:2] == ["helm", "install"], command
+    out = helm("template", *argv[2:], "--create-namespace").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    watched = next((a.split("=", 1)[1].strip("{}").split(",") for a in argv if a.startswith("watchNamespaces=")), [])
+    roles = of_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(watched)
+    assert sorted(b["metadata"]["namespace"] for b in of_kind(docs, "RoleBinding")) == sorted(watched)
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    assert cluster_role["rules"] == (rbac.cluster_scoped_rules() if watched else rbac.RULES)
+    args = operator_args(docs)
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == watched
