@@ -7,7 +7,10 @@ estimate of the activations per token (`activation_bytes_per_token`) against a
 memory budget (training.performance.memoryBudgetGiB, default 90% of the GPU),
 prefers no activation checkpointing when that fits 16k tokens, and otherwise
 checkpoints and leaves as many of the last layers uncheckpointed as the
-spare memory holds (selective checkpointing).
+spare memory holds (selective checkpointing). When not even one row fits with
+checkpointing (long context under a tight budget), the checkpointed layer
+inputs go to host memory (TRL's activation offloading, on a side stream): one
+row then needs about half the GPU memory, as long as the host has room.
 
 `plan_micro_batch` is pure arithmetic on the model's shape, unit tested on a
 CPU; `auto_micro_batch` feeds it the device's numbers (torch is imported
@@ -59,20 +62,38 @@ def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2
     return (7 * shape.hidden + 2 * kv + 4 * shape.intermediate) * bytes_per_value
 
 
-def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2) -> int:
+# With checkpointing, how many layers' worth of activations are live at once besides the
+# checkpoints (the recomputed layer and the gradients flowing through it). Measured on one
+# H200 (bench/RESULTS.md, issue 16): 1.17 with the fused kernels (Liger + fused LoRA; 12.84
+# GiB at 16k tokens, 20.23 GiB at 32k, both 5.45 GiB + 0.47 MiB per token), 1.79 on the
+# plain path (14.72 GiB at 16k tokens). Planned with a margin over each.
+LIVE_LAYERS_FUSED = 1.25
+LIVE_LAYERS_PLAIN = 2.0
+
+
+def checkpoint_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """The checkpointed layer inputs kept for the whole step (what offloading moves to the host)."""
+    return shape.layers * shape.hidden * bytes_per_value
+
+
+def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2,
+                               fused_kernels: bool = False, offload: bool = False) -> int:
     """Estimated training memory per token of a micro-batch (bf16 activations).
 
     One decoder layer keeps about 7 hidden-sized tensors (norm inputs, the
     q/k/v/o/gate/up inputs, attention output), 2 kv-sized ones and 4
     intermediate-sized ones (gate, up, their product, the SwiGLU
     intermediate). With gradient checkpointing only each layer's input stays
-    for the whole step and one layer is live at a time. Without a fused loss
-    the fp32 logits and their gradient add 2 x 4 bytes x vocab.
+    for the whole step (on the host with `offload`) and about one layer is live
+    at a time (`LIVE_LAYERS_*`: fewer with the fused kernels). Without a fused
+    loss the fp32 logits and their gradient add 2 x 4 bytes x vocab.
     Deliberately a little generous: the planner should not plan an OOM.
     """
     per_layer = layer_activation_bytes_per_token(shape, bytes_per_value)
     if checkpointing:
-        live = shape.layers * shape.hidden * bytes_per_value + 2 * per_layer
+        live_layers = LIVE_LAYERS_FUSED if fused_kernels else LIVE_LAYERS_PLAIN
+        kept = 0 if offload else checkpoint_bytes_per_token(shape, bytes_per_value)
+        live = kept + int(live_layers * per_layer)
     else:
         live = shape.layers * per_layer
     loss = 2 * shape.hidden * bytes_per_value if fused_loss else 2 * 4 * shape.vocab
@@ -90,6 +111,9 @@ class MicroBatchPlan:
     # With checkpointing: how many of the last layers keep their activations instead
     # (no recompute for them), in the memory the micro-batch leaves over.
     uncheckpointed_layers: int = 0
+    # The checkpointed layer inputs live in host memory (one row did not fit otherwise).
+    offload: bool = False
+    host_bytes: int = 0  # what the offloaded checkpoints take on the host
 
 
 def plan_micro_batch(
@@ -101,6 +125,8 @@ def plan_micro_batch(
     fused_loss: bool,
     allow_no_checkpointing: bool = True,
     max_tokens: int = MAX_AUTO_TOKENS,
+    fused_kernels: bool = False,
+    host_budget_bytes: int = 0,
 ) -> MicroBatchPlan:
     """Rows of `max_length` tokens per micro-batch that fit `budget_bytes`.
 
@@ -109,19 +135,21 @@ def plan_micro_batch(
     least `max_tokens` fit that way; otherwise checkpointing and as many rows
     as fit, up to `max_tokens`, and then as many of the last layers left
     uncheckpointed as the remaining memory holds. At least one row: if even
-    that does not fit, raise with the numbers, rather than fail later with a
-    CUDA OOM.
+    that does not fit, the checkpoints go to the host (`offload`) when
+    `host_budget_bytes` holds them; otherwise raise with the numbers, rather
+    than fail later with a CUDA OOM. `fused_kernels`: Liger and the fused LoRA
+    node run (they keep less per layer).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     free = budget_bytes - fixed_bytes
     cap_rows = max(1, max_tokens // max_length)
     if allow_no_checkpointing:
-        per_tok = activation_bytes_per_token(shape, checkpointing=False, fused_loss=fused_loss)
+        per_tok = activation_bytes_per_token(shape, checkpointing=False, fused_loss=fused_loss, fused_kernels=fused_kernels)
         rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
         if rows >= cap_rows:
             return MicroBatchPlan(rows, rows * max_length, False, per_tok, budget_bytes, fixed_bytes)
-    per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss)
+    per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels)
     rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
     if rows >= 1:
         # Selective checkpointing: the recompute is a third of the step's matrix work, so
@@ -133,10 +161,19 @@ def plan_micro_batch(
         extra = rows * max_length * max(1, layer_activation_bytes_per_token(shape) - shape.hidden * 2) * 5 // 4
         skip = int(min(shape.layers, max(0, spare // extra))) if allow_no_checkpointing else 0
         return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip)
+    # Not one row: the checkpoints to the host, one row at a time (a long-context run).
+    off_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels,
+                                         offload=True)
+    host = max_length * checkpoint_bytes_per_token(shape)
+    if free >= off_tok * max_length and host <= host_budget_bytes:
+        return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host)
+    host_note = (f"; with the checkpoints in host memory it would need {off_tok * max_length / GIB:.1f} GiB here and "
+                 f"{host / GIB:.1f} GiB of the host's {host_budget_bytes / GIB:.1f} GiB") if host_budget_bytes else ""
     raise MemoryError(
         f"one row of {max_length} tokens needs about {per_tok * max_length / GIB:.1f} GiB of activations "
         f"but only {max(free, 0) / GIB:.1f} GiB of the {budget_bytes / GIB:.1f} GiB budget is left after "
-        f"{fixed_bytes / GIB:.1f} GiB of weights; lower dataset.maxLength or raise training.performance.memoryBudgetGiB"
+        f"{fixed_bytes / GIB:.1f} GiB of weights{host_note}; lower dataset.maxLength or raise "
+        "training.performance.memoryBudgetGiB"
     )
 
 
@@ -149,7 +186,36 @@ def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = N
     return min(int(budget_gib * GIB), device_total_bytes)
 
 
-def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None) -> MicroBatchPlan:
+def host_budget_bytes() -> int:
+    """Host memory offloaded checkpoints may take: half of what is available now (the
+    container's cgroup limit where it is lower than the machine's), leaving the rest to the
+    data loader, pinned staging buffers and the page cache."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        return 0
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                raw = f.read().strip()
+            if raw != "max" and int(raw) < 2**60:
+                with open(usage_file) as f:
+                    avail = min(avail, int(raw) - int(f.read().strip()))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(0, avail // 2)
+
+
+def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None, fused_kernels: bool = False,
+                     allow_offload: bool = True) -> MicroBatchPlan:
     """Plan the micro-batch on the current CUDA device, after the model
     (and adapter) are loaded there."""
     import torch
@@ -166,6 +232,8 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None)
         budget_bytes=memory_budget_bytes(total, budget_gib),
         fixed_bytes=fixed,
         fused_loss=True,  # TRL's SFTTrainer computes the loss with a chunked LM head
+        fused_kernels=fused_kernels,
+        host_budget_bytes=host_budget_bytes() if allow_offload else 0,
     )
 
 
@@ -186,15 +254,23 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
     skip = 0
     t = cfg.training
     if t.batch_size == "auto":
-        plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib)
+        from kubetune.trainer.deepspeed import zero3_enabled
+
+        # Not under ZeRO-3: its partitioned weights make the measured memory meaningless.
+        plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib,
+                                fused_kernels=perf.liger and perf.fused_lora,
+                                allow_offload=not zero3_enabled(cfg.launch.strategy))
         out["per_device_train_batch_size"] = plan.rows
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
         if plan.checkpointing and perf.selective_checkpointing:
             skip = plan.uncheckpointed_layers
-        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without (%.1f of %.1f GiB budget fixed)",
-                 plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip, plan.fixed_bytes / GIB,
-                 plan.budget_bytes / GIB)
+        if plan.offload:
+            out["activation_offloading"] = True  # trl.SFTConfig: saved tensors to pinned host memory, side stream
+        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, checkpoints %s "
+                 "(%.1f of %.1f GiB budget fixed)", plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip,
+                 f"offloaded to the host ({plan.host_bytes / GIB:.1f} GiB)" if plan.offload else "on the GPU",
+                 plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return out, skip

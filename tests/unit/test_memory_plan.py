@@ -79,7 +79,7 @@ def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expecte
                                       fixed_bytes=1, uncheckpointed_layers=5)
     seen = {}
 
-    def fake_plan(model, max_length, budget_gib):
+    def fake_plan(model, max_length, budget_gib, **kw):
         seen.update(max_length=max_length, budget_gib=budget_gib)
         return plan
 
@@ -96,3 +96,69 @@ def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expecte
     explicit = parse_config({**cfg.to_dict(), "training": {"batchSize": 3}})
     fixed, skip = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
     assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's
+
+
+# ---------------------------------------------------------------- long context (issue 16 item 3)
+
+def test_fused_estimate_stays_above_what_the_h200_measured():
+    """Measured peaks (bench/RESULTS.md, fused kernels, every layer checkpointed): 5.45 GiB +
+    7.39 GiB per 16k tokens (12.84 GiB at 16k, 20.23 at 32k). The fused estimate must not
+    plan below them; the plain one (14.72 GiB at 16k tokens measured) neither."""
+    fused = memory_plan.activation_bytes_per_token(LLAMA8B, checkpointing=True, fused_loss=True, fused_kernels=True)
+    plain = memory_plan.activation_bytes_per_token(LLAMA8B, checkpointing=True, fused_loss=True)
+    for tokens, measured_gib in ((16384, 12.84 - 5.45), (32768, 20.23 - 5.45)):
+        assert measured_gib * GIB < fused * tokens < 1.2 * measured_gib * GIB
+    assert (14.72 - 5.45) * GIB < plain * 16384
+    assert fused < plain
+
+
+def test_plan_at_2048_is_unchanged_by_the_fused_estimate():
+    # the figures of bench/RESULTS.md: 8 x 2048, checkpointing, 0 layers without, at 15.6 GiB
+    plan = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(15.6 * GIB),
+                                        fixed_bytes=int(5.52 * GIB), fused_loss=True, fused_kernels=True,
+                                        host_budget_bytes=64 * GIB)
+    assert (plan.rows, plan.checkpointing, plan.uncheckpointed_layers, plan.offload) == (8, True, 0, False)
+
+
+def test_long_row_that_does_not_fit_offloads_its_checkpoints_when_the_host_has_room():
+    kw = dict(budget_bytes=int(13.6 * GIB), fixed_bytes=int(5.52 * GIB), fused_loss=True, fused_kernels=True)
+    on_gpu = memory_plan.plan_micro_batch(LLAMA8B, max_length=16384, host_budget_bytes=64 * GIB, **kw)
+    assert not on_gpu.offload and on_gpu.rows == 1  # fits with the checkpoints on the GPU: no offload
+    plan = memory_plan.plan_micro_batch(LLAMA8B, max_length=32768, host_budget_bytes=64 * GIB, **kw)
+    assert plan.offload and plan.rows == 1 and plan.checkpointing and plan.uncheckpointed_layers == 0
+    assert plan.host_bytes == 32768 * 32 * 4096 * 2  # the 32 layer inputs of the row, bf16
+    assert plan.fixed_bytes + plan.bytes_per_token * 32768 <= kw["budget_bytes"]
+    # the host cannot hold them: the planner refuses, naming both memories
+    with pytest.raises(MemoryError, match="host"):
+        memory_plan.plan_micro_batch(LLAMA8B, max_length=32768, host_budget_bytes=4 * GIB, **kw)
+    with pytest.raises(MemoryError):  # nor does a GPU too small for even the offloaded row
+        memory_plan.plan_micro_batch(LLAMA8B, max_length=131072, host_budget_bytes=64 * GIB, **kw)
+
+
+def test_host_budget_is_half_of_what_is_available():
+    b = memory_plan.host_budget_bytes()
+    avail = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable:"))
+    assert 0 < b <= avail // 2
+
+
+def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
+    from kubetune.trainer.config import parse_config
+    from kubetune.trainer.performance import resolve
+
+    plan = memory_plan.MicroBatchPlan(rows=1, tokens=32768, checkpointing=True, bytes_per_token=1, budget_bytes=2,
+                                      fixed_bytes=1, offload=True, host_bytes=8 * GIB)
+    seen = {}
+
+    def fake_plan(model, max_length, budget_gib, **kw):
+        seen.update(kw)
+        return plan
+
+    monkeypatch.setattr(memory_plan, "auto_micro_batch", fake_plan)
+    for strategy, offload_allowed in (("ddp", True), ("deepspeed-zero3", False)):
+        cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 32768},
+                            "output": {"uri": "/o"}, "launch": {"strategy": strategy}})
+        perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, liger_installed=True)
+        out, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        assert out["activation_offloading"] is True and out["per_device_train_batch_size"] == 1
+        assert seen["allow_offload"] is offload_allowed
+        assert seen["fused_kernels"] is (perf.liger and perf.fused_lora)
