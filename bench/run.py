@@ -123,11 +123,6 @@ VARIANTS = {
     "allgc": {"selectiveCheckpointing": "off"},
     "fp8": {"fp8": "on"},
     "bf16": {"fp8": "off"},
-    # memory budgets of the long-context runs (the micro-batch planner's bound)
-    "b24": {"memoryBudgetGiB": 24},
-    "b80": {"memoryBudgetGiB": 80},
-    "allgc-b24": {"selectiveCheckpointing": "off", "memoryBudgetGiB": 24},
-    "allgc-b80": {"selectiveCheckpointing": "off", "memoryBudgetGiB": 80},
 }
 
 
@@ -148,6 +143,22 @@ def gpu_busy_us(events) -> float:
     return busy
 
 
+def variant_fields(variant: str) -> dict:
+    """training.performance fields of a variant: VARIANTS, or "b<GiB>" / "allgc-b<GiB>" (a
+    memory budget, every layer checkpointed with allgc-), e.g. b13.6."""
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    rest, out = variant, {}
+    if rest.startswith("allgc-"):
+        rest, out = rest[len("allgc-"):], {"selectiveCheckpointing": "off"}
+    try:
+        if rest.startswith("b") and float(rest[1:]) > 0:
+            return {**out, "memoryBudgetGiB": float(rest[1:])}
+    except ValueError:
+        pass
+    raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)}, b<GiB>, allgc-b<GiB>)")
+
+
 def performance_section(case: str, variant: str, qlora_budget_gib: float) -> dict:
     """training.performance of one case: the memory budget the micro-batch
     planner may use (QLoRA cases: the reference's peak, the target's bound)
@@ -157,9 +168,7 @@ def performance_section(case: str, variant: str, qlora_budget_gib: float) -> dic
     if case_spec(case)[0] == "qlora" and qlora_budget_gib > 0:
         perf["memoryBudgetGiB"] = qlora_budget_gib
     if variant:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-        perf.update(VARIANTS[variant])
+        perf.update(variant_fields(variant))
     return perf
 
 
@@ -312,6 +321,7 @@ def run_case(args) -> dict:
             super().__init__(*a, callbacks=[*(callbacks or []), clock], **kw)
             marks["micro_batch"] = self.args.per_device_train_batch_size
             marks["gradient_checkpointing"] = self.args.gradient_checkpointing
+            marks["activation_offloading"] = bool(getattr(self.args, "activation_offloading", False))
             marks["uncheckpointed_layers"] = sum(getattr(c, "layers", 0) for c in (callbacks or [])
                                                  if type(c).__name__ == "SelectiveCheckpointing")
 
@@ -347,6 +357,8 @@ def run_case(args) -> dict:
         "max_length": cfg.dataset.max_length,
         "micro_batch_rows": marks.get("micro_batch"),
         "gradient_checkpointing": marks.get("gradient_checkpointing"),
+        "activation_offloading": marks.get("activation_offloading"),
+        "peak_gib_reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0,
         "uncheckpointed_layers": marks.get("uncheckpointed_layers", 0),
         "attention": marks.get("attn"),
         "steps": len(ends),

@@ -69,6 +69,11 @@ def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2
 # plain path (14.72 GiB at 16k tokens). Planned with a margin over each.
 LIVE_LAYERS_FUSED = 1.25
 LIVE_LAYERS_PLAIN = 2.0
+# With offloading, the last few offloaded tensors stay on the GPU until their copy is done
+# (OffloadActivations' max_fwd_stash_size; TRL's default 5, the trainer sets this): that many
+# layer inputs. A layer input's copy (8 KiB per token over PCIe) takes a fraction of the
+# layer's forward, so two in flight keep the copies hidden.
+OFFLOAD_STASH_LAYERS = 2
 
 
 def checkpoint_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
@@ -92,7 +97,8 @@ def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_
     per_layer = layer_activation_bytes_per_token(shape, bytes_per_value)
     if checkpointing:
         live_layers = LIVE_LAYERS_FUSED if fused_kernels else LIVE_LAYERS_PLAIN
-        kept = 0 if offload else checkpoint_bytes_per_token(shape, bytes_per_value)
+        kept = (min(OFFLOAD_STASH_LAYERS, shape.layers) * shape.hidden * bytes_per_value if offload
+                else checkpoint_bytes_per_token(shape, bytes_per_value))
         live = kept + int(live_layers * per_layer)
     else:
         live = shape.layers * per_layer
@@ -274,3 +280,16 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return out, skip
+
+
+def use_offload_stash(trainer, layers: int = OFFLOAD_STASH_LAYERS) -> bool:
+    """With activation offloading on, give the trainer an offloading context that keeps
+    `layers` tensors in flight instead of TRL's default five (what the plan counted).
+    Returns whether it did (False when offloading is off)."""
+    if not getattr(trainer.args, "activation_offloading", False):
+        return False
+    from trl.models.activation_offloading import get_act_offloading_ctx_manager
+
+    trainer.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=trainer.model,
+                                                                              max_fwd_stash_size=layers)
+    return True

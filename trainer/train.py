@@ -346,6 +346,10 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressReporter formats progress instead
+    if cuda:
+        from kubetune.trainer.memory_plan import use_offload_stash
+
+        use_offload_stash(trainer)  # offloaded checkpoints (long rows): the stash the plan counted
     trainer.training_step = tokens.wrap(trainer.training_step)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     step = trainer.state.global_step

@@ -162,3 +162,24 @@ def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
         assert out["activation_offloading"] is True and out["per_device_train_batch_size"] == 1
         assert seen["allow_offload"] is offload_allowed
         assert seen["fused_kernels"] is (perf.liger and perf.fused_lora)
+
+
+def test_offload_stash_is_what_the_plan_counted(monkeypatch):
+    import sys
+    import types
+
+    made = {}
+    fake = types.ModuleType("trl.models.activation_offloading")
+    fake.get_act_offloading_ctx_manager = lambda model, max_fwd_stash_size: made.setdefault("ctx", (model, max_fwd_stash_size))
+    monkeypatch.setitem(sys.modules, "trl.models.activation_offloading", fake)
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(activation_offloading=False), model="m",
+                                    maybe_activation_offload_context="default")
+    assert not memory_plan.use_offload_stash(trainer) and trainer.maybe_activation_offload_context == "default"
+    trainer.args.activation_offloading = True
+    assert memory_plan.use_offload_stash(trainer)
+    assert trainer.maybe_activation_offload_context == ("m", memory_plan.OFFLOAD_STASH_LAYERS) == made["ctx"]
+    # the plan reserves that many layer inputs on the GPU
+    shape = LLAMA8B
+    off = memory_plan.activation_bytes_per_token(shape, checkpointing=True, fused_loss=True, fused_kernels=True, offload=True)
+    on = memory_plan.activation_bytes_per_token(shape, checkpointing=True, fused_loss=True, fused_kernels=True)
+    assert on - off == (shape.layers - memory_plan.OFFLOAD_STASH_LAYERS) * shape.hidden * 2
