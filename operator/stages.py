@@ -199,20 +199,21 @@ def _serving_modes_rule() -> Rule:
 def _adapter_mode_rules() -> tuple[Rule, ...]:
     """What a shared vLLM server cannot do with a job's adapter: refused at admission, before training
     (kubetune.contract.vllm.lora_problems is the same predicate; tests/vllm checks it against vLLM)."""
+    # has(): the API server checks the rules against the schema's defaults too, where a field may be absent.
     when = "!self.serving.enabled || self.serving.mode != 'adapter' || "
     adapter = lambda s: s.serving.enabled and s.serving.mode == "adapter"  # noqa: E731
     saveable = ", ".join(f"'{m}'" for m in pin.SAVEABLE_MODULES)
     return (
-        Rule(cel=when + f"self.method.r <= {pin.MAX_LORA_RANK}",
+        Rule(cel=when + f"!has(self.method.r) || self.method.r <= {pin.MAX_LORA_RANK}",
              message=f"serving.mode adapter: vLLM serves LoRA ranks up to {pin.MAX_LORA_RANK} (method.r)",
              field_path=".method.r", check=lambda s: not adapter(s) or s.method.r <= pin.MAX_LORA_RANK),
-        Rule(cel=when + "!self.method.useDora", message="serving.mode adapter: vLLM does not serve DoRA adapters "
+        Rule(cel=when + "!has(self.method.useDora) || !self.method.useDora", message="serving.mode adapter: vLLM does not serve DoRA adapters "
              "(method.useDora); use serving.mode merged", field_path=".method.useDora",
              check=lambda s: not adapter(s) or not s.method.use_dora),
-        Rule(cel=when + "self.method.bias == 'none'", message="serving.mode adapter: vLLM serves no adapter with "
+        Rule(cel=when + "!has(self.method.bias) || self.method.bias == 'none'", message="serving.mode adapter: vLLM serves no adapter with "
              "trained biases (method.bias must be none); use serving.mode merged", field_path=".method.bias",
              check=lambda s: not adapter(s) or s.method.bias == "none"),
-        Rule(cel=when + f"self.method.modulesToSave.all(m, m in [{saveable}])",
+        Rule(cel=when + f"!has(self.method.modulesToSave) || self.method.modulesToSave.all(m, m in [{saveable}])",
              message="serving.mode adapter: vLLM serves adapters whose method.modulesToSave are classifier/score "
              "heads only; use serving.mode merged", field_path=".method.modulesToSave",
              check=lambda s: not adapter(s) or all(m in pin.SAVEABLE_MODULES for m in s.method.modules_to_save)),

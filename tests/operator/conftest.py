@@ -19,7 +19,7 @@ import yaml
 from kubetune.devcluster.cluster import wait_for
 from kubetune.devcluster.processes import free_ports
 from kubetune.operator import rbac
-from kubetune.operator.crdgen import CRD_PATH
+from kubetune.operator.crdgen import ADAPTER_SERVER_CRD_PATH, CRD_PATH
 
 OPERATOR_NAMESPACE = "kubetune-system"
 OPERATOR_ACCOUNT = "kubetune-operator"
@@ -29,11 +29,13 @@ KUBETUNE = Path(sys.executable).with_name("kubetune")
 @pytest.fixture(scope="session")
 def crd(cluster):
     """The generated CRD, applied and Established."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    # `kubectl wait` errors out (instead of waiting) while the new CRD has no status.conditions yet.
-    wait_for("CRD Established", lambda: cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=30s", "crd/finetunejobs.kubetune.io", check=False
-    ).returncode == 0, timeout=60, interval=0.5)
+    # The FineTuneJob and adapter mode's internal AdapterServer (the operator watches both).
+    for path, name in ((CRD_PATH, "finetunejobs.kubetune.io"), (ADAPTER_SERVER_CRD_PATH, "adapterservers.kubetune.io")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+        # `kubectl wait` errors out (instead of waiting) while the new CRD has no status.conditions yet.
+        wait_for(f"CRD {name} Established", lambda: cluster.kubectl(
+            "wait", "--for=condition=Established", "--timeout=30s", f"crd/{name}", check=False
+        ).returncode == 0, timeout=60, interval=0.5)
     return CRD_PATH
 
 
