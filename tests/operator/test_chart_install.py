@@ -61,9 +61,9 @@ def installed(cluster, kueue, helm, tmp_path):
     values.write_text(yaml.safe_dump({"watchNamespaces": [watched],
                                       "image": {"repository": "registry.test/kubetune", "tag": "test"}}))
     try:
-        helm("install", release, str(CHART), "--namespace", release_ns, "--values", str(values),
-             kubeconfig=cluster.kubeconfig)
-        yield {"release": release, "release_ns": release_ns, "watched": watched, "unwatched": unwatched,
+        notes = helm("install", release, str(CHART), "--namespace", release_ns, "--values", str(values),
+                     kubeconfig=cluster.kubeconfig).stdout
+        yield {"notes": notes, "release": release, "release_ns": release_ns, "watched": watched, "unwatched": unwatched,
                "account": f"system:serviceaccount:{release_ns}:{release}-operator"}
     finally:
         helm("uninstall", release, "--namespace", release_ns, kubeconfig=cluster.kubeconfig, check=False)
@@ -94,7 +94,9 @@ def test_a_namespaced_install_grants_the_operator_exactly_its_watched_namespace(
         "get", "pods", "-n", release_ns, "-l", f"app.kubernetes.io/instance={release}", "-o", "name").stdout.strip(),
         timeout=60, interval=0.5)
 
-    # The brief's example, verbatim: a Job in the watched namespace yes, in another no.
+    assert f"It watches only {watched}, with a Role in each" in installed["notes"], installed["notes"]
+
+    # A Job in the watched namespace yes, in another no.
     assert can_i(cluster, account, "create", "jobs.batch", "-n", watched)
     assert not can_i(cluster, account, "create", "jobs.batch", "-n", unwatched)
     assert can_i(cluster, account, "patch", "finetunejobs.kubetune.io", "--subresource=status", "-n", watched)

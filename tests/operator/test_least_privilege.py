@@ -40,8 +40,10 @@ import yaml
 from kubetune.devcluster.cluster import RESTRICTED_LABELS, wait_for
 from kubetune.devcluster.processes import free_ports
 from kubetune.devcluster.queues import Queues
-from kubetune.operator import children, job_rbac, pods, rbac
+from kubetune.operator import adapter_servers, children, job_rbac, pods, rbac
 from kubetune.operator.api import FineTuneJob
+from kubetune.operator.api.adapterserver import AdapterServerSpec
+from kubetune.operator.settings import OperatorSettings
 
 from .ftj import GROUP, PLURAL, Api, body
 
@@ -256,7 +258,18 @@ def recorded(cluster, crd, kueue, operator_kubeconfig, tmp_path_factory):
                  and api.status("lp").get("phase") == "Serving", timeout=180, interval=0.5)
         wait_for("first revision's Jobs deleted", lambda: not [
             j for j in api.jobs("lp") if j["metadata"]["labels"].get("kubetune.io/revision") == first], timeout=60)
+        # Adapter mode: the job joins a shared server (its entry applied under its own field manager; the
+        # server's children applied and its status written by the server pass). Then serving off: the job
+        # leaves, the server left without adapters is deleted, and so is the merged-mode server.
+        api.patch("lp", {"spec": {"serving": {"mode": "adapter"}}})
+        wait_for("adapter server up", lambda: [s for s in api.custom.list_namespaced_custom_object(
+            GROUP, "v1alpha1", namespace, "adapterservers")["items"] if (s.get("status") or {}).get("adapterCount") == 1
+            and s["status"].get("conditions")], timeout=120, interval=0.5)
         objects = _everything(api, namespace)
+        api.patch("lp", {"spec": {"serving": {"enabled": False}}})
+        wait_for("servers retired", lambda: not api.custom.list_namespaced_custom_object(
+            GROUP, "v1alpha1", namespace, "adapterservers")["items"] and not api.apps.list_namespaced_deployment(
+            namespace).items, timeout=120, interval=0.5)
         # Deletion: the cleanup Job empties the output, then kopf's finalizer goes.
         api.delete("lp")
         wait_for("lp deleted", lambda: not api.custom.list_namespaced_custom_object(GROUP, "v1alpha1", namespace, PLURAL)["items"],
@@ -304,6 +317,19 @@ def checked_without_a_request() -> dict[Grant, str]:
     job = FineTuneJob.from_body(body("x") | {"metadata": {"name": "x", "namespace": "n", "uid": "u"}})
     if pods.owner_reference(job).get("blockOwnerDeletion"):
         needs[(GROUP, f"{PLURAL}/finalizers", "update")] = "children set blockOwnerDeletion (operator/pods.py: owner_reference)"
+    # The shared adapter server's loader Role: the operator creates it, so it must hold what it grants.
+    server = {"metadata": {"name": "x", "namespace": "n", "uid": "u"}, "spec": {"baseModel": "s3://models/x/"}}
+    spec = AdapterServerSpec.model_validate(server["spec"])
+    for obj in adapter_servers.loader_rbac(server, spec):
+        for rule in obj.get("rules") or []:
+            for g in rule["apiGroups"]:
+                for r in rule["resources"]:
+                    for v in rule["verbs"]:
+                        needs[(g, r, v)] = "the adapter loader's Role grants it (operator/adapter_servers.py: loader_rbac)"
+    # The server's children block its deletion like a job's do.
+    if any(r.get("blockOwnerDeletion") for r in adapter_servers.server_objects(
+            {**server, "spec": {**server["spec"], "adapters": []}}, OperatorSettings())[0]["metadata"]["ownerReferences"]):
+        needs[(GROUP, "adapterservers/finalizers", "update")] = "server children set blockOwnerDeletion (adapter_servers._metadata)"
     return needs
 
 
@@ -331,6 +357,26 @@ def test_every_verb_the_cluster_role_grants_is_used(recorded):
         "the operator's ClusterRole (operator/rbac.py RULES, children rules from operator/children.py) grants "
         f"verbs the operator never used in a whole job's life: {unused}\nused: {sorted(observed)}"
     )
+
+
+def test_a_namespaced_install_grants_exactly_what_the_operator_did_in_and_outside_its_namespace(recorded):
+    """The chart with watchNamespaces splits RULES by scope (rbac.CLUSTER_SCOPED): a Role in
+    each watched namespace, the rest in a small ClusterRole. The run above is such an
+    operator (`--namespace`): what it did inside its namespace is all in the Role's rules,
+    what it did outside (cluster-scoped requests) is all in the ClusterRole's, and it used
+    every cluster-wide grant."""
+    def grants_of(rules) -> set[Grant]:
+        return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+    inside, outside = set(), set()
+    for method, path, query, _ in recorded.seen:
+        info = request_info(method, path, query)
+        if info is not None:
+            (inside if f"/namespaces/{recorded.namespace}/" in path + "/" and info[1] != "namespaces" else outside).add(info)
+    assert inside and outside
+    assert inside <= grants_of(rbac.namespaced_rules()), sorted(inside - grants_of(rbac.namespaced_rules()))
+    assert outside <= grants_of(rbac.cluster_scoped_rules()), sorted(outside - grants_of(rbac.cluster_scoped_rules()))
+    assert outside == grants_of(rbac.cluster_scoped_rules()), sorted(grants_of(rbac.cluster_scoped_rules()) - outside)
 
 
 def test_the_request_mapping_follows_the_api_servers_rules():
