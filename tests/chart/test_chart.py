@@ -50,6 +50,20 @@ def operator_args(docs: list[dict]) -> list[str]:
     return container["command"]
 
 
+def test_helm_is_the_pinned_release_and_renders_for_the_harness_kubernetes(helm, tmp_path):
+    from kubetune.devcluster import versions
+
+    assert helm("version", "--template", "{{ .Version }}").stdout == versions.HELM
+    # Without a cluster, Helm renders for its built-in Kubernetes version, stamped at build time.
+    chart = tmp_path / "probe"
+    (chart / "templates").mkdir(parents=True)
+    (chart / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.0.1\n")
+    (chart / "templates" / "v.yaml").write_text("# {{ .Capabilities.KubeVersion.Version }}\n")
+    rendered = helm("template", "p", str(chart)).stdout
+    major_minor = ".".join(versions.KUBERNETES.split(".")[:2])
+    assert f"# {major_minor}.0" in rendered, rendered
+
+
 @pytest.mark.parametrize("values", [{}, {"watchNamespaces": WATCHED}], ids=["all-namespaces", "watch-namespaces"])
 def test_helm_lint_strict_passes(helm, tmp_path, values):
     result = helm("lint", "--strict", str(CHART), "--values", str(values_file(tmp_path, values)))

@@ -219,6 +219,17 @@ def test_kueue_is_built_on_demand_with_its_version_stamped():
     assert build.version_ldflags(build.KUEUE) == [f"-X 'sigs.k8s.io/kueue/pkg/version.GitVersion={versions.KUEUE}'"]
 
 
+def test_helm_is_built_on_demand_with_its_version_and_the_harness_kubernetes_stamped():
+    assert build.HELM not in build.targets()  # only the chart's tests ask for it
+    assert (build.HELM.version, build.HELM.package) == (versions.HELM, "helm.sh/helm/v3/cmd/helm")
+    flags = build.version_ldflags(build.HELM)
+    assert f"-X 'helm.sh/helm/v3/internal/version.version={versions.HELM}'" in flags
+    major, minor = versions.KUBERNETES.lstrip("v").split(".")[:2]
+    for package in ("chartutil", "lint/rules"):
+        assert f"-X 'helm.sh/helm/v3/pkg/{package}.k8sVersionMajor={major}'" in flags
+        assert f"-X 'helm.sh/helm/v3/pkg/{package}.k8sVersionMinor={minor}'" in flags
+
+
 def _fake_build(target, with_assets=True):
     binary = build.binary_path(target)
     binary.parent.mkdir(parents=True, exist_ok=True)
