@@ -68,7 +68,9 @@ RULES: list[dict[str, Any]] = [
 # ClusterRole: kopf's namespace and CRD observers, the tenancy check's namespace
 # labels and TenantPolicies. Everything else in RULES is namespaced and goes into
 # a Role per watched namespace. A cluster test checks this set against the API
-# server's discovery, so a new rule cannot land on the wrong side.
+# server's discovery, so a new rule cannot land on the wrong side. Finding Kueue
+# (preflight: /apis/kueue.x-k8s.io) is API discovery, a non-resource URL every
+# authenticated identity may read (system:discovery): no rule at all.
 CLUSTER_SCOPED: frozenset[tuple[str, str]] = frozenset({
     ("", "namespaces"),
     ("apiextensions.k8s.io", "customresourcedefinitions"),
