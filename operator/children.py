@@ -68,10 +68,11 @@ KINDS: tuple[ChildKind, ...] = (
     ChildKind("v1", "ConfigMap", "configmaps", applied=False, per_revision=True),
     ChildKind("v1", "Service", "services", applied=True, per_revision=True),
     ChildKind("batch/v1", "Job", "jobs", applied=False, watch=True, per_revision=True),
-    ChildKind("apps/v1", "Deployment", "deployments", applied=True, watch=True),
+    # Merged-mode serving is deleted when the job stops serving that way (serving.MERGED_KINDS).
+    ChildKind("apps/v1", "Deployment", "deployments", applied=True, watch=True, extra_verbs=("delete",)),
     # Serving's guards (operator/serving.py): applied like the Deployment, so spec edits reach them.
-    ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", applied=True),
-    ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", applied=True),
+    ChildKind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", applied=True, extra_verbs=("delete",)),
+    ChildKind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", applied=True, extra_verbs=("delete",)),
     # Deleted when spec.serving.autoscaling is removed (the Deployment's replicas are the operator's again).
     ChildKind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", applied=True,
               extra_verbs=("delete",)),

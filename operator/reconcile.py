@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kubetune.contract.facts import API_VERSION, LABEL_JOB, LABEL_REVISION
 
-from . import adapter_servers, children, lifecycle, metrics, names, preflight, revisions, stage_jobs, stages, tenancy
+from . import adapter_servers, children, lifecycle, metrics, names, preflight, revisions, serving, stage_jobs, stages, tenancy
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -186,13 +186,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         message = f"the API server refused a child: {_api_message(e)}"
         emit("Warning", "ChildRejected", message)
         decision = lifecycle.stall(decision, "ChildRejected", message)
-    joined = status.get("adapterServer")
-    if joined and joined != adapter_servers.wanted_server(job):
-        # The spec moved away from that shared server (another base model or settings, merged mode,
-        # serving off): the job's entry and owner reference there go; the server pass does the rest.
-        kube.leave(adapter_servers.leave_intent(joined, job.metadata.namespace), job.metadata.uid or "")
-        if "adapterServer" not in decision.status:
-            decision.status["adapterServer"] = None
+    retire_old_serving(kube, job, status, decision, emit)
     if any(r.get("id") != rev for r in status.get("revisions") or []):
         for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
             emit("Normal", "SupersededChildDeleted", f"{name} of an earlier revision deleted")
@@ -204,6 +198,39 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     if _unchanged(status, patch):
         return None
     return patch
+
+
+def retire_old_serving(kube: Kube, job: FineTuneJob, status: dict[str, Any], decision: lifecycle.Decision,
+                       emit: EventFn) -> None:
+    """The way the job served before goes once the way its spec asks for serves (or at once when
+    serving is switched off): merged mode's own server after a switch to adapter mode, the job's
+    entry on a shared server after a switch to merged mode or to another server."""
+    off = not job.spec.serving.enabled
+    if not (off or decision.phase == "Serving"):
+        return
+    ns = job.metadata.namespace
+    joined = status.get("adapterServer")
+    if joined and joined != adapter_servers.wanted_server(job):
+        # Its entry and owner reference there go; the server pass does the rest (another job's
+        # adapters stay, a server left without adapters is deleted).
+        server = kube.get(API_VERSION, "AdapterServer", ns, joined)
+        if server is not None and set(adapter_servers.owners(server)) <= {job.metadata.name}:
+            # Its last job: leaving would remove the shared fields it alone applied (an invalid object).
+            kube.delete(API_VERSION, "AdapterServer", ns, joined)
+        elif server is not None:
+            kube.leave(adapter_servers.leave_intent(joined, ns), job.metadata.uid or "")
+        if "adapterServer" not in decision.status:
+            decision.status["adapterServer"] = None
+        emit("Normal", "LeftAdapterServer", f"the adapter no longer serves on the shared server {joined}")
+    if off or job.spec.serving.mode != "merged":
+        name = names.serving(job.metadata.name)
+        dep = kube.get("apps/v1", "Deployment", ns, name)
+        if dep is not None and ((dep["metadata"].get("labels") or {}).get(LABEL_JOB) == job.metadata.name):
+            # The Deployment last: while it exists, this pass runs again on a later one.
+            kube.delete("v1", "ConfigMap", ns, serving.auth_config_map_name(job))  # with an API key
+            for api_version, kind in serving.MERGED_KINDS:
+                kube.delete(api_version, kind, ns, name)
+            emit("Normal", "ServingRetired", f"merged-mode serving ({name}) removed")
 
 
 def _api_message(e: ApiException) -> str:

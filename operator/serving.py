@@ -387,6 +387,17 @@ def autoscaler(job: FineTuneJob) -> dict[str, Any]:
     }
 
 
+# The kinds of a merged-mode server, all named names.serving(job): deleted, Deployment last, when the job
+# stops serving that way (reconcile.retire_old_serving).
+MERGED_KINDS = (
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+)
+
+
 def merged_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
     objs = []
     if job.spec.serving.api_key_secret_ref:
