@@ -63,7 +63,9 @@ def parse(argv: list[str]) -> dict:
                          "load_format": str(engine_args.load_format),
                          "served_model_name": engine_args.served_model_name,
                          "max_model_len": engine_args.max_model_len,
-                         "shutdown_timeout": getattr(engine_args, "shutdown_timeout", None)}
+                         "shutdown_timeout": getattr(engine_args, "shutdown_timeout", None),
+                         "enable_lora": engine_args.enable_lora, "max_loras": engine_args.max_loras,
+                         "max_cpu_loras": engine_args.max_cpu_loras, "max_lora_rank": engine_args.max_lora_rank}
     except Exception as e:
         out["ok"] = False
         out["error"] = f"{type(e).__name__}: {e}"
@@ -199,6 +201,48 @@ def auth(argv: list[str], module_dir: str, key: str) -> dict:
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
 
 
+def adapter_auth(argv: list[str], module_dir: str, key: str) -> dict:
+    """A shared adapter server's app (runtime LoRA updating on, both middlewares): the load/unload routes
+    from a client elsewhere (refused even with the key) and from the pod's loopback (the sidecar)."""
+    parsed = parse(argv)
+    if not parsed["ok"]:
+        return parsed
+    try:
+        import vllm.entrypoints.cli.serve as serve_cli
+        from fastapi.testclient import TestClient
+        from vllm.entrypoints.cli.main import main
+        from vllm.entrypoints.launchers.app import build_app
+        from vllm.tasks import SupportedTask
+
+        os.environ["VLLM_API_KEY"] = key
+        os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        import vllm.envs as envs
+
+        if hasattr(envs, "__getattr__") and hasattr(envs, "disable_envs_cache"):
+            envs.disable_envs_cache()
+        sys.path.insert(0, module_dir)
+        seen = {}
+        serve_cli.ServeSubcommand.cmd = staticmethod(lambda args: seen.setdefault("args", args))
+        sys.argv = list(argv)
+        main()
+        seen["args"].model = seen["args"].model_tag
+        app = build_app(seen["args"], supported_tasks=_literal_values(SupportedTask))
+        paths = sorted({getattr(r, "path", "") for r in app.routes})
+        keyed = {"Authorization": f"Bearer {key}"}
+        out = {"ok": True, "paths": paths, "remote": {}, "loopback": {}}
+        for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/chat/completions"):
+            body = {"lora_name": "x", "lora_path": "/nonexistent"}
+            remote = TestClient(app, raise_server_exceptions=False, client=("10.1.2.3", 40000))
+            local = TestClient(app, raise_server_exceptions=False, client=("127.0.0.1", 40000))
+            out["remote"][path] = {"keyed": remote.post(path, json=body, headers=keyed).status_code,
+                                   "bare": remote.post(path, json=body).status_code}
+            out["loopback"][path] = {"keyed": local.post(path, json=body, headers=keyed).status_code,
+                                     "bare": local.post(path, json=body).status_code}
+        return out
+    except Exception as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+
+
 def package() -> dict:
     requires = importlib.metadata.requires("vllm") or []
     return {"version": importlib.metadata.version("vllm"),
@@ -220,6 +264,9 @@ def main() -> None:
     if "auth" in request:
         a = request["auth"]
         answer["auth"] = auth(a["argv"], a["module_dir"], a["key"])
+    if "adapter_auth" in request:
+        a = request["adapter_auth"]
+        answer["adapter_auth"] = adapter_auth(a["argv"], a["module_dir"], a["key"])
     with open(answer_path, "w") as f:
         json.dump(answer, f, indent=1, default=str)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.contract import vllm as pin
-from kubetune.operator import serving
+from kubetune.operator import adapter_servers, serving
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
@@ -51,6 +51,36 @@ SPECS = {
     "tp4-key": {"gpus": 4, "apiKeySecretRef": {"name": "k"}, "memory": "24Gi"},
     "tp8-autoscaled": {"gpus": 8, "autoscaling": {"maxReplicas": 4}, "cpu": "16", "memory": "1Ti"},
 }
+
+
+# Shared adapter servers (adapter mode): {name: (ranks of the jobs on it, serving settings)}.
+SERVERS = {
+    "one-adapter": ([16], {}),
+    "five-adapters-key": ([8, 16, 64, 64, 300], {"apiKeySecretRef": {"name": "k"}, "gpus": 2}),
+    "eleven-adapters": ([16] * 11, {"maxModelLen": 8192}),
+}
+
+
+def adapter_server(name: str) -> dict:
+    """The AdapterServer the jobs of SERVERS[name] would feed, as the API server stores it."""
+    ranks, serving_spec = SERVERS[name]
+    jobs = [job({"mode": "adapter", **serving_spec}, method={"r": r}).model_copy(deep=True) for r in ranks]
+    server = None
+    for i, j in enumerate(jobs):
+        j.metadata.name, j.metadata.uid = f"job-{i}", f"uid-{i}"
+        mine = adapter_servers.intent(j)
+        if server is None:
+            server = mine
+            server["metadata"]["uid"] = "server-uid"
+        else:
+            server["metadata"]["ownerReferences"] += mine["metadata"]["ownerReferences"]
+            server["spec"]["adapters"] += mine["spec"]["adapters"]
+    return server
+
+
+def server_container(name: str) -> dict:
+    dep = next(o for o in adapter_servers.server_objects(adapter_server(name), SETTINGS) if o["kind"] == "Deployment")
+    return next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "vllm")
 
 
 def job(serving_spec: dict, **spec) -> FineTuneJob:
@@ -148,6 +178,10 @@ def answer(tmp_path_factory):
         container = _container(objs)
         parse[name] = container["command"]
         env_names |= {e["name"] for e in container["env"]}
+    for name in SERVERS:
+        container = server_container(name)
+        parse[f"server-{name}"] = container["command"]
+        env_names |= {e["name"] for e in container["env"]}
     # Negative controls: the parser really refuses what it does not know.
     good = parse["defaults"]
     parse["control-unknown-flag"] = good + ["--no-such-flag-kubetune", "1"]
@@ -168,6 +202,8 @@ def answer(tmp_path_factory):
         "adapters": {name: {"dir": str(path), "max_lora_rank": _rank_choice(ADAPTERS[name].get("r", 16)),
                             "max_position_embeddings": 1024} for name, path in adapters.items()},
         "auth": {"argv": _container(keyed)["command"], "module_dir": str(module_dir), "key": KEY},
+        "adapter_auth": {"argv": server_container("five-adapters-key")["command"], "module_dir": str(module_dir),
+                         "key": KEY},
     }
     (work / "request.json").write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
@@ -218,6 +254,42 @@ def test_every_generated_argument_list_parses_with_vllms_own_cli(answer, name):
     else:
         assert not args["middleware"]
     assert not args.get("api_key"), "the key travels in VLLM_API_KEY, never on the command line"
+
+
+@pytest.mark.parametrize("name", sorted(SERVERS))
+def test_every_shared_adapter_server_parses_with_vllms_own_cli(answer, name):
+    result = answer["parse"][f"server-{name}"]
+    assert result["ok"], result.get("error")
+    ranks, spec = SERVERS[name]
+    engine, args = result["engine"], result["args"]
+    assert args["model_tag"] == "s3://models/llama/" and engine["load_format"] == "runai_streamer"
+    assert engine["enable_lora"] is True
+    # --max-loras follows the adapters (powers of two, capped by the installation's GPU slots), the CPU
+    # cache holds them all, and the rank is vLLM's smallest choice that fits the largest adapter.
+    slots = 1 << (len(ranks) - 1).bit_length()
+    assert engine["max_loras"] == min(slots, SETTINGS.adapter_max_gpu_loras)
+    assert engine["max_cpu_loras"] == slots and engine["max_cpu_loras"] >= len(ranks)
+    assert engine["max_lora_rank"] == _rank_choice(max(ranks))
+    assert engine["tensor_parallel_size"] == spec.get("gpus", 1)
+    assert engine["max_model_len"] == spec.get("maxModelLen")
+    expected = [adapter_servers.LOOPBACK_MIDDLEWARE]
+    if "apiKeySecretRef" in spec:
+        expected.insert(0, f"{serving.AUTH_MODULE}.RequireApiKey")
+    assert args["middleware"] == expected
+
+
+def test_only_the_pods_own_sidecar_may_load_or_unload_adapters(answer):
+    result = answer["adapter_auth"]
+    assert result["ok"], result.get("trace") or result.get("error")
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING (set on the server's vLLM container) opens the routes.
+    assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= set(result["paths"])
+    for path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+        remote, local = result["remote"][path], result["loopback"][path]
+        assert remote["keyed"] == 403 and remote["bare"] in (401, 403), (path, remote)  # the key is not enough
+        assert local["bare"] == 401, (path, local)  # the sidecar sends the key too
+        assert local["keyed"] not in (401, 403), (path, local)  # reached vLLM's handler
+    chat = result["remote"]["/v1/chat/completions"]
+    assert chat["bare"] == 401 and chat["keyed"] not in (401, 403), chat  # tenants' inference is unaffected
 
 
 def test_the_parser_refuses_what_it_does_not_know(answer):
