@@ -32,6 +32,8 @@ RENDERED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("resources", "strategy"): ("launch", "strategy"),
     ("storage", "endpoint_url"): ("storage", "endpoint_url"),
     ("storage", "region"): ("storage", "region"),
+    # The validate stage checks the base model's heads split over it (before any GPU time is spent).
+    ("serving", "gpus"): ("serve", "tensor_parallel_size"),
 }
 
 # Spec paths (a section or one field) the trainer never reads.
@@ -47,7 +49,8 @@ OPERATOR_ONLY: frozenset[tuple[str, ...]] = frozenset({
     ("resources", "workload_priority_class_name"),
     ("resources", "max_restarts"),  # the operator restarts the gang; the trainer resumes either way
     ("output", "delete_on_job_deletion"),
-    ("serving",),
+    *(("serving", f) for f in ("enabled", "mode", "replicas", "cpu", "memory", "autoscaling", "gpu_type",
+                               "max_model_len", "served_model_name", "api_key_secret_ref")),
     ("storage", "credentials_secret_ref"),  # pods get it as env from the Secret, never in the config
     ("storage", "service_account_name"),
     ("image",),
@@ -82,5 +85,7 @@ def trainer_config_for(
         section[dst[1]] = _get(spec, src)
     # Each revision writes under its own prefix: an edit never overwrites the artifact being served.
     data["output"]["uri"] = revisions.artifact_root(spec, revisions.revision_id(spec))
+    if not spec.serving.enabled:
+        data["serve"]["tensor_parallel_size"] = None  # nothing will be served: nothing to check
     data["job"] = {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace}
     return TrainerConfig.model_validate(data)

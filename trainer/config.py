@@ -57,6 +57,13 @@ class LaunchSpec(ApiModel):
     strategy: Strategy = Field(default="ddp", description="Multi-process strategy under `accelerate launch` (spec.resources.strategy).")
 
 
+class ServeSpec(ApiModel):
+    """What serving will ask of the model, checked by the validate stage before any training."""
+
+    tensor_parallel_size: Optional[int] = Field(
+        default=None, ge=1, le=8, description="spec.serving.gpus: the base model's heads must split over it.")
+
+
 class JobRef(ApiModel):
     """The FineTuneJob this run belongs to, for status patches (env vars override)."""
 
@@ -74,6 +81,7 @@ class TrainerConfig(ApiModel):
     merge: MergeSpec = Field(default_factory=MergeSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     launch: LaunchSpec = Field(default_factory=LaunchSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
     job: JobRef = Field(default_factory=JobRef)
 
     @model_validator(mode="after")

@@ -101,15 +101,32 @@ def _fail(cfg: TrainerConfig, reason: str, message: str, report_path: Optional[P
     return 1, report
 
 
+def serving_problem(cfg: TrainerConfig, model_dir: Path) -> Optional[str]:
+    """Why vLLM could not shard the base model over serving.gpus (read from its config.json), or None.
+    Found here, before training, rather than by the serving pod after hours of GPU time."""
+    from kubetune.contract.vllm import tensor_parallel_problem
+
+    tp = cfg.serve.tensor_parallel_size
+    config = Path(model_dir) / "config.json"
+    if not tp or tp == 1 or not config.exists():
+        return None
+    problem = tensor_parallel_problem(json.loads(config.read_text()), tp)
+    return f"serving.gpus {tp}: {problem}" if problem else None
+
+
 def run_validate(cfg: TrainerConfig, report_path: Optional[Path] = None, publish: bool = True) -> tuple[int, dict[str, Any]]:
     from kubetune.trainer.modelio import ModelSourceError, base_model_dir, load_tokenizer, output_store
 
     try:
-        tokenizer = load_tokenizer(base_model_dir(cfg))
+        model_dir = base_model_dir(cfg)
+        tokenizer = load_tokenizer(model_dir)
     except ModelSourceError as e:
         return _fail(cfg, "BaseModelUnusable", str(e), report_path, publish)
     except (StorageError, OSError, ValueError) as e:
         return _fail(cfg, "BaseModelUnreadable", f"baseModel.uri {cfg.base_model.uri}: {e}", report_path, publish)
+    problem = serving_problem(cfg, model_dir)
+    if problem:
+        return _fail(cfg, "TensorParallelMismatch", problem, report_path, publish)
     try:
         data = prepare(cfg, tokenizer)
     except TemplateError as e:

@@ -61,6 +61,17 @@ def test_a_revision_is_refused_for_an_s3_model(run_cli, tmp_path, data, tiny_mod
     assert msg["message"].startswith("baseModel.revision 'v2' applies to Hugging Face ids")
 
 
+def test_a_serving_size_the_heads_cannot_split_over_fails_validation_before_training(run_cli, tmp_path, data,
+                                                                                   tiny_model):
+    heads = json.loads((Path(tiny_model) / "config.json").read_text())["num_attention_heads"]
+    bad = next(tp for tp in (8, 4, 2) if heads % tp)  # a size vLLM could not shard this model over
+    code, out, msg = run_cli("validate", _cfg(tmp_path, str(tiny_model), data, serve={"tensorParallelSize": bad}))
+    assert code == 1 and "Traceback" not in out and msg["reason"] == "TensorParallelMismatch"
+    assert msg["message"].startswith(f"serving.gpus {bad}: the model has {heads} attention heads")
+    code, _, msg = run_cli("validate", _cfg(tmp_path, str(tiny_model), data, serve={"tensorParallelSize": 1}))
+    assert code == 0 and msg["ok"] is True
+
+
 def test_a_directory_that_is_not_a_model(run_cli, tmp_path, data):
     empty = tmp_path / "not-a-model"
     empty.mkdir()

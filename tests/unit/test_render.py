@@ -141,8 +141,9 @@ def test_rendered_fields_land_where_declared(src, dst):
         ("resources", "strategy"): "deepspeed-zero2",
         ("storage", "endpoint_url"): "http://minio:9000",
         ("storage", "region"): "eu-west-1",
+        ("serving", "gpus"): 4,
     }
-    body = job(serving={"enabled": False})
+    body = job(serving={"enabled": src[0] == "serving"})
     node = body["spec"]
     for part in src[:-1]:
         node = node.setdefault({"endpoint_url": "endpointUrl"}.get(part, part), {})
@@ -152,6 +153,10 @@ def test_rendered_fields_land_where_declared(src, dst):
     if src == ("output", "uri"):  # each revision writes under its own prefix of output.uri
         expected = f"{expected}revisions/{revision_id(FineTuneJob.from_body(body).spec)}/"
     assert getattr(getattr(cfg, dst[0]), dst[1]) == expected
+
+
+def test_nothing_served_means_no_tensor_parallel_check():
+    assert trainer_config_for(job(serving={"enabled": False, "gpus": 4})).serve.tensor_parallel_size is None
 
 
 def test_all_linear_and_namespace_override(tmp_path):
