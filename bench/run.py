@@ -123,6 +123,9 @@ VARIANTS = {
     "allgc": {"selectiveCheckpointing": "off"},
     "fp8": {"fp8": "on"},
     "bf16": {"fp8": "off"},
+    # the same case on the code before a change (--before-site: that code's install target,
+    # put first on the case's PYTHONPATH), for before/after figures in one invocation
+    "before": {},
 }
 
 
@@ -621,6 +624,11 @@ def main() -> int:
     ap.add_argument("--deadline-s", type=float, default=0,
                     help="seconds from start after which no recipe starts; each one is stopped at it (0: none), so "
                          "that a device call's limit still leaves the record written")
+    ap.add_argument("--before-site", default="",
+                    help="install target of the code before a change, for the @before variant")
+    ap.add_argument("--fresh-triton-cache", action="store_true",
+                    help="each case gets an empty TRITON_CACHE_DIR of its own (its first step compiles every kernel, "
+                         "as on a fresh pod)")
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
@@ -706,6 +714,13 @@ def main() -> int:
         if args.logs and args.profile_step:
             program += ["--profile-out", str(Path(args.logs) / f"profile_{slug}.txt")]
         env = dict(os.environ)
+        if variant == "before":
+            if not args.before_site:
+                ap.error("the @before variant needs --before-site")
+            env["PYTHONPATH"] = os.pathsep.join([args.before_site] + [x for x in [env.get("PYTHONPATH")] if x])
+        if args.fresh_triton_cache:  # this case compiles every Triton kernel itself (a fresh pod's first step)
+            shutil.rmtree(work / f"triton-{slug}", ignore_errors=True)
+            env["TRITON_CACHE_DIR"] = str(work / f"triton-{slug}")
         if args.launch == "accelerate":
             # The operator's train command with the timed wrapper as its program (the wrapper
             # calls run_train exactly as `-m kubetune train --config` does).
@@ -743,6 +758,8 @@ def main() -> int:
         r["config"] = cfg
         r["data"] = data_stats[profile]
         r["model_dir"] = args.model_dir
+        r["pythonpath"] = env.get("PYTHONPATH")
+        r["triton_cache_dir"] = env.get("TRITON_CACHE_DIR")
         r["model_dir_changes"] = model_changes(model_fp, fingerprint(args.model_dir))
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "

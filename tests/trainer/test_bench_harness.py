@@ -246,3 +246,22 @@ def test_harness_gives_each_recipe_its_own_model_folder_and_unsloth_its_own_targ
     assert record["unsloth_vs_reference"] == {"unsloth_8x1/padfree_pack": 0.5, "unsloth_2x4/padfree_pack": 0.5}
     assert record["ratio_vs_unsloth"] == {}  # no case ran
     assert (tmp_path / "logs" / "reference.log").is_file() and (tmp_path / "logs" / "unsloth-8x1.log").is_file()
+
+
+def test_before_variant_runs_the_old_code_with_a_fresh_triton_cache(tmp_path):
+    """@before puts --before-site first on the case's PYTHONPATH; --fresh-triton-cache gives
+    every case an empty cache of its own (the time-to-first-step comparison, issue 16)."""
+    site = tmp_path / "before-site"
+    (site / "kubetune_before_marker").mkdir(parents=True)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--cases", "cpu-smoke,cpu-smoke@before", "--steps", "4", "--warmup", "1",
+         "--rows", "120", "--model-dir", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--out", str(out),
+         "--before-site", str(site), "--fresh-triton-cache", "--log-every", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after, before = json.loads((out / "results.jsonl").read_text().splitlines()[-1])["results"]
+    assert before["case"] == "cpu-smoke@before" and before["pythonpath"].split(":")[0] == str(site)
+    assert (after["pythonpath"] or "").split(":")[0] != str(site)
+    assert after["triton_cache_dir"] != before["triton_cache_dir"]
+    assert before["triton_cache_dir"].endswith("triton-cpu-smoke_before")
