@@ -8,7 +8,7 @@
 R=$PWD
 source bench/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-before .bench/before/*.whl || exit 1
-cd /tmp && python3 $R/bench/run.py --model-shape 8b-128k --rows 200 \
+cd /tmp && python3 $R/bench/run.py --model-shape 8b-128k --rows 6000 --rows-longctx 200 \
   --cases ${CASES:-qlora-ctx16384@b9.6,qlora-instruct@before,qlora-instruct,qlora-ctx32768@b13.6,qlora-ctx77824@b24} \
   --unsloth ${UNSLOTH:-1x1:qlora-ctx16384,1x1:qlora-ctx32768} \
   --before-site /tmp/site-before --fresh-triton-cache \

@@ -592,6 +592,11 @@ def unsloth_cmd(python: str, script: str | Path, model_dir: str | Path, data: st
             "--log-every", str(log_every)]
 
 
+def rows_of(args, profile: str) -> int:
+    """Rows of a profile's data file: --rows, or --rows-longctx for the long documents."""
+    return args.rows_longctx if profile == "longctx" else args.rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="qlora-instruct")
@@ -601,6 +606,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--targets", default=REFERENCE_TARGETS, help="LoRA target modules: comma list or all-linear")
     ap.add_argument("--rows", type=int, default=6000)
+    ap.add_argument("--rows-longctx", type=int, default=200,
+                    help="rows of the longctx profile (median ~6k tokens each: 200 rows are 1.5M tokens)")
     ap.add_argument("--model-dir", default=None,
                     help="where the cases' random model is made once (default /tmp/llama<shape>-kubetune); each "
                          "reference gets a copy in a folder of its own (the reference recipe's: its MODEL_DIR, "
@@ -701,7 +708,7 @@ def main() -> int:
             ap.error(f"unknown case {case!r}; known: {', '.join(CASES)}, {CTX_PREFIX}<N>")
         data = work / f"{profile}.jsonl"
         if profile not in data_stats:
-            data_stats[profile] = make_dataset(data, args.rows, profile, seed=args.seed, vocab_size=vocab)
+            data_stats[profile] = make_dataset(data, rows_of(args, profile), profile, seed=args.seed, vocab_size=vocab)
         batch = args.batch if args.batch == "auto" else int(args.batch)
         cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{slug}")), args.steps, batch, args.seed,
                              args.targets, args.log_every, args.strategy, variant, args.qlora_budget_gib)
@@ -823,7 +830,7 @@ def main() -> int:
             _, uprofile, umax_len = case_spec(ucase)
             data = work / f"{uprofile}.jsonl"  # the cases' own rows (same generator, seed and file)
             if uprofile not in data_stats:
-                data_stats[uprofile] = make_dataset(data, args.rows, uprofile, seed=args.seed, vocab_size=vocab)
+                data_stats[uprofile] = make_dataset(data, rows_of(args, uprofile), uprofile, seed=args.seed, vocab_size=vocab)
             name = unsloth_name(batch, accum, ucase)
             if "install_error" in unsloth_info:
                 unsloth.append({"name": name, "failed": True, "error": "install failed"})
