@@ -236,6 +236,8 @@ def scenarios() -> dict[str, tuple[str, dict[str, Any], str, list[str]]]:
     def add(name: str, description: str, job: Job, health: str, *message: str) -> None:
         out[name] = (description, job.object(), health, list(message))
 
+    add("applied", "just applied: the operator has not written a status yet", Job(), "Progressing",
+        "waiting for the kubetune operator")
     add("pending", "accepted, before the first stage", Job().first_pass(), "Progressing", "Pending", "accepted")
     add("validating", "the validate Job runs", Job().first_pass().reconcile().reconcile(validate=running()),
         "Progressing", "Validating")
@@ -334,7 +336,7 @@ def rendered() -> dict[Path, str]:
 def argocd_cm_patch() -> str:
     script = HEALTH_LUA.read_text()
     patch = {"apiVersion": "v1", "kind": "ConfigMap",
-             "metadata": {"name": "argocd-cm", "labels": {"app.kubernetes.io/part-of": "argocd"}},
+             "metadata": {"name": "argocd-cm"},
              "data": {HEALTH_KEY: script}}
 
     class Literal(str):

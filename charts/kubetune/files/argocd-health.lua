@@ -43,7 +43,10 @@ if status == nil or status.phase == nil then
   return result("Progressing", "waiting for the kubetune operator to accept the job")
 end
 
-local generation = obj.metadata.generation
+local generation = nil
+if obj.metadata ~= nil then
+  generation = obj.metadata.generation
+end
 if generation ~= nil and (status.observedGeneration == nil or status.observedGeneration < generation) then
   return result("Progressing", "waiting for the operator to observe generation " .. num(generation))
 end
@@ -68,11 +71,10 @@ if phase == "Training" and status.progress ~= nil and status.progress.percent ~=
   percent = " (" .. num(status.progress.percent) .. "% trained)"
 end
 
--- The new revision was held back: the edit will not take effect until the spec changes again.
-if promoted ~= nil and promoted.status == "False"
-    and (promoted.reason == "EvaluationGateFailed" or promoted.reason == "CanaryFailed") then
-  return result("Degraded", promoted.reason .. ": revision " .. tostring(status.revision) .. " held back"
-    .. detail(promoted.message) .. still_serving)
+-- The new revision was held back (its gate, its canary or a stage failed): the edit will not take
+-- effect until the spec changes again. Promoted=False while it is still built is RolloutInProgress.
+if promoted ~= nil and promoted.status == "False" and promoted.reason ~= "RolloutInProgress" then
+  return result("Degraded", tostring(promoted.reason) .. detail(promoted.message))
 end
 
 if phase == "Failed" then

@@ -1,0 +1,199 @@
+"""The Argo CD health check (charts/kubetune/files/argocd-health.lua) under the
+real Lua interpreter, run the way Argo CD runs it (a global `obj`, only the
+libraries Argo CD opens, every number a float), over:
+
+- recorded/*.json: FineTuneJobs whose status the operator's own code produced
+  (tests/gitops/record.py; a test fails when they differ from what the code
+  produces now, so they cannot drift), one or more for every phase;
+- recorded/contract/*.json: the `Promoted` rollout states of issue #17 that the
+  code does not produce yet, hand-written from the status contract.
+
+Each fixture names its expected health and what its message must say.
+docs/gitops.md gives the rules and the reasons for them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kubetune.operator import stages
+from kubetune.operator.api import FineTuneJob
+from kubetune.operator.api.status import Condition, FineTuneJobStatus, Revision
+
+from . import lua, record
+
+HERE = Path(__file__).resolve().parent
+RECORDED = sorted((HERE / "recorded").glob("*.json"))
+CONTRACT = sorted((HERE / "recorded" / "contract").glob("*.json"))
+HEALTH = ("Healthy", "Progressing", "Degraded", "Suspended")
+# The rollout's Promoted condition (issue #17): True once the asked-for revision serves; False while it
+# is built (RolloutInProgress) or when it was held back.
+ROLLOUT_STATES = {("True", "RevisionServing"), ("False", "RolloutInProgress"), ("False", "EvaluationGateFailed"),
+                  ("False", "CanaryFailed")}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def fixture_id(path: Path) -> str:
+    return f"contract/{path.stem}" if path.parent.name == "contract" else path.stem
+
+
+FIXTURES = {fixture_id(p): load(p) for p in RECORDED + CONTRACT}
+
+
+def derived() -> dict[str, tuple[dict, str, list[str]]]:
+    """Objects the fixtures do not hold, made from a recorded one by one edit (name -> object, health, message)."""
+    out = {}
+    serving = FIXTURES["serving"]["object"]
+    lagging = copy.deepcopy(serving)
+    for cond in lagging["status"]["conditions"]:
+        if cond["type"] == "Ready":
+            cond.update(status="False", reason="Deploying")
+    out["serving-before-ready"] = (lagging, "Progressing", ["waiting for the Ready condition"])
+    newer = copy.deepcopy(serving)
+    newer["status"]["phase"] = "Hibernating"  # a phase of a newer operator than this script
+    out["unknown-phase"] = (newer, "Unknown", ["unknown phase Hibernating"])
+    unseen = copy.deepcopy(serving)
+    del unseen["status"]["observedGeneration"]
+    out["no-observed-generation"] = (unseen, "Progressing", ["waiting for the operator to observe generation 1"])
+    return out
+
+
+DERIVED = derived()
+
+
+@pytest.fixture(scope="session")
+def lua_bin() -> str:
+    try:
+        return lua.ensure_lua()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)  # never skip: a skipped health check proves nothing
+
+
+@pytest.fixture(scope="session")
+def health(lua_bin) -> dict[str, dict]:
+    """The script's answer for every fixture and derived object, from one interpreter run."""
+    objects = {name: f["object"] for name, f in FIXTURES.items()}
+    objects.update({name: obj for name, (obj, _, _) in DERIVED.items()})
+    return lua.run(lua_bin, record.HEALTH_LUA, objects)
+
+
+def check(answer: dict, health: str, message: list[str]) -> None:
+    assert "error" not in answer, answer["error"]
+    assert answer["status"] == health, answer
+    for part in message:
+        assert part in answer["message"], (part, answer["message"])
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_each_status_has_its_expected_health(health, name):
+    expect = FIXTURES[name]["expect"]
+    assert expect["health"] in HEALTH and expect["message"], "every fixture names its health and a message check"
+    check(health[name], expect["health"], expect["message"])
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED))
+def test_edge_cases(health, name):
+    _, expected, message = DERIVED[name]
+    check(health[name], expected, message)
+
+
+def test_the_recorded_objects_are_what_the_code_produces():
+    files = record.rendered()
+    stale = sorted(p.name for p in RECORDED if p not in files)
+    differ = sorted(str(p.relative_to(record.ROOT)) for p, text in files.items() if not p.exists() or p.read_text() != text)
+    assert not differ and not stale, (
+        f"the operator's code now produces other status objects ({differ}; no longer produced: {stale}): run "
+        "`.venv/bin/python tests/gitops/record.py`, review the diff and what the health check says about it")
+
+
+def test_every_phase_and_every_health_is_recorded_from_code():
+    recorded = [load(p) for p in RECORDED]
+    phases = {f["object"]["status"].get("phase") for f in recorded}
+    assert set(stages.phases()) <= phases, set(stages.phases()) - phases
+    assert {f["expect"]["health"] for f in recorded} == set(HEALTH)
+    # The states the rules single out, each from code.
+    assert {"edit-while-serving-training", "edit-while-serving-gate-failed", "scaled-to-zero", "queued",
+            "deploying-secret-missing", "generation-not-observed", "refused-spec"} <= {p.stem for p in RECORDED}
+
+
+def test_every_rollout_state_is_in_the_contract_fixtures():
+    states = set()
+    for path in CONTRACT:
+        promoted = [c for c in load(path)["object"]["status"]["conditions"] if c["type"] == "Promoted"]
+        assert len(promoted) == 1, path.name
+        states.add((promoted[0]["status"], promoted[0]["reason"]))
+    assert ROLLOUT_STATES <= states, ROLLOUT_STATES - states
+
+
+def field_names(model) -> set[str]:
+    return {field.alias or name for name, field in model.model_fields.items()}
+
+
+@pytest.mark.parametrize("path", CONTRACT, ids=lambda p: p.stem)
+def test_contract_fixtures_speak_the_operators_status(path):
+    """Hand-written objects use only what the API declares: a typo would test a state no operator writes."""
+    obj = load(path)["object"]
+    FineTuneJob.from_body({k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec")})
+    status = obj["status"]
+    FineTuneJobStatus.model_validate(status)
+    assert set(status) <= field_names(FineTuneJobStatus), set(status) - field_names(FineTuneJobStatus)
+    assert status["phase"] in stages.phases()
+    for cond in status["conditions"]:
+        assert set(cond) <= field_names(Condition)
+        assert cond["type"] in [*stages.condition_types(), "Promoted"], cond["type"]
+    for entry in status.get("revisions") or []:
+        assert set(entry) <= field_names(Revision) | {"servedFrom", "servedUntil"}, entry
+    assert status["servingRevision"] in {r["id"] for r in status["revisions"]}
+    assert status["revision"] == status["revisions"][-1]["id"], "the revision asked for is the last one"
+
+
+def test_numbers_reach_the_script_as_floats_as_in_argo_cd():
+    # Argo CD's Lua has one number type (float64): the script must not print "generation 2.0".
+    assert lua.to_lua({"generation": 2}) == '{["generation"] = 2.0}'
+    answer_of_unseen = FIXTURES["generation-not-observed"]["expect"]["message"]
+    assert answer_of_unseen == ["waiting for the operator to observe generation 2"]
+
+
+def test_the_converter_hands_lua_the_json_object(lua_bin):
+    obj = {"metadata": {"name": 'q"uote\\back\nslash', "labels": {"k": "é ✓ 模型"}},
+           "status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "Stalled"}],
+                      "progress": {"percent": 42, "loss": 1.25e-3}, "endpoint": None, "ok": False},
+           "spec": {"list": [1, 2.5, "three", [True]]}}
+    echoed = lua.run(lua_bin, None, {"obj": obj})["obj"]["object"]
+    expected = copy.deepcopy(obj)
+    del expected["status"]["endpoint"]  # JSON null: absent in Lua, as in Argo CD
+    assert echoed == expected
+
+
+def test_the_harness_sandbox_has_only_what_argo_cd_opens(lua_bin, tmp_path):
+    for library in ("os.time()", "io.write('x')", "require('os')", "load('return 1')()"):
+        script = tmp_path / "probe.lua"
+        script.write_text(f"local x = {library}\nreturn {{status = 'Healthy', message = 'escaped'}}\n")
+        answer = lua.run(lua_bin, script, {"probe": {"status": {}}})["probe"]
+        assert "error" in answer and "nil value" in answer["error"], (library, answer)
+
+
+def test_the_script_is_lua_5_1(lua_bin):
+    """Argo CD's interpreter is Lua 5.1 (gopher-lua): nothing of 5.2+ may appear outside strings
+    and comments (tested with 5.4, which accepts both)."""
+    code = record.HEALTH_LUA.read_text()
+    code = re.sub(r"--[^\n]*", "", code)
+    code = re.sub(r'"(\\.|[^"\\])*"', '""', code)
+    for pattern in (r"\bgoto\b", "::", "//", r"<const>", r"<close>", r"\butf8\.", r"math\.type", r"math\.tointeger",
+                    r"string\.pack", r"table\.move", r"table\.unpack", r"\bload\(", "&", r"\|", "<<", ">>", r"~(?!=)"):
+        assert not re.search(pattern, code), pattern
+
+
+def test_the_chart_ships_the_script_with_its_configmap_key():
+    doc = (record.ROOT / "charts/kubetune/files/README.md").read_text()
+    assert f"{record.HEALTH_KEY}: |" in doc and "argocd.healthCheck" in doc
+    guide = (record.ROOT / "docs/gitops.md").read_text()
+    for fixture in ("edit-while-serving-training", "rollout-gate-failed"):
+        assert fixture in guide, f"docs/gitops.md names the fixture {fixture}"
