@@ -282,8 +282,6 @@ def server_objects(server: dict[str, Any], settings: OperatorSettings) -> list[d
         containers=[container, loader_container(server, spec, settings)], volumes=volumes, init_containers=[],
         replicas=s.replicas,
     )
-    # A new replica may only replace an old one once Ready (adapters loaded): no gap in a tenant's model.
-    deployment["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     return [
         *loader_rbac(server, spec),
         serving.auth_config_map_for(_metadata(server, auth)),  # before the pods that mount it

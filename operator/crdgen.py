@@ -30,6 +30,8 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Training progress in percent."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {"name": "Serving", "type": "string", "jsonPath": ".status.servingRevision",
+     "description": "The revision taking the traffic (an edit's new one trains and is evaluated beside it)."},
     {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
      "description": "Why the job is or is not Ready."},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint.url", "priority": 1, "description": "Serving URL."},

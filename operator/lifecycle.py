@@ -33,6 +33,10 @@ class Decision:
     # and whether that restart counts toward spec.resources.maxRestarts (preemptions do not).
     restart: Optional[str] = None
     restart_counts: bool = True
+    # Blue/green (keep_serving): the earlier revision that still serves while this one is built,
+    # evaluated and rolled out, and whether this one was held back (failed: it never takes traffic).
+    serving_revision: Optional[str] = None
+    held_back: bool = False
 
     @property
     def failed(self) -> bool:
@@ -152,10 +156,46 @@ def stall(decision: Decision, reason: str, message: str) -> Decision:
                     current=decision.current, finished=decision.finished, stalled=reason)
 
 
+def keep_serving(decision: Decision, serving_rev: str, rev: str, endpoint: dict[str, Any]) -> Decision:
+    """Blue/green: revision `serving_rev` still serves (its pods or its adapter answer) while `rev`,
+    the one the spec asks for now, is validated, trained, evaluated and rolled out. The job stays
+    Ready on the old one, with its endpoint; `Promoted=False` says what the new one is doing, or why
+    it was held back (a failed gate or stage: it never takes traffic, the old one keeps serving)."""
+    conditions = list(decision.conditions)
+    if decision.failed:
+        failing = next((r for _, st, r, _ in reversed(conditions) if st == "False"), "Failed")
+        reason = failing if failing.endswith("GateFailed") else "RevisionFailed"
+        message = f"revision {rev} held back, revision {serving_rev} keeps serving: {decision.message}"
+        conditions.append(("Promoted", "False", reason, message))
+        phase, held = "Serving", True
+    else:
+        message = f"revision {serving_rev} serves while revision {rev} is built: {decision.message}"
+        conditions.append(("Promoted", "False", "RolloutInProgress", message))
+        phase, held = decision.phase, False
+    return Decision(phase, message, conditions, create=decision.create, status={**decision.status, "endpoint": endpoint},
+                    current=decision.current, finished=decision.finished, stalled=decision.stalled,
+                    restart=decision.restart, restart_counts=decision.restart_counts, serving_revision=serving_rev,
+                    held_back=held)
+
+
+def promoted(decision: Decision, rev: str, replaced: Optional[str]) -> Decision:
+    """A serving decision: its revision takes the traffic (`replaced`: the one it took over from)."""
+    message = f"revision {rev} serves" + (f" (replaced revision {replaced})" if replaced and replaced != rev else "")
+    decision.conditions.append(("Promoted", "True", "RevisionServing", message))
+    return decision
+
+
 def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:
     """Ready / Reconciling / Stalled, as kstatus (Flux) and Argo CD read them: Stalled=True is
     Failed, Reconciling=True is InProgress, neither (with observedGeneration current) is
-    Current; Ready=True once the job has reached its goal (serving, or all stages done)."""
+    Current; Ready=True once the job has reached its goal (serving, or all stages done), and
+    while an earlier revision serves during a rollout (keep_serving)."""
+    if decision.serving_revision and not decision.stalled:
+        # Serving the earlier revision: Ready; still reconciling while the new one is built.
+        reason = "RevisionHeldBack" if decision.held_back else "ServingPreviousRevision"
+        return [("Ready", "True", reason, decision.message),
+                ("Reconciling", "False" if decision.held_back else "True", reason, decision.message),
+                ("Stalled", "False", reason, decision.message)]
     if decision.phase in DONE_PHASES:
         return [("Ready", "True", decision.phase, decision.message),
                 ("Reconciling", "False", decision.phase, decision.message),
@@ -188,14 +228,19 @@ def status_update(current: dict[str, Any], decision: Decision, generation: Optio
     }
     if rev is not None:
         finished = {stage: {"completedAt": timestamp, **rec} for stage, rec in decision.finished.items()}
-        phase = "Succeeded" if decision.phase in DONE_PHASES else "Failed" if decision.failed else "Running"
+        if decision.held_back:
+            phase = "Failed"  # its own outcome; the job serves the earlier revision
+        else:
+            phase = "Succeeded" if decision.phase in DONE_PHASES else "Failed" if decision.failed else "Running"
         patch["revision"] = rev
         patch["revisions"] = revisions.record(current, rev, generation, finished, phase,
                                               decision.status.get("artifacts") or {},
                                               decision.status.get("evaluation"),
                                               restarted=bool(decision.restart and decision.restart_counts))
-        if decision.phase == "Serving":
+        if decision.phase == "Serving" and not decision.serving_revision:
             patch["servingRevision"] = rev
+            # Served from / until: the history `kubetune status` prints.
+            patch["revisions"] = revisions.served(patch["revisions"], rev, current.get("servingRevision"), timestamp)
     if not current.get("startTime"):
         patch["startTime"] = timestamp
     if decision.phase in ("Serving", "Succeeded", "Failed") and current.get("phase") != decision.phase:

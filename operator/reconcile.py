@@ -186,6 +186,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         message = f"the API server refused a child: {_api_message(e)}"
         emit("Warning", "ChildRejected", message)
         decision = lifecycle.stall(decision, "ChildRejected", message)
+    decision = rollout(kube, job, status, rev, decision, emit)
     retire_old_serving(kube, job, status, decision, emit)
     if any(r.get("id") != rev for r in status.get("revisions") or []):
         for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
@@ -200,13 +201,46 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     return patch
 
 
+def rollout(kube: Kube, job: FineTuneJob, status: dict[str, Any], rev: str, decision: lifecycle.Decision,
+            emit: EventFn) -> lifecycle.Decision:
+    """Blue/green between revisions: the revision serving now keeps the traffic until the one the spec
+    asks for serves (lifecycle.keep_serving), and never loses it to one that fails."""
+    if not job.spec.serving.enabled:
+        return decision
+    serving_rev = status.get("servingRevision")
+    if decision.phase == "Serving":
+        return lifecycle.promoted(decision, rev, serving_rev)
+    if not serving_rev or serving_rev == rev or not still_serving(kube, job, status):
+        return decision
+    kept = lifecycle.keep_serving(decision, serving_rev, rev, status.get("endpoint") or stages.endpoint(job))
+    was = next((c for c in status.get("conditions") or [] if c.get("type") == "Promoted"), {})
+    if kept.held_back and was.get("reason") != kept.conditions[-1][2]:
+        emit("Warning", "RevisionHeldBack", kept.message)  # once, when it is held back
+    return kept
+
+
+def still_serving(kube: Kube, job: FineTuneJob, status: dict[str, Any]) -> bool:
+    """Whether the way the job served so far still answers: a Ready replica of its merged server, or its
+    adapter loaded on a Ready shared server."""
+    ns = job.metadata.namespace
+    joined = status.get("adapterServer")
+    if joined:
+        server = kube.get(API_VERSION, "AdapterServer", ns, joined) or {}
+        model = (status.get("endpoint") or {}).get("model") or serving.served_model_name(job)
+        line = ((server.get("status") or {}).get("adapters") or {}).get(model) or {}
+        ready = next((c for c in (server.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+        return bool(line.get("servedUri")) and ready.get("status") == "True"
+    dep = kube.get("apps/v1", "Deployment", ns, names.serving(job.metadata.name))
+    return bool(dep and ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1)
+
+
 def retire_old_serving(kube: Kube, job: FineTuneJob, status: dict[str, Any], decision: lifecycle.Decision,
                        emit: EventFn) -> None:
     """The way the job served before goes once the way its spec asks for serves (or at once when
     serving is switched off): merged mode's own server after a switch to adapter mode, the job's
     entry on a shared server after a switch to merged mode or to another server."""
     off = not job.spec.serving.enabled
-    if not (off or decision.phase == "Serving"):
+    if not (off or (decision.phase == "Serving" and not decision.serving_revision)):
         return
     ns = job.metadata.namespace
     joined = status.get("adapterServer")

@@ -103,3 +103,17 @@ def record(
         entry["restarts"] = int(entry.get("restarts") or 0) + 1
     out.append(entry)  # the one asked for now is always last
     return out[-KEEP:]
+
+
+def served(entries: list[dict[str, Any]], rev: str, before: Optional[str], timestamp: str) -> list[dict[str, Any]]:
+    """`rev` serves from `timestamp` on (unless it already did); `before`, which it replaced, until then."""
+    out = []
+    for r in entries:
+        r = dict(r)
+        if r.get("id") == rev and (not r.get("servedFrom") or r.get("servedUntil")):
+            r["servedFrom"] = timestamp  # served again after a revert: a new period
+            r.pop("servedUntil", None)
+        elif before and before != rev and r.get("id") == before and r.get("servedFrom") and not r.get("servedUntil"):
+            r["servedUntil"] = timestamp
+        out.append(r)
+    return out

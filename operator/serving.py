@@ -270,6 +270,10 @@ def server_deployment(*, metadata: dict[str, Any], selector: dict[str, str], tem
     }
     spec: dict[str, Any] = {
         "progressDeadlineSeconds": progress_deadline_seconds(settings),
+        # Blue/green at the pod level: a new revision's (or template's) replica is added and must be Ready
+        # before an old one goes, so the Service never runs out of ready endpoints. It needs room for one
+        # more replica while it rolls out.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
         "selector": {"matchLabels": selector},
         "template": {"metadata": template_metadata, "spec": pod_spec},
     }
@@ -286,7 +290,9 @@ def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str,
     return server_deployment(
         metadata=pods.metadata(job, names.serving(job.metadata.name), "serve"),
         selector=pods.selector_labels(job, "serve"),
-        template_metadata=pods.pod_template_metadata(job, "serve"),
+        # The pods say which revision they serve (not in the selector: the Service keeps selecting both
+        # revisions' pods while one replaces the other).
+        template_metadata=pods.pod_template_metadata(job, "serve", revisions.of(job)),
         s=s, service_account=pods.service_account_for_stages(job), settings=settings,
         containers=[container], volumes=server_volumes(auth), init_containers=[_verify_container(job, settings)],
         # With an autoscaler the field is left out: server-side apply then never resets the HPA's count.

@@ -311,5 +311,10 @@ def phases() -> list[str]:
 SUMMARY_CONDITIONS = ("Ready", "Reconciling", "Stalled")
 
 
+# Blue/green between revisions (lifecycle.keep_serving / promoted): does the revision the spec asks
+# for take the traffic yet, and if not, why.
+ROLLOUT_CONDITIONS = ("Promoted",)
+
+
 def condition_types() -> list[str]:
-    return [s.condition for s in STAGES] + list(SUMMARY_CONDITIONS)
+    return [s.condition for s in STAGES] + list(SUMMARY_CONDITIONS) + list(ROLLOUT_CONDITIONS)

@@ -15,6 +15,7 @@ BASE = "s3://models/llama/"
 class FakeVllm:
     def __init__(self):
         self.adapters: dict[str, str] = {}
+        self.broken: set[str] = set()  # adapter names whose completions fail (a bad adapter that loads)
         self.fail_next = 0
         self.calls: list[tuple[str, str, dict]] = []
         outer = self
@@ -51,8 +52,14 @@ class FakeVllm:
                 if self._maybe_fail():
                     return
                 name = body.get("lora_name")
+                if self.path == "/v1/completions":
+                    known = body.get("model") in outer.adapters or body.get("model") == BASE
+                    if body.get("model") in outer.broken:
+                        return self._send(500, {"error": {"message": "adapter produced NaNs", "code": 500}})
+                    return self._send(200 if known else 404, {"choices": [{"text": "pong"}]} if known else
+                                      {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
                 if self.path == "/v1/load_lora_adapter":
-                    if name in outer.adapters:
+                    if name in outer.adapters and not body.get("load_inplace"):
                         return self._send(400, {"error": {"message": f"The lora adapter '{name}' has already been "
                                                                      "loaded. If you want to load the adapter in place, "
                                                                      "set 'load_inplace' to True.", "code": 400}})
@@ -72,6 +79,17 @@ class FakeVllm:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def swaps(self) -> list[tuple[str, str]]:
+        """(route or model, adapter name) of the adapter calls and completions, in order."""
+        out = []
+        for _, path, body in self.calls:
+            if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                out.append((path.rsplit("/", 1)[-1] + ("_inplace" if body.get("load_inplace") else ""),
+                            body["lora_name"]))
+            elif path == "/v1/completions":
+                out.append(("completion", body["model"]))
+        return out
 
     def loads(self) -> list[str]:
         return [b["lora_name"] for m, p, b in self.calls if p == "/v1/load_lora_adapter"]

@@ -88,11 +88,21 @@ class VllmClient:
             raise VllmError(status, text[:500])
         return {m["id"]: m.get("root") or "" for m in json.loads(text).get("data", []) if m.get("parent")}
 
-    def load(self, name: str, path: str) -> None:
-        status, text = self._request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
-        if status == 200 or (status == 400 and "already been loaded" in text):
+    def load(self, name: str, path: str, inplace: bool = False) -> None:
+        """`inplace`: replace the weights of a loaded name (vLLM keeps its id; requests in flight finish
+        on the old weights, later ones get the new)."""
+        body: dict[str, Any] = {"lora_name": name, "lora_path": path}
+        if inplace:
+            body["load_inplace"] = True
+        status, text = self._request("POST", "/v1/load_lora_adapter", body)
+        if status == 200 or (status == 400 and "already been loaded" in text and not inplace):
             return
         raise VllmError(status, text[:500])
+
+    def answers(self, name: str) -> bool:
+        """A one-token completion through the adapter `name` succeeds."""
+        status, _ = self._request("POST", "/v1/completions", {"model": name, "prompt": "ping", "max_tokens": 1})
+        return status == 200
 
     def unload(self, name: str) -> None:
         status, text = self._request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
@@ -131,29 +141,73 @@ def fetch_verified(store: Store, prefix: str, root: Path, name: str) -> Path:
     return dest
 
 
-def sync(client: VllmClient, desired: dict[str, tuple[Store, str]], root: Path) -> SyncResult:
+# The name a new version of an adapter is loaded and checked under before it replaces the served one.
+STAGING_SUFFIX = "--staging"
+
+
+def swap(client: VllmClient, name: str, path: str) -> None:
+    """Blue/green for one model name on a shared server: the new version is loaded under a staging name
+    and must answer a completion; only then is it loaded in place under the served name (clients never
+    see the name missing), and the staging name goes. A version that does not answer never takes
+    traffic: the old one keeps serving."""
+    staging = f"{name}{STAGING_SUFFIX}"
+    client.load(staging, path)
+    try:
+        if not client.answers(staging):
+            raise VllmError(422, f"{path}: loaded as {staging} but did not answer a completion; {name} keeps "
+                                 "its current version")
+        client.load(name, path, inplace=True)
+    finally:
+        client.unload(staging)
+
+
+def source_key(store: Store, prefix: str) -> str:
+    return f"{store.uri.rstrip('/')}/{prefix.strip('/')}/"
+
+
+def sync(client: VllmClient, desired: dict[str, tuple[Store, str]], root: Path,
+         served: Optional[dict[str, str]] = None) -> SyncResult:
     """Make the server's adapters equal `desired` ({name: (store, prefix)}); the adapters it loaded but
-    that are not desired are unloaded."""
+    that are not desired are unloaded.
+
+    `served` ({name: source_key}, kept by the caller across passes) says which version each name
+    serves: a new version (another prefix: a new revision) that is refused (tampered, incomplete,
+    does not answer) leaves the served one in place; a refused version that is the served one is
+    unloaded. Without it, every refused name is unloaded."""
     result = SyncResult()
     present = client.adapters()
+    if served is not None:
+        for name in [n for n in served if n not in present]:
+            del served[name]  # vLLM restarted: nothing is served any more
     for name in sorted(set(present) - set(desired)):
         client.unload(name)
         result.unloaded.append(name)
+        if served is not None:
+            served.pop(name, None)
     for name, (store, prefix) in sorted(desired.items()):
+        key = source_key(store, prefix)
+        keeps_another = served is not None and name in present and served.get(name) not in (None, key)
         try:
             path = str(fetch_verified(store, prefix, root, name))
-        except (IntegrityError, FileNotFoundError) as e:
+            if present.get(name) == path:
+                continue  # idempotent: loaded from this very folder
+            if name in present:
+                swap(client, name, path)  # another version of it (a new revision): replaced without a gap
+            else:
+                client.load(name, path)
+        except (IntegrityError, FileNotFoundError, VllmError) as e:
+            if isinstance(e, VllmError) and e.status >= 500 and not keeps_another:
+                raise  # the server is failing: the pass fails (the pod is not Ready), the next retries
             result.refused[name] = str(e)
-            if name in present:  # what it serves is no longer the published adapter
+            if name in present and not keeps_another:  # what it serves is no longer the published adapter
                 client.unload(name)
                 result.unloaded.append(name)
+                if served is not None:
+                    served.pop(name, None)
             continue
-        if present.get(name) == path:
-            continue  # idempotent: loaded from this very folder
-        if name in present:
-            client.unload(name)  # another version of it: replaced, never two under one name
-        client.load(name, path)
         result.loaded.append(name)
+        if served is not None:
+            served[name] = key
     result.present = client.adapters()
     return result
 
@@ -237,17 +291,20 @@ class ServerObject:
                                                      self.name, _request_timeout=10)
         return {a["name"]: a["uri"] for a in live_adapters(body)}
 
-    def report(self, pod: str, desired: dict[str, str], result: SyncResult) -> bool:
-        """Merge-patch status.adapters where this pass changed what was last reported. True when sent."""
+    def report(self, pod: str, desired: dict[str, str], result: SyncResult, served: dict[str, str]) -> bool:
+        """Merge-patch status.adapters where this pass changed what was last reported. True when sent.
+        Each line: the desired version (`uri`) Loaded or Refused, and `servedUri`, the version that
+        answers under the name now (an earlier revision's, while a refused new one is held back)."""
         lines: dict[str, Any] = {}
         for name, uri in desired.items():
             refused = result.refused.get(name)
             if refused is None and name not in result.present:
                 continue  # neither loaded nor refused (a load failed this pass): nothing to claim
-            key = (uri, "Refused" if refused else "Loaded", refused)
+            now_served = served.get(name) if name in result.present else None
+            key = (uri, "Refused" if refused else "Loaded", refused, now_served)
             if self.reported.get(name) != key:
-                line = {"uri": uri, "state": key[1], "pod": pod,
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                line: dict[str, Any] = {"uri": uri, "state": key[1], "pod": pod, "servedUri": now_served,
+                                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 if refused:
                     line["message"] = refused[:4000]
                 lines[name] = line
@@ -259,6 +316,20 @@ class ServerObject:
             _request_timeout=10, _content_type="application/merge-patch+json",
         )
         return True
+
+
+def uri_of(key: str, desired_uri: Optional[str]) -> str:
+    """The s3:// URI of a source key (the desired URI when they are the same version)."""
+    if desired_uri and source_key_of_uri(desired_uri) == key:
+        return desired_uri
+    return key
+
+
+def source_key_of_uri(uri: str) -> str:
+    from kubetune.trainer.storage import split_s3
+
+    bucket, prefix = split_s3(uri)
+    return f"s3://{bucket}/{prefix.strip('/')}/"
 
 
 def open_desired(desired: dict[str, str], endpoint_url: Optional[str], region: Optional[str]) -> dict[str, tuple[Store, str]]:
@@ -279,14 +350,16 @@ def run_sidecar(server: ServerObject, client: VllmClient, root: Path, probe: Pro
     seconds (a vLLM restart loses its adapters; the next pass loads them again while the pod is not
     Ready). `passes`: stop after that many (tests)."""
     done = 0
+    served: dict[str, str] = {}  # name -> the version (source key) this pod's vLLM serves under it
     while passes is None or done < passes:
         try:
             desired = server.desired()
-            result = sync(client, open_desired(desired, endpoint_url, region), root)
+            result = sync(client, open_desired(desired, endpoint_url, region), root, served)
             if result.loaded or result.unloaded or result.refused:
                 log(json.dumps({"loaded": result.loaded, "unloaded": result.unloaded, "refused": result.refused}))
             probe.ready = all(n in result.present for n in desired if n not in result.refused)
-            server.report(pod, desired, result)
+            uris = {name: uri for name, uri in desired.items()}
+            server.report(pod, desired, result, {n: uri_of(k, uris.get(n)) for n, k in served.items()})
         except Exception as e:  # vLLM starting, the API server unreachable: not ready, try again
             probe.ready = False
             log(f"adapter sync: {type(e).__name__}: {e}")

@@ -76,8 +76,12 @@ class AdapterServerSpec(ApiModel):
 class AdapterState(StatusModel):
     """What the loader sidecar last did with one adapter."""
 
-    uri: Optional[str] = Field(default=None, description="The adapter prefix it acted on.")
-    state: Literal["Loaded", "Refused"] = Field(description="Loaded into vLLM, or refused (tampered, incomplete).")
+    uri: Optional[str] = Field(default=None, description="The adapter prefix it acted on (the job's revision).")
+    state: Literal["Loaded", "Refused"] = Field(
+        description="Loaded into vLLM, or refused (tampered, incomplete, did not answer).")
+    served_uri: Optional[str] = Field(
+        default=None, description="The version answering under the name now: an earlier revision's while a "
+        "refused new one is held back.")
     message: Optional[str] = Field(default=None, max_length=4096, description="Why it was refused.")
     pod: Optional[str] = Field(default=None, description="The server pod that reported it.")
     time: Optional[str] = Field(default=None, description="When (RFC 3339).")

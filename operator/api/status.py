@@ -104,6 +104,8 @@ class Revision(StatusModel):
     evaluation: Optional[StageResult] = Field(default=None, description="Its evaluation verdict.")
     stages: dict[str, StageRecord] = Field(default_factory=dict, description="Stages finished for this revision.")
     restarts: Optional[int] = Field(default=None, description="Restarts of its training gang after a rank failed.")
+    served_from: Optional[str] = Field(default=None, description="When it started to take the traffic (RFC 3339).")
+    served_until: Optional[str] = Field(default=None, description="When a later revision replaced it (RFC 3339).")
 
 
 class FineTuneJobStatus(StatusModel):

@@ -27,13 +27,15 @@ def vllm():
     server.server.shutdown()
 
 
-def publish(root: Path, name: str, content: bytes = b"weights") -> str:
-    src = root / "src" / name
+def publish(root: Path, name: str, content: bytes = b"weights", rev: str = "") -> str:
+    """`rev`: a revision's own prefix (<name>/<rev>/adapter), as the operator's layout has it."""
+    src = root / "src" / name / rev
     src.mkdir(parents=True, exist_ok=True)
     (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 16, "base_model_name_or_path": BASE}))
     (src / "adapter_model.safetensors").write_bytes(content)
-    artifacts.publish_dir(LocalStore(root / "bucket"), src, f"{name}/adapter")
-    return f"{name}/adapter"
+    prefix = f"{name}/{rev}/adapter" if rev else f"{name}/adapter"
+    artifacts.publish_dir(LocalStore(root / "bucket"), src, prefix)
+    return prefix
 
 
 def client(vllm: FakeVllm, **kw) -> loader.VllmClient:
@@ -113,3 +115,41 @@ def test_a_restarted_server_is_not_ready_until_its_adapters_are_back(vllm, tmp_p
     assert not loader.ready(c, desired, {})
     result = loader.sync(c, desired, tmp_path / "cache")
     assert result.loaded == ["alpha", "beta"] and loader.ready(c, desired, result.refused)
+
+
+def test_a_new_version_is_loaded_beside_checked_then_swapped_in_before_the_old_goes(vllm, tmp_path):
+    """Blue/green on a shared server: load under a staging name, a completion through it, the in-place
+    load under the served name, then the staging name goes. The name never disappears."""
+    store = LocalStore(tmp_path / "bucket")
+    served: dict[str, str] = {}
+    c = client(vllm)
+    loader.sync(c, {"alpha": (store, publish(tmp_path, "alpha", b"rev-1", rev="r1"))}, tmp_path / "cache", served)
+    old = vllm.adapters["alpha"]
+    vllm.calls.clear()
+    result = loader.sync(c, {"alpha": (store, publish(tmp_path, "alpha", b"rev-2", rev="r2"))}, tmp_path / "cache",
+                         served)
+    assert result.loaded == ["alpha"] and vllm.adapters["alpha"] != old
+    assert vllm.swaps() == [("load_lora_adapter", "alpha--staging"), ("completion", "alpha--staging"),
+                            ("load_lora_adapter_inplace", "alpha"), ("unload_lora_adapter", "alpha--staging")]
+    assert set(vllm.adapters) == {"alpha"} and served["alpha"].endswith("alpha/r2/adapter/")
+
+
+def test_a_new_version_that_fails_is_held_back_and_the_old_keeps_serving(vllm, tmp_path):
+    store = LocalStore(tmp_path / "bucket")
+    served: dict[str, str] = {}
+    c = client(vllm, attempts=2)
+    loader.sync(c, {"alpha": (store, publish(tmp_path, "alpha", b"rev-1", rev="r1"))}, tmp_path / "cache", served)
+    old, old_key = vllm.adapters["alpha"], served["alpha"]
+    # Loads, but its completions fail: never swapped in.
+    vllm.broken.add("alpha--staging")
+    broken = {"alpha": (store, publish(tmp_path, "alpha", b"rev-2", rev="r2"))}
+    result = loader.sync(c, broken, tmp_path / "cache", served)
+    assert "alpha" in result.refused and vllm.adapters == {"alpha": old} and served["alpha"] == old_key
+    assert ("load_lora_adapter_inplace", "alpha") not in vllm.swaps()
+    assert loader.ready(c, broken, result.refused)  # the pod still serves the old version
+    # Tampered: refused before any load; the old version still answers.
+    vllm.broken.clear()
+    tampered = {"alpha": (store, publish(tmp_path, "alpha", b"rev-3", rev="r3"))}
+    (tmp_path / "bucket" / "alpha" / "r3" / "adapter" / "adapter_model.safetensors").write_bytes(b"poisoned")
+    result = loader.sync(c, tampered, tmp_path / "cache", served)
+    assert "sha256 mismatch" in result.refused["alpha"] and vllm.adapters == {"alpha": old}
