@@ -197,3 +197,10 @@ def test_the_chart_ships_the_script_with_its_configmap_key():
     guide = (record.ROOT / "docs/gitops.md").read_text()
     for fixture in ("edit-while-serving-training", "rollout-gate-failed"):
         assert fixture in guide, f"docs/gitops.md names the fixture {fixture}"
+
+
+def test_without_lua_and_without_root_the_tests_fail_saying_what_to_install(monkeypatch):
+    monkeypatch.setattr(lua.shutil, "which", lambda name: None)
+    monkeypatch.setattr(lua.os, "geteuid", lambda: 1000)
+    with pytest.raises(RuntimeError, match=r"apt-get install -y lua5\.4"):
+        lua.ensure_lua()
