@@ -6,13 +6,15 @@
 Every object here is produced by the operator's own code: the job is the
 GitOps example's base (manifests/gitops/base), each reconcile pass is
 `lifecycle.decide` over stage outcomes (built with the observers' pure
-functions where they exist: `deployment_outcome`, `queue_state`), then
+functions where they exist: `deployment_outcome`, `queue_state`), then the
+blue/green step `reconcile.rollout` (the one API read it makes, whether the
+serving revision's Deployment has a Ready replica, answered by a stub), then
 `lifecycle.status_update`, merged into the status the way the API server
 merges the operator's patch. The first pass (phase Pending) and a refused spec
 come from `reconcile._reconcile` itself, with the API reads it makes there
 (namespace labels, TenantPolicies) answered by a stub.
 
-The `Promoted` rollout states that the code does not produce yet are
+The rollout states that the code does not produce yet (a failed canary) are
 hand-written, following the status contract of issue #17, in
 tests/gitops/recorded/contract/ (never written by this script). The Argo CD
 ConfigMap patch of the GitOps example carries the chart's script; it is
@@ -125,15 +127,19 @@ class Job:
                 break
         return observed
 
-    def reconcile(self, stall: Optional[tuple[str, str]] = None, **live: Any) -> "Job":
-        """One pass: decide over the observed stages, then the status patch, merged."""
-        from kubetune.operator import lifecycle, revisions
+    def reconcile(self, stall: Optional[tuple[str, str]] = None, still_serving: bool = True, **live: Any) -> "Job":
+        """One pass, in reconcile's order: decide over the observed stages, a missing prerequisite
+        (`stall`), the blue/green step (`still_serving`: the serving revision's Deployment has a Ready
+        replica), then the status patch, merged."""
+        from kubetune.operator import lifecycle, reconcile, revisions
 
         job, rev = self.model(), self.revision
         decision = lifecycle.decide(job, self.observe(live), restarts=revisions.restarts(self.status, rev))
         if stall is not None:
             # What reconcile does when preflight finds a prerequisite missing.
             decision = lifecycle.stall(decision, *stall)
+        decision = reconcile.rollout(ServingDeployment(1 if still_serving else 0), job, self.status, rev, decision,
+                                     emit=lambda *a: None)
         patch = lifecycle.status_update(self.status, decision, self.generation, TIMESTAMP, rev)
         self.status = merge_patch(self.status, patch)
         return self
@@ -145,6 +151,17 @@ class Job:
 
     def object(self) -> dict[str, Any]:
         return {**copy.deepcopy(self.body), "status": copy.deepcopy(self.status)}
+
+
+class ServingDeployment:
+    """The one read `reconcile.rollout` makes: the job's serving Deployment, with `ready` Ready replicas."""
+
+    def __init__(self, ready: int) -> None:
+        self.ready = ready
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Optional[dict[str, Any]]:
+        assert (api_version, kind) == ("apps/v1", "Deployment"), (api_version, kind)
+        return {"metadata": {"name": name, "namespace": namespace}, "status": {"readyReplicas": self.ready}}
 
 
 # ---------------------------------------------------------------- stage outcomes
@@ -229,12 +246,13 @@ def served_then_edited(**spec: Any) -> tuple[Job, str]:
 # ---------------------------------------------------------------- the recorded states
 
 
-def scenarios() -> dict[str, tuple[str, dict[str, Any], str, list[str]]]:
-    """name -> (description, object, expected health, substrings of the expected message)."""
-    out: dict[str, tuple[str, dict[str, Any], str, list[str]]] = {}
+def scenarios() -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
+    """name -> (description, object, expectation: health, substrings the message must hold, and must not)."""
+    out: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
 
-    def add(name: str, description: str, job: Job, health: str, *message: str) -> None:
-        out[name] = (description, job.object(), health, list(message))
+    def add(name: str, description: str, job: Job, health: str, *message: str, absent: tuple[str, ...] = ()) -> None:
+        expect = {"health": health, "message": list(message), **({"absent": list(absent)} if absent else {})}
+        out[name] = (description, job.object(), expect)
 
     add("applied", "just applied: the operator has not written a status yet", Job(), "Progressing",
         "waiting for the kubetune operator")
@@ -289,7 +307,8 @@ def scenarios() -> dict[str, tuple[str, dict[str, Any], str, list[str]]]:
     add("generation-not-observed", "a pull request merged, the operator has not reconciled it yet", unseen,
         "Progressing", "waiting for the operator to observe generation 2")
 
-    # An edit while serving: the earlier revision keeps its endpoint while the new one is built.
+    # Blue/green: an edit while serving. The earlier revision keeps its endpoint (Ready, Promoted=False
+    # RolloutInProgress) while the new one is built; a revision that fails is held back.
     job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=running()).rank0_reports(300, 1000).reconcile(train=running())
     add("edit-while-serving-training", "revision A serves while revision B trains", job, "Healthy",
@@ -299,30 +318,53 @@ def scenarios() -> dict[str, tuple[str, dict[str, Any], str, list[str]]]:
     add("edit-while-serving-queued", "revision A serves while revision B waits in Kueue", job, "Healthy",
         f"serving revision {before} while revision {job.revision} is queued", KUEUE_MESSAGE)
     job, before = served_then_edited()
+    job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=running())
+    add("edit-while-serving-evaluating", "revision A serves while revision B is evaluated", job, "Healthy",
+        f"serving revision {before} while revision {job.revision} is evaluating")
+    job, before = served_then_edited()
+    job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_passed())
+    job.reconcile(serve=deployment(rolled_out=False))
+    add("edit-while-serving-rolling-out", "revision B passed its gate; its pods start while revision A's serve",
+        job, "Healthy", f"serving revision {before} while revision {job.revision} is deploying")
+    promoted_job = job.reconcile(serve=deployment())
+    add("edit-promoted", "revision B took the endpoint (Promoted=True)", promoted_job, "Healthy",
+        f"serving revision {promoted_job.revision} at http://")
+    job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=failed("OOMKilled", "pod support-bot-train-0: OOMKilled"))
-    add("edit-while-serving-training-failed", "revision B failed to train; revision A still serves", job,
-        "Degraded", "OOMKilled", f"revision {before} keeps serving")
+    add("edit-while-serving-training-failed", "revision B failed to train: held back, revision A keeps serving",
+        job, "Degraded", "RevisionFailed", "OOMKilled", f"revision {before} keeps serving")
     job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_below_gate())
-    add("edit-while-serving-gate-failed", "revision B fails its gate (phase Failed today); revision A still serves",
-        job, "Degraded", GATE_NUMBERS, f"revision {before} keeps serving")
+    add("edit-while-serving-gate-failed", "revision B fails its evaluation gate: held back, revision A keeps serving",
+        job, "Degraded", "EvaluationGateFailed", GATE_NUMBERS, f"revision {before} keeps serving")
     job, before = served_then_edited(resources={"queueName": "team-a"})
     job.reconcile(validate=ok()).reconcile(
         stall=("LocalQueueNotFound", f"LocalQueue {NAMESPACE}/team-a (spec.resources.queueName) does not exist; create it"))
     add("edit-while-serving-stalled", "revision B cannot start (no LocalQueue); revision A still serves", job,
         "Degraded", "Stalled (LocalQueueNotFound)", f"revision {before} keeps serving")
     job, before = served_then_edited()
+    job.reconcile(validate=ok()).reconcile(train=running())
+    add("edit-while-serving-training-starts", "revision B's training starts; its rank 0 has not reported yet",
+        job, "Healthy", f"serving revision {before} while revision {job.revision} is training",
+        absent=("100% trained",))
+    job, before = served_then_edited()
+    job.reconcile(validate=ok()).reconcile(train=running(), still_serving=False)
+    add("edit-after-serving-stopped", "revision A no longer answers (no Ready replica) while revision B trains",
+        job, "Progressing", "Training")
+    job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_passed())
-    job.reconcile(serve=deployment()).edit(training={"learningRate": 0.0002})  # git revert
+    job.reconcile(serve=deployment(rolled_out=False)).reconcile(serve=deployment())
+    edited = job.revision
+    job.edit(training={"learningRate": 0.0002})  # git revert
     job.reconcile(serve=deployment(rolled_out=False))
-    add("revert-redeploying", "a revert: revision A's recorded artifact is deployed again, no stage reruns", job,
-        "Progressing", "Deploying")
+    assert job.revision == before
+    add("revert-rolling-out", "a revert: revision A's recorded artifact starts again (no stage reruns) while "
+        "revision B serves", job, "Healthy", f"serving revision {edited} while revision {before} is deploying")
     return out
 
 
-def fixture(description: str, obj: dict[str, Any], health: str, message: list[str]) -> dict[str, Any]:
-    return {"description": description, "source": "code (tests/gitops/record.py)",
-            "expect": {"health": health, "message": message}, "object": obj}
+def fixture(description: str, obj: dict[str, Any], expect: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "source": "code (tests/gitops/record.py)", "expect": expect, "object": obj}
 
 
 def rendered() -> dict[Path, str]:

@@ -6,7 +6,8 @@ libraries Argo CD opens, every number a float), over:
   (tests/gitops/record.py; a test fails when they differ from what the code
   produces now, so they cannot drift), one or more for every phase;
 - recorded/contract/*.json: the `Promoted` rollout states of issue #17 that the
-  code does not produce yet, hand-written from the status contract.
+  code does not produce yet (a failed canary), hand-written from the status
+  contract; a test fails once the code produces one of them.
 
 Each fixture names its expected health and what its message must say.
 docs/gitops.md gives the rules and the reasons for them."""
@@ -24,16 +25,21 @@ from kubetune.operator import stages
 from kubetune.operator.api import FineTuneJob
 from kubetune.operator.api.status import Condition, FineTuneJobStatus, Revision
 
-from . import lua, record
+from . import kstatus, lua, record
 
 HERE = Path(__file__).resolve().parent
 RECORDED = sorted((HERE / "recorded").glob("*.json"))
 CONTRACT = sorted((HERE / "recorded" / "contract").glob("*.json"))
 HEALTH = ("Healthy", "Progressing", "Degraded", "Suspended")
 # The rollout's Promoted condition (issue #17): True once the asked-for revision serves; False while it
-# is built (RolloutInProgress) or when it was held back.
+# is built (RolloutInProgress) or when it was held back (its gate, its canary, a failed stage).
 ROLLOUT_STATES = {("True", "RevisionServing"), ("False", "RolloutInProgress"), ("False", "EvaluationGateFailed"),
-                  ("False", "CanaryFailed")}
+                  ("False", "CanaryFailed"), ("False", "RevisionFailed")}
+# Recorded states where the operator's status is known to mislead; strict: the test fails once it is fixed.
+KNOWN_OPERATOR_GAPS = {
+    "edit-while-serving-training-starts": "status.progress of the serving revision's training run (100%) stays "
+    "until rank 0 of the new revision reports (lifecycle.progress_percent keeps the old step and totalSteps)",
+}
 
 
 def load(path: Path) -> dict:
@@ -84,18 +90,30 @@ def health(lua_bin) -> dict[str, dict]:
     return lua.run(lua_bin, record.HEALTH_LUA, objects)
 
 
-def check(answer: dict, health: str, message: list[str]) -> None:
+def check(answer: dict, health: str, message: list[str], absent: list[str] = ()) -> None:
     assert "error" not in answer, answer["error"]
     assert answer["status"] == health, answer
     for part in message:
         assert part in answer["message"], (part, answer["message"])
+    for part in absent:
+        assert part not in answer["message"], (part, answer["message"])
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+def fixture_params():
+    for name in sorted(FIXTURES):
+        gap = KNOWN_OPERATOR_GAPS.get(name)
+        yield pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=gap)) if gap else name
+
+
+@pytest.mark.parametrize("name", list(fixture_params()))
 def test_each_status_has_its_expected_health(health, name):
     expect = FIXTURES[name]["expect"]
     assert expect["health"] in HEALTH and expect["message"], "every fixture names its health and a message check"
-    check(health[name], expect["health"], expect["message"])
+    check(health[name], expect["health"], expect["message"], expect.get("absent", []))
+
+
+def test_the_known_gaps_are_recorded_states():
+    assert set(KNOWN_OPERATOR_GAPS) <= set(FIXTURES)
 
 
 @pytest.mark.parametrize("name", sorted(DERIVED))
@@ -119,17 +137,24 @@ def test_every_phase_and_every_health_is_recorded_from_code():
     assert set(stages.phases()) <= phases, set(stages.phases()) - phases
     assert {f["expect"]["health"] for f in recorded} == set(HEALTH)
     # The states the rules single out, each from code.
-    assert {"edit-while-serving-training", "edit-while-serving-gate-failed", "scaled-to-zero", "queued",
-            "deploying-secret-missing", "generation-not-observed", "refused-spec"} <= {p.stem for p in RECORDED}
+    assert {"edit-while-serving-training", "edit-while-serving-gate-failed", "revert-rolling-out", "scaled-to-zero",
+            "queued", "deploying-secret-missing", "generation-not-observed", "refused-spec"} <= {p.stem for p in RECORDED}
 
 
-def test_every_rollout_state_is_in_the_contract_fixtures():
-    states = set()
-    for path in CONTRACT:
-        promoted = [c for c in load(path)["object"]["status"]["conditions"] if c["type"] == "Promoted"]
-        assert len(promoted) == 1, path.name
-        states.add((promoted[0]["status"], promoted[0]["reason"]))
-    assert ROLLOUT_STATES <= states, ROLLOUT_STATES - states
+def promoted_state(path: Path) -> tuple[str, str] | None:
+    found = [(c["status"], c["reason"]) for c in load(path)["object"]["status"].get("conditions") or []
+             if c["type"] == "Promoted"]
+    assert len(found) <= 1, path.name
+    return found[0] if found else None
+
+
+def test_every_rollout_state_is_tested_from_code_or_else_from_the_contract():
+    from_code = {promoted_state(p) for p in RECORDED} - {None}
+    from_contract = {promoted_state(p) for p in CONTRACT}
+    assert None not in from_contract, "every contract fixture is a rollout state"
+    assert ROLLOUT_STATES <= from_code | from_contract, ROLLOUT_STATES - from_code - from_contract
+    # A hand-written state the code now produces is recorded from the code instead: delete the contract file.
+    assert not from_code & from_contract, from_code & from_contract
 
 
 def field_names(model) -> set[str]:
@@ -195,7 +220,7 @@ def test_the_chart_ships_the_script_with_its_configmap_key():
     doc = (record.ROOT / "charts/kubetune/files/README.md").read_text()
     assert f"{record.HEALTH_KEY}: |" in doc and "argocd.healthCheck" in doc
     guide = (record.ROOT / "docs/gitops.md").read_text()
-    for fixture in ("edit-while-serving-training", "rollout-gate-failed"):
+    for fixture in ("edit-while-serving-training", "edit-while-serving-gate-failed", "rollout-canary-failed"):
         assert fixture in guide, f"docs/gitops.md names the fixture {fixture}"
 
 
@@ -204,3 +229,41 @@ def test_without_lua_and_without_root_the_tests_fail_saying_what_to_install(monk
     monkeypatch.setattr(lua.os, "geteuid", lambda: 1000)
     with pytest.raises(RuntimeError, match=r"apt-get install -y lua5\.4"):
         lua.ensure_lua()
+
+
+# Flux reads the same objects with kstatus; it agrees with Argo CD's health but where the two part ways
+# (docs/gitops.md, "Flux").
+KSTATUS_OF_HEALTH = {"Healthy": "Current", "Progressing": "InProgress", "Degraded": "Failed", "Suspended": "InProgress"}
+KSTATUS_DIFFERS = {
+    # kstatus has no "healthy, still working": an edit while serving is InProgress (Reconciling=True)
+    # until the rollout ends, where Argo CD reads Healthy.
+    **dict.fromkeys(["edit-while-serving-training", "edit-while-serving-training-starts", "edit-while-serving-queued",
+                     "edit-while-serving-evaluating", "edit-while-serving-rolling-out", "revert-rolling-out"],
+                    "InProgress"),
+    # A held-back revision: Ready on the old one, neither Reconciling nor Stalled; Argo CD reads Degraded.
+    **dict.fromkeys(["edit-while-serving-gate-failed", "edit-while-serving-training-failed",
+                     "contract/rollout-canary-failed"], "Current"),
+    # No condition yet (just applied, or the operator's first patch, phase Pending): nothing to wait on.
+    **dict.fromkeys(["applied", "pending"], "Current"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_kstatus_reads_the_same_objects_as_documented(name):
+    fixture = FIXTURES[name]
+    expected = KSTATUS_DIFFERS.get(name, KSTATUS_OF_HEALTH[fixture["expect"]["health"]])
+    assert kstatus.compute(fixture["object"]) == expected
+
+
+def test_the_kstatus_transcription_follows_its_rules():
+    def obj(generation=2, observed=2, **conditions):
+        return {"metadata": {"generation": generation},
+                "status": {"observedGeneration": observed,
+                           "conditions": [{"type": t, "status": v} for t, v in conditions.items()]}}
+
+    assert kstatus.compute(obj(observed=1, Stalled="True")) == "InProgress"  # the generation first
+    assert kstatus.compute(obj(Reconciling="True", Stalled="False")) == "InProgress"
+    assert kstatus.compute(obj(Reconciling="False", Stalled="True")) == "Failed"
+    assert kstatus.compute(obj(Ready="False", Reconciling="False", Stalled="False")) == "Current"  # Ready is not read
+    assert kstatus.compute({"metadata": {"generation": 1, "deletionTimestamp": "2026-01-01T00:00:00Z"}}) == "Terminating"
+    assert set(KSTATUS_DIFFERS) <= set(FIXTURES)

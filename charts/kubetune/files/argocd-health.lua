@@ -58,11 +58,13 @@ local stalled = condition(status, "Stalled")
 local ready = condition(status, "Ready")
 local deployed = condition(status, "Deployed")
 
--- An earlier revision answers on the endpoint while the one the spec asks for is built.
-local serving_earlier = status.endpoint ~= nil and status.servingRevision ~= nil and status.revision ~= nil
+-- An earlier revision has the endpoint while the one the spec asks for is built; while it answers,
+-- the job stays Ready on it.
+local earlier = status.endpoint ~= nil and status.servingRevision ~= nil and status.revision ~= nil
   and status.servingRevision ~= status.revision
+local serving_earlier = earlier and ready ~= nil and ready.status == "True"
 local still_serving = ""
-if serving_earlier then
+if earlier then
   still_serving = "; revision " .. status.servingRevision .. " keeps serving"
 end
 
