@@ -1,7 +1,8 @@
--- Runs an Argo CD health script over test objects, the way Argo CD runs it:
--- a fresh environment per object with only the libraries Argo CD opens for
--- health scripts (base, string, table, math; no os, io, require or load) and
--- the object as the global `obj`; the script's return value is the health.
+-- Runs an Argo CD health script over test objects, the way Argo CD runs a
+-- custom health check (util/lua `runLua` with useOpenLibs false): a fresh
+-- environment per object with only the base and table libraries (no string,
+-- no math, no io; strings without methods) and the object as the global
+-- `obj`; the script's return value is the health.
 --
 --   lua5.4 harness.lua SCRIPT CASES   print one JSON line per case: name, status, message (or error)
 --   lua5.4 harness.lua --echo CASES   print each case's object back as JSON (tests the converter)
@@ -12,18 +13,21 @@
 local BASE = {"assert", "error", "ipairs", "next", "pairs", "pcall", "select", "tonumber", "tostring", "type",
               "xpcall", "rawequal", "rawget", "rawset", "setmetatable", "getmetatable"}
 
+-- What the harness itself needs, taken before the scripts' environment loses it.
+local format, gsub, byte = string.format, string.gsub, string.byte
+
 local function json_string(s)
-  return '"' .. s:gsub('[%c"\\]', function(c)
+  return '"' .. gsub(s, '[%c"\\]', function(c)
     if c == '"' then return '\\"' end
     if c == "\\" then return "\\\\" end
-    return string.format("\\u%04x", c:byte())
+    return format("\\u%04x", byte(c))
   end) .. '"'
 end
 
 local function json(value)
   local kind = type(value)
   if kind == "string" then return json_string(value) end
-  if kind == "number" then return string.format("%.17g", value) end
+  if kind == "number" then return format("%.17g", value) end
   if kind == "boolean" then return tostring(value) end
   if kind ~= "table" then error("cannot encode a " .. kind) end
   if #value > 0 then
@@ -40,7 +44,7 @@ local function json(value)
 end
 
 local function sandbox(obj)
-  local env = {string = string, table = table, math = math, obj = obj}
+  local env = {table = table, obj = obj}
   for _, name in ipairs(BASE) do env[name] = _G[name] end
   return env
 end
@@ -53,6 +57,9 @@ if not echo then
   source = file:read("a")
   file:close()
 end
+
+-- Argo CD's interpreter opens no string library, so strings have no methods there either.
+getmetatable("").__index = nil
 
 for _, case in ipairs(cases) do
   local out = {name = case.name}

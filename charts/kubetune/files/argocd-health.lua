@@ -2,15 +2,33 @@
 -- Argo CD runs it with the live object as the global `obj` and reads the
 -- table it returns. The rules and their reasons: docs/gitops.md. Tested under
 -- lua5.4 over status objects recorded from the operator's own code
--- (tests/gitops). Plain Lua 5.1 (Argo CD's interpreter), base/string/table/
--- math only; every number may arrive as a float.
+-- (tests/gitops). Plain Lua 5.1 (Argo CD's interpreter) using only what Argo
+-- CD opens for a custom health check: the base and table libraries (no
+-- string, no math: no `useOpenLibs` needed); every number may arrive as a
+-- float.
 local hs = {}
 
+local DIGITS = {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"}
+local PHASE_WORDS = {Pending = "pending", Queued = "queued", Validating = "validating", Training = "training",
+                     Merging = "merging", Evaluating = "evaluating", Deploying = "deploying", Serving = "serving"}
+
+-- An integer in decimal, whether it arrived as 42 or 42.0.
 local function num(n)
-  if type(n) == "number" then
-    return string.format("%d", math.floor(n))
+  if type(n) ~= "number" then
+    return tostring(n)
   end
-  return tostring(n)
+  local sign = ""
+  if n < 0 then
+    sign, n = "-", -n
+  end
+  n = n - n % 1
+  local out = ""
+  repeat
+    local digit = n % 10
+    out = DIGITS[digit + 1] .. out
+    n = (n - digit) / 10
+  until n < 1
+  return sign .. out
 end
 
 local function condition(status, kind)
@@ -93,7 +111,7 @@ end
 
 if serving_earlier then
   return result("Healthy", "serving revision " .. status.servingRevision .. " while revision " .. status.revision
-    .. " is " .. string.lower(phase) .. percent .. detail(message))
+    .. " is " .. (PHASE_WORDS[phase] or tostring(phase)) .. percent .. detail(message))
 end
 
 if phase == "Serving" then
