@@ -1,7 +1,8 @@
 """The real Lua interpreter for the Argo CD health check's tests: found (or
 installed with apt-get when missing and running as root), never skipped; and
 JSON objects handed to it as Lua table literals, the way Argo CD hands a live
-object to a health script."""
+object to a health script. Also Argo CD's own Lua, gopher-lua, built from
+gopherlua/ with the machine's Go."""
 
 from __future__ import annotations
 
@@ -88,6 +89,34 @@ def run(lua: str, script: Path | None, cases: dict[str, dict[str, Any]]) -> dict
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed (exit {result.returncode}):\n{result.stderr}")
+    out = {}
+    for line in result.stdout.splitlines():
+        entry = json.loads(line)
+        out[entry.pop("name")] = entry
+    return out
+
+
+GOPHERLUA = Path(__file__).resolve().parent / "gopherlua"
+
+
+def build_gopherlua(go: str, out: Path) -> Path:
+    """gopherlua/ built into `out` (its module from the Go module proxy on first use, then Go's caches)."""
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOWORK": "off", "GOFLAGS": "-mod=readonly"}
+    argv = [go, "build", "-trimpath", "-buildvcs=false", "-o", str(out), "."]
+    result = subprocess.run(argv, cwd=GOPHERLUA, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed in {GOPHERLUA} (exit {result.returncode}):\n{result.stderr}")
+    return out
+
+
+def run_gopherlua(binary: Path, script: Path, cases: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """name -> {"status", "message"} (or {"error"}) of `script` over each object, under gopher-lua."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "cases.json"
+        path.write_text(json.dumps([{"name": name, "obj": obj} for name, obj in cases.items()]))
+        result = subprocess.run([str(binary), str(script), str(path)], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"{binary} failed (exit {result.returncode}):\n{result.stderr}")
     out = {}
     for line in result.stdout.splitlines():
         entry = json.loads(line)

@@ -82,12 +82,28 @@ def lua_bin() -> str:
         pytest.fail(str(e), pytrace=False)  # never skip: a skipped health check proves nothing
 
 
+def all_objects() -> dict[str, dict]:
+    objects = {name: f["object"] for name, f in FIXTURES.items()}
+    objects.update({name: obj for name, (obj, _, _) in DERIVED.items()})
+    return objects
+
+
 @pytest.fixture(scope="session")
 def health(lua_bin) -> dict[str, dict]:
     """The script's answer for every fixture and derived object, from one interpreter run."""
-    objects = {name: f["object"] for name, f in FIXTURES.items()}
-    objects.update({name: obj for name, (obj, _, _) in DERIVED.items()})
-    return lua.run(lua_bin, record.HEALTH_LUA, objects)
+    return lua.run(lua_bin, record.HEALTH_LUA, all_objects())
+
+
+@pytest.fixture(scope="session")
+def gopherlua(tmp_path_factory) -> Path:
+    """Argo CD's Lua (gopher-lua, the version Argo CD requires) run the way Argo CD runs a custom
+    health check: tests/gitops/gopherlua, built with the machine's Go."""
+    from kubetune.devcluster import build
+
+    try:
+        return lua.build_gopherlua(build.find_go(), tmp_path_factory.mktemp("gopherlua") / "gopherlua")
+    except (build.GoMissingError, RuntimeError) as e:
+        pytest.fail(str(e), pytrace=False)  # never skip
 
 
 def check(answer: dict, health: str, message: list[str], absent: list[str] = ()) -> None:
@@ -274,3 +290,16 @@ def test_the_kstatus_transcription_follows_its_rules():
     assert kstatus.compute(obj(Ready="False", Reconciling="False", Stalled="False")) == "Current"  # Ready is not read
     assert kstatus.compute({"metadata": {"generation": 1, "deletionTimestamp": "2026-01-01T00:00:00Z"}}) == "Terminating"
     assert set(KSTATUS_DIFFERS) <= set(FIXTURES)
+
+
+def test_argo_cds_own_lua_gives_the_same_answers(health, gopherlua):
+    """gopher-lua (Lua 5.1, every number a float64, base and table only) agrees with lua5.4 on every object."""
+    assert lua.run_gopherlua(gopherlua, record.HEALTH_LUA, all_objects()) == health
+
+
+def test_argo_cds_own_lua_opens_no_string_or_math_library(gopherlua, tmp_path):
+    for library in ("string.format('%d', 1)", "math.floor(1.5)", "('x'):upper()"):
+        script = tmp_path / "probe.lua"
+        script.write_text(f"local x = {library}\nreturn {{status = 'Healthy', message = 'escaped'}}\n")
+        answer = lua.run_gopherlua(gopherlua, script, {"probe": {"status": {}}})["probe"]
+        assert "error" in answer and "status" not in answer, (library, answer)
