@@ -96,8 +96,8 @@ def health(lua_bin) -> dict[str, dict]:
 
 @pytest.fixture(scope="session")
 def gopherlua(tmp_path_factory) -> Path:
-    """Argo CD's Lua (gopher-lua, the version Argo CD requires) run the way Argo CD runs a custom
-    health check: tests/gitops/gopherlua, built with the machine's Go."""
+    """Argo CD's Lua (gopher-lua, a release of the interpreter Argo CD embeds) run the way Argo CD runs
+    a custom health check: tests/gitops/gopherlua, built with the machine's Go."""
     from kubetune.devcluster import build
 
     try:
