@@ -225,3 +225,61 @@ def test_a_tampered_adapter_fails_its_job_only_and_a_job_can_leave(cluster, name
     finally:
         sidecar.stop()
         vllm.stop()
+
+
+def test_an_edit_swaps_the_adapter_in_place_and_a_revert_is_one_load(cluster, namespace, gpu_nodes, start_operator,
+                                                                     s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3.client.create_bucket(Bucket="artifacts")
+    fleet(gpu_nodes)
+    api = Api(cluster, namespace)
+    start_operator(namespace)
+    api.create(adapter_job("bot", s3))
+    wait_for("server", lambda: len(servers(api)) == 1, timeout=180, interval=0.5)
+    name = servers(api)[0]["metadata"]["name"]
+    wait_for("server Deployment", lambda: api.apps.list_namespaced_deployment(
+        namespace, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=60, interval=0.3)
+    first = api.rev("bot")
+    first_uri = publish_adapter(api, "bot", s3, tmp_path / "src" / "first")
+    vllm = FakeVllm()
+    sidecar = Sidecar(cluster, api, name, vllm, s3, tmp_path / "adapters")
+    try:
+        sidecar.run()
+        api.wait_phase("bot", "Serving", timeout=60)
+
+        # An edit: the new revision trains while the first one's adapter serves under the job's name.
+        api.patch("bot", {"spec": {"training": {"learningRate": 0.0001}}})
+        second = api.rev("bot")
+        wait_for("the new revision's entry on the server", lambda: server(api, name)["spec"]["adapters"][0]["uri"]
+                 != first_uri, timeout=120, interval=0.3)
+        status = api.status("bot")
+        assert condition(status, "Ready")["status"] == "True" and status["servingRevision"] == first
+        assert condition(status, "Promoted")["reason"] == "RolloutInProgress" and status["endpoint"]["model"] == "bot"
+        second_uri = publish_adapter(api, "bot", s3, tmp_path / "src" / "second", weights=b"retrained")
+        vllm.calls.clear()
+        sidecar.run()
+        # Loaded beside, checked, swapped in place, the staging name gone: "bot" never went missing.
+        assert vllm.swaps() == [("load_lora_adapter", "bot--staging"), ("completion", "bot--staging"),
+                                ("load_lora_adapter_inplace", "bot"), ("unload_lora_adapter", "bot--staging")]
+        wait_for("second revision serving", lambda: api.status("bot").get("servingRevision") == second
+                 and api.status("bot").get("phase") == "Serving", timeout=60, interval=0.3)
+        line = server(api, name)["status"]["adapters"]["bot"]
+        assert line["state"] == "Loaded" and line["uri"] == line["servedUri"] == second_uri
+
+        # A revert: the first revision's adapter is loaded again (one swap), no Job is created.
+        jobs_before = {j["metadata"]["name"] for j in api.jobs("bot")}
+        api.patch("bot", {"spec": {"training": {"learningRate": None}}})
+        assert api.rev("bot") == first
+        wait_for("the first revision's entry again", lambda: server(api, name)["spec"]["adapters"][0]["uri"]
+                 == first_uri, timeout=60, interval=0.3)
+        vllm.calls.clear()
+        sidecar.run()
+        assert [c for c in vllm.swaps() if c[0].startswith("load")] == [("load_lora_adapter", "bot--staging"),
+                                                                        ("load_lora_adapter_inplace", "bot")]
+        wait_for("first revision serving again", lambda: api.status("bot").get("servingRevision") == first
+                 and api.status("bot").get("phase") == "Serving", timeout=60, interval=0.3)
+        assert not {j["metadata"]["name"] for j in api.jobs("bot")} - jobs_before
+    finally:
+        sidecar.stop()
+        vllm.stop()
