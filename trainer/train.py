@@ -240,21 +240,16 @@ def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
 
 
 def run_train(cfg: TrainerConfig) -> TrainResult:
-    from kubetune.trainer.warmup import KernelWarmup
-
-    # Before the heavy imports: a child compiles the first step's kernels meanwhile (warmup.py).
-    warm = KernelWarmup.start(cfg.to_dict())
     from kubetune.trainer.callbacks import GracefulStop
 
     stop = GracefulStop().install()  # first thing: a SIGTERM during setup still ends in a clean exit
     try:
-        return _train(cfg, stop, warm)
+        return _train(cfg, stop)
     finally:
         stop.uninstall()
-        warm.finish(wait_s=0)  # a run that ended before its first step: the child is not waited for
 
 
-def _train(cfg: TrainerConfig, stop, warm=None) -> TrainResult:
+def _train(cfg: TrainerConfig, stop) -> TrainResult:
     from kubetune.trainer.callbacks import (EXTRAS_DIR, CountTokens, ReportProgress, SelectiveCheckpointing, StopOnSignal,
                                             UploadCheckpoints)
 
@@ -287,8 +282,6 @@ def _train(cfg: TrainerConfig, stop, warm=None) -> TrainResult:
             run_dir.mkdir(parents=True)
         # The local main process downloads; the others then find the ETag-keyed cache complete.
         model_dir = base_model_dir(cfg)
-        if warm is not None:
-            warm.model_ready(model_dir)
         data_file = dataset_path(cfg)
         resume_dir = None
         if resume_step is not None:
@@ -305,32 +298,22 @@ def _train(cfg: TrainerConfig, stop, warm=None) -> TrainResult:
         print(f"resuming from {store.uri.rstrip('/')}/{artifacts.checkpoint_prefix(resume_step)}/", flush=True)
 
     tokenizer = load_tokenizer(model_dir)
+    data = prepare(cfg, tokenizer, data_file)
+    if not data.ok:
+        raise TrainingError(f"dataset {cfg.dataset.uri}: {data.problem()} (run validate)")
+
     if stop.agreed():  # SIGTERM while downloading: nothing trained, nothing to save
         print("stopped on SIGTERM before training started", flush=True)
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
-
-    from concurrent.futures import ThreadPoolExecutor
 
     from trl import SFTConfig, SFTTrainer
 
     from transformers import set_seed
 
-    # The dataset is tokenized in a thread while the model loads (each took 4-5 s of the time to
-    # the first step, one after the other). It uses no global random state; a bad dataset is
-    # reported once the load is done (`kubetune validate`, run first, reports it sooner).
-    with ThreadPoolExecutor(1, thread_name_prefix="kubetune-data") as pool:
-        pending = pool.submit(prepare, cfg, tokenizer, data_file)
-        try:
-            # Before the adapter exists: LoRA's A matrices are drawn from the global RNG, and training.seed
-            # promises the same initial adapter (and so the same run) every time.
-            set_seed(cfg.training.seed)
-            model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
-        except BaseException:
-            pending.cancel()
-            raise
-        data = pending.result()
-    if not data.ok:
-        raise TrainingError(f"dataset {cfg.dataset.uri}: {data.problem()} (run validate)")
+    # Before the adapter exists: LoRA's A matrices are drawn from the global RNG, and training.seed
+    # promises the same initial adapter (and so the same run) every time.
+    set_seed(cfg.training.seed)
+    model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
     train_ds = to_hf_dataset(data.train)
     eval_ds = to_hf_dataset(data.validation) if data.validation else None
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
@@ -368,8 +351,6 @@ def _train(cfg: TrainerConfig, stop, warm=None) -> TrainResult:
 
         use_offload_stash(trainer)  # offloaded checkpoints (long rows): the stash the plan counted
     trainer.training_step = tokens.wrap(trainer.training_step)
-    if warm is not None:
-        warm.finish()  # its kernels are in the cache before the first step needs them
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     step = trainer.state.global_step
 
