@@ -178,6 +178,15 @@ def keep_serving(decision: Decision, serving_rev: str, rev: str, endpoint: dict[
                     held_back=held)
 
 
+def not_serving(decision: Decision, serving_rev: str, rev: str) -> Decision:
+    """The revision that served no longer answers while `rev` is built (its pods lost, its adapter
+    gone): no endpoint, no serving revision, and Promoted says so."""
+    decision.conditions.append(("Promoted", "False", "NotServing",
+                                f"revision {serving_rev} no longer answers; revision {rev}: {decision.message}"))
+    decision.status.update({"endpoint": None, "servingRevision": None})
+    return decision
+
+
 def promoted(decision: Decision, rev: str, replaced: Optional[str]) -> Decision:
     """A serving decision: its revision takes the traffic (`replaced`: the one it took over from)."""
     message = f"revision {rev} serves" + (f" (replaced revision {replaced})" if replaced and replaced != rev else "")
@@ -191,11 +200,16 @@ def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:
     Current; Ready=True once the job has reached its goal (serving, or all stages done), and
     while an earlier revision serves during a rollout (keep_serving)."""
     if decision.serving_revision and not decision.stalled:
-        # Serving the earlier revision: Ready; still reconciling while the new one is built.
-        reason = "RevisionHeldBack" if decision.held_back else "ServingPreviousRevision"
-        return [("Ready", "True", reason, decision.message),
-                ("Reconciling", "False" if decision.held_back else "True", reason, decision.message),
-                ("Stalled", "False", reason, decision.message)]
+        # Serving the earlier revision: Ready. Still reconciling while the new one is built; Stalled once
+        # it was held back (kstatus: the spec's state will not be reached without a new edit, so a Flux
+        # pipeline stops there instead of passing on the old model).
+        if decision.held_back:
+            return [("Ready", "True", "RevisionHeldBack", decision.message),
+                    ("Reconciling", "False", "RevisionHeldBack", decision.message),
+                    ("Stalled", "True", "RevisionHeldBack", decision.message)]
+        return [("Ready", "True", "ServingPreviousRevision", decision.message),
+                ("Reconciling", "True", "ServingPreviousRevision", decision.message),
+                ("Stalled", "False", "ServingPreviousRevision", decision.message)]
     if decision.phase in DONE_PHASES:
         return [("Ready", "True", decision.phase, decision.message),
                 ("Reconciling", "False", decision.phase, decision.message),
@@ -246,7 +260,11 @@ def status_update(current: dict[str, Any], decision: Decision, generation: Optio
     if decision.phase in ("Serving", "Succeeded", "Failed") and current.get("phase") != decision.phase:
         patch["completionTime"] = timestamp
     trained = any(t == "Trained" and s == "True" for t, s, _, _ in decision.conditions)
-    percent = progress_percent(current.get("progress"), trained)
-    if percent is not None and percent != (current.get("progress") or {}).get("percent"):
+    progress = current.get("progress")
+    if rev is not None and current.get("revision") not in (None, rev):
+        # A new revision: the last one's training progress says nothing about it (rank 0 reports anew).
+        patch["progress"], progress = None, None
+    percent = progress_percent(progress, trained)
+    if percent is not None and percent != (progress or {}).get("percent"):
         patch["progress"] = {"percent": percent}
     return patch

@@ -157,12 +157,9 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         return _refuse(status, uid, generation, "PolicyViolation", violation, emit, phase)
     if not phase:
         _record(uid, "Pending", emit, "Normal", "Pending", "accepted; validation starts next", phase)
-        return {
-            "phase": "Pending",
-            "message": "accepted",
-            "observedGeneration": generation,
-            "startTime": now(),
-        }
+        # With the summary conditions from the first write: kstatus (Flux) reads an object without
+        # them as Current, which would let a pipeline pass before anything ran.
+        return lifecycle.status_update(status, lifecycle.Decision("Pending", "accepted"), generation, now())
 
     rev = revisions.of(job)
     decision = lifecycle.decide(job, observe(kube, job, revisions.finished_stages(status, rev)),
@@ -210,8 +207,12 @@ def rollout(kube: Kube, job: FineTuneJob, status: dict[str, Any], rev: str, deci
     serving_rev = status.get("servingRevision")
     if decision.phase == "Serving":
         return lifecycle.promoted(decision, rev, serving_rev)
-    if not serving_rev or serving_rev == rev or not still_serving(kube, job, status):
+    if not serving_rev or serving_rev == rev:
         return decision
+    if not still_serving(kube, job, status):
+        # The revision that served stopped answering while this one is built: say so, and send no client
+        # to it (the endpoint and the serving revision go).
+        return lifecycle.not_serving(decision, serving_rev, rev)
     kept = lifecycle.keep_serving(decision, serving_rev, rev, status.get("endpoint") or stages.endpoint(job))
     was = next((c for c in status.get("conditions") or [] if c.get("type") == "Promoted"), {})
     if kept.held_back and was.get("reason") != kept.conditions[-1][2]:

@@ -350,7 +350,7 @@ def scenarios() -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
     job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=running(), still_serving=False)
     add("edit-after-serving-stopped", "revision A no longer answers (no Ready replica) while revision B trains",
-        job, "Progressing", "Training")
+        job, "Degraded", "NotServing")
     job, before = served_then_edited()
     job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_passed())
     job.reconcile(serve=deployment(rolled_out=False)).reconcile(serve=deployment())
