@@ -158,3 +158,13 @@ def test_a_documented_helm_install_renders_what_the_documents_say(helm, source, 
     assert cluster_role["rules"] == (rbac.cluster_scoped_rules() if watched else rbac.RULES)
     args = operator_args(docs)
     assert [args[i + 1] for i, a in enumerate(args) if a == "--namespace"] == watched
+
+
+def test_the_argo_cd_health_check_ships_with_the_chart_when_asked(helm, tmp_path):
+    key = "resource.customizations.health.kubetune.io_FineTuneJob"
+    assert not [d for d in of_kind(render(helm, tmp_path, {}), "ConfigMap") if key in (d.get("data") or {})]
+    (cm,) = [d for d in of_kind(render(helm, tmp_path, {"argocd": {"healthCheck": True}}), "ConfigMap")
+             if key in (d.get("data") or {})]
+    assert cm["metadata"]["name"] == f"{RELEASE}-argocd-health"
+    # The very script the Lua tests run (tests/gitops), byte for byte.
+    assert cm["data"][key] == (CHART / "files" / "argocd-health.lua").read_text()
