@@ -53,5 +53,20 @@ def describe(obj: dict[str, Any]) -> str:
             lines.append(f"    {key:<17} {artifacts[key]}")
     endpoint = status.get("endpoint") or {}
     if endpoint.get("url"):
-        lines.append(f"  endpoint:   {endpoint['url']} (model {endpoint.get('model')})")
+        served = f", revision {status['servingRevision']}" if status.get("servingRevision") else ""
+        lines.append(f"  endpoint:   {endpoint['url']} (model {endpoint.get('model')}{served})")
+    history = status.get("revisions") or []
+    if history:
+        lines.append("  revisions (oldest first):")
+        for r in history:
+            mark = "*" if r.get("id") == status.get("servingRevision") else " "
+            evaluation = (r.get("evaluation") or {}).get("message") or ""
+            served = ""
+            if r.get("servedFrom"):
+                served = f"served {r['servedFrom']} .. {r.get('servedUntil') or 'now'}"
+            lines.append(f"   {mark}{r.get('id', '?'):<11} gen {r.get('generation', '?'):<3} {r.get('phase', ''):<11} "
+                         f"{served}{'; ' if served and evaluation else ''}{evaluation}".rstrip())
+            merged = (r.get("artifacts") or {}).get("merged") or (r.get("artifacts") or {}).get("adapter")
+            if merged:
+                lines.append(f"     {merged}")
     return "\n".join(lines)
