@@ -65,7 +65,7 @@ def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2
 # With checkpointing, how many layers' worth of activations are live at once besides the
 # checkpoints (the recomputed layer and the gradients flowing through it). Measured on one
 # H200 (bench/RESULTS.md, issue 16): 1.17 with the fused kernels (Liger + fused LoRA; 12.84
-# GiB at 16k tokens, 20.23 GiB at 32k, both 5.45 GiB + 0.47 MiB per token), 1.79 on the
+# GiB at 16k tokens, 20.23 GiB at 32k, both 5.45 GiB + 0.46 MiB per token), 1.79 on the
 # plain path (14.72 GiB at 16k tokens). Planned with a margin over each.
 LIVE_LAYERS_FUSED = 1.25
 LIVE_LAYERS_PLAIN = 2.0
