@@ -639,8 +639,9 @@ def main() -> int:
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
-    ap.add_argument("--model-shape", default="8b", choices=["8b", "8b-128k", "70b"],
-                    help="Llama-3 shape of the random model (70b: the ZeRO-3 large-model path; about 141 GB on disk)")
+    ap.add_argument("--model-shape", default="8b", choices=["8b", "8b-128k", "70b", "70b-nf4", "8b-nf4"],
+                    help="Llama-3 shape of the random model (70b: the ZeRO-3 large-model path; about 141 GB on disk; "
+                         "70b-nf4: written already quantised, about 37 GB, for 70B QLoRA on one GPU)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--config-json", help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
@@ -683,7 +684,12 @@ def main() -> int:
         ap.error(f"--model-dir {args.model_dir} is the reference recipe's own model folder: give the cases another")
     work.mkdir(parents=True, exist_ok=True)
     vocab = 1024 if args.tiny else 128256
-    made = make_model(args.model_dir, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
+    if args.model_shape.endswith("-nf4"):  # written already quantised (bitsandbytes 4-bit checkpoint)
+        from synthetic import make_model_nf4
+
+        made = make_model_nf4(args.model_dir, shape="tiny" if args.tiny else args.model_shape[:-len("-nf4")])
+    else:
+        made = make_model(args.model_dir, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
     model_fp = fingerprint(args.model_dir)
     print(f"model ready ({made:.0f}s to make)", flush=True)
 

@@ -121,6 +121,91 @@ def make_model(model_dir: str | Path, tiny: bool = False, shape: str | None = No
     return time.time() - t
 
 
+def nf4_quantization_config() -> dict:
+    """The trainer's QLoRA quantisation (method.quantization defaults: NF4, double
+    quantisation, bf16 compute, uint8 storage), as config.json's quantization_config."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8).to_dict()
+
+
+def quantized_linear(name: str) -> bool:
+    """Weights bitsandbytes quantises when transformers loads the model in 4 bit: the
+    decoder layers' projections (not the embeddings, norms or the output head)."""
+    return ".layers." in name and name.endswith("_proj.weight")
+
+
+def make_model_nf4(model_dir: str | Path, shape: str = "70b") -> float:
+    """Write the random model already quantised, as a bitsandbytes 4-bit checkpoint
+    (what `save_pretrained` of a model loaded in 4 bit writes): each projection's random
+    bf16 weight, N(0, 0.02), is quantised with bitsandbytes (NF4, double quantisation,
+    blocks of 64) on the GPU when there is one and stored with its quant state; the
+    embeddings and the output head stay bf16, the norms ones. `from_pretrained` then loads
+    it through the real loading path (no quantisation at load). The Llama-3-70B shape is
+    about 37 GB this way, against 141 GB in bf16, which the single-GPU machine's 64 GiB
+    disk cannot hold. Returns seconds spent (0 if present)."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
+        return 0.0
+    t = time.time()
+    cfg = LlamaConfig(**SHAPES[shape], dtype="bfloat16")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        names = [(n, tuple(p.shape)) for n, p in LlamaForCausalLM(cfg).state_dict().items()]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    shards: list[list[str]] = []
+    current: dict = {}
+    size = 0
+    total_bytes = 0
+
+    def flush() -> None:
+        shards.append(list(current))
+        save_file(current, str(model_dir / f"part-{len(shards):05d}.safetensors"), metadata={"format": "pt"})
+        current.clear()
+
+    for name, dims in names:
+        if name.endswith("norm.weight"):
+            entries = {name: torch.ones(dims, dtype=torch.bfloat16)}
+        else:
+            w = torch.empty(dims, dtype=torch.bfloat16, device=device).normal_(0.0, 0.02, generator=gen)
+            if quantized_linear(name):
+                packed, state = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True,
+                                              quant_storage=torch.uint8)
+                entries = {name: packed.cpu()}
+                entries.update({f"{name}.{k}": v.cpu() for k, v in state.as_dict(packed=True).items()})
+            else:
+                entries = {name: w.cpu()}
+            del w
+        for k, v in entries.items():
+            current[k] = v
+            size += v.numel() * v.element_size()
+            total_bytes += v.numel() * v.element_size()
+        if size >= SHARD_BYTES:
+            flush()
+            size = 0
+    if current:
+        flush()
+    weight_map = {}
+    for i, keys in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (model_dir / f"part-{i:05d}.safetensors").rename(model_dir / final)
+        weight_map.update({k: final for k in keys})
+    (model_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=1))
+    cfg.quantization_config = nf4_quantization_config()
+    cfg.save_pretrained(model_dir)  # last: config.json marks the weights complete
+    word_tokenizer(cfg.vocab_size).save_pretrained(model_dir)
+    return time.time() - t
+
+
 def row_lengths(n: int, profile: str, seed: int) -> list[int]:
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")

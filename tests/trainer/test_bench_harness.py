@@ -265,3 +265,33 @@ def test_before_variant_runs_the_old_code_with_a_fresh_triton_cache(tmp_path):
     assert (after["pythonpath"] or "").split(":")[0] != str(site)
     assert after["triton_cache_dir"] != before["triton_cache_dir"]
     assert before["triton_cache_dir"].endswith("triton-cpu-smoke_before")
+
+
+def test_prequantised_model_loads_as_if_quantised_at_load(tmp_path):
+    """70B QLoRA on one GPU (issue 16 item 4): the random model is written already
+    quantised. Loaded through from_pretrained it must give the same module tree and the
+    same quantised tensors as the bf16 model of the same seed quantised by transformers
+    at load (on a CPU, tiny shape)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    synthetic = _bench_module("synthetic")
+    bf16, nf4 = tmp_path / "bf16", tmp_path / "nf4"
+    synthetic.make_model(bf16, tiny=True)
+    assert synthetic.make_model_nf4(nf4, shape="tiny") > 0
+    assert synthetic.make_model_nf4(nf4, shape="tiny") == 0  # made once
+    conf = json.loads((nf4 / "config.json").read_text())["quantization_config"]
+    assert conf["load_in_4bit"] and conf["bnb_4bit_quant_type"] == "nf4" and conf["bnb_4bit_use_double_quant"]
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)  # what the trainer passes for QLoRA
+    kw = dict(dtype=torch.bfloat16, device_map={"": "cpu"}, quantization_config=qc)
+    at_load = AutoModelForCausalLM.from_pretrained(bf16, **kw).state_dict()
+    pre = AutoModelForCausalLM.from_pretrained(nf4, **kw).state_dict()
+    assert sorted(pre) == sorted(at_load)
+    assert any(k.endswith("q_proj.weight.nested_absmax") for k in pre)  # quantised, with its state
+    assert pre["lm_head.weight"].dtype == torch.bfloat16  # the head stays bf16
+    for k in at_load:
+        assert torch.equal(pre[k], at_load[k]), k
+    # a quarter of the bf16 projections' bytes on disk, plus their states
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(nf4) < size(bf16)
