@@ -504,6 +504,31 @@ def copy_model(src: str | Path, dest: str | Path, expected: dict) -> tuple[float
     return secs, copied
 
 
+def regenerate_model(src: str | Path, dest: str | Path, expected: dict, maker) -> tuple[float, dict]:
+    """A fresh folder for one recipe where the disk holds one copy only (the 70B model
+    written already quantised, 37 GB, on a 64 GiB disk): `src` (checked first, as
+    copy_model does) is removed, and `maker(dest)` writes the model again from the same
+    seed; the result must equal the fingerprint taken when it was first made (content:
+    sizes and hashes). Returns the seconds spent and the new folder's fingerprint."""
+    src, dest = Path(src), Path(dest)
+    if src.exists():
+        changed = model_changes(expected, fingerprint(src))
+        if changed:
+            raise RuntimeError(f"model folder {src} changed since it was made: {changed[:5]}")
+    if dest.resolve() == src.resolve():
+        raise ValueError(f"a recipe's own model folder cannot be the source folder {src}")
+    t = time.time()
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    maker(dest)
+    secs = time.time() - t
+    made = fingerprint(dest)
+    changed = model_changes(expected, made, mtimes=False)
+    if changed:
+        raise RuntimeError(f"{dest} made again differs from the first {src}: {changed[:5]}")
+    return secs, made
+
+
 def reference_model_dir(script: str | Path) -> Path:
     """The folder the reference recipe loads (its script's MODEL_DIR line): the harness
     fills it with a fresh copy of the benchmark model before the recipe runs."""
@@ -626,6 +651,10 @@ def main() -> int:
                     help="installed into --unsloth-site first (with bitsandbytes and pydantic from the folder above); "
                          "'' to use the target as it is")
     ap.add_argument("--unsloth-steps", type=int, default=0, help="Unsloth's optimizer steps (0: --steps)")
+    ap.add_argument("--reference-models", choices=["copy", "regenerate"], default="copy",
+                    help="how each reference gets its own model folder: a copy of the cases' (default), or, where the "
+                         "disk holds one model only, the cases' folder removed after the cases ran and the model "
+                         "written again from the same seed, checked equal")
     ap.add_argument("--keep-model-copies", action="store_true",
                     help="leave each reference's model folder in place (default: removed after it ran, for disk)")
     ap.add_argument("--deadline-s", type=float, default=0,
@@ -687,9 +716,12 @@ def main() -> int:
     if args.model_shape.endswith("-nf4"):  # written already quantised (bitsandbytes 4-bit checkpoint)
         from synthetic import make_model_nf4
 
-        made = make_model_nf4(args.model_dir, shape="tiny" if args.tiny else args.model_shape[:-len("-nf4")])
+        def maker(d):
+            return make_model_nf4(d, shape="tiny" if args.tiny else args.model_shape[:-len("-nf4")])
     else:
-        made = make_model(args.model_dir, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
+        def maker(d):
+            return make_model(d, tiny=args.tiny, shape=None if args.tiny else args.model_shape)
+    made = maker(args.model_dir)
     model_fp = fingerprint(args.model_dir)
     print(f"model ready ({made:.0f}s to make)", flush=True)
 
@@ -785,8 +817,12 @@ def main() -> int:
         info: dict = {"model_dir": str(model_dir)}
         copied = None
         try:
-            secs, copied = copy_model(args.model_dir, model_dir, model_fp)
-            info["model_copy_s"] = round(secs, 1)
+            if args.reference_models == "regenerate":
+                secs, copied = regenerate_model(args.model_dir, model_dir, model_fp, maker)
+                info["model_regenerated_s"] = round(secs, 1)
+            else:
+                secs, copied = copy_model(args.model_dir, model_dir, model_fp)
+                info["model_copy_s"] = round(secs, 1)
             t = time.time()
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=child_timeout(name))
             info["wall_s"] = round(time.time() - t, 1)
@@ -865,6 +901,7 @@ def main() -> int:
 
     import torch
 
+    regenerated = args.reference_models == "regenerate" and bool(args.reference or unsloth_settings)
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -877,7 +914,9 @@ def main() -> int:
         "unsloth": unsloth,
         "unsloth_run": unsloth_info,
         "model": {"dir": args.model_dir, "made_s": round(made, 1),
-                  "changes_at_end": model_changes(model_fp, fingerprint(args.model_dir))},
+                  # regenerate: the cases' folder made way for each reference's (one copy on the disk)
+                  "changes_at_end": [] if regenerated else model_changes(model_fp, fingerprint(args.model_dir)),
+                  "reference_models": args.reference_models},
     }
     ratios = {}
     for r in results:

@@ -295,3 +295,36 @@ def test_prequantised_model_loads_as_if_quantised_at_load(tmp_path):
     # a quarter of the bf16 projections' bytes on disk, plus their states
     size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
     assert size(nf4) < size(bf16)
+
+
+def test_references_regenerate_the_model_where_the_disk_holds_one_copy(tmp_path):
+    """--reference-models regenerate (the 70B model written quantised, 37 GB on a 64 GiB
+    disk): after the cases, the cases' folder is removed and each reference gets the model
+    written again from the same seed in its own folder, checked equal to the first."""
+    site = tmp_path / "site-unsloth"
+    site.mkdir()
+    stub = tmp_path / "unsloth_stub.py"
+    stub.write_text(STUB_UNSLOTH.format(bench=BENCH.parent))
+    out, work, model = tmp_path / "out", tmp_path / "work", tmp_path / "model"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--model-shape", "8b-nf4", "--cases", "", "--rows", "50",
+         "--model-dir", str(model), "--work", str(work), "--out", str(out), "--unsloth", "8x1,2x4",
+         "--unsloth-script", str(stub), "--unsloth-site", str(site), "--unsloth-wheels", "",
+         "--reference-models", "regenerate", "--log-every", "10", "--deadline-s", "500"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert record["model"]["reference_models"] == "regenerate" and record["model"]["changes_at_end"] == []
+    assert not model.exists()  # made way for the references' folders
+    for u in record["unsloth"]:
+        assert not u.get("failed") and u["model_regenerated_s"] >= 0 and u["model_dir_changes"] == []
+        assert any(f.endswith(".safetensors") for f in u["files"]) and "config.json" in u["files"]
+    run = _bench_module("run")
+    synthetic = _bench_module("synthetic")
+    first = tmp_path / "first"
+    synthetic.make_model_nf4(first, shape="tiny")
+    fp = run.fingerprint(first)
+    secs, again = run.regenerate_model(first, tmp_path / "again", fp, lambda d: synthetic.make_model_nf4(d, shape="tiny"))
+    assert not first.exists() and run.model_changes(fp, again, mtimes=False) == []
+    with pytest.raises(RuntimeError, match="differs"):  # a maker that writes another model is refused
+        run.regenerate_model(tmp_path / "none", tmp_path / "other", fp, lambda d: synthetic.make_model(d, tiny=True))
