@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from kubetune.devcluster.cluster import wait_for
 from kubetune.devcluster.processes import free_ports
 from kubetune.operator import adapter_servers
@@ -67,6 +69,28 @@ def publish_adapter(api: Api, name: str, s3, tmp: Path, weights: bytes = b"lora 
     return uri
 
 
+@pytest.fixture
+def adapter_api(cluster, namespace, gpu_nodes, start_operator, s3, monkeypatch) -> Api:
+    """An operator watching `namespace`, GPU nodes, and the artifacts bucket the adapters are published to
+    (credentials in the environment, as a pod gets them from its Secret)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3.client.create_bucket(Bucket="artifacts")
+    fleet(gpu_nodes)
+    start_operator(namespace)
+    return Api(cluster, namespace)
+
+
+def wait_server(api: Api, adapters: int) -> str:
+    """The namespace's one server, once it carries `adapters` entries and has its Deployment."""
+    wait_for(f"one server with {adapters} adapters", lambda: len(servers(api)) == 1
+             and len(servers(api)[0]["spec"]["adapters"]) == adapters, timeout=180, interval=0.5)
+    name = servers(api)[0]["metadata"]["name"]
+    wait_for("server Deployment", lambda: api.apps.list_namespaced_deployment(
+        api.ns, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=60, interval=0.3)
+    return name
+
+
 class Sidecar:
     """The loader sidecar of the server's pod, as its ServiceAccount."""
 
@@ -98,23 +122,15 @@ class Sidecar:
         self.probes.shutdown()
 
 
-def test_jobs_on_one_base_model_share_one_server_that_follows_them(cluster, namespace, gpu_nodes, start_operator,
-                                                                   s3, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    s3.client.create_bucket(Bucket="artifacts")
-    fleet(gpu_nodes)
-    api = Api(cluster, namespace)
-    start_operator(namespace)
+def test_jobs_on_one_base_model_share_one_server_that_follows_them(cluster, adapter_api, s3, tmp_path):
+    api = adapter_api
     jobs = {"alpha": 8, "beta": 16, "gamma": 64}
     for name, rank in jobs.items():
         api.create(adapter_job(name, s3, rank=rank))
 
     # One server for the three (same base model and serving settings), owned by all three.
-    wait_for("one server with three adapters", lambda: len(servers(api)) == 1
-             and len(servers(api)[0]["spec"]["adapters"]) == 3, timeout=180, interval=0.5)
+    name = wait_server(api, adapters=3)
     (srv,) = servers(api)
-    name = srv["metadata"]["name"]
     assert sorted(r["name"] for r in srv["metadata"]["ownerReferences"]) == sorted(jobs)
     assert all(not r.get("controller") for r in srv["metadata"]["ownerReferences"])
     assert {a["name"]: a["rank"] for a in srv["spec"]["adapters"]} == jobs
@@ -123,12 +139,10 @@ def test_jobs_on_one_base_model_share_one_server_that_follows_them(cluster, name
     assert managers == {f"kubetune-job-{api.get(j)['metadata']['uid']}" for j in jobs}
 
     # vLLM sized for them: 3 adapters -> 4 GPU slots, rank 64.
-    wait_for("server Deployment", lambda: api.apps.list_namespaced_deployment(
-        namespace, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=60, interval=0.3)
     # (eventually: the server pass that built the first Deployment may have seen fewer entries)
     wait_for("vLLM sized for three", lambda: vllm_flag(api, name, "--max-loras") == "4"
              and vllm_flag(api, name, "--max-lora-rank") == "64", timeout=60, interval=0.3)
-    dep = api.raw(api.apps.read_namespaced_deployment, name, namespace)
+    dep = api.raw(api.apps.read_namespaced_deployment, name, api.ns)
     pod = dep["spec"]["template"]["spec"]
     assert "--enable-lora" in next(c for c in pod["containers"] if c["name"] == "vllm")["command"]
     side = next(c for c in pod["containers"] if c["name"] == adapter_servers.LOADER_CONTAINER)
@@ -149,7 +163,7 @@ def test_jobs_on_one_base_model_share_one_server_that_follows_them(cluster, name
         for j in jobs:
             status = api.wait_phase(j, "Serving", timeout=60)
             assert status["endpoint"] == {"service": name, "model": j, "server": name,
-                                          "url": f"http://{name}.{namespace}.svc:8000/v1"}
+                                          "url": f"http://{name}.{api.ns}.svc:8000/v1"}
             assert status["adapterServer"] == name
         reported = server(api, name)["status"]["adapters"]
         assert {j: (r["state"], r["uri"]) for j, r in reported.items()} == {j: ("Loaded", uris[j]) for j in jobs}
@@ -178,27 +192,17 @@ def test_jobs_on_one_base_model_share_one_server_that_follows_them(cluster, name
         api.delete("gamma")
         wait_for("server deleted", lambda: server(api, name) is None, timeout=120, interval=0.5)
         wait_for("its Deployment deleted", lambda: not api.apps.list_namespaced_deployment(
-            namespace, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=120, interval=0.5)
+            api.ns, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=120, interval=0.5)
     finally:
         sidecar.stop()
         vllm.stop()
 
 
-def test_a_tampered_adapter_fails_its_job_only_and_a_job_can_leave(cluster, namespace, gpu_nodes, start_operator, s3,
-                                                                   tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    s3.client.create_bucket(Bucket="artifacts")
-    fleet(gpu_nodes)
-    api = Api(cluster, namespace)
-    start_operator(namespace)
+def test_a_tampered_adapter_fails_its_job_only_and_a_job_can_leave(cluster, adapter_api, s3, tmp_path):
+    api = adapter_api
     for name in ("good", "bad"):
         api.create(adapter_job(name, s3))
-    wait_for("one server with two adapters", lambda: len(servers(api)) == 1
-             and len(servers(api)[0]["spec"]["adapters"]) == 2, timeout=180, interval=0.5)
-    name = servers(api)[0]["metadata"]["name"]
-    wait_for("server Deployment", lambda: api.apps.list_namespaced_deployment(
-        namespace, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=60, interval=0.3)
+    name = wait_server(api, adapters=2)
     publish_adapter(api, "good", s3, tmp_path / "src")
     uri = publish_adapter(api, "bad", s3, tmp_path / "src")
     bucket, prefix = split_s3(uri)
@@ -227,19 +231,10 @@ def test_a_tampered_adapter_fails_its_job_only_and_a_job_can_leave(cluster, name
         vllm.stop()
 
 
-def test_an_edit_swaps_the_adapter_in_place_and_a_revert_is_one_load(cluster, namespace, gpu_nodes, start_operator,
-                                                                     s3, tmp_path, monkeypatch):
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    s3.client.create_bucket(Bucket="artifacts")
-    fleet(gpu_nodes)
-    api = Api(cluster, namespace)
-    start_operator(namespace)
+def test_an_edit_swaps_the_adapter_in_place_and_a_revert_is_one_load(cluster, adapter_api, s3, tmp_path):
+    api = adapter_api
     api.create(adapter_job("bot", s3))
-    wait_for("server", lambda: len(servers(api)) == 1, timeout=180, interval=0.5)
-    name = servers(api)[0]["metadata"]["name"]
-    wait_for("server Deployment", lambda: api.apps.list_namespaced_deployment(
-        namespace, label_selector=f"{adapter_servers.LABEL_SERVER}={name}").items, timeout=60, interval=0.3)
+    name = wait_server(api, adapters=1)
     first = api.rev("bot")
     first_uri = publish_adapter(api, "bot", s3, tmp_path / "src" / "first")
     vllm = FakeVllm()

@@ -147,6 +147,25 @@ def _literal_values(t) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _app(argv: list[str], module_dir: str, key: str):
+    """vLLM's OpenAI server app as `argv` builds it, with every task's routes (the widest route set vLLM's
+    app can have) and the middlewares of `module_dir` importable, as the pod mounts them."""
+    import vllm.entrypoints.cli.serve as serve_cli
+    from vllm.entrypoints.cli.main import main
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.tasks import SupportedTask
+
+    os.environ["VLLM_API_KEY"] = key
+    if module_dir not in sys.path:
+        sys.path.insert(0, module_dir)
+    seen = {}
+    serve_cli.ServeSubcommand.cmd = staticmethod(lambda args: seen.setdefault("args", args))
+    sys.argv = list(argv)
+    main()
+    seen["args"].model = seen["args"].model_tag
+    return build_app(seen["args"], supported_tasks=_literal_values(SupportedTask))
+
+
 def auth(argv: list[str], module_dir: str, key: str) -> dict:
     """vLLM's OpenAI server app as `argv` builds it (every task's routes), our middleware on: each route
     without the key, and with it."""
@@ -154,21 +173,9 @@ def auth(argv: list[str], module_dir: str, key: str) -> dict:
     if not parsed["ok"]:
         return parsed
     try:
-        import vllm.entrypoints.cli.serve as serve_cli
         from fastapi.testclient import TestClient
-        from vllm.entrypoints.cli.main import main
-        from vllm.entrypoints.launchers.app import build_app
-        from vllm.tasks import SupportedTask
 
-        os.environ["VLLM_API_KEY"] = key
-        sys.path.insert(0, module_dir)
-        seen = {}
-        serve_cli.ServeSubcommand.cmd = staticmethod(lambda args: seen.setdefault("args", args))
-        sys.argv = list(argv)
-        main()
-        seen["args"].model = seen["args"].model_tag
-        tasks = _literal_values(SupportedTask)  # every task: the widest route set vLLM's app can have
-        app = build_app(seen["args"], supported_tasks=tasks)
+        app = _app(argv, module_dir, key)
         client = TestClient(app, raise_server_exceptions=False)
         results = []
         for route in app.routes:
@@ -208,25 +215,14 @@ def adapter_auth(argv: list[str], module_dir: str, key: str) -> dict:
     if not parsed["ok"]:
         return parsed
     try:
-        import vllm.entrypoints.cli.serve as serve_cli
         from fastapi.testclient import TestClient
-        from vllm.entrypoints.cli.main import main
-        from vllm.entrypoints.launchers.app import build_app
-        from vllm.tasks import SupportedTask
 
-        os.environ["VLLM_API_KEY"] = key
         os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         import vllm.envs as envs
 
         if hasattr(envs, "__getattr__") and hasattr(envs, "disable_envs_cache"):
             envs.disable_envs_cache()
-        sys.path.insert(0, module_dir)
-        seen = {}
-        serve_cli.ServeSubcommand.cmd = staticmethod(lambda args: seen.setdefault("args", args))
-        sys.argv = list(argv)
-        main()
-        seen["args"].model = seen["args"].model_tag
-        app = build_app(seen["args"], supported_tasks=_literal_values(SupportedTask))
+        app = _app(argv, module_dir, key)
         paths = sorted({getattr(r, "path", "") for r in app.routes})
         keyed = {"Authorization": f"Bearer {key}"}
         out = {"ok": True, "paths": paths, "remote": {}, "loopback": {}}
