@@ -76,6 +76,8 @@ KINDS: tuple[ChildKind, ...] = (
     # Deleted when spec.serving.autoscaling is removed (the Deployment's replicas are the operator's again).
     ChildKind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", applied=True,
               extra_verbs=("delete",)),
+    # serving.canary: the job's route on its Gateway (deleted with the canary setting or merged serving).
+    ChildKind("gateway.networking.k8s.io/v1", "HTTPRoute", "httproutes", applied=True, extra_verbs=("delete",)),
     # Adapter mode's shared server (operator/adapter_servers.py): applied by each job in it; the server
     # pass prunes departed jobs' entries (patch) and deletes a server left without adapters.
     ChildKind(API_VERSION, ADAPTER_SERVER_KIND, ADAPTER_SERVER_PLURAL, applied=True, watch=True, shared=True,

@@ -164,7 +164,7 @@ def keep_serving(decision: Decision, serving_rev: str, rev: str, endpoint: dict[
     conditions = list(decision.conditions)
     if decision.failed:
         failing = next((r for _, st, r, _ in reversed(conditions) if st == "False"), "Failed")
-        reason = failing if failing.endswith("GateFailed") else "RevisionFailed"
+        reason = failing if failing.endswith(("GateFailed", "CanaryFailed")) else "RevisionFailed"
         message = f"revision {rev} held back, revision {serving_rev} keeps serving: {decision.message}"
         conditions.append(("Promoted", "False", reason, message))
         phase, held = "Serving", True
@@ -199,14 +199,15 @@ def summary_conditions(decision: Decision) -> list[tuple[str, str, str, str]]:
     Failed, Reconciling=True is InProgress, neither (with observedGeneration current) is
     Current; Ready=True once the job has reached its goal (serving, or all stages done), and
     while an earlier revision serves during a rollout (keep_serving)."""
-    if decision.serving_revision and not decision.stalled:
+    if decision.serving_revision:
         # Serving the earlier revision: Ready. Still reconciling while the new one is built; Stalled once
-        # it was held back (kstatus: the spec's state will not be reached without a new edit, so a Flux
-        # pipeline stops there instead of passing on the old model).
-        if decision.held_back:
-            return [("Ready", "True", "RevisionHeldBack", decision.message),
-                    ("Reconciling", "False", "RevisionHeldBack", decision.message),
-                    ("Stalled", "True", "RevisionHeldBack", decision.message)]
+        # it was held back or cannot go on without a person (kstatus: the spec's state will not be reached
+        # without a new edit, so a Flux pipeline stops there instead of passing on the old model).
+        if decision.held_back or decision.stalled:
+            reason = decision.stalled or "RevisionHeldBack"
+            return [("Ready", "True", reason, decision.message),
+                    ("Reconciling", "False", reason, decision.message),
+                    ("Stalled", "True", reason, decision.message)]
         return [("Ready", "True", "ServingPreviousRevision", decision.message),
                 ("Reconciling", "True", "ServingPreviousRevision", decision.message),
                 ("Stalled", "False", "ServingPreviousRevision", decision.message)]

@@ -45,3 +45,8 @@ def cleanup(job: str, uid: str) -> str:
 def serving(job: str) -> str:
     """vLLM Deployment and its Service."""
     return f"{job}-serve"
+
+
+def canary(job: str) -> str:
+    """The canary Deployment and Service of a new revision (serving.canary)."""
+    return f"{job}-canary"

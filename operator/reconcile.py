@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kubetune.contract.facts import API_VERSION, LABEL_JOB, LABEL_REVISION
 
-from . import adapter_servers, children, lifecycle, metrics, names, preflight, revisions, serving, stage_jobs, stages, tenancy
+from . import adapter_servers, canary, children, lifecycle, metrics, names, preflight, revisions, serving, stage_jobs, stages, tenancy
 from .api import FineTuneJob
 from .conditions import now
 from .kube import Kube
@@ -173,8 +173,14 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         missing = preflight.check(kube, job, queued=stages.BY_NAME[decision.create].queued)
         if missing is not None:
             decision = lifecycle.stall(decision, missing.reason, missing.message)
+    # Does the revision that served so far still answer (while another one is asked for)?
+    serving_rev = status.get("servingRevision")
+    serving_now = bool(job.spec.serving.enabled and serving_rev and serving_rev != rev
+                       and still_serving(kube, job, status))
     try:
-        act(kube, job, decision, settings)
+        decision, may_act = canary.step(kube, job, status, rev, decision, settings, serving_now, emit)
+        if may_act:
+            act(kube, job, decision, settings)
     except ApiException as e:
         if e.status is None or e.status >= 500 or e.status in (409, 429):
             emit("Warning", "ApiCallFailed", f"{e.status} {e.reason}: will retry")
@@ -183,7 +189,7 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
         message = f"the API server refused a child: {_api_message(e)}"
         emit("Warning", "ChildRejected", message)
         decision = lifecycle.stall(decision, "ChildRejected", message)
-    decision = rollout(kube, job, status, rev, decision, emit)
+    decision = rollout(job, status, rev, decision, emit, serving_now)
     retire_old_serving(kube, job, status, decision, emit)
     if any(r.get("id") != rev for r in status.get("revisions") or []):
         for name in prune(kube, job, rev, done=decision.phase in lifecycle.DONE_PHASES):
@@ -198,10 +204,11 @@ def _reconcile(body: dict[str, Any], kube: Kube, settings: OperatorSettings, emi
     return patch
 
 
-def rollout(kube: Kube, job: FineTuneJob, status: dict[str, Any], rev: str, decision: lifecycle.Decision,
-            emit: EventFn) -> lifecycle.Decision:
+def rollout(job: FineTuneJob, status: dict[str, Any], rev: str, decision: lifecycle.Decision, emit: EventFn,
+            serving_now: bool) -> lifecycle.Decision:
     """Blue/green between revisions: the revision serving now keeps the traffic until the one the spec
-    asks for serves (lifecycle.keep_serving), and never loses it to one that fails."""
+    asks for serves (lifecycle.keep_serving), and never loses it to one that fails. `serving_now`: the
+    serving revision (another than `rev`) still answers (still_serving)."""
     if not job.spec.serving.enabled:
         return decision
     serving_rev = status.get("servingRevision")
@@ -209,7 +216,7 @@ def rollout(kube: Kube, job: FineTuneJob, status: dict[str, Any], rev: str, deci
         return lifecycle.promoted(decision, rev, serving_rev)
     if not serving_rev or serving_rev == rev:
         return decision
-    if not still_serving(kube, job, status):
+    if not serving_now:
         # The revision that served stopped answering while this one is built: say so, and send no client
         # to it (the endpoint and the serving revision go).
         return lifecycle.not_serving(decision, serving_rev, rev)

@@ -50,7 +50,7 @@ OPERATOR_ONLY: frozenset[tuple[str, ...]] = frozenset({
     ("resources", "max_restarts"),  # the operator restarts the gang; the trainer resumes either way
     ("output", "delete_on_job_deletion"),
     *(("serving", f) for f in ("enabled", "mode", "replicas", "cpu", "memory", "autoscaling", "gpu_type",
-                               "max_model_len", "served_model_name", "api_key_secret_ref")),
+                               "max_model_len", "served_model_name", "api_key_secret_ref", "canary")),
     ("storage", "credentials_secret_ref"),  # pods get it as env from the Secret, never in the config
     ("storage", "service_account_name"),
     ("image",),

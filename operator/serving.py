@@ -282,22 +282,57 @@ def server_deployment(*, metadata: dict[str, Any], selector: dict[str, str], tem
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": metadata, "spec": spec}
 
 
-def merged_deployment(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+def merged_deployment(job: FineTuneJob, settings: OperatorSettings, canary: bool = False) -> dict[str, Any]:
+    """`canary`: the new revision's one-replica canary beside the serving Deployment (serving.canary)."""
     s = job.spec.serving
     auth = auth_config_map_name(job) if s.api_key_secret_ref else None
     container = vllm_container(s, job.spec.storage, vllm_args(job, merged_model_uri(job), settings), settings,
                                middleware=auth is not None)
+    stage = CANARY_STAGE if canary else "serve"
+    name = names.canary(job.metadata.name) if canary else names.serving(job.metadata.name)
     return server_deployment(
-        metadata=pods.metadata(job, names.serving(job.metadata.name), "serve"),
-        selector=pods.selector_labels(job, "serve"),
+        metadata=pods.metadata(job, name, stage),
+        selector=pods.selector_labels(job, stage),
         # The pods say which revision they serve (not in the selector: the Service keeps selecting both
         # revisions' pods while one replaces the other).
-        template_metadata=pods.pod_template_metadata(job, "serve", revisions.of(job)),
+        template_metadata=pods.pod_template_metadata(job, stage, revisions.of(job)),
         s=s, service_account=pods.service_account_for_stages(job), settings=settings,
         containers=[container], volumes=server_volumes(auth), init_containers=[_verify_container(job, settings)],
         # With an autoscaler the field is left out: server-side apply then never resets the HPA's count.
-        replicas=s.replicas if s.autoscaling is None else None,
+        replicas=1 if canary else s.replicas if s.autoscaling is None else None,
     )
+
+
+# The canary's pods are told apart from the serving ones by their stage label (the Service of each selects
+# its own).
+CANARY_STAGE = "canary"
+GATEWAY_API = "gateway.networking.k8s.io"
+
+
+def canary_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The new revision's canary: one replica and a Service of its own, which the HTTPRoute weighs."""
+    return [merged_deployment(job, settings, canary=True),
+            service_for(pods.metadata(job, names.canary(job.metadata.name), CANARY_STAGE),
+                        pods.selector_labels(job, CANARY_STAGE))]
+
+
+def http_route(job: FineTuneJob, canary_weight: Optional[int] = None) -> dict[str, Any]:
+    """The job's HTTPRoute on its Gateway: all requests to the serving Service, or `canary_weight` percent
+    of them to the canary's while a canary runs."""
+    c = job.spec.serving.canary
+    assert c is not None
+    parent: dict[str, Any] = {"name": c.gateway.name}
+    if c.gateway.section_name:
+        parent["sectionName"] = c.gateway.section_name
+    backends = [{"name": names.serving(job.metadata.name), "port": PORT, "weight": 100 - (canary_weight or 0)}]
+    if canary_weight:
+        backends.append({"name": names.canary(job.metadata.name), "port": PORT, "weight": canary_weight})
+    return {
+        "apiVersion": f"{GATEWAY_API}/v1",
+        "kind": "HTTPRoute",
+        "metadata": pods.metadata(job, names.serving(job.metadata.name), "serve"),
+        "spec": {"parentRefs": [parent], "rules": [{"backendRefs": backends}]},
+    }
 
 
 def service(job: FineTuneJob) -> dict[str, Any]:
@@ -396,6 +431,7 @@ def autoscaler(job: FineTuneJob) -> dict[str, Any]:
 # The kinds of a merged-mode server, all named names.serving(job): deleted, Deployment last, when the job
 # stops serving that way (reconcile.retire_old_serving).
 MERGED_KINDS = (
+    (f"{GATEWAY_API}/v1", "HTTPRoute"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("policy/v1", "PodDisruptionBudget"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
@@ -412,4 +448,6 @@ def merged_objects(job: FineTuneJob, settings: OperatorSettings) -> list[dict[st
              pod_disruption_budget(job)]
     if job.spec.serving.autoscaling is not None:
         objs.append(autoscaler(job))
+    if job.spec.serving.canary is not None:
+        objs.append(http_route(job))  # all traffic to the serving Service (a canary weighs it: reconcile.canary)
     return objs

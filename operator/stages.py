@@ -129,7 +129,15 @@ def _observe_deployment(kube: "Kube", job: FineTuneJob, stage: str) -> StageOutc
     dep = kube.get("apps/v1", "Deployment", ns, name)
     pods = kube.list_pods(ns, selector_labels(job, stage)) if dep else []
     # Read here (observers get no settings): the installation's bound on a serving pod's crash loop.
-    return deployment_outcome(dep, pods, OperatorSettings.from_env().serving_max_restarts)
+    outcome = deployment_outcome(dep, pods, OperatorSettings.from_env().serving_max_restarts)
+    rev = revisions.of(job)
+    template = (((dep or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}
+    if dep is not None and (template.get("labels") or {}).get(facts.LABEL_REVISION) != rev:
+        # Another revision's server (the one serving while this one was built; its failures are its own):
+        # this revision is not served until its own template has rolled out (this pass applies it).
+        return StageOutcome("running", "RollingOut", f"revision {rev} is not rolled out yet", None,
+                            outcome.generation, outcome.details)
+    return outcome
 
 
 # ---------------------------------------------------------------- builders
@@ -217,6 +225,10 @@ def _adapter_mode_rules() -> tuple[Rule, ...]:
              message="serving.mode adapter: vLLM serves adapters whose method.modulesToSave are classifier/score "
              "heads only; use serving.mode merged", field_path=".method.modulesToSave",
              check=lambda s: not adapter(s) or all(m in pin.SAVEABLE_MODULES for m in s.method.modules_to_save)),
+        Rule(cel=when + "!has(self.serving.canary)",
+             message="serving.canary applies to merged mode: on a shared server a new adapter is swapped in place "
+             "once it answers", field_path=".serving.canary",
+             check=lambda s: not adapter(s) or s.serving.canary is None),
         Rule(cel=when + "!has(self.serving.autoscaling)",
              message="serving.autoscaling applies to merged mode: a shared adapter server is sized by "
              "serving.replicas", field_path=".serving.autoscaling",

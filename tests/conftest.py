@@ -123,6 +123,25 @@ def cpu_nodes(cluster):
 
 
 @pytest.fixture(scope="session")
+def gateway_api(cluster):
+    """The Gateway API's standard CRDs (HTTPRoute and its parents) installed and Established, from the
+    Go module pinned in kubetune.devcluster.versions (no Gateway controller)."""
+    from kubetune.devcluster import build, gatewayapi
+    from kubetune.devcluster.cluster import wait_for
+
+    try:
+        files = gatewayapi.crd_files()
+    except (build.GoMissingError, build.BuildError) as error:
+        pytest.fail(str(error), pytrace=False)  # never skip: the canary tests would prove nothing
+    for path in files:
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    wait_for("HTTPRoute CRD Established", lambda: cluster.kubectl(
+        "wait", "--for=condition=Established", "--timeout=30s", "crd/httproutes.gateway.networking.k8s.io",
+        check=False).returncode == 0, timeout=60, interval=0.5)
+    return files
+
+
+@pytest.fixture(scope="session")
 def kueue(cluster):
     """Kueue's controller manager running against the session's control plane;
     a `kubetune.devcluster.kueue.Install` (`.ports`, `.files`, `.log`).

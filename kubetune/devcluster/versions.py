@@ -26,3 +26,6 @@ def staging_version(kubernetes_version: str) -> str:
     if major != "v1" or not sep or not rest:
         raise ValueError(f"kubernetes version must look like v1.X.Y, got {kubernetes_version!r}")
     return "v0." + rest
+# The Gateway API's CRDs (sigs.k8s.io/gateway-api, standard channel), installed by the `gateway_api`
+# test fixture: serving.canary's HTTPRoute.
+GATEWAY_API = "v1.5.0"

@@ -170,6 +170,25 @@ class AutoscalingSpec(ApiModel):
     )
 
 
+class GatewayRef(ApiModel):
+    """A Gateway API Gateway in the job's namespace (a FineTuneJob names nothing outside it)."""
+
+    name: ObjectName = Field(description="The Gateway's name.")
+    section_name: Optional[DnsLabel] = Field(default=None, description="One listener of it (sectionName).")
+
+
+class CanarySpec(ApiModel):
+    """A weighted canary between revisions through a Gateway API HTTPRoute (merged mode; needs the
+    Gateway API CRDs). Without it a new revision replaces the old one pod by pod once Ready."""
+
+    gateway: GatewayRef = Field(description="The Gateway the job's HTTPRoute attaches to.")
+    weight: int = Field(default=10, ge=1, le=99, description="Percent of the requests the new revision gets.")
+    duration_seconds: int = Field(
+        default=600, ge=0, le=86_400,
+        description="How long the canary must stay healthy before it takes all the traffic (0: once Ready).",
+    )
+
+
 class ServingSpec(ApiModel):
     """vLLM serving of the result."""
 
@@ -206,6 +225,9 @@ class ServingSpec(ApiModel):
     max_model_len: Optional[int] = Field(default=None, ge=16, le=1_048_576, description="vLLM --max-model-len.")
     served_model_name: Optional[DnsLabel] = Field(default=None, description="Model name in the OpenAI API; the job name by default.")
     api_key_secret_ref: Optional[SecretKeyRef] = Field(default=None, description="Secret key holding the API key clients must send.")
+    canary: Optional[CanarySpec] = Field(
+        default=None, description="Roll a new revision out as a weighted canary through a Gateway API HTTPRoute."
+    )
 
 
 class SecretRef(ApiModel):
@@ -258,7 +280,9 @@ class PodMetadataSpec(ApiModel):
         """(labels, annotations) for `stage`: `all`, then the stage's own."""
         labels: dict[str, str] = {}
         annotations: dict[str, str] = {}
-        for meta in (self.all, getattr(self, "validate_" if stage == "validate" else stage, None)):
+        # A canary's pods are serving pods (serving.canary): they get the serve stage's metadata.
+        own = {"validate": "validate_", "canary": "serve"}.get(stage, stage)
+        for meta in (self.all, getattr(self, own, None)):
             if meta is not None:
                 labels.update(meta.labels)
                 annotations.update(meta.annotations)

@@ -108,6 +108,16 @@ class Revision(StatusModel):
     served_until: Optional[str] = Field(default=None, description="When a later revision replaced it (RFC 3339).")
 
 
+class CanaryStatus(StatusModel):
+    """The weighted canary of a new revision (spec.serving.canary)."""
+
+    revision: Optional[str] = Field(default=None, description="The revision on canary.")
+    state: Optional[str] = Field(default=None, description="Starting, Running, Promoted or Failed.")
+    weight: Optional[int] = Field(default=None, description="Percent of the requests it gets.")
+    ready_since: Optional[str] = Field(default=None, description="When it first served its share (RFC 3339).")
+    message: Optional[str] = Field(default=None, max_length=4096, description="Why it failed, or how far it is.")
+
+
 class FineTuneJobStatus(StatusModel):
     phase: Optional[str] = Field(default=None, description="Where the job is in its lifecycle.")
     message: Optional[str] = Field(default=None, max_length=32768, description="Latest human-readable status.")
@@ -126,6 +136,7 @@ class FineTuneJobStatus(StatusModel):
     adapter_server: Optional[str] = Field(
         default=None, description="The shared AdapterServer the job's adapter is on (serving.mode adapter)."
     )
+    canary: Optional[CanaryStatus] = Field(default=None, description="The canary of a new revision, if any.")
     serving_revision: Optional[str] = Field(default=None, description="The revision the endpoint serves.")
     revisions: list[Revision] = Field(
         default_factory=list, max_length=20, description="Recent revisions, newest last (at most 10 kept)."

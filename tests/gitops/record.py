@@ -138,8 +138,10 @@ class Job:
         if stall is not None:
             # What reconcile does when preflight finds a prerequisite missing.
             decision = lifecycle.stall(decision, *stall)
-        decision = reconcile.rollout(ServingDeployment(1 if still_serving else 0), job, self.status, rev, decision,
-                                     emit=lambda *a: None)
+        serving_rev = self.status.get("servingRevision")
+        serving_now = bool(serving_rev and serving_rev != rev and reconcile.still_serving(
+            ServingDeployment(1 if still_serving else 0), job, self.status))
+        decision = reconcile.rollout(job, self.status, rev, decision, emit=lambda *a: None, serving_now=serving_now)
         patch = lifecycle.status_update(self.status, decision, self.generation, TIMESTAMP, rev)
         self.status = merge_patch(self.status, patch)
         return self
@@ -154,7 +156,7 @@ class Job:
 
 
 class ServingDeployment:
-    """The one read `reconcile.rollout` makes: the job's serving Deployment, with `ready` Ready replicas."""
+    """The one read `reconcile.still_serving` makes: the job's serving Deployment, with `ready` Ready replicas."""
 
     def __init__(self, ready: int) -> None:
         self.ready = ready
@@ -337,6 +339,13 @@ def scenarios() -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
     job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_below_gate())
     add("edit-while-serving-gate-failed", "revision B fails its evaluation gate: held back, revision A keeps serving",
         job, "Degraded", "EvaluationGateFailed", GATE_NUMBERS, f"revision {before} keeps serving")
+    job, before = served_then_edited()
+    job.reconcile(validate=ok()).reconcile(train=ok()).reconcile(merge=ok()).reconcile(evaluate=evaluation_passed())
+    # What operator/canary.py makes of a canary that crash-loops: the serve stage failed with CanaryFailed.
+    job.reconcile(serve=failed("CanaryFailed", f"canary of revision {job.revision} failed (CrashLoopBackOff): "
+                               "container vllm restarted 5 times"))
+    add("edit-while-serving-canary-failed", "revision B's canary failed and was rolled back; revision A keeps serving",
+        job, "Degraded", "CanaryFailed", f"revision {before} keeps serving")
     job, before = served_then_edited(resources={"queueName": "team-a"})
     job.reconcile(validate=ok()).reconcile(
         stall=("LocalQueueNotFound", f"LocalQueue {NAMESPACE}/team-a (spec.resources.queueName) does not exist; create it"))

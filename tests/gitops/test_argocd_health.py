@@ -4,10 +4,8 @@ real Lua interpreter, run the way Argo CD runs a custom health check (a global
 
 - recorded/*.json: FineTuneJobs whose status the operator's own code produced
   (tests/gitops/record.py; a test fails when they differ from what the code
-  produces now, so they cannot drift), one or more for every phase;
-- recorded/contract/*.json: the `Promoted` rollout states of issue #17 that the
-  code does not produce yet (a failed canary), hand-written from the status
-  contract; a test fails once the code produces one of them.
+  produces now, so they cannot drift), one or more for every phase and every
+  rollout state (`Promoted`) the code has.
 
 Each fixture names its expected health and what its message must say.
 docs/gitops.md gives the rules and the reasons for them."""
@@ -22,14 +20,11 @@ from pathlib import Path
 import pytest
 
 from kubetune.operator import stages
-from kubetune.operator.api import FineTuneJob
-from kubetune.operator.api.status import Condition, FineTuneJobStatus, Revision
 
 from . import kstatus, lua, record
 
 HERE = Path(__file__).resolve().parent
 RECORDED = sorted((HERE / "recorded").glob("*.json"))
-CONTRACT = sorted((HERE / "recorded" / "contract").glob("*.json"))
 HEALTH = ("Healthy", "Progressing", "Degraded", "Suspended")
 # The rollout's Promoted condition (issue #17): True once the asked-for revision serves; False while it
 # is built (RolloutInProgress) or when it was held back (its gate, its canary, a failed stage).
@@ -46,10 +41,10 @@ def load(path: Path) -> dict:
 
 
 def fixture_id(path: Path) -> str:
-    return f"contract/{path.stem}" if path.parent.name == "contract" else path.stem
+    return path.stem
 
 
-FIXTURES = {fixture_id(p): load(p) for p in RECORDED + CONTRACT}
+FIXTURES = {fixture_id(p): load(p) for p in RECORDED}
 
 
 def derived() -> dict[str, tuple[dict, str, list[str]]]:
@@ -163,35 +158,9 @@ def promoted_state(path: Path) -> tuple[str, str] | None:
     return found[0] if found else None
 
 
-def test_every_rollout_state_is_tested_from_code_or_else_from_the_contract():
+def test_every_rollout_state_is_recorded_from_the_code():
     from_code = {promoted_state(p) for p in RECORDED} - {None}
-    from_contract = {promoted_state(p) for p in CONTRACT}
-    assert None not in from_contract, "every contract fixture is a rollout state"
-    assert ROLLOUT_STATES <= from_code | from_contract, ROLLOUT_STATES - from_code - from_contract
-    # A hand-written state the code now produces is recorded from the code instead: delete the contract file.
-    assert not from_code & from_contract, from_code & from_contract
-
-
-def field_names(model) -> set[str]:
-    return {field.alias or name for name, field in model.model_fields.items()}
-
-
-@pytest.mark.parametrize("path", CONTRACT, ids=lambda p: p.stem)
-def test_contract_fixtures_speak_the_operators_status(path):
-    """Hand-written objects use only what the API declares: a typo would test a state no operator writes."""
-    obj = load(path)["object"]
-    FineTuneJob.from_body({k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec")})
-    status = obj["status"]
-    FineTuneJobStatus.model_validate(status)
-    assert set(status) <= field_names(FineTuneJobStatus), set(status) - field_names(FineTuneJobStatus)
-    assert status["phase"] in stages.phases()
-    for cond in status["conditions"]:
-        assert set(cond) <= field_names(Condition)
-        assert cond["type"] in [*stages.condition_types(), "Promoted"], cond["type"]
-    for entry in status.get("revisions") or []:
-        assert set(entry) <= field_names(Revision) | {"servedFrom", "servedUntil"}, entry
-    assert status["servingRevision"] in {r["id"] for r in status["revisions"]}
-    assert status["revision"] == status["revisions"][-1]["id"], "the revision asked for is the last one"
+    assert ROLLOUT_STATES <= from_code, ROLLOUT_STATES - from_code
 
 
 def test_numbers_reach_the_script_as_floats_as_in_argo_cd():
@@ -242,7 +211,7 @@ def test_the_chart_ships_the_script_with_its_configmap_key():
     doc = (record.ROOT / "charts/kubetune/files/README.md").read_text()
     assert f"{record.HEALTH_KEY}: |" in doc and "argocd.healthCheck" in doc
     guide = (record.ROOT / "docs/gitops.md").read_text()
-    for fixture in ("edit-while-serving-training", "edit-while-serving-gate-failed", "rollout-canary-failed"):
+    for fixture in ("edit-while-serving-training", "edit-while-serving-gate-failed", "edit-while-serving-canary-failed"):
         assert fixture in guide, f"docs/gitops.md names the fixture {fixture}"
 
 
@@ -265,8 +234,6 @@ KSTATUS_DIFFERS = {
     # The revision that served stopped answering while the next is built: Argo CD reads Degraded (nothing
     # serves), kstatus InProgress (Reconciling: the next revision may well replace it without a person).
     "edit-after-serving-stopped": "InProgress",
-    # The canary contract fixture (no canary yet) was written with neither Reconciling nor Stalled.
-    "contract/rollout-canary-failed": "Current",
     # Just applied, no status at all: kstatus has nothing to wait on (the operator's first patch sets
     # Reconciling=True).
     "applied": "Current",

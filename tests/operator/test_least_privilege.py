@@ -213,7 +213,7 @@ def _get(api: Api, path: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def recorded(cluster, crd, kueue, operator_kubeconfig, tmp_path_factory):
+def recorded(cluster, crd, kueue, gateway_api, operator_kubeconfig, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("least-privilege")
     proxy = RecordingProxy(cluster.server, cluster.ca_cert)
     port = proxy.start()
@@ -245,7 +245,9 @@ def recorded(cluster, crd, kueue, operator_kubeconfig, tmp_path_factory):
             "lp", resources={"queueName": "queue"},
             storage={"endpointUrl": "http://s3.test:9000", "region": "us-east-1", "credentialsSecretRef": {"name": "s3-creds"}},
             # With an autoscaler, later switched off: the HPA is applied (patch), then deleted.
-            serving={"apiKeySecretRef": {"name": "vllm-key"}, "autoscaling": {"maxReplicas": 2}},
+            serving={"apiKeySecretRef": {"name": "vllm-key"}, "autoscaling": {"maxReplicas": 2},
+                     # The recipe edit below rolls out through a canary (HTTPRoute, canary Deployment and Service).
+                     "canary": {"gateway": {"name": "public"}, "weight": 10, "durationSeconds": 0}},
             output={"uri": "s3://artifacts/lp/", "deleteOnJobDeletion": True},
         ))
         api.wait_phase("lp", "Serving", timeout=180)
@@ -261,7 +263,8 @@ def recorded(cluster, crd, kueue, operator_kubeconfig, tmp_path_factory):
         # Adapter mode: the job joins a shared server (its entry applied under its own field manager; the
         # server's children applied and its status written by the server pass). Then serving off: the job
         # leaves, the server left without adapters is deleted, and so is the merged-mode server.
-        api.patch("lp", {"spec": {"serving": {"mode": "adapter"}}})
+        assert (api.status("lp").get("canary") or {}).get("state") == "Promoted"
+        api.patch("lp", {"spec": {"serving": {"mode": "adapter", "canary": None}}})  # the route goes
         wait_for("adapter server up", lambda: [s for s in api.custom.list_namespaced_custom_object(
             GROUP, "v1alpha1", namespace, "adapterservers")["items"] if (s.get("status") or {}).get("adapterCount") == 1
             and s["status"].get("conditions")], timeout=120, interval=0.5)

@@ -146,3 +146,70 @@ def test_an_edit_rolls_out_blue_green_a_failed_gate_is_held_back_and_a_revert_ne
     history = {r["id"]: r for r in api.status("bot")["revisions"]}
     assert history[first].get("servedFrom") and not history[first].get("servedUntil")
     assert serving.merged_model_uri(FineTuneJob.from_body(api.get("bot"))) == first_uri
+
+
+def route_backends(api: Api, job: str) -> list[tuple[str, int]]:
+    from kubernetes import client
+
+    route = client.CustomObjectsApi(api.api).get_namespaced_custom_object(
+        "gateway.networking.k8s.io", "v1", api.ns, "httproutes", f"{job}-serve")
+    return [(b["name"], b["weight"]) for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+
+
+def canary_deployment(api: Api, job: str) -> dict | None:
+    items = api.apps.list_namespaced_deployment(api.ns, field_selector=f"metadata.name={job}-canary").items
+    return items[0] if items else None
+
+
+def test_a_canary_takes_its_share_then_everything_and_a_failing_one_is_rolled_back(
+        cluster, namespace, gpu_nodes, start_operator, gateway_api):
+    from .test_serving import set_container_status
+
+    fleet(gpu_nodes)
+    api = Api(cluster, namespace)
+    start_operator(namespace)
+    api.create(body("bot", serving={"canary": {"gateway": {"name": "public", "sectionName": "https"},
+                                               "weight": 20, "durationSeconds": 3}}))
+    api.wait_phase("bot", "Serving", timeout=120)
+    first, first_uri = api.rev("bot"), merged_uri(api, "bot")
+    wait_for("the route on the Gateway", lambda: route_backends(api, "bot") == [("bot-serve", 100)], timeout=30)
+
+    # An edit: once evaluated, the new revision runs as a canary taking 20% through the route ...
+    api.patch("bot", {"spec": {"training": {"learningRate": 0.0001}}})
+    second = api.rev("bot")
+    wait_for("canary at 20%", lambda: route_backends(api, "bot") == [("bot-serve", 80), ("bot-canary", 20)]
+             and (api.status("bot").get("canary") or {}).get("state") == "Running", timeout=180, interval=0.2)
+    status = api.status("bot")
+    assert status["canary"]["revision"] == second and status["servingRevision"] == first
+    assert condition(status, "Ready")["status"] == "True" and condition(status, "Promoted")["reason"] == "RolloutInProgress"
+    assert merged_uri(api, "bot") == first_uri  # the serving Deployment still runs the first revision
+    dep = canary_deployment(api, "bot")
+    assert dep.spec.replicas == 1 and second in dep.spec.template.spec.containers[0].command[2]
+    # ... then, healthy for durationSeconds, everything: the serving Deployment rolls to it, the canary goes.
+    wait_for("second revision promoted", lambda: api.status("bot").get("servingRevision") == second
+             and api.status("bot").get("phase") == "Serving", timeout=120, interval=0.3)
+    wait_for("the route back to the serving Service", lambda: route_backends(api, "bot") == [("bot-serve", 100)]
+             and canary_deployment(api, "bot") is None, timeout=60, interval=0.3)
+    assert second in merged_uri(api, "bot") and api.status("bot")["canary"]["state"] == "Promoted"
+    assert any(e["reason"] == "CanaryPromoted" for e in api.events("bot"))
+
+    # A canary that crash-loops is rolled back: the route to the serving revision only, the revision held.
+    api.patch("bot", {"spec": {"training": {"learningRate": 0.0003}}})
+    third = api.rev("bot")
+    wait_for("third revision's canary pod", lambda: api.pods("kubetune.io/job=bot,kubetune.io/stage=canary"),
+             timeout=180, interval=0.3)
+    (pod,) = api.pods("kubetune.io/job=bot,kubetune.io/stage=canary")
+    set_container_status(api, pod, main={"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                                                                  "message": "back-off 5m"}},
+                                         "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
+                                                                      "message": "NaN in the adapter weights"}}})
+    held = wait_for("canary failed", lambda: (lambda s: s if condition(s, "Promoted")["reason"] == "CanaryFailed"
+                    else None)(api.status("bot")), timeout=60, interval=0.3)
+    assert held["canary"] == {**held["canary"], "revision": third, "state": "Failed"}
+    assert "NaN in the adapter weights" in condition(held, "Promoted")["message"]
+    assert held["phase"] == "Serving" and held["servingRevision"] == second
+    assert condition(held, "Ready")["status"] == "True" and condition(held, "Stalled")["status"] == "True"
+    wait_for("canary removed, route restored", lambda: canary_deployment(api, "bot") is None
+             and route_backends(api, "bot") == [("bot-serve", 100)], timeout=60, interval=0.3)
+    assert second in merged_uri(api, "bot")
+    assert any(e["reason"] == "CanaryFailed" for e in api.events("bot"))

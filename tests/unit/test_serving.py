@@ -464,3 +464,25 @@ def test_verify_artifact_refuses_files_the_manifest_does_not_list(tmp_path):
     with pytest.raises(ArtifactRefused) as e:
         verify_artifact(LocalStore(merged))
     assert e.value.reason == "ArtifactIncomplete"
+
+
+def test_a_canary_has_its_own_pods_service_and_a_weighted_route():
+    j = ftj(canary={"gateway": {"name": "public", "sectionName": "https"}, "weight": 25})
+    route = objects(j)["HTTPRoute"]  # the stable route, with merged serving
+    assert route["spec"]["parentRefs"] == [{"name": "public", "sectionName": "https"}]
+    assert route["spec"]["rules"] == [{"backendRefs": [{"name": "support-bot-serve", "port": serving.PORT, "weight": 100}]}]
+    weighted = serving.http_route(j, 25)["spec"]["rules"][0]["backendRefs"]
+    assert [(b["name"], b["weight"]) for b in weighted] == [("support-bot-serve", 75), ("support-bot-canary", 25)]
+    dep, svc = serving.canary_objects(j, SETTINGS)
+    main = objects(j)
+    assert dep["spec"]["replicas"] == 1 and dep["metadata"]["name"] == svc["metadata"]["name"] == "support-bot-canary"
+    # Neither Service selects the other's pods: the route alone decides who gets what.
+    canary_labels = dep["spec"]["template"]["metadata"]["labels"]
+    main_labels = main["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert not set(main["Service"]["spec"]["selector"].items()) <= set(canary_labels.items())
+    assert not set(svc["spec"]["selector"].items()) <= set(main_labels.items())
+    assert "HTTPRoute" not in objects(ftj())  # no canary, no route
+    # Adapter mode swaps in place on its shared server: a canary there is refused at admission.
+    (message,) = stages.refusals(FineTuneJob.from_body(job(serving={"mode": "adapter", "canary": {
+        "gateway": {"name": "public"}}})).spec)
+    assert message.startswith("spec.serving.canary:")
