@@ -123,8 +123,9 @@ def test_a_namespaced_install_grants_the_operator_exactly_its_watched_namespace(
     assert {r for r, _ in in_unwatched} & {r for r, _ in namespaced} == set()
 
 
-def test_the_cluster_scoped_rules_are_the_cluster_scoped_resources_by_discovery(cluster, installed):
-    """rbac.CLUSTER_SCOPED against the API server (Kueue's and kubetune's CRDs installed)."""
+def test_the_cluster_scoped_rules_are_the_cluster_scoped_resources_by_discovery(cluster, installed, gateway_api):
+    """rbac.CLUSTER_SCOPED against the API server (Kueue's, the Gateway API's and kubetune's CRDs installed:
+    every kind a rule names is served)."""
     def served(namespaced: bool) -> set[tuple[str, str]]:
         names = cluster.kubectl("api-resources", f"--namespaced={str(namespaced).lower()}", "-o", "name").stdout.split()
         return {(n.partition(".")[2], n.partition(".")[0]) for n in names}
