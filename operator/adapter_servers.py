@@ -162,6 +162,11 @@ def lora_slots(count: int, settings: OperatorSettings) -> tuple[int, int]:
     return gpu, max(n, gpu)
 
 
+def lora_rank(adapters: list[dict[str, Any]]) -> int:
+    """--max-lora-rank for these adapters: vLLM's smallest choice at or above the largest rank."""
+    return pin.max_lora_rank_for(max([a["rank"] for a in adapters] or [1]))
+
+
 def server_labels(name: str) -> dict[str, str]:
     return {LABEL_NAME: "kubetune", LABEL_INSTANCE: name, LABEL_COMPONENT: COMPONENT, LABEL_MANAGED_BY: MANAGED_BY,
             LABEL_SERVER: name}
@@ -212,12 +217,11 @@ def loader_rbac(server: dict[str, Any], spec: AdapterServerSpec) -> list[dict[st
 def vllm_command(server: dict[str, Any], spec: AdapterServerSpec, adapters: list[dict[str, Any]],
                  settings: OperatorSettings) -> list[str]:
     gpu_slots, cpu_slots = lora_slots(len(adapters), settings)
-    rank = pin.max_lora_rank_for(max([a["rank"] for a in adapters] or [1]))
     return serving.server_args(spec.serving, spec.base_model, server["metadata"]["name"], settings) + [
         "--enable-lora",
         "--max-loras", str(gpu_slots),
         "--max-cpu-loras", str(cpu_slots),
-        "--max-lora-rank", str(rank),
+        "--max-lora-rank", str(lora_rank(adapters)),
         "--middleware", LOOPBACK_MIDDLEWARE,
     ]
 
@@ -293,10 +297,6 @@ def server_objects(server: dict[str, Any], settings: OperatorSettings) -> list[d
     ]
 
 
-def endpoint_url(name: str, namespace: str) -> str:
-    return f"http://{name}.{namespace}.svc:{serving.PORT}/v1"
-
-
 def server_status(server: dict[str, Any], outcome: StageOutcome, settings: OperatorSettings,
                   previous: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """The operator's part of the server's status (the sidecar writes `adapters`)."""
@@ -317,8 +317,8 @@ def server_status(server: dict[str, Any], outcome: StageOutcome, settings: Opera
         "conditions": conditions,
         "adapterCount": len(adapters),
         "maxLoras": gpu_slots,
-        "maxLoraRank": pin.max_lora_rank_for(max([a["rank"] for a in adapters] or [1])),
-        "endpoint": endpoint_url(server["metadata"]["name"], server["metadata"]["namespace"]),
+        "maxLoraRank": lora_rank(adapters),
+        "endpoint": serving.service_url(server["metadata"]["name"], server["metadata"]["namespace"]),
         # A departed job's line goes (merge patch null).
         **({"adapters": stale} if stale else {}),
     }
@@ -355,13 +355,5 @@ def job_outcome(job: FineTuneJob, server: Optional[dict[str, Any]], deployment: 
 
 def endpoint(job: FineTuneJob) -> dict[str, str]:
     server = server_name(job)
-    return {"service": server, "url": endpoint_url(server, job.metadata.namespace),
+    return {"service": server, "url": serving.service_url(server, job.metadata.namespace),
             "model": serving.served_model_name(job), "server": server}
-
-
-def adapter_state(pod: str, uri: str, refused: Optional[str]) -> dict[str, Any]:
-    """One line of status.adapters, as the sidecar writes it."""
-    out = {"uri": uri, "state": "Refused" if refused else "Loaded", "pod": pod, "time": now()}
-    if refused:
-        out["message"] = refused[:4000]
-    return out

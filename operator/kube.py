@@ -121,29 +121,26 @@ class Kube:
             _check_owner(obj, existing)
         return False  # deleted in between: the next reconcile creates it again
 
-    def _apply(self, k: ChildKind, obj: dict[str, Any], manager: str = FIELD_MANAGER) -> bool:
+    def _apply(self, k: ChildKind, obj: dict[str, Any]) -> bool:
         meta = obj["metadata"]
         existing = self.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         if existing is not None and not k.shared:
             _check_owner(obj, existing)
-        if k.shared:
-            # Each owner's part under its own manager (children.ChildKind.shared).
-            manager = shared_manager(obj)
-        out = self._call(
-            "PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
-            query=[("fieldManager", manager), ("force", "true")], content_type="application/apply-patch+yaml",
-        )
+        # A shared kind: each owner's part under its own manager (children.ChildKind.shared).
+        out = self._server_side_apply(k, obj, shared_manager(obj) if k.shared else FIELD_MANAGER)
         before = (existing or {}).get("metadata", {}).get("resourceVersion")
         return out.get("metadata", {}).get("resourceVersion") != before
 
+    def _server_side_apply(self, k: ChildKind, obj: dict[str, Any], manager: str) -> dict[str, Any]:
+        meta = obj["metadata"]
+        return self._call("PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
+                          query=[("fieldManager", manager), ("force", "true")],
+                          content_type="application/apply-patch+yaml")
+
     def leave(self, obj: dict[str, Any], owner_uid: str) -> None:
         """Apply `obj` (names only) as owner `owner_uid`: its part of a shared object goes."""
-        k = kind_of(obj)
-        meta = obj["metadata"]
         try:
-            self._call("PATCH", k.path(meta["namespace"], meta["name"]), body=obj,
-                       query=[("fieldManager", owner_manager(owner_uid)), ("force", "true")],
-                       content_type="application/apply-patch+yaml")
+            self._server_side_apply(kind_of(obj), obj, owner_manager(owner_uid))
         except ApiException as e:
             if e.status != 404:
                 raise

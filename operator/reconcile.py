@@ -22,7 +22,7 @@ from kubetune.contract.facts import API_VERSION, LABEL_JOB, LABEL_REVISION
 
 from . import adapter_servers, canary, children, lifecycle, metrics, names, preflight, revisions, serving, stage_jobs, stages, tenancy
 from .api import FineTuneJob
-from .conditions import now
+from .conditions import get_condition, now
 from .kube import Kube
 from .outcomes import StageOutcome, deployment_outcome, job_outcome
 from .pods import selector_labels
@@ -221,7 +221,7 @@ def rollout(job: FineTuneJob, status: dict[str, Any], rev: str, decision: lifecy
         # to it (the endpoint and the serving revision go).
         return lifecycle.not_serving(decision, serving_rev, rev)
     kept = lifecycle.keep_serving(decision, serving_rev, rev, status.get("endpoint") or stages.endpoint(job))
-    was = next((c for c in status.get("conditions") or [] if c.get("type") == "Promoted"), {})
+    was = get_condition(status.get("conditions") or [], "Promoted") or {}
     if kept.held_back and was.get("reason") != kept.conditions[-1][2]:
         emit("Warning", "RevisionHeldBack", kept.message)  # once, when it is held back
     return kept
@@ -236,7 +236,7 @@ def still_serving(kube: Kube, job: FineTuneJob, status: dict[str, Any]) -> bool:
         server = kube.get(API_VERSION, "AdapterServer", ns, joined) or {}
         model = (status.get("endpoint") or {}).get("model") or serving.served_model_name(job)
         line = ((server.get("status") or {}).get("adapters") or {}).get(model) or {}
-        ready = next((c for c in (server.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+        ready = get_condition((server.get("status") or {}).get("conditions") or [], "Ready") or {}
         return bool(line.get("servedUri")) and ready.get("status") == "True"
     dep = kube.get("apps/v1", "Deployment", ns, names.serving(job.metadata.name))
     return bool(dep and ((dep.get("status") or {}).get("readyReplicas") or 0) >= 1)

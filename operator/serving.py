@@ -64,13 +64,14 @@ def served_model_name(job: FineTuneJob) -> str:
     return job.spec.serving.served_model_name or job.metadata.name
 
 
+def service_url(service: str, namespace: str) -> str:
+    """The in-cluster base URL of the OpenAI-compatible API behind a vLLM Service."""
+    return f"http://{service}.{namespace}.svc:{PORT}/v1"
+
+
 def endpoint(job: FineTuneJob) -> dict[str, str]:
     service = names.serving(job.metadata.name)
-    return {
-        "service": service,
-        "url": f"http://{service}.{job.metadata.namespace}.svc:{PORT}/v1",
-        "model": served_model_name(job),
-    }
+    return {"service": service, "url": service_url(service, job.metadata.namespace), "model": served_model_name(job)}
 
 
 _QUANTITY = re.compile(r"^([0-9]+(?:[.][0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")

@@ -162,6 +162,7 @@ def swap(client: VllmClient, name: str, path: str) -> None:
 
 
 def source_key(store: Store, prefix: str) -> str:
+    """Which version a name serves: its adapter's URI (s3://bucket/prefix/, as the operator writes it)."""
     return f"{store.uri.rstrip('/')}/{prefix.strip('/')}/"
 
 
@@ -318,20 +319,6 @@ class ServerObject:
         return True
 
 
-def uri_of(key: str, desired_uri: Optional[str]) -> str:
-    """The s3:// URI of a source key (the desired URI when they are the same version)."""
-    if desired_uri and source_key_of_uri(desired_uri) == key:
-        return desired_uri
-    return key
-
-
-def source_key_of_uri(uri: str) -> str:
-    from kubetune.trainer.storage import split_s3
-
-    bucket, prefix = split_s3(uri)
-    return f"s3://{bucket}/{prefix.strip('/')}/"
-
-
 def open_desired(desired: dict[str, str], endpoint_url: Optional[str], region: Optional[str]) -> dict[str, tuple[Store, str]]:
     """{name: URI} -> {name: (store of the URI's bucket, prefix)}."""
     from kubetune.trainer.storage import open_store, split_s3
@@ -358,8 +345,7 @@ def run_sidecar(server: ServerObject, client: VllmClient, root: Path, probe: Pro
             if result.loaded or result.unloaded or result.refused:
                 log(json.dumps({"loaded": result.loaded, "unloaded": result.unloaded, "refused": result.refused}))
             probe.ready = all(n in result.present for n in desired if n not in result.refused)
-            uris = {name: uri for name, uri in desired.items()}
-            server.report(pod, desired, result, {n: uri_of(k, uris.get(n)) for n, k in served.items()})
+            server.report(pod, desired, result, served)  # source keys are the adapters' s3:// URIs
         except Exception as e:  # vLLM starting, the API server unreachable: not ready, try again
             probe.ready = False
             log(f"adapter sync: {type(e).__name__}: {e}")
