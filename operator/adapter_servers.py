@@ -345,7 +345,11 @@ def job_outcome(job: FineTuneJob, server: Optional[dict[str, Any]], deployment: 
     if state.get("uri") == uri and state.get("state") == "Refused":
         return StageOutcome("failed", "AdapterRefused", f"{where} refused the adapter {uri}: {state.get('message')}")
     base = deployment_outcome(deployment, server_pods, max_restarts)
-    if base.state in ("failed", "running", "absent"):
+    # The shared server rolls when another job joins or leaves (its LoRA slots change): its Ready replicas
+    # (maxUnavailable 0) keep serving this adapter meanwhile, so a neighbour's change is not this job's.
+    serving_through_rollout = (base.state == "running" and base.reason == "RollingOut"
+                               and (base.details.get("readyReplicas") or 0) >= 1)
+    if base.state in ("failed", "running", "absent") and not serving_through_rollout:
         return StageOutcome("running" if base.state == "absent" else base.state, base.reason or "Deploying",
                             f"{where}: {base.message or 'starting'}", details=base.details)
     if state.get("uri") == uri and state.get("state") == "Loaded":

@@ -486,3 +486,17 @@ def test_a_canary_has_its_own_pods_service_and_a_weighted_route():
     (message,) = stages.refusals(FineTuneJob.from_body(job(serving={"mode": "adapter", "canary": {
         "gateway": {"name": "public"}}})).spec)
     assert message.startswith("spec.serving.canary:")
+
+
+def test_a_shared_server_rolling_for_a_neighbour_keeps_serving_this_jobs_adapter():
+    from kubetune.operator import adapter_servers
+
+    j = ftj(mode="adapter")
+    name, uri = adapter_servers.server_name(j), adapter_servers.adapter_uri(j)
+    server = {"metadata": {"name": name}, "spec": {"adapters": [{"name": "support-bot", "job": "support-bot", "uri": uri}]},
+              "status": {"adapters": {"support-bot": {"uri": uri, "state": "Loaded", "servedUri": uri}}}}
+    rolling = deployment(replicas=1, ready=1, observed=1, generation=2, updated=0)
+    assert adapter_servers.job_outcome(j, server, rolling, [], 5).state == "succeeded"
+    # Nothing Ready while it rolls: not served.
+    assert adapter_servers.job_outcome(j, server, deployment(replicas=1, ready=0, observed=1, generation=2,
+                                                             updated=0), [], 5).state == "running"
