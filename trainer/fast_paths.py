@@ -78,7 +78,8 @@ def _fused_lora_forward(layer, original):
         drop = layer.lora_dropout[name]
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         return lora_linear(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.get_base_layer(),
-                           layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False))
+                           layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False),
+                           getattr(layer, "_kubetune_fp8_share", None))
 
     forward._kubetune_fused = True
     return forward
@@ -129,12 +130,38 @@ def fp8_base_products(model) -> int:
             if not getattr(m.forward, "_kubetune_fp8", False):
                 m.forward = _fp8_forward(m)
             n += 1
+        mark_fp8_siblings(block)
     return n
+
+
+# Projections that the decoder families of transformers call one after the other on the
+# same input tensor (Llama, Mistral, Qwen, Gemma; fused qkv_proj / gate_up_proj families
+# have nothing to share).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _routed_to_fp8(m) -> bool:
+    return getattr(m, "_kubetune_fp8", False) or getattr(m.forward, "_kubetune_fp8", False)
+
+
+def mark_fp8_siblings(block) -> int:
+    """Tell each FP8 sibling projection whether it opens, uses or closes the
+    shared quantised input (`fp8.SharedRows`); returns how many groups."""
+    groups = 0
+    for parent in block.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if any(m is None or not _routed_to_fp8(m) for m in members):
+                continue
+            for i, m in enumerate(members):
+                m._kubetune_fp8_share = fp8.OPEN if i == 0 else fp8.CLOSE if i == len(members) - 1 else fp8.USE
+            groups += 1
+    return groups
 
 
 def _fp8_forward(module):
     def forward(x, *args, **kwargs):
-        return frozen_linear_fp8(x, module)
+        return frozen_linear_fp8(x, module, getattr(module, "_kubetune_fp8_share", None))
 
     forward._kubetune_fp8 = True
     return forward

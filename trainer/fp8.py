@@ -124,14 +124,22 @@ def quantize_rows(x2):
     return q, s
 
 
-def quantize_tensor(w, transpose: bool = False):
+def weight_amax(w):
+    """max |w| as a 1-element fp32 tensor on w's device (exact in any dtype: a max;
+    no host sync)."""
+    import torch
+
+    return torch.linalg.vector_norm(w, ord=float("inf")).float().reshape(1)
+
+
+def quantize_tensor(w, transpose: bool = False, amax=None):
     """(q, scale): w (or w^T with transpose=True) as a contiguous e4m3 matrix
     and one fp32 scale, w ~= q.float() * scale. The amax stays on the device
-    (no host sync)."""
+    (no host sync); a frozen weight's caller passes the one it computed once."""
     import torch
 
     src = w.t() if transpose else w
-    amax = torch.linalg.vector_norm(w, ord=float("inf")).float().reshape(1)  # exact in any dtype: a max
+    amax = weight_amax(w) if amax is None else amax
     if w.is_cuda:
         _, _, cast_kernel = _triton_kernels()
         r, c = src.shape
@@ -153,21 +161,61 @@ def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype):
     return torch._scaled_mm(aq, b_colmajor, scale_a=a_scale, scale_b=b_scale_row, out_dtype=out_dtype)
 
 
-def linear(x2, w, out_dtype):
+def linear(x2, w, out_dtype, w_amax=None, x_rows=None):
     """x2 @ w^T for x2 (M, K), w (N, K) (the frozen weight in its compute
-    dtype), both rounded to e4m3 with the scaling above; output (M, N) in out_dtype."""
+    dtype), both rounded to e4m3 with the scaling above; output (M, N) in out_dtype.
+    `x_rows`: x2's `quantize_rows` when the caller has it already (`SharedRows`)."""
     m = x2.shape[0]
-    xq, xs = quantize_rows(x2)
-    wq, ws = quantize_tensor(w)
+    xq, xs = quantize_rows(x2) if x_rows is None else x_rows
+    wq, ws = quantize_tensor(w, amax=w_amax)
     y = _mm(xq, xs, wq.t(), ws.expand(1, w.shape[0]).contiguous(), out_dtype)
     return y[:m]
 
 
-def linear_input_grad(dy2, w, out_dtype):
+def linear_input_grad(dy2, w, out_dtype, w_amax=None):
     """dy2 @ w for dy2 (M, N), w (N, K): the input gradient of `linear`, with
     the output gradient rounded to e4m3 per row (same recipe)."""
     m = dy2.shape[0]
     gq, gs = quantize_rows(dy2)
-    wtq, ws = quantize_tensor(w, transpose=True)  # (K, N) contiguous: w column-major
+    wtq, ws = quantize_tensor(w, transpose=True, amax=w_amax)  # (K, N) contiguous: w column-major
     dx = _mm(gq, gs, wtq.t(), ws.expand(1, w.shape[1]).contiguous(), out_dtype)
     return dx[:m]
+
+
+# Sibling projections read the same input: q/k/v the attention's normed hidden state,
+# gate/up the MLP's. Their forwards (and the recompute under checkpointing) quantise
+# it once instead of three / two times (`fast_paths.mark_fp8_siblings` says which
+# call opens, uses and closes the entry).
+OPEN, USE, CLOSE = "open", "use", "close"
+
+
+class SharedRows:
+    """One entry: the input tensor and its `quantize_rows`. The entry holds the
+    input alive, so its storage cannot be reused while the key names it; a key
+    that does not match (another input, an in-place edit) quantises afresh, so
+    a wrong order of calls costs speed, never correctness. The last sibling
+    drops the entry, so it lives only between the first and the last call."""
+
+    def __init__(self) -> None:
+        self._ref = None
+        self._key = None
+        self._rows = None
+
+    @staticmethod
+    def _key_of(x):
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
+
+    def rows(self, x, x2, role):
+        hit = self._ref is not None and self._key == self._key_of(x)
+        rows = self._rows if hit else quantize_rows(x2)
+        if role == OPEN:
+            self._ref, self._key, self._rows = x, self._key_of(x), rows
+        elif role == CLOSE:
+            self.clear()
+        return rows
+
+    def clear(self) -> None:
+        self._ref = self._key = self._rows = None
+
+
+shared_rows = SharedRows()

@@ -145,8 +145,8 @@ def _varlen_kernel():
 
 def _kernel_options(params: set[str], n_heads: int, n_kv_heads: int, scaling: Optional[float], head_dim: int) -> tuple[dict, bool]:
     """Keyword arguments for the installed `varlen_attn` (its signature changed
-    between PyTorch releases) and whether key/value heads must be repeated
-    for grouped-query attention because the kernel cannot take them as is."""
+    between PyTorch releases) and whether its wrapper cannot take grouped-query
+    key/value heads as they are (no `enable_gqa`: PyTorch before 2.12)."""
     kw: dict[str, Any] = {}
     if "window_size" in params:
         kw["window_size"] = (-1, 0)  # causal
@@ -216,15 +216,57 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     _refuse_what_varlen_cannot_do(kwargs, max_len)
 
     kernel, params = _varlen_kernel()
-    opts, repeat_kv = _kernel_options(params, n_heads, n_kv, scaling, head_dim)
+    opts, no_gqa = _kernel_options(params, n_heads, n_kv, scaling, head_dim)
     q = query.transpose(1, 2).reshape(bsz * seq, n_heads, head_dim)
     k = key.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
     v = value.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
-    if repeat_kv:
-        k = k.repeat_interleave(n_heads // n_kv, dim=1)
-        v = v.repeat_interleave(n_heads // n_kv, dim=1)
-    out = kernel(q, k, v, cu, cu, max_len, max_len, **opts)
+    if no_gqa and q.is_cuda:
+        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"))
+    else:
+        if no_gqa:  # CPU stand-ins of old signatures: repeat the heads
+            k = k.repeat_interleave(n_heads // n_kv, dim=1)
+            v = v.repeat_interleave(n_heads // n_kv, dim=1)
+        out = kernel(q, k, v, cu, cu, max_len, max_len, **opts)
     return out.reshape(bsz, seq, n_heads, head_dim), None
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_varlen_gqa_fn():
+    import torch
+
+    class FlashVarlenGQA(torch.autograd.Function):
+        """Causal varlen flash attention with fewer key/value heads than query
+        heads, straight on ATen's flash kernels (which take grouped-query heads).
+        What `varlen_attn(enable_gqa=True)` does in PyTorch 2.12+; on older
+        releases its wrapper would need the key/value heads repeated 4x (Llama-3),
+        a copy of k and v per layer and pass and a reduction of their gradients:
+        about 26 ms of a 1.05 s 8B step (bench/RESULTS.md)."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, cu, max_len: int, scale):
+            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+            ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+            ctx.max_len, ctx.scale = max_len, scale
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
+                scale=ctx.scale)
+            return dq, dk, dv, None, None, None
+
+    return FlashVarlenGQA
+
+
+def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float]):
+    """(tokens, heads, dim) causal attention over the packed samples `cu`, with
+    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale)
 
 
 def varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):

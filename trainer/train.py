@@ -306,7 +306,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         print("stopped on SIGTERM before training started", flush=True)
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
 
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from kubetune.trainer.sft import sft_trainer_class
 
     from transformers import set_seed
 
@@ -341,7 +343,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
 

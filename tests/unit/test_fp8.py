@@ -119,3 +119,80 @@ def test_only_weights_on_the_16_grid_go_fp8():
 def test_fp8_needs_a_cuda_device():
     assert not fp8.supported(torch.device("cpu"))
     assert not fp8.supported("cpu")
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_sibling_projections_quantise_their_shared_input_once(monkeypatch):
+    """q/k/v (and gate/up) read the same hidden state: one quantisation per group
+    and pass, the same numbers as quantising it per projection, and no entry
+    left behind holding the input alive."""
+    torch.manual_seed(0)
+    model = _lora(_tiny_llama(), dropout=0.0)
+    fast_paths.fuse_lora_layers(model)
+    fast_paths.fp8_base_products(model)
+    attn = model.get_base_model().model.layers[0].self_attn
+    mlp = model.get_base_model().model.layers[0].mlp
+    roles = [getattr(m, "_kubetune_fp8_share", None) for m in
+             (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    assert roles == [fp8.OPEN, fp8.USE, fp8.CLOSE, None, fp8.OPEN, fp8.CLOSE, None]
+    ids = torch.randint(3, 256, (2, 24))
+    calls = _count_calls(monkeypatch, fp8, "quantize_rows")
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert len(calls) == 2 * 4  # 2 layers x (q/k/v 1 + o 1 + gate/up 1 + down 1)
+    shared_loss, shared_grads = _loss_and_grads(model, ids)
+    assert fp8.shared_rows._ref is None  # the closing sibling dropped the entry
+    for block in fast_paths.decoder_layers(model):  # the same run without sharing
+        for m in block.modules():
+            if hasattr(m, "_kubetune_fp8_share"):
+                del m._kubetune_fp8_share
+    calls.clear()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert len(calls) == 2 * 7
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, shared_loss)
+    for name in grads:
+        assert torch.equal(grads[name], shared_grads[name]), name
+
+
+def test_a_mismatched_input_is_quantised_afresh():
+    """A sibling called with another tensor (or after an in-place edit) must not
+    reuse the first one's numbers."""
+    rows = fp8.SharedRows()
+    x = torch.randn(8, 32)
+    first = rows.rows(x, x, fp8.OPEN)
+    other = torch.randn(8, 32)
+    got = rows.rows(other, other, fp8.USE)
+    assert not torch.equal(got[0].float(), first[0].float())
+    assert rows.rows(x, x, fp8.USE) is first  # the opened entry is still there
+    x.mul_(2)  # bumps the version counter
+    again = rows.rows(x, x, fp8.CLOSE)
+    assert again is not first and torch.equal(again[1][:8], first[1][:8] * 2)  # rows past 8: padding
+    assert rows._ref is None
+
+
+def test_the_frozen_weight_scale_is_computed_once_and_follows_edits(monkeypatch):
+    base = torch.nn.Linear(64, 48, bias=False)
+    base.requires_grad_(False)
+    calls = _count_calls(monkeypatch, fp8, "weight_amax")
+    x = torch.randn(5, 64)
+    y1 = lora_kernels.frozen_linear_fp8(x, base)
+    y2 = lora_kernels.frozen_linear_fp8(x, base)
+    assert len(calls) == 1 and torch.equal(y1, y2)
+    with torch.no_grad():
+        base.weight.mul_(4)  # a changed weight gets a new scale
+    y3 = lora_kernels.frozen_linear_fp8(x, base)
+    assert len(calls) == 2
+    assert _rel(y3, 4 * y1) < 1e-6

@@ -1,0 +1,70 @@
+"""The trainer's SFTTrainer (trainer/sft.py) against TRL's own on the same tiny
+run: the same losses, entropy, token accuracy and token counts at every logged
+step, for padding-free rows and padded ones. A TRL release that changes its
+default loss path makes this fail instead of silently training differently."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def _run(trainer_cls, model_dir, tmp_path, padding_free: bool, steps: int = 4):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [{"prompt": f"question {i} about {'cats ' * (i % 5)}", "completion": f" answer {i}{' dogs' * (i % 3)}"}
+            for i in range(32)]
+    args = SFTConfig(output_dir=str(tmp_path / trainer_cls.__name__), max_steps=steps, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, logging_steps=1, learning_rate=1e-2, seed=3, report_to=[],
+                     packing=padding_free, padding_free=padding_free, use_cpu=True, save_strategy="no", max_length=64,
+                     dataloader_num_workers=0, disable_tqdm=True)
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    trainer.train()
+    keys = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
+    return [{k: h[k] for k in keys} for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_the_sync_free_trainer_trains_and_logs_like_trls(tiny_model, tmp_path, padding_free):
+    from trl import SFTTrainer
+
+    from kubetune.trainer.sft import sft_trainer_class
+
+    ours = _run(sft_trainer_class(), tiny_model, tmp_path, padding_free)
+    theirs = _run(SFTTrainer, tiny_model, tmp_path, padding_free)
+    assert len(ours) == len(theirs) == 4
+    for step, (a, b) in enumerate(zip(ours, theirs), 1):
+        assert a["num_tokens"] == b["num_tokens"] > 0, step
+        for k in ("loss", "entropy", "mean_token_accuracy"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (step, k)
+    assert ours[-1]["loss"] < ours[0]["loss"]  # it trained
+
+
+def test_other_loss_paths_stay_trls(tiny_model, tmp_path):
+    """A custom loss function (or label smoothing, DFT, MoE aux loss) is TRL's business."""
+    from kubetune.trainer.sft import sft_trainer_class
+
+    cls = sft_trainer_class()
+    trainer = cls.__new__(cls)
+    trainer.compute_loss_func, trainer.label_smoother, trainer.aux_loss_enabled = None, None, False
+
+    class Args:
+        loss_type = "nll"
+
+    class Acc:
+        parallelism_config = None
+
+    trainer.args, trainer.accelerator = Args(), Acc()
+    assert trainer._plain_loss_path(return_outputs=False)
+    assert not trainer._plain_loss_path(return_outputs=True)
+    Args.loss_type = "dft"
+    assert not trainer._plain_loss_path(return_outputs=False)
+    Args.loss_type = "nll"
+    trainer.compute_loss_func = lambda *a, **k: None
+    assert not trainer._plain_loss_path(return_outputs=False)

@@ -1,0 +1,88 @@
+"""TRL's SFTTrainer without a host sync per micro-batch.
+
+Why: TRL 1.16's `compute_loss` reads four numbers back to the host after every
+micro-batch (`num_valid > 0`, the entropy and token-accuracy `.item()`s, and the
+token count's `.item()`). Each one makes the host wait until the GPU has run the
+whole forward; the GPU then idles while the host launches the backward, and the
+lead the host had built up in the forward is lost. On an 8B QLoRA step the host
+is barely faster than the GPU (bench/RESULTS.md, the FP8 profile: 967 ms of host
+time in a 1.05 s step), so that lead is what keeps the GPU busy.
+
+This subclass computes the same loss on TRL's default path (the fused LM head,
+`loss_type: nll`, no custom loss function, label smoothing, MoE aux loss or
+sequence parallelism: everything else goes to TRL's own method) and keeps the
+metrics as device tensors until a step logs, when they are read in one transfer.
+tests/unit/test_sft.py trains the same steps with TRL's class and this one and
+compares the losses and logged metrics, so a TRL release that changes the
+default path fails there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def sft_trainer_class():
+    import torch
+    from trl import SFTTrainer
+
+    class SyncFreeSFTTrainer(SFTTrainer):
+        _pending_tokens = 0  # int, or a 0-d device tensor when several processes count
+
+        def _plain_loss_path(self, return_outputs: bool) -> bool:
+            pc = getattr(self.accelerator, "parallelism_config", None)
+            sequence_parallel = pc is not None and getattr(pc, "sp_enabled", False)
+            return not (return_outputs or self.compute_loss_func is not None or self.label_smoother is not None
+                        or self.args.loss_type != "nll" or self.aux_loss_enabled or sequence_parallel)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self._plain_loss_path(return_outputs):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+            gather = self.accelerator.gather_for_metrics
+            num_valid = gather(outputs.label_mask.sum()).sum()
+            entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+            num_correct = gather(outputs.is_top1.sum()).sum()
+            # x / max(n, 1) is TRL's "x / n if n > 0 else 0": x is 0 whenever n is.
+            denominator = num_valid.clamp(min=1)
+            self._metrics[mode]["entropy"].append((entropy_sum / denominator).float())
+            self._metrics[mode]["mean_token_accuracy"].append((num_correct / denominator).float())
+            if mode == "train":
+                self._count_tokens(inputs)
+            return loss
+
+        def _count_tokens(self, inputs) -> None:
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                local = inputs["position_ids"].size(1)  # a host number: padding-free rows
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+            if self.accelerator.num_processes > 1:
+                local = self.accelerator.gather_for_metrics(torch.as_tensor(local, device=self.accelerator.device)).sum()
+            self._pending_tokens = self._pending_tokens + local
+
+        def log(self, logs, start_time=None):
+            mode = "train" if self.model.training else "eval"
+            metrics = self._metrics[mode]
+            keys = [k for k, v in metrics.items() if v and isinstance(v[0], torch.Tensor)]
+            if keys:  # every pending device number in one transfer
+                flat = torch.cat([torch.stack(metrics[k]).reshape(-1) for k in keys]).tolist()
+                for k in keys:
+                    n = len(metrics[k])
+                    metrics[k], flat = flat[:n], flat[n:]
+            pending, self._pending_tokens = self._pending_tokens, 0
+            self._total_train_tokens += int(pending) // self._tp_size
+            metrics["num_tokens"] = [self._total_train_tokens]
+            super().log(logs, start_time)
+
+    return SyncFreeSFTTrainer
