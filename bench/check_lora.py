@@ -3,6 +3,12 @@
 under bf16 autocast, as the trainer runs it (dropout 0, so both sides compute
 the same function). Fresh random inputs every run.
 
+Then the LoRA-dropout kernels (trainer/lora_dropout.py) at the 8B shape
+(16k tokens x 4096, rank 16, bf16): their products against PyTorch over the
+mask they draw, the mask's keep rate, and the time of one projection's LoRA
+dropout work (forward, input gradient and A gradient) against the dropped-copy
+path it replaces (CUDA events, median of 20).
+
 python3 bench/check_lora.py   (exit status 1 when a check fails)
 """
 
@@ -76,8 +82,61 @@ def main() -> int:
         ok &= good
         print(f"fused LoRA {kind:5s} {'OK ' if good else 'BAD'} seed {seed} fused {n} " +
               " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    ok &= check_dropout()
     print("LORA CHECK", "PASSED" if ok else "FAILED", flush=True)
     return 0 if ok else 1
+
+
+def _median_ms(fn, n=20):
+    times = []
+    for _ in range(n + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times[3:])[n // 2]
+
+
+def check_dropout() -> bool:
+    from kubetune.trainer import lora_dropout as ld
+
+    m, k, r, p = 16384, 4096, 16, 0.05
+    seed = random.randrange(1 << 30)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    a = (torch.randn(r, k, device="cuda") / 64).to(torch.bfloat16)
+    dxa = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+    dx0 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    keep = ld.keep_mask(seed, m, k, p, "cuda")
+    xd = x.float() * keep / (1 - p)
+    errs = {
+        "keep_rate": abs(keep.float().mean().item() - (1 - p)),
+        "xa": rel(ld.lora_a_forward(x, a, seed, p), xd @ a.float().t()),
+        "dA": rel(ld.a_grad(dxa, x, seed, p), dxa.float().t() @ xd),
+    }
+    dx = dx0.clone()
+    ld.add_input_grad(dx, dxa, a, seed, p)
+    errs["dx"] = rel(dx, dx0.float() + (dxa.float() @ a.float()) * keep / (1 - p))
+    good = errs["keep_rate"] < 1e-3 and all(v < 1e-2 for n, v in errs.items() if n != "keep_rate")
+
+    def dropped_copy():
+        xd_, mask = torch.ops.aten.native_dropout(x, p, True)
+        xd_ @ a.t()
+        dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1 / (1 - p)))
+        dxa.t() @ xd_
+
+    def in_kernels():
+        ld.lora_a_forward(x, a, seed, p)
+        ld.add_input_grad(dx, dxa, a, seed, p)
+        ld.a_grad(dxa, x, seed, p)
+
+    t_old, t_new = _median_ms(dropped_copy), _median_ms(in_kernels)
+    print(f"LoRA dropout kernels {'OK ' if good else 'BAD'} seed {seed} " +
+          " ".join(f"{n}={v:.1e}" for n, v in errs.items()) +
+          f" | one projection, forward + backward: dropped copy {t_old:.3f} ms, in the kernels {t_new:.3f} ms",
+          flush=True)
+    return good
 
 
 if __name__ == "__main__":

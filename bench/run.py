@@ -126,6 +126,9 @@ VARIANTS = {
     # the same case on the code before a change (--before-site: that code's install target,
     # put first on the case's PYTHONPATH), for before/after figures in one invocation
     "before": {},
+    # the same case without the trainer's background reading of its libraries and model
+    # (KUBETUNE_PREFETCH=0), for time-to-first-step figures on a cold page cache
+    "noprefetch": {},
 }
 
 
@@ -144,6 +147,16 @@ def gpu_busy_us(events) -> float:
             busy += b - end
             end = b
     return busy
+
+
+def drop_page_cache() -> bool:
+    """Write dirty pages, then drop the page cache (Linux, root); False where refused."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def variant_fields(variant: str) -> dict:
@@ -198,6 +211,12 @@ def trainer_config(case: str, model_dir: str, data: str, out: str, steps: int, b
 # ---------------------------------------------------------------- one case (child process)
 
 def run_case(args) -> dict:
+    try:  # as `kubetune train` does, before the heavy imports (the @before code may predate it)
+        from kubetune.trainer import prefetch
+    except ImportError:
+        prefetch = None
+    if prefetch is not None:
+        prefetch.start(json.loads(args.config_json)["baseModel"]["uri"])
     import torch
     import trl
     from transformers import TrainerCallback
@@ -665,6 +684,9 @@ def main() -> int:
     ap.add_argument("--fresh-triton-cache", action="store_true",
                     help="each case gets an empty TRITON_CACHE_DIR of its own (its first step compiles every kernel, "
                          "as on a fresh pod)")
+    ap.add_argument("--cold-cache", action="store_true",
+                    help="empty the machine's page cache before each case (needs root): its imports and model load "
+                         "read from the disk, as on a fresh node; the record says whether it was emptied")
     ap.add_argument("--label", default="", help="free text stored with the results (what changed)")
     ap.add_argument("--logs", default="", help="folder for each case's full output")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model with a 1k vocabulary (harness smoke test)")
@@ -763,6 +785,9 @@ def main() -> int:
             if not args.before_site:
                 ap.error("the @before variant needs --before-site")
             env["PYTHONPATH"] = os.pathsep.join([args.before_site] + [x for x in [env.get("PYTHONPATH")] if x])
+        if variant == "noprefetch":
+            env["KUBETUNE_PREFETCH"] = "0"
+        cold = drop_page_cache() if args.cold_cache else None
         if args.fresh_triton_cache:  # this case compiles every Triton kernel itself (a fresh pod's first step)
             shutil.rmtree(work / f"triton-{slug}", ignore_errors=True)
             env["TRITON_CACHE_DIR"] = str(work / f"triton-{slug}")
@@ -798,6 +823,8 @@ def main() -> int:
         ranks = [json.loads(f.read_text()) for f in rank_files]
         r = ranks[0]
         r["launch"] = " ".join(cmd[3:cmd.index(__file__)]) if args.launch == "accelerate" else "in-process"
+        if cold is not None:
+            r["cold_cache"] = cold  # page cache emptied before this case (False: refused)
         r["peak_gib_train_per_rank"] = [x["peak_gib_train"] for x in ranks]
         r["tokens_per_s_per_rank"] = [x["tokens_per_s"] for x in ranks]
         r["config"] = cfg

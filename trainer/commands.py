@@ -112,10 +112,14 @@ def validate(
 
 def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
     """LoRA/QLoRA fine-tuning; resumes from the newest complete checkpoint; exits 143 after SIGTERM."""
+    from kubetune.trainer import prefetch
+
+    cfg = _load(config)
+    prefetch.start(cfg.base_model.uri)  # before torch: its files are read while it imports
+
     from kubetune.trainer.termination import write_message
     from kubetune.trainer.train import run_train
 
-    cfg = _load(config)
     result = run_stage("train", lambda: run_train(cfg))
 
     if not result.is_main:

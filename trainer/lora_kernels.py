@@ -6,8 +6,9 @@ add are three full passes over every projection's output in the forward
 (twice with gradient checkpointing) and more in the backward, about a quarter
 of the step time in a profile. Here the LoRA product is accumulated into the
 base output by the matrix multiply itself (addmm with beta=1) and the backward
-adds its input gradient the same way; dropout is one fused kernel with a
-one-byte mask.
+adds its input gradient the same way; dropout happens inside the adapter's
+own products (`lora_dropout`), or, where those kernels do not apply, is one
+fused kernel with a one-byte mask.
 
 The frozen base weight is used in the compute dtype (a bitsandbytes 4-bit
 weight is dequantised in the forward and again in the backward, as
@@ -21,7 +22,7 @@ torch (and bitsandbytes, for 4-bit weights) are imported when first called.
 
 from __future__ import annotations
 
-from kubetune.trainer import fp8
+from kubetune.trainer import fp8, lora_dropout
 
 
 def dense_weight(base, dtype):
@@ -80,9 +81,17 @@ def _lora_linear_fn():
                 y = x2 @ w.t()
             if getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
-            xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
             a, b = lora_a.to(cdt), lora_b.to(cdt)
-            xa = xd @ a.t()
+            ctx.seed = None
+            if p > 0 and lora_dropout.usable(x2, a.shape[0]):
+                # The mask lives in the kernels (`lora_dropout`); x itself is saved (the siblings'
+                # input, alive anyway), not a dropped copy.
+                ctx.seed = lora_dropout.new_seed()
+                xd, mask = x2, None
+                xa = lora_dropout.lora_a_forward(x2, a, ctx.seed, p)
+            else:
+                xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
+                xa = xd @ a.t()
             y.addmm_(xa, b.t(), alpha=scaling)
             ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
             ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p, ctx.fp8 = base, scaling, cdt, shape, p, use_fp8
@@ -99,11 +108,16 @@ def _lora_linear_fn():
             if ctx.needs_input_grad[2]:
                 d_b = (dy2.t() @ xa).mul_(s).to(lora_b.dtype)
             if ctx.needs_input_grad[1]:
-                d_a = (dxa.t() @ xd).to(lora_a.dtype)
+                if ctx.seed is not None:  # xd is x: the kernel drops it again with the same seed
+                    d_a = lora_dropout.a_grad(dxa, xd, ctx.seed, ctx.p).to(lora_a.dtype)
+                else:
+                    d_a = (dxa.t() @ xd).to(lora_a.dtype)
             if ctx.needs_input_grad[0]:
                 w = dense_weight(ctx.base, cdt)
                 dx = fp8.linear_input_grad(dy2, w, cdt, w_amax=frozen_amax(ctx.base, w)) if ctx.fp8 else dy2 @ w
-                if mask is None:
+                if ctx.seed is not None:
+                    lora_dropout.add_input_grad(dx, dxa, a, ctx.seed, ctx.p)
+                elif mask is None:
                     dx.addmm_(dxa, a)
                 else:
                     dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1.0 / (1.0 - ctx.p)))

@@ -1,0 +1,152 @@
+"""The LoRA-dropout kernels (trainer/lora_dropout.py), run by Triton's
+interpreter on the CPU: the same Triton programs the GPU compiles, against plain
+PyTorch arithmetic over the mask they draw. The interpreter must be chosen
+before Triton is imported, so the checks run in a child process
+(`python tests/unit/test_lora_dropout.py`, TRITON_INTERPRET=1) and each test
+here names one check. bench/check_lora.py runs the same comparisons on a GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECKS = ("mask_law", "forward", "backward", "lora_linear", "recompute")
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_lora_dropout_kernels(check):
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, __file__, check], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"ok {check}" in done.stdout
+
+
+# ---------------------------------------------------------------- the checks (child process)
+
+def _inputs(m=70, k=96, r=8, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=g), torch.randn(r, k, generator=g) / 4
+
+
+def check_mask_law():
+    from kubetune.trainer import lora_dropout as ld
+
+    p = 0.1
+    mask = ld.keep_mask(7, 200, 256, p, "cpu")
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p)) < 0.01, kept  # 51,200 draws: 4.5 standard deviations
+    assert (ld.keep_mask(7, 200, 256, p, "cpu") == mask).all()  # same seed, same mask
+    other = ld.keep_mask(8, 200, 256, p, "cpu")
+    assert (other != mask).float().mean().item() > 0.1  # another seed, another mask
+    rows, cols = mask.float().mean(dim=1), mask.float().mean(dim=0)
+    assert rows.min() > 0.75 and cols.min() > 0.75  # no row or column dropped as a block
+
+
+def check_forward():
+    from kubetune.trainer import lora_dropout as ld
+
+    x, a = _inputs()
+    p, seed = 0.2, 1234
+    keep = ld.keep_mask(seed, *x.shape, p, "cpu")
+    ref = (x * keep / (1 - p)) @ a.t()
+    got = ld.lora_a_forward(x, a, seed, p)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() < 1e-4, (got - ref).abs().max().item()
+
+
+def check_backward():
+    import torch
+
+    from kubetune.trainer import lora_dropout as ld
+
+    x, a = _inputs(m=150, k=80, r=5)
+    p, seed = 0.3, 99
+    keep = ld.keep_mask(seed, *x.shape, p, "cpu")
+    dxa = torch.randn(150, 5, generator=torch.Generator().manual_seed(3))
+    dx0 = torch.randn(150, 80)
+    dx = dx0.clone()
+    ld.add_input_grad(dx, dxa, a, seed, p)
+    ref_dx = dx0 + (dxa @ a) * keep / (1 - p)
+    assert (dx - ref_dx).abs().max().item() < 1e-4
+    ref_da = dxa.t() @ (x * keep / (1 - p))
+    for splits in (0, 1, 2, 7):  # uneven splits of the rows sum to the same
+        got = ld.a_grad(dxa, x, seed, p, splits=splits)
+        assert (got - ref_da).abs().max().item() < 1e-3, splits
+
+
+def _lora_layer(seed=0):
+    import torch
+
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(96, 48)
+    base.requires_grad_(False)
+    a = (torch.randn(8, 96) / 8).requires_grad_()
+    b = (torch.randn(48, 8) / 8).requires_grad_()
+    return base, a, b
+
+
+def check_lora_linear():
+    """The fused node with the kernels = PEFT's formula over the same mask."""
+    import torch
+
+    from kubetune.trainer import lora_dropout as ld
+    from kubetune.trainer import lora_kernels
+
+    base, a, b = _lora_layer()
+    p, s = 0.25, 2.0
+    x = torch.randn(3, 40, 96, requires_grad=True)
+    seeds = []
+    real = ld.new_seed
+    ld.new_seed = lambda: seeds.append(real()) or seeds[-1]
+    y = lora_kernels.lora_linear(x, a, b, base, s, p)
+    assert len(seeds) == 1, "the kernel path must be taken"
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    keep = ld.keep_mask(seeds[0], 120, 96, p, "cpu").reshape(3, 40, 96)
+    x.grad = a.grad = b.grad = None
+    ref = base(x) + ((x * keep / (1 - p)) @ a.t() @ b.t()) * s
+    ref.backward(dy)
+    for g, r in zip(got, (ref.detach(), x.grad, a.grad, b.grad)):
+        assert (g - r).abs().max().item() < 1e-4 * max(1.0, r.abs().max().item())
+
+
+def check_recompute():
+    """Under gradient checkpointing the recomputed forward draws the same mask:
+    the gradients equal those of the run without checkpointing."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from kubetune.trainer import lora_kernels
+
+    base, a, b = _lora_layer()
+    x = torch.randn(2, 33, 96)
+
+    def layer(t):
+        return lora_kernels.lora_linear(t, a, b, base, 2.0, 0.5).tanh()
+
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        xi = x.clone().requires_grad_()
+        y = checkpoint(layer, xi, use_reentrant=False) if ckpt else layer(xi)
+        y.pow(2).sum().backward()
+        out[ckpt] = (y.detach(), xi.grad, a.grad.clone(), b.grad.clone())
+        a.grad = b.grad = None
+    for g, r in zip(out[True], out[False]):
+        assert torch.equal(g, r)
+    torch.manual_seed(6)  # and another seed really drops other elements
+    assert not torch.equal(layer(x), out[False][0])
+
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    globals()[f"check_{name}"]()
+    print(f"ok {name}")
