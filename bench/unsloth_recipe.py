@@ -36,6 +36,16 @@ from pathlib import Path
 T_PROCESS = time.time()
 
 
+def matmul_params(model_dir: str | Path) -> float:
+    """The N of the 4·N FLOPs convention for the model in model_dir (every projection of
+    every layer, plus the output head), read from its config.json: the same count as
+    run.matmul_params, so that Unsloth's MFU and the cases' use one N for any shape."""
+    c = json.loads(Path(model_dir, "config.json").read_text())
+    h, ffn, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = h // c["num_attention_heads"] * c.get("num_key_value_heads", c["num_attention_heads"])
+    return float(layers * (h * (2 * h + 2 * kv) + 3 * h * ffn) + h * c["vocab_size"])
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True)
@@ -165,6 +175,7 @@ def main() -> int:
     rates = [toks[i] / (ends[i] - ends[i - 1]) for i in steady]
     sec = [ends[i] - ends[i - 1] for i in steady]
     tps = statistics.median(rates)
+    n_matmul = matmul_params(args.model_dir)  # this model's shape (the 8B's 7.5e9 was fixed before)
 
     import importlib.metadata as md
 
@@ -203,7 +214,8 @@ def main() -> int:
         "sec_per_step_median": round(statistics.median(sec), 4),
         "tokens_per_s": round(tps),
         "tokens_per_s_min_max": [round(min(rates)), round(max(rates))],
-        "mfu_4N_vs_989TF": round(4 * 7.5e9 * tps / 989e12, 3),
+        "mfu_4N_vs_989TF": round(4 * n_matmul * tps / 989e12, 3),
+        "model_matmul_params": n_matmul,
         "peak_gib_load": round(load_peak / 2**30, 2),
         "after_load_gib": round(after_load / 2**30, 2),
         "peak_gib_train": round(clock.peak_train / 2**30, 2),

@@ -328,3 +328,18 @@ def test_references_regenerate_the_model_where_the_disk_holds_one_copy(tmp_path)
     assert not first.exists() and run.model_changes(fp, again, mtimes=False) == []
     with pytest.raises(RuntimeError, match="differs"):  # a maker that writes another model is refused
         run.regenerate_model(tmp_path / "none", tmp_path / "other", fp, lambda d: synthetic.make_model(d, tiny=True))
+
+
+def test_unsloth_mfu_counts_the_model_it_trained(tmp_path):
+    """Unsloth's MFU uses the N of the model in its folder (it was fixed at the 8B's 7.5e9:
+    a 70B run read 0.035 instead of 0.329), the same count as the cases' MFU."""
+    import types
+
+    run = _bench_module("run")
+    recipe = _bench_module("unsloth_recipe")
+    synthetic = _bench_module("synthetic")
+    for shape in ("8b", "70b"):
+        cfg = synthetic.SHAPES[shape]
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        assert recipe.matmul_params(tmp_path) == run.matmul_params(types.SimpleNamespace(**cfg))
+    assert recipe.matmul_params(tmp_path) == 69501714432.0  # the 70B record's model_matmul_params
