@@ -6,6 +6,8 @@
 2. Products: fp8 `linear` / `linear_input_grad` against the fp32 product,
    relative error, on the Llama-3-8B projection shapes; beside it the error
    of bf16 and the error NF4 rounding of the weight alone causes (QLoRA's).
+   And `quantize_nf4` (a bitsandbytes NF4 weight straight to e4m3) against
+   dequantising then casting: the same codes, and the time of each.
 3. Timing (CUDA events, median of 10): bf16 `x @ w.t()` against the fp8 path
    including its quantisation, and the split: row quantisation, weight
    quantisation, the scaled product alone.
@@ -55,10 +57,34 @@ def check_kernels(failures: list) -> dict:
     w_off = float((wg.cpu().float() != wc.float()).float().mean())
     out = {"row_scale_max_rel_diff": scale_err, "row_codes_differing": codes_off,
            "row_codes_max_steps_apart": int(steps.max()), "weight_codes_differing": w_off,
-           "weight_scale_equal": bool(torch.equal(wsg.cpu(), wsc))}
-    if scale_err > 1e-6 or codes_off > 1e-3 or int(steps.max()) > 1 or w_off > 1e-3 or not out["weight_scale_equal"]:
+           "weight_scale_equal": bool(torch.equal(wsg.cpu(), wsc)),
+           # rows 1000..1007: the padding up to the grid of 16, written by the row kernel itself
+           "padding_rows_zero_scale_one": bool((qg[1000:].float() == 0).all() and (sg[1000:] == 1).all())}
+    out.update(check_nf4())
+    if (scale_err > 1e-6 or codes_off > 1e-3 or int(steps.max()) > 1 or w_off > 1e-3 or not out["weight_scale_equal"]
+            or not out["padding_rows_zero_scale_one"] or not out["nf4_codes_equal"]):
         failures.append(f"kernels differ from the reference arithmetic: {out}")
     return out
+
+
+def check_nf4() -> dict:
+    """quantize_nf4 (NF4 straight to e4m3) against bitsandbytes' dequantisation then
+    quantize_tensor, on a gate/up-shaped weight with double quantisation: the same
+    codes, both orientations; and the time of each."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    w = (torch.randn(14336, 4096) / 64).to(torch.bfloat16)
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True).cuda()
+    dense = bnbf.dequantize_4bit(p.data, p.quant_state)
+    amax = fp8.weight_amax(dense)
+    equal = True
+    for transpose in (False, True):
+        ref, _ = fp8.quantize_tensor(dense, transpose=transpose, amax=amax)
+        equal &= bool(torch.equal(fp8.quantize_nf4(p, amax, transpose).view(torch.int8), ref.view(torch.int8)))
+    unfused = timed(lambda: fp8.quantize_tensor(bnbf.dequantize_4bit(p.data, p.quant_state), amax=amax))
+    fused = timed(lambda: fp8.quantize_nf4(p, amax))
+    return {"nf4_codes_equal": equal, "nf4_dequantise_then_cast_ms": unfused, "nf4_to_e4m3_ms": fused}
 
 
 def check_products(failures: list) -> dict:

@@ -109,15 +109,16 @@ def check_dropout() -> bool:
     dxa = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
     dx0 = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     keep = ld.keep_mask(seed, m, k, p, "cuda")
-    xd = x.float() * keep / (1 - p)
+    scale = ld.threshold_and_scale(p)[1]
+    xd = x.float() * keep * scale
     errs = {
-        "keep_rate": abs(keep.float().mean().item() - (1 - p)),
+        "keep_rate": abs(keep.float().mean().item() - 1 / scale),
         "xa": rel(ld.lora_a_forward(x, a, seed, p), xd @ a.float().t()),
         "dA": rel(ld.a_grad(dxa, x, seed, p), dxa.float().t() @ xd),
     }
     dx = dx0.clone()
     ld.add_input_grad(dx, dxa, a, seed, p)
-    errs["dx"] = rel(dx, dx0.float() + (dxa.float() @ a.float()) * keep / (1 - p))
+    errs["dx"] = rel(dx, dx0.float() + (dxa.float() @ a.float()) * keep * scale)
     good = errs["keep_rate"] < 1e-3 and all(v < 1e-2 for n, v in errs.items() if n != "keep_rate")
 
     def dropped_copy():

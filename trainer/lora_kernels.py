@@ -36,19 +36,30 @@ def dense_weight(base, dtype):
     return w.to(dtype)
 
 
-def frozen_amax(base, w):
-    """max |W| of a frozen base weight, computed once: the FP8 weight scale of
-    every forward, recompute and backward after the first (one reduction over
-    the whole dequantised weight per call saved, 18 ms of a 1.05 s 8B step).
-    Keyed on the stored weight's address and version counter, so an in-place
-    change of the weight is seen."""
+def frozen_scale(base, cdt):
+    """The FP8 scale of a frozen base weight (`fp8.WeightScale`), made once: every
+    forward, recompute and backward after the first skips a reduction over the
+    whole dequantised weight (18 ms of a 1.05 s 8B step) and the scale's small
+    launches. Keyed on the stored weight's address and version counter, so an
+    in-place change of the weight is seen."""
     stored = base.weight
     key = (stored.data_ptr(), stored._version)
-    cached = getattr(base, "_kubetune_fp8_amax", None)
+    cached = getattr(base, "_kubetune_fp8_scale", None)
     if cached is None or cached[0] != key:
-        cached = (key, fp8.weight_amax(w))
-        base._kubetune_fp8_amax = cached
+        cached = (key, fp8.WeightScale.of(dense_weight(base, cdt)))
+        base._kubetune_fp8_scale = cached
     return cached[1]
+
+
+def fp8_weight(base, cdt, transpose: bool = False):
+    """(the frozen weight, or its transpose, as contiguous e4m3; its WeightScale).
+    A bitsandbytes NF4 weight goes to e4m3 in one kernel (`fp8.quantize_nf4`),
+    without the bf16 copy in between."""
+    scale = frozen_scale(base, cdt)
+    if fp8.nf4_fits(base.weight):
+        return fp8.quantize_nf4(base.weight, scale.amax, transpose), scale
+    q, _ = fp8.quantize_tensor(dense_weight(base, cdt), transpose=transpose, amax=scale.amax)
+    return q, scale
 
 
 def _fp8_rows(x, x2, share):
@@ -74,11 +85,11 @@ def _lora_linear_fn():
             cdt = compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
-            w = dense_weight(base, cdt)
             if use_fp8:
-                y = fp8.linear(x2, w, cdt, w_amax=frozen_amax(base, w), x_rows=_fp8_rows(x, x2, share))
+                wq, scale = fp8_weight(base, cdt)
+                y = fp8.linear(x2, None, cdt, w_scale=scale, x_rows=_fp8_rows(x, x2, share), wq=wq)
             else:
-                y = x2 @ w.t()
+                y = x2 @ dense_weight(base, cdt).t()
             if getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
             a, b = lora_a.to(cdt), lora_b.to(cdt)
@@ -113,8 +124,11 @@ def _lora_linear_fn():
                 else:
                     d_a = (dxa.t() @ xd).to(lora_a.dtype)
             if ctx.needs_input_grad[0]:
-                w = dense_weight(ctx.base, cdt)
-                dx = fp8.linear_input_grad(dy2, w, cdt, w_amax=frozen_amax(ctx.base, w)) if ctx.fp8 else dy2 @ w
+                if ctx.fp8:
+                    wtq, scale = fp8_weight(ctx.base, cdt, transpose=True)
+                    dx = fp8.linear_input_grad(dy2, None, cdt, w_scale=scale, wtq=wtq)
+                else:
+                    dx = dy2 @ dense_weight(ctx.base, cdt)
                 if ctx.seed is not None:
                     lora_dropout.add_input_grad(dx, dxa, a, ctx.seed, ctx.p)
                 elif mask is None:
@@ -162,8 +176,8 @@ def _frozen_linear_fn():
             cdt = compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
-            w = dense_weight(base, cdt)
-            y = fp8.linear(x2, w, cdt, w_amax=frozen_amax(base, w), x_rows=_fp8_rows(x, x2, share))
+            wq, scale = fp8_weight(base, cdt)
+            y = fp8.linear(x2, None, cdt, w_scale=scale, x_rows=_fp8_rows(x, x2, share), wq=wq)
             if getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
             ctx.base, ctx.cdt, ctx.shape = base, cdt, shape
@@ -172,8 +186,8 @@ def _frozen_linear_fn():
         @staticmethod
         def backward(ctx, dy):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
-            w = dense_weight(ctx.base, ctx.cdt)
-            dx = fp8.linear_input_grad(dy2, w, ctx.cdt, w_amax=frozen_amax(ctx.base, w))
+            wtq, scale = fp8_weight(ctx.base, ctx.cdt, transpose=True)
+            dx = fp8.linear_input_grad(dy2, None, ctx.cdt, w_scale=scale, wtq=wtq)
             return dx.view(ctx.shape), None, None
 
     return FrozenLinearFn
