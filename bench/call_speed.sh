@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16 item 2, one device call: the GPU checks of the changed kernels (grouped-query
-# varlen attention without repeated heads, the LoRA-dropout kernels), then 8B QLoRA at seq
+# varlen attention without repeated heads, the LoRA-dropout kernels, the FP8 kernels), then 8B QLoRA at seq
 # 2048 on the code before the change (.bench/before/: a wheel of the commit before) and
 # after it, in one invocation, each with a profiled step and an empty Triton cache.
 # Run from the repository root on the GPU machine with .whl and .bench carried.
@@ -11,6 +11,7 @@ mkdir -p $OUT/logs
 if [ -z "$SKIP_CHECKS" ]; then
   python3 bench/check_attention.py --json $OUT/check_attention.json 2>&1 | tail -25
   python3 bench/check_lora.py 2>&1 | tail -8
+  (cd bench && python3 check_fp8.py --json $OUT/check_fp8.json 2>&1 | grep -v '^ ' | tail -5; grep -A8 '"kernels"' $OUT/check_fp8.json)
 fi
 cd /tmp && python3 $R/bench/run.py --model-shape 8b \
   --cases ${CASES:-qlora-instruct@before,qlora-instruct} ${UNSLOTH:+--unsloth $UNSLOTH} \
