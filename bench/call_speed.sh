@@ -8,11 +8,10 @@ R=$PWD
 source bench/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-before .bench/before/*.whl || exit 1
 mkdir -p $OUT/logs
-if [ -z "$SKIP_CHECKS" ]; then
-  python3 bench/check_attention.py --json $OUT/check_attention.json 2>&1 | tail -25
-  python3 bench/check_lora.py 2>&1 | tail -8
-  (cd bench && python3 check_fp8.py --json $OUT/check_fp8.json 2>&1 | grep -v '^ ' | tail -5; grep -A8 '"kernels"' $OUT/check_fp8.json)
-fi
+CHECKS=${CHECKS-attention lora fp8}
+case " $CHECKS " in *" attention "*) python3 bench/check_attention.py --json $OUT/check_attention.json 2>&1 | tail -25;; esac
+case " $CHECKS " in *" lora "*) python3 bench/check_lora.py 2>&1 | tail -8;; esac
+case " $CHECKS " in *" fp8 "*) (cd bench && python3 check_fp8.py --json $OUT/check_fp8.json 2>&1 | grep -v '^ ' | tail -5; grep -A12 '"kernels"' $OUT/check_fp8.json);; esac
 cd /tmp && python3 $R/bench/run.py --model-shape 8b \
   --cases ${CASES:-qlora-instruct@before,qlora-instruct} ${UNSLOTH:+--unsloth $UNSLOTH} \
   --before-site /tmp/site-before --fresh-triton-cache ${COLD:+--cold-cache} \

@@ -9,7 +9,7 @@ each import reads a few small files, or pages of a large shared library as
 they fault in: the disk sees one small request at a time. A few threads that
 read the same files whole, largest libraries first, keep many requests in
 flight, so the imports find their files in memory. Threads, not processes:
-reading releases the GIL, and nothing is imported twice. They run at a lower
+the calls release the GIL, and nothing is imported twice. They run at a lower
 CPU priority, stop after a deadline, and a failure only means a slower start.
 
 Imports nothing outside the standard library, so it can start before torch.
@@ -86,12 +86,18 @@ def model_files(model_dir: Optional[str]) -> list[Path]:
 
 
 class Prefetch:
-    """Background readers over a queue of files; `add` appends more."""
+    """Background readers over a queue of files; `add` appends more.
 
-    def __init__(self, threads: int = 8, deadline_s: float = 120.0, nice: int = 10):
+    Each file is first announced to the kernel with POSIX_FADV_WILLNEED, which
+    starts its readahead and costs next to nothing for pages already cached (a
+    warm node pays no copying); `read=True` also reads it whole, for filesystems
+    that ignore the advice."""
+
+    def __init__(self, threads: int = 8, deadline_s: float = 120.0, nice: int = 10, read: bool = False):
         self._q: "queue.Queue[Optional[Path]]" = queue.Queue()
         self._deadline = time.monotonic() + deadline_s
         self._nice = nice
+        self._read = read
         self.bytes_read = 0
         self.files_read = 0
         self._lock = threading.Lock()
@@ -125,10 +131,31 @@ class Prefetch:
             f = self._q.get()
             if f is None or time.monotonic() > self._deadline:
                 return
-            n = _read_whole(f, view)
+            n = _advise(f)
+            if self._read or n < 0:
+                n = _read_whole(f, view)
             with self._lock:
                 self.bytes_read += n
                 self.files_read += 1 if n else 0
+
+
+def _advise(path: Path) -> int:
+    """Ask the kernel to read the file ahead; its size, or -1 where the call is
+    not available (then the caller reads it)."""
+    if not hasattr(os, "posix_fadvise"):
+        return -1
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        return size
+    except OSError:
+        return -1
+    finally:
+        os.close(fd)
 
 
 def _read_whole(path: Path, view: memoryview) -> int:
@@ -160,7 +187,11 @@ def start(model_dir: Optional[str] = None, packages: Iterable[str] = PACKAGES, t
     if not wanted():
         return None
     p = Prefetch(threads=threads)
-    p.add(package_files(packages))
-    p.add(model_files(model_dir))
-    p.close()
+
+    def listing() -> None:  # walking the packages takes a while too: not on the main thread
+        p.add(package_files(packages))
+        p.add(model_files(model_dir))
+        p.close()
+
+    threading.Thread(target=listing, name="kubetune-prefetch-list", daemon=True).start()
     return p

@@ -34,7 +34,7 @@ def test_the_readers_read_every_byte_and_stop(tmp_path, monkeypatch):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"\3" * (9 << 20))  # more than one read chunk
     files = prefetch.package_files(["fakepkg"]) + prefetch.model_files(str(model))
-    p = prefetch.Prefetch(threads=3).add(files + [tmp_path / "vanished.so"])
+    p = prefetch.Prefetch(threads=3, read=True).add(files + [tmp_path / "vanished.so"])
     p.close()
     p.join(timeout=30)
     assert p.bytes_read == sum(f.stat().st_size for f in files)
@@ -55,3 +55,21 @@ def test_on_where_a_gpu_is_visible_unless_told(tmp_path):
     assert prefetch.wanted({}, str(gpu))
     assert not prefetch.wanted({"KUBETUNE_PREFETCH": "0"}, str(gpu))
     assert prefetch.wanted({"KUBETUNE_PREFETCH": "1"}, str(tmp_path / "absent"))
+
+
+def test_advice_alone_counts_the_bytes_it_announced(tmp_path):
+    f = tmp_path / "lib.so"
+    f.write_bytes(b"\4" * 12345)
+    p = prefetch.Prefetch(threads=1).add([f, tmp_path / "absent.so"])
+    p.close()
+    p.join(timeout=30)
+    assert p.bytes_read == 12345 and p.files_read == 1
+
+
+def test_start_lists_in_the_background_and_finishes(tmp_path, monkeypatch):
+    _fake_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("KUBETUNE_PREFETCH", "1")
+    p = prefetch.start(None, packages=["fakepkg"], threads=2)
+    p.join(timeout=30)
+    assert p.files_read == 4
