@@ -18,5 +18,5 @@ cd /tmp && python3 $R/bench/run.py --model-shape 8b \
   --steps ${STEPS:-24} --warmup 3 --timing events --log-every ${LOG_EVERY:-10} --profile-step ${PROFILE_STEP:-8} \
   --deadline-s ${DEADLINE:-540} --logs $OUT/logs --out $OUT --label "${LABEL:-issue 16 item 2}" "$@"
 rc=$?
-tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $OUT/logs
+tar czf $OUT/${LOGS_TGZ:-logs.tgz} -C $OUT logs && rm -rf $OUT/logs
 exit $rc
