@@ -7,7 +7,7 @@ Then the LoRA-dropout kernels (trainer/lora_dropout.py) at the 8B shape
 (16k tokens x 4096, rank 16, bf16): their products against PyTorch over the
 mask they draw, the mask's keep rate, and the time of one projection's LoRA
 dropout work (forward, input gradient and A gradient) against the dropped-copy
-path it replaces (CUDA events, median of 20).
+path it replaces (CUDA events, median of 20; check_attention's clock).
 
 python3 bench/check_lora.py   (exit status 1 when a check fails)
 """
@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from check_attention import time_fn  # CUDA-event median, the clock of the other checks
 from kubetune.trainer import fast_paths
 
 
@@ -87,18 +88,6 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def _median_ms(fn, n=20):
-    times = []
-    for _ in range(n + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times[3:])[n // 2]
-
-
 def check_dropout() -> bool:
     from kubetune.trainer import lora_dropout as ld
 
@@ -132,7 +121,7 @@ def check_dropout() -> bool:
         ld.add_input_grad(dx, dxa, a, seed, p)
         ld.a_grad(dxa, x, seed, p)
 
-    t_old, t_new = _median_ms(dropped_copy), _median_ms(in_kernels)
+    t_old, t_new = time_fn(dropped_copy, reps=20), time_fn(in_kernels, reps=20)
     print(f"LoRA dropout kernels {'OK ' if good else 'BAD'} seed {seed} " +
           " ".join(f"{n}={v:.1e}" for n, v in errs.items()) +
           f" | one projection, forward + backward: dropped copy {t_old:.3f} ms, in the kernels {t_new:.3f} ms",

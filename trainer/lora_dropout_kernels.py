@@ -31,6 +31,15 @@ def keep_tile(seed, rows, k0, KG, threshold, BM: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
+def dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM: tl.constexpr, BK: tl.constexpr):
+    """x[rows, k0:k0+BK] * keep * scale in x's dtype (zero outside the matrix)."""
+    cols = k0 + tl.arange(0, BK)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
+    return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
 def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """out (M, R) = (x * keep * scale) @ a^T, for x (M, K), a (R, K)."""
@@ -39,10 +48,7 @@ def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K),
-                    other=0.0)
-        keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
-        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
                     other=0.0)
         acc += tl.dot(xd, a)
@@ -82,10 +88,7 @@ def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, row
     start = split * rows_per_split
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
-        x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K),
-                    other=0.0)
-        keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
-        xd = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
+        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK)
         dxa_t = tl.load(dxa_ptr + rows[None, :] * R + ranks[:, None], mask=(rows[None, :] < M) & (ranks[:, None] < R),
                         other=0.0)
         acc += tl.dot(dxa_t, xd)
