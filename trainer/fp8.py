@@ -88,34 +88,37 @@ def _triton_kernels():
         tl.store(q_ptr + r * C + c, q.to(tl.float8e4nv), mask=m)
 
     @triton.jit
-    def nf4_cast_kernel(data_ptr, nf4_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset, amax_ptr, q_ptr,
-                        N, K, BLOCKSIZE, BLOCKSIZE2, NESTED: tl.constexpr, TRANSPOSE: tl.constexpr,
-                        ROUND_TO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        # One bitsandbytes NF4 weight (N, K) straight to e4m3, or its transpose (K, N):
-        # w = nf4[code] * absmax[block], rounded to the weight's dtype as bitsandbytes'
-        # dequantisation does (so the codes equal those of dequantise-then-cast), then
-        # scaled and cast; 1.5 bytes of traffic per element instead of 5.5.
+    def nf4_cast_kernel(data_ptr, nf4_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, amax_ptr, q_ptr,
+                        N, K, BLOCKSIZE2, NESTED: tl.constexpr, TRANSPOSE: tl.constexpr,
+                        ROUND_TO: tl.constexpr, BN: tl.constexpr):
+        # One bitsandbytes NF4 weight (N, K) straight to e4m3, or its transpose (K, N). A
+        # program takes BN rows x one 64-element quantisation block: 32 bytes a row (the high
+        # nibble is the even element), one block scale a row (double quantisation: itself an
+        # 8-bit code), w = nf4[code] * scale rounded to the weight's dtype as bitsandbytes'
+        # dequantisation does (so the codes equal dequantise-then-cast), then scaled and cast:
+        # 1.5 bytes of traffic per element instead of 5.5.
         n = tl.program_id(0) * BN + tl.arange(0, BN)
-        k = tl.program_id(1) * BK + tl.arange(0, BK)
-        inside = (n[:, None] < N) & (k[None, :] < K)
-        idx = n[:, None] * K + k[None, :]
-        byte = tl.load(data_ptr + idx // 2, mask=inside, other=0)
-        code = tl.where(idx % 2 == 0, byte >> 4, byte & 15).to(tl.int32)
-        v = tl.load(nf4_ptr + code, mask=inside, other=0.0)
-        block = idx // BLOCKSIZE
-        if NESTED:  # double quantisation: the block scales are themselves 8-bit codes
-            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32), mask=inside,
-                         other=0.0)
-            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0) + offset
+        k0 = tl.program_id(1) * 64
+        j = tl.arange(0, 32)
+        rows_in = n < N
+        first = n * K + k0  # flat index of each row's first element of the block
+        byte = tl.load(data_ptr + first[:, None] // 2 + j[None, :], mask=rows_in[:, None], other=0)
+        hi = tl.load(nf4_ptr + (byte >> 4).to(tl.int32))
+        lo = tl.load(nf4_ptr + (byte & 15).to(tl.int32))
+        block = first // 64
+        if NESTED:
+            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=rows_in, other=0).to(tl.int32))
+            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=rows_in, other=0.0) + tl.load(offset_ptr)
         else:
-            am = tl.load(absmax_ptr + block, mask=inside, other=0.0)
-        w = (v * am).to(ROUND_TO).to(tl.float32)
+            am = tl.load(absmax_ptr + block, mask=rows_in, other=0.0)
+        w = (tl.interleave(hi, lo) * am[:, None]).to(ROUND_TO).to(tl.float32)
         amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
         q = tl.clamp(w * (448.0 / amax), -448.0, 448.0).to(tl.float8e4nv)
+        k = k0 + tl.arange(0, 64)
         if TRANSPOSE:
-            tl.store(q_ptr + k[None, :] * N + n[:, None], q, mask=inside)
+            tl.store(q_ptr + k[:, None] * N + n[None, :], tl.trans(q), mask=rows_in[None, :])
         else:
-            tl.store(q_ptr + idx, q, mask=inside)
+            tl.store(q_ptr + n[:, None] * K + k[None, :], q, mask=rows_in[:, None])
 
     return triton, rows_kernel, scaled_cast_kernel, nf4_cast_kernel
 
@@ -199,32 +202,49 @@ def quantize_tensor(w, transpose: bool = False, amax=None):
 
 
 def nf4_fits(weight) -> bool:
-    """A bitsandbytes NF4 weight on a GPU that `quantize_nf4` reads directly."""
+    """A bitsandbytes NF4 weight on a GPU that `quantize_nf4` reads directly:
+    quantisation blocks of 64 that tile its rows."""
     qs = getattr(weight, "quant_state", None)
-    return (qs is not None and weight.is_cuda and getattr(qs, "quant_type", None) == "nf4"
-            and qs.shape is not None and len(qs.shape) == 2 and qs.shape[0] * qs.shape[1] < 2**31)
+    return (qs is not None and weight.is_cuda and getattr(qs, "quant_type", None) == "nf4" and qs.blocksize == 64
+            and qs.shape is not None and len(qs.shape) == 2 and qs.shape[1] % 64 == 0
+            and qs.shape[0] * qs.shape[1] < 2**31)
 
 
-def quantize_nf4(weight, amax, transpose: bool = False):
-    """A bitsandbytes NF4 weight (N, K), or its transpose, as a contiguous e4m3
-    matrix with the scale of `amax`: the same codes as `quantize_tensor` of its
-    dequantised weight, in one pass over the 4-bit data."""
+def _nf4_args(weight) -> tuple:
+    """The kernel's arguments read off the weight's quant state once (its offset stays a
+    device tensor: reading it as a number would wait for the GPU on every product)."""
+    cached = getattr(weight, "_kubetune_nf4_args", None)
+    if cached is not None and cached[0] is weight.quant_state:
+        return cached[1]
     import torch
     import triton.language as tl
 
-    triton, _, _, kernel = _triton_kernels()
     qs = weight.quant_state
-    n, k = qs.shape
     nested = bool(getattr(qs, "nested", False))
-    absmax2 = qs.state2.absmax if nested else qs.absmax
-    code2 = qs.state2.code if nested else qs.code
-    q = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=weight.device)
+    if nested:
+        second = (qs.state2.code, qs.state2.absmax, torch.as_tensor(qs.offset, dtype=torch.float32,
+                                                                    device=weight.device).reshape(1),
+                  qs.state2.blocksize)
+    else:
+        second = (qs.code, qs.absmax, qs.absmax, 1)  # unused by the kernel
     round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(qs.dtype, tl.float32)
-    bn, bk = 64, 64
-    kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-        weight.data, qs.code, qs.absmax, code2, absmax2, float(qs.offset) if nested else 0.0, amax, q, n, k,
-        qs.blocksize, qs.state2.blocksize if nested else 1, NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to,
-        BN=bn, BK=bk, num_warps=4)
+    args = (weight.data, qs.code, qs.absmax, *second, qs.shape[0], qs.shape[1], nested, round_to)
+    weight._kubetune_nf4_args = (qs, args)
+    return args
+
+
+def quantize_nf4(weight, amax, transpose: bool = False):
+    """A bitsandbytes NF4 weight (N, K) (`nf4_fits`), or its transpose, as a
+    contiguous e4m3 matrix with the scale of `amax`: the same codes as
+    `quantize_tensor` of its dequantised weight, in one pass over the 4-bit data."""
+    import torch
+
+    triton, _, _, kernel = _triton_kernels()
+    data, code, absmax, code2, absmax2, offset, bs2, n, k, nested, round_to = _nf4_args(weight)
+    q = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=data.device)
+    bn = 64
+    kernel[(triton.cdiv(n, bn), k // 64)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
+                                          NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=bn, num_warps=4)
     return q
 
 
