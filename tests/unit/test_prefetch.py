@@ -48,13 +48,14 @@ def test_model_files_only_for_a_local_folder(tmp_path):
     assert prefetch.model_files(None) == []
 
 
-def test_on_where_a_gpu_is_visible_unless_told(tmp_path):
+def test_off_unless_asked_for_and_then_only_where_a_gpu_is_visible(tmp_path):
     gpu = tmp_path / "nvidiactl"
-    assert not prefetch.wanted({}, str(gpu))
     gpu.write_text("")
-    assert prefetch.wanted({}, str(gpu))
+    assert not prefetch.wanted({}, str(gpu))  # not shown to pay: off by default
     assert not prefetch.wanted({"KUBETUNE_PREFETCH": "0"}, str(gpu))
-    assert prefetch.wanted({"KUBETUNE_PREFETCH": "1"}, str(tmp_path / "absent"))
+    assert prefetch.wanted({"KUBETUNE_PREFETCH": "1"}, str(gpu))
+    assert not prefetch.wanted({"KUBETUNE_PREFETCH": "1"}, str(tmp_path / "absent"))
+    assert prefetch.wanted({"KUBETUNE_PREFETCH": "force"}, str(tmp_path / "absent"))
 
 
 def test_advice_alone_counts_the_bytes_it_announced(tmp_path):
@@ -69,7 +70,7 @@ def test_advice_alone_counts_the_bytes_it_announced(tmp_path):
 def test_start_lists_in_the_background_and_finishes(tmp_path, monkeypatch):
     _fake_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("KUBETUNE_PREFETCH", "1")
+    monkeypatch.setenv("KUBETUNE_PREFETCH", "force")
     p = prefetch.start(None, packages=["fakepkg"], threads=2)
     p.join(timeout=30)
     assert p.files_read == 4
