@@ -85,7 +85,9 @@ def step(kube: "Kube", job: FineTuneJob, status: dict[str, Any], rev: str, decis
     dep = kube.get("apps/v1", "Deployment", ns, names.canary(job.metadata.name))
     pods = kube.list_pods(ns, selector_labels(job, serving.CANARY_STAGE)) if dep else []
     outcome = deployment_outcome(dep, pods, settings.serving_max_restarts)
-    line = {"revision": rev, "weight": c.weight}
+    # readySince is always written (None clears it): status is merge-patched, and a new revision's
+    # record would otherwise keep the last revision's readySince and be promoted on its first pass.
+    line = {"revision": rev, "weight": c.weight, "readySince": None}
     if outcome.state == "failed":
         _remove(kube, job)
         kube.ensure(serving.http_route(job))  # every request to the serving revision again
