@@ -502,24 +502,12 @@ def test_a_shared_server_rolling_for_a_neighbour_keeps_serving_this_jobs_adapter
                                                              updated=0), [], 5).state == "running"
 
 
-def _merge_patch(target, patch):
-    """RFC 7386, as the API server applies a status merge patch (None deletes)."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merge_patch(out.get(k), v)
-    return out
-
-
 def test_a_new_revisions_canary_record_keeps_nothing_of_the_last_ones():
     """status.canary is merge-patched: the first record of a new revision's canary must clear the
     readySince of the revision before, or the next pass counts the new canary healthy since then and
     promotes it without its durationSeconds (seen as an intermittent failure on the control plane)."""
     from kubetune.operator import canary, lifecycle
+    from tests.gitops.record import merge_patch  # RFC 7386, as the API server applies the status patch
 
     j = ftj(canary={"gateway": {"name": "public", "sectionName": "https"}, "weight": 20, "durationSeconds": 60})
 
@@ -544,6 +532,6 @@ def test_a_new_revisions_canary_record_keeps_nothing_of_the_last_ones():
     decision = lifecycle.Decision("Deploying", "serving", [("Deployed", "False", "Deploying", "")], current="serve")
     decision, may_act = canary.step(Kube(), j, status, "rev3", decision, SETTINGS, True, lambda *a: None)
     assert not may_act
-    record = _merge_patch(status, {"canary": decision.status["canary"]})["canary"]
+    record = merge_patch(status, {"canary": decision.status["canary"]})["canary"]
     assert record["revision"] == "rev3" and record["state"] == "Starting"
     assert "readySince" not in record
