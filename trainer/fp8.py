@@ -180,14 +180,12 @@ class WeightScale:
         return cls(weight_amax(w), w.shape[0], w.shape[1])
 
 
-def quantize_tensor(w, transpose: bool = False, amax=None):
-    """(q, scale): w (or w^T with transpose=True) as a contiguous e4m3 matrix
-    and one fp32 scale, w ~= q.float() * scale. The amax stays on the device
-    (no host sync); a frozen weight's caller passes the one it computed once."""
+def cast_weight(w, amax, transpose: bool = False):
+    """w (or w^T with transpose=True) as a contiguous e4m3 matrix scaled by
+    `amax` (448 / amax), the amax on the device (no host sync)."""
     import torch
 
     src = w.t() if transpose else w
-    amax = weight_amax(w) if amax is None else amax
     if w.is_cuda:
         _, _, cast_kernel, _ = _triton_kernels()
         r, c = src.shape
@@ -195,10 +193,18 @@ def quantize_tensor(w, transpose: bool = False, amax=None):
         br, bc = 32, 128
         cast_kernel[(-(-r // br), -(-c // bc))](src, q, amax, r, c, src.stride(0), src.stride(1), BR=br, BC=bc,
                                                 num_warps=4)
-        return q, amax.clamp_min(1e-12) / E4M3_MAX
+        return q
     amax = amax.clamp_min(1e-12)
-    q = (src.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
-    return q, amax / E4M3_MAX
+    return (src.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
+
+
+def quantize_tensor(w, transpose: bool = False, amax=None):
+    """(q, scale): w (or w^T with transpose=True) as a contiguous e4m3 matrix
+    and one fp32 scale, w ~= q.float() * scale. The amax stays on the device
+    (no host sync); a caller holding it passes it (`cast_weight` when the scale
+    is kept elsewhere, as `WeightScale` does)."""
+    amax = weight_amax(w) if amax is None else amax
+    return cast_weight(w, amax, transpose), amax.clamp_min(1e-12) / E4M3_MAX
 
 
 def nf4_fits(weight) -> bool:
@@ -266,7 +272,7 @@ def linear(x2, w, out_dtype, w_scale: "WeightScale | None" = None, x_rows=None, 
     ws = WeightScale.of(w) if w_scale is None else w_scale
     xq, xs = quantize_rows(x2) if x_rows is None else x_rows
     if wq is None:
-        wq, _ = quantize_tensor(w, amax=ws.amax)
+        wq = cast_weight(w, ws.amax)
     y = _mm(xq, xs, wq.t(), ws.out_row, out_dtype)
     return y[:m]
 
@@ -279,7 +285,7 @@ def linear_input_grad(dy2, w, out_dtype, w_scale: "WeightScale | None" = None, w
     ws = WeightScale.of(w) if w_scale is None else w_scale
     gq, gs = quantize_rows(dy2)
     if wtq is None:
-        wtq, _ = quantize_tensor(w, transpose=True, amax=ws.amax)  # (K, N) contiguous: w column-major
+        wtq = cast_weight(w, ws.amax, transpose=True)  # (K, N) contiguous: w column-major
     dx = _mm(gq, gs, wtq.t(), ws.in_row, out_dtype)
     return dx[:m]
 
@@ -308,10 +314,10 @@ class SharedRows:
         return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x._version)
 
     def rows(self, x, x2, role):
-        hit = self._ref is not None and self._key == self._key_of(x)
-        rows = self._rows if hit else quantize_rows(x2)
+        key = self._key_of(x)
+        rows = self._rows if self._ref is not None and self._key == key else quantize_rows(x2)
         if role == OPEN:
-            self._ref, self._key, self._rows = x, self._key_of(x), rows
+            self._ref, self._key, self._rows = x, key, rows
         elif role == CLOSE:
             self.clear()
         return rows

@@ -58,8 +58,7 @@ def fp8_weight(base, cdt, transpose: bool = False):
     scale = frozen_scale(base, cdt)
     if fp8.nf4_fits(base.weight):
         return fp8.quantize_nf4(base.weight, scale.amax, transpose), scale
-    q, _ = fp8.quantize_tensor(dense_weight(base, cdt), transpose=transpose, amax=scale.amax)
-    return q, scale
+    return fp8.cast_weight(dense_weight(base, cdt), scale.amax, transpose), scale
 
 
 def _fp8_rows(x, x2, share):

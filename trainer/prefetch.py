@@ -7,10 +7,11 @@ not the CPU: about 20 s of imports on a cold cache against 13 s on a warm one
 (bench/RESULTS.md, 8B on one H200). Python imports one module at a time, and
 each import reads a few small files, or pages of a large shared library as
 they fault in: the disk sees one small request at a time. A few threads that
-read the same files whole, largest libraries first, keep many requests in
-flight, so the imports find their files in memory. Threads, not processes:
-the calls release the GIL, and nothing is imported twice. They run at a lower
-CPU priority, stop after a deadline, and a failure only means a slower start.
+announce the same files to the kernel (POSIX_FADV_WILLNEED), largest libraries
+first, keep many requests in flight, so the imports find their files in memory.
+Threads, not processes: the calls release the GIL, and nothing is imported
+twice. They run at a lower CPU priority, stop after a deadline, and a failure
+only means a slower start. Off unless asked for (`wanted`).
 
 Imports nothing outside the standard library, so it can start before torch.
 """
@@ -88,16 +89,14 @@ def model_files(model_dir: Optional[str]) -> list[Path]:
 class Prefetch:
     """Background readers over a queue of files; `add` appends more.
 
-    Each file is first announced to the kernel with POSIX_FADV_WILLNEED, which
-    starts its readahead and costs next to nothing for pages already cached (a
-    warm node pays no copying); `read=True` also reads it whole, for filesystems
-    that ignore the advice."""
+    Each file is announced to the kernel with POSIX_FADV_WILLNEED, which starts
+    its readahead and costs next to nothing for pages already cached (a warm node
+    pays no copying); where the call is missing, the reader reads it whole."""
 
-    def __init__(self, threads: int = 8, deadline_s: float = 120.0, nice: int = 10, read: bool = False):
+    def __init__(self, threads: int = 8, deadline_s: float = 120.0, nice: int = 10):
         self._q: "queue.Queue[Optional[Path]]" = queue.Queue()
         self._deadline = time.monotonic() + deadline_s
         self._nice = nice
-        self._read = read
         self.bytes_read = 0
         self.files_read = 0
         self._lock = threading.Lock()
@@ -132,7 +131,7 @@ class Prefetch:
             if f is None or time.monotonic() > self._deadline:
                 return
             n = _advise(f)
-            if self._read or n < 0:
+            if n < 0:
                 n = _read_whole(f, view)
             with self._lock:
                 self.bytes_read += n
