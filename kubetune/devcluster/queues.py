@@ -181,6 +181,19 @@ class Queues:
         self.create(cluster_queue(name, flavor, gpus, **kwargs))
         return name
 
+    def set_gpu_quota(self, cluster_queue_name: str, gpus: int) -> None:
+        """Change a ClusterQueue's nominal GPU quota (every flavor), as an admin raising a team's quota."""
+        cq = self.get("ClusterQueue", cluster_queue_name)
+        groups = cq["spec"]["resourceGroups"]
+        for group in groups:
+            for flavor in group["flavors"]:
+                for quota in flavor["resources"]:
+                    if quota["name"] == GPU:
+                        quota["nominalQuota"] = str(gpus)
+        # A merge patch replaces the whole list, which is what is wanted here.
+        self._custom.patch_cluster_custom_object(GROUP, VERSION, "clusterqueues", cluster_queue_name,
+                                                 {"spec": {"resourceGroups": groups}})
+
     def local_queue(self, namespace: str, cluster_queue_name: str, name: str = "queue") -> str:
         self.create(local_queue(name, namespace, cluster_queue_name))
         return name

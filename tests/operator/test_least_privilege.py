@@ -9,7 +9,7 @@ that sees every API request it makes, and
   job's namespace, nor in the operator's log.
 
 The run covers what the operator does to a job: a queued job (Kueue running:
-the LocalQueue pre-flight) with S3 credentials and a serving API key from
+the LocalQueue pre-flight; no quota at first, so it reads the Workload to say why it waits) with S3 credentials and a serving API key from
 Secrets, from validation to serving; a recipe edit, whose new revision
 replaces the old one's children (the operator deletes those); and deletion
 with `output.deleteOnJobDeletion` (the cleanup Job, kopf's finalizer). It runs
@@ -229,7 +229,10 @@ def recorded(cluster, crd, kueue, gateway_api, operator_kubeconfig, tmp_path_fac
     queues = Queues(cluster.api_client())
     proc = None
     try:
-        queues.local_queue(namespace, queues.cluster_queue(queues.resource_flavor("lp"), gpus=8))
+        # No GPU quota at first: the job waits in Kueue, and the operator reads its Workload to say why
+        # (the Workload list); the quota is raised once the job says so.
+        cq = queues.cluster_queue(queues.resource_flavor("lp"), gpus=0)
+        queues.local_queue(namespace, cq)
         api = Api(cluster, namespace)
         # Distinctive values, and the operator only ever gets the Secrets' names.
         canary = [f"kubetune-canary-{uuid.uuid4().hex}" for _ in range(3)]
@@ -250,6 +253,10 @@ def recorded(cluster, crd, kueue, gateway_api, operator_kubeconfig, tmp_path_fac
                      "canary": {"gateway": {"name": "public"}, "weight": 10, "durationSeconds": 0}},
             output={"uri": "s3://artifacts/lp/", "deleteOnJobDeletion": True},
         ))
+        wait_for("lp waiting for Kueue quota", lambda: api.status("lp").get("phase") == "Queued" and any(
+            c["type"] == "Trained" and c.get("message", "").startswith("Kueue: ")
+            for c in api.status("lp").get("conditions") or []), timeout=60, interval=0.3)
+        queues.set_gpu_quota(cq, 8)
         api.wait_phase("lp", "Serving", timeout=180)
         first = api.rev("lp")
         # A recipe edit: a new revision, whose children replace the first one's once it serves.
