@@ -129,6 +129,9 @@ VARIANTS = {
     # the same case with the trainer's background reading of its libraries and model
     # (KUBETUNE_PREFETCH=1; off by default), for time-to-first-step figures on a cold page cache
     "prefetch": {},
+    # the same case with PyTorch's expandable allocator segments (PYTORCH_CUDA_ALLOC_CONF), for what
+    # the allocator reserves beyond what is allocated
+    "expandable": {},
 }
 
 
@@ -787,6 +790,8 @@ def main() -> int:
             env["PYTHONPATH"] = os.pathsep.join([args.before_site] + [x for x in [env.get("PYTHONPATH")] if x])
         if variant == "prefetch":
             env["KUBETUNE_PREFETCH"] = "1"
+        if variant == "expandable":
+            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         cold = drop_page_cache() if args.cold_cache else None
         if args.fresh_triton_cache:  # this case compiles every Triton kernel itself (a fresh pod's first step)
             shutil.rmtree(work / f"triton-{slug}", ignore_errors=True)
