@@ -11,6 +11,7 @@ mkdir -p $OUT/logs
 CHECKS=${CHECKS-attention lora fp8}
 case " $CHECKS " in *" attention "*) python3 bench/check_attention.py --json $OUT/check_attention.json 2>&1 | tail -25;; esac
 case " $CHECKS " in *" lora "*) python3 bench/check_lora.py 2>&1 | tail -8;; esac
+case " $CHECKS " in *" lmhead "*) (cd bench && python3 check_lm_head.py --json $OUT/check_lm_head.json 2>&1 | tail -30);; esac
 case " $CHECKS " in *" fp8 "*) (cd bench && python3 check_fp8.py --json $OUT/check_fp8.json 2>&1 | grep -v '^ ' | tail -5; grep -A12 '"kernels"' $OUT/check_fp8.json);; esac
 cd /tmp && python3 $R/bench/run.py --model-shape 8b \
   --cases ${CASES:-qlora-instruct@before,qlora-instruct} ${UNSLOTH:+--unsloth $UNSLOTH} \

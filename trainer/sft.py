@@ -27,6 +27,8 @@ def sft_trainer_class():
     import torch
     from trl import SFTTrainer
 
+    from kubetune.trainer import lm_head
+
     class SyncFreeSFTTrainer(SFTTrainer):
         _pending_tokens = 0  # int, or a 0-d device tensor when several processes count
 
@@ -42,7 +44,8 @@ def sft_trainer_class():
                                             num_items_in_batch=num_items_in_batch)
             mode = "train" if self.model.training else "eval"
             inputs["use_cache"] = False
-            outputs = model(**inputs, fused_lm_head=True)
+            with lm_head.one_pass():  # the head's gradient made in its forward: two vocabulary passes, not three
+                outputs = model(**inputs, fused_lm_head=True)
             num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
