@@ -68,6 +68,8 @@ def _function():
             ones = torch.ones((n_tokens,), device=device, dtype=torch.float32)
             # As many tile elements as TRL's [TOKEN_CHUNK_SIZE x chunk_size], over the whole vocabulary.
             chunk = max(1, min(n_tokens, trl.TOKEN_CHUNK_SIZE * chunk_size // vocab))
+            if chunk > 128:
+                chunk -= chunk % 128  # whole tiles of the tensor-core products (1,046 -> 1,024 at 128k)
             buf = torch.empty((chunk, vocab), device=device, dtype=compute_dtype)
             triton = trl._use_triton(device)
             for s in range(0, n_tokens, chunk):
