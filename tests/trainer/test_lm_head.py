@@ -90,8 +90,11 @@ def test_one_pass_is_in_place_only_within_its_block():
     assert utils._ChunkedLogProbFunction is theirs
 
 
-def test_a_model_forward_through_trls_fused_head_uses_it(tiny_model):
+def test_a_model_forward_through_trls_fused_head_uses_it(tiny_model, monkeypatch):
     """Through the real path: TRL's add_fused_lm_head on a model, as SFTTrainer sets it up."""
+    chosen = []
+    fits = lm_head._fits
+    monkeypatch.setattr(lm_head, "_fits", lambda *a: chosen.append(fits(*a)) or chosen[-1])
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
@@ -111,6 +114,7 @@ def test_a_model_forward_through_trls_fused_head_uses_it(tiny_model):
         loss.backward()
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert chosen == [True]  # the one-pass head ran, once, in the second forward only
     torch.testing.assert_close(losses[1], losses[0])
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
