@@ -44,7 +44,7 @@ def main() -> int:
         return lp.detach().float(), ent.detach().float(), top1, x.grad.float()
 
     exact = run(Theirs, torch.float32, h.float())
-    results = {}
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": n}
     for name, fn in (("trl", Theirs), ("one_pass", ours)):
         lp, ent, top1, grad = run(fn, torch.bfloat16, h)
         results[name] = {
