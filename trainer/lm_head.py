@@ -71,20 +71,20 @@ def _function():
             if chunk > 128:
                 chunk -= chunk % 128  # whole tiles of the tensor-core products (1,046 -> 1,024 at 128k)
             buf = torch.empty((chunk, vocab), device=device, dtype=compute_dtype)
-            triton = trl._use_triton(device)
+            triton = trl._use_triton(device)  # else TRL's torch versions of its kernels (a CPU)
+            blocks = (vocab + trl._BLOCK_SIZE - 1) // trl._BLOCK_SIZE
             for s in range(0, n_tokens, chunk):
                 e = min(s + chunk, n_tokens)
                 n = e - s
                 tile = buf[:n]
                 torch.mm(hidden[s:e].to(compute_dtype), w.t(), out=tile)
                 fold = trl._forward_kernel[(n,)] if triton else trl._forward_tile
+                unfold = trl._backward_kernel[(n, blocks)] if triton else trl._backward_tile
                 fold(tile, tile.stride(0), targets[s:e], running_max[s:e], sum_exp[s:e], x_sum_exp[s:e], sq_sum_exp[s:e],
                      z_sum[s:e], max_before_target[s:e], target_logit[s:e], 0, vocab, BLOCK_SIZE=trl._BLOCK_SIZE,
                      **flags, **kernel_args)
                 log_z = running_max[s:e] + torch.log(sum_exp[s:e])
                 # The tile becomes d log p(target) / d logits (a gradient of one per token), in place.
-                unfold = trl._backward_kernel[(n, (vocab + trl._BLOCK_SIZE - 1) // trl._BLOCK_SIZE)] if triton else \
-                    trl._backward_tile
                 unfold(tile, tile.stride(0), targets[s:e], log_z, log_z, ones[s:e], ones[s:e], 0, vocab,
                        HAS_LOGPROB_GRAD=True, HAS_ENTROPY_GRAD=False, BLOCK_SIZE=trl._BLOCK_SIZE, **kernel_args)
                 # One product over the whole vocabulary: accumulated in fp32 inside it, rounded once.
