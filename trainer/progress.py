@@ -57,6 +57,8 @@ class ProgressReporter:
         self.rate = RateMeter()
         self.last: dict[str, Any] = {}
         self._tb = None
+        self._tb_missing = False
+        self._tb_purge_step: Optional[int] = None
         self._bar = None
         self._task = None
 
@@ -64,13 +66,9 @@ class ProgressReporter:
     def start(self, step: int, total: int, tokens: int = 0) -> None:
         self.rate = RateMeter(start_step=step, start_tokens=tokens)
         self.last = {"step": step, "totalSteps": total}
-        if self.tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.tensorboard_dir), purge_step=step or None)
-            except ImportError:
-                self._tb = None
+        # The TensorBoard writer is made at the first record, not here: its import (about a
+        # second) would otherwise delay the first optimizer step.
+        self._tb_purge_step = step or None
         if self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -109,13 +107,24 @@ class ProgressReporter:
         p["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in p.items() if v is not None}) + "\n")
-        if self._tb is not None:
+        if self._writer() is not None:
             for key in ("loss", "evalLoss", "learningRate", "tokensPerSecond"):
                 if p.get(key) is not None:
                     self._tb.add_scalar(f"train/{key}" if key != "evalLoss" else "eval/loss", p[key], step)
         self.last.update({k: v for k, v in p.items() if v is not None and k != "time"})
         self._show()
         return p
+
+    def _writer(self):
+        """The TensorBoard writer (None without a directory or without tensorboard installed)."""
+        if self._tb is None and self.tensorboard_dir is not None and not self._tb_missing:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.tensorboard_dir), purge_step=self._tb_purge_step)
+            except ImportError:
+                self._tb_missing = True
+        return self._tb
 
     def step(self, step: int, total: int) -> None:
         self.last.update(step=step, totalSteps=total)
