@@ -308,21 +308,27 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
 
     # Before the adapter exists: LoRA's A matrices are drawn from the global RNG, and training.seed
     # promises the same initial adapter (and so the same run) every time. The data is read and
-    # tokenized on a thread while the model loads (reading and quantising mostly release the GIL;
-    # the data's shuffle has its own seeded generator), so the start pays the longer of the two.
+    # tokenized, and turned into the Trainer's datasets, on a thread while the model loads (reading
+    # and quantising mostly release the GIL; the data's shuffle has its own seeded generator), so
+    # the start pays the longer of the two.
     set_seed(cfg.training.seed)
+
+    def read_data():
+        data = prepare(cfg, tokenizer, data_file)
+        if not data.ok:
+            return data, None, None
+        return data, to_hf_dataset(data.train), to_hf_dataset(data.validation) if data.validation else None
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-data") as pool:
-        pending = pool.submit(prepare, cfg, tokenizer, data_file)
+        pending = pool.submit(read_data)
         model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
-        data = pending.result()
+        data, train_ds, eval_ds = pending.result()
     if not data.ok:
         raise TrainingError(f"dataset {cfg.dataset.uri}: {data.problem()} (run validate)")
 
     if stop.agreed():  # SIGTERM while downloading or loading: nothing trained, nothing to save
         print("stopped on SIGTERM before training started", flush=True)
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
-    train_ds = to_hf_dataset(data.train)
-    eval_ds = to_hf_dataset(data.validation) if data.validation else None
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
     uncheckpointed = 0
     if cuda:
