@@ -28,7 +28,7 @@ def main() -> int:
     args = ap.parse_args()
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction as Theirs
 
-    ours = lm_head._cached()
+    ours = lm_head.one_pass_function()
     g = torch.Generator(device="cuda").manual_seed(0)
     n, hidden, vocab = args.tokens, 4096, 128256
     h = (torch.randn(n, hidden, device="cuda", generator=g) * 1.5).to(torch.bfloat16)

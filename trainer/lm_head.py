@@ -29,6 +29,7 @@ raises instead of being dropped.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 
 def _trl():
@@ -41,7 +42,9 @@ def _fits(hidden, weight, bias) -> bool:
     return hidden.requires_grad and not weight.requires_grad and bias is None
 
 
-def _function():
+@functools.lru_cache(maxsize=1)
+def one_pass_function():
+    """The autograd function (made once, on first use: it imports torch and TRL)."""
     import torch
 
     trl = _trl()
@@ -131,18 +134,9 @@ def one_pass():
     import trl.trainer.utils as utils
 
     theirs = utils._ChunkedLogProbFunction
-    utils._ChunkedLogProbFunction = _Dispatch(theirs, _cached())
+    utils._ChunkedLogProbFunction = _Dispatch(theirs, one_pass_function())
     try:
         yield
     finally:
         utils._ChunkedLogProbFunction = theirs
 
-
-_made = None
-
-
-def _cached():
-    global _made
-    if _made is None:
-        _made = _function()
-    return _made

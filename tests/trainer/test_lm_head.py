@@ -42,7 +42,7 @@ def test_one_pass_matches_trls_fused_head(monkeypatch, temperature, softcap, log
     h, w, targets, row_weights = _inputs(0)
     theirs, their_grad = _run(chunked_logprob.ChunkedLogProbFunction, h, w, targets, row_weights,
                               temperature, softcap, logit_scale, chunk=8)
-    ours, our_grad = _run(lm_head._cached(), h, w, targets, row_weights, temperature, softcap, logit_scale, chunk=8)
+    ours, our_grad = _run(lm_head.one_pass_function(), h, w, targets, row_weights, temperature, softcap, logit_scale, chunk=8)
     for name, a, b in zip(OUTPUTS, ours, theirs):
         if name == "is_top1":
             assert torch.equal(a, b)
@@ -55,7 +55,7 @@ def test_one_pass_matches_trls_fused_head(monkeypatch, temperature, softcap, log
 def test_a_gradient_through_the_entropy_is_refused_not_dropped():
     h, w, targets, _ = _inputs(1)
     h.requires_grad_(True)
-    logprobs, entropy, *_ = lm_head._cached().apply(h, w, None, targets, 1.0, 8, None, 1.0, ("entropy",))
+    logprobs, entropy, *_ = lm_head.one_pass_function().apply(h, w, None, targets, 1.0, 8, None, 1.0, ("entropy",))
     with pytest.raises(RuntimeError, match="entropy"):
         (logprobs.sum() + entropy.sum()).backward()
 
