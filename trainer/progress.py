@@ -107,10 +107,11 @@ class ProgressReporter:
         p["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in p.items() if v is not None}) + "\n")
-        if self._writer() is not None:
+        tb = self._writer()
+        if tb is not None:
             for key in ("loss", "evalLoss", "learningRate", "tokensPerSecond"):
                 if p.get(key) is not None:
-                    self._tb.add_scalar(f"train/{key}" if key != "evalLoss" else "eval/loss", p[key], step)
+                    tb.add_scalar(f"train/{key}" if key != "evalLoss" else "eval/loss", p[key], step)
         self.last.update({k: v for k, v in p.items() if v is not None and k != "time"})
         self._show()
         return p
