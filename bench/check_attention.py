@@ -158,6 +158,14 @@ def lognormal_lengths(total, rng, median=250, cap=2000):
     return out
 
 
+def report(results: dict, path) -> None:
+    """Print a check's results as JSON, and write them to `path` (--json) when given."""
+    print(json.dumps(results, indent=1), flush=True)
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
 def time_fn(fn, reps=10):
     for _ in range(3):
         fn()

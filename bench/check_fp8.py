@@ -19,11 +19,11 @@ Exits non-zero when a check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
+from check_attention import report as write_report
 from check_attention import time_fn as timed  # CUDA-event median, same clock as the attention check
 from kubetune.trainer import fp8
 
@@ -151,10 +151,7 @@ def main() -> int:
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": TOKENS,
               "kernels": check_kernels(failures), "products": check_products(failures), "timing": timing()}
     report["failures"] = failures
-    print(json.dumps(report, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_report(report, args.json)
     return 1 if failures else 0
 
 

@@ -12,12 +12,11 @@ python3 bench/check_lm_head.py [--json FILE]   (exit status 1 when a check fails
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
-from check_attention import time_fn
+from check_attention import report, time_fn
 from kubetune.trainer import lm_head
 
 
@@ -59,10 +58,7 @@ def main() -> int:
     results["ok"] = ok
     results["speedup"] = round(results["trl"]["ms_forward_backward"] / results["one_pass"]["ms_forward_backward"], 3)
     results["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(results, indent=1))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    report(results, args.json)
     return 0 if ok else 1
 
 
