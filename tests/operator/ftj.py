@@ -98,6 +98,16 @@ class Api:
 
         return wait_for(f"{name} phase in {phases}", check, timeout=timeout, interval=0.3)
 
+    def wait_queued(self, name: str, text: str, timeout: float = 60) -> dict:
+        """The job's status once it is Queued with `text` in its Trained condition's message
+        (Kueue's reason for waiting)."""
+        def check():
+            status = self.status(name)
+            trained = next((c for c in status.get("conditions") or [] if c["type"] == "Trained"), {})
+            return status if status.get("phase") == "Queued" and text in trained.get("message", "") else None
+
+        return wait_for(f"{name} queued with {text!r}", check, timeout=timeout, interval=0.3)
+
     def job(self, name: str) -> dict:
         return self.raw(self.batch.read_namespaced_job, name, self.ns)
 

@@ -45,7 +45,7 @@ from kubetune.operator.api import FineTuneJob
 from kubetune.operator.api.adapterserver import AdapterServerSpec
 from kubetune.operator.settings import OperatorSettings
 
-from .ftj import GROUP, PLURAL, Api, body
+from .ftj import GROUP, PLURAL, Api, body, condition
 
 KUBETUNE = Path(sys.executable).with_name("kubetune")
 
@@ -253,9 +253,8 @@ def recorded(cluster, crd, kueue, gateway_api, operator_kubeconfig, tmp_path_fac
                      "canary": {"gateway": {"name": "public"}, "weight": 10, "durationSeconds": 0}},
             output={"uri": "s3://artifacts/lp/", "deleteOnJobDeletion": True},
         ))
-        wait_for("lp waiting for Kueue quota", lambda: api.status("lp").get("phase") == "Queued" and any(
-            c["type"] == "Trained" and c.get("message", "").startswith("Kueue: ")
-            for c in api.status("lp").get("conditions") or []), timeout=60, interval=0.3)
+        queued = api.wait_queued("lp", "Kueue: ")
+        assert condition(queued, "Trained")["message"].startswith("Kueue: ")
         queues.set_gpu_quota(cq, 8)
         api.wait_phase("lp", "Serving", timeout=180)
         first = api.rev("lp")

@@ -8,15 +8,6 @@ from kubetune.devcluster.cluster import wait_for
 from .ftj import KWOK_DURATION, Api, body, condition, fleet
 
 
-def queued_message(api: Api, name: str, text: str) -> dict:
-    def check():
-        status = api.status(name)
-        trained = next((c for c in status.get("conditions") or [] if c["type"] == "Trained"), {})
-        return status if status.get("phase") == "Queued" and text in trained.get("message", "") else None
-
-    return wait_for(f"{name} queued with {text!r}", check, timeout=60, interval=0.3)
-
-
 def train_pods(api: Api, name: str) -> list[dict]:
     return api.pods(f"kubetune.io/job={name},kubetune.io/stage=train")
 
@@ -35,7 +26,7 @@ def test_beyond_quota_waits_with_kueues_reason_and_a_gang_is_admitted_whole(
     api.wait_phase("first", "Training", timeout=60)
     # 2 nodes x 4 GPUs = 8, while 4 of the 8 are held: Kueue admits none of its pods.
     api.create(body("gang", resources={"queueName": "team", "nodes": 2, "gpusPerNode": 4}, serving={"enabled": False}))
-    status = queued_message(api, "gang", "insufficient unused quota for nvidia.com/gpu")
+    status = api.wait_queued("gang", "insufficient unused quota for nvidia.com/gpu")
     assert condition(status, "Trained")["message"].startswith("Kueue: ")
     assert condition(status, "Reconciling")["status"] == "True"  # waiting is progress, not a failure
     assert train_pods(api, "gang") == []
