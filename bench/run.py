@@ -127,11 +127,16 @@ VARIANTS = {
     # put first on the case's PYTHONPATH), for before/after figures in one invocation
     "before": {},
     # the same case with the trainer's background reading of its libraries and model
-    # (KUBETUNE_PREFETCH=1; off by default), for time-to-first-step figures on a cold page cache
+    # (off by default), for time-to-first-step figures on a cold page cache
     "prefetch": {},
-    # the same case with PyTorch's expandable allocator segments (PYTORCH_CUDA_ALLOC_CONF), for what
-    # the allocator reserves beyond what is allocated
+    # the same case with PyTorch's expandable allocator segments, for what the allocator
+    # reserves beyond what is allocated
     "expandable": {},
+}
+# What a variant sets in its case's environment instead of the config.
+VARIANT_ENV = {
+    "prefetch": {"KUBETUNE_PREFETCH": "1"},
+    "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 }
 
 
@@ -413,8 +418,9 @@ def run_case(args) -> dict:
         "loss": {str(k): round(v, 4) for k, v in sorted(clock.losses.items())},
         "profile": marks.get("profile"),
         "performance": cfg.training.performance.model_dump(by_alias=True, exclude_none=True),
-        # the debugging overrides, if any were set around the bench (they win over the config)
-        "env": {k: v for k, v in os.environ.items() if k.startswith("KUBETUNE_")},
+        # the debugging overrides, if any were set around the bench (they win over the config), and the
+        # allocator settings (@expandable)
+        "env": {k: v for k, v in os.environ.items() if k.startswith("KUBETUNE_") or k == "PYTORCH_CUDA_ALLOC_CONF"},
     }
 
 
@@ -788,10 +794,7 @@ def main() -> int:
             if not args.before_site:
                 ap.error("the @before variant needs --before-site")
             env["PYTHONPATH"] = os.pathsep.join([args.before_site] + [x for x in [env.get("PYTHONPATH")] if x])
-        if variant == "prefetch":
-            env["KUBETUNE_PREFETCH"] = "1"
-        if variant == "expandable":
-            env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        env.update(VARIANT_ENV.get(variant, {}))
         cold = drop_page_cache() if args.cold_cache else None
         if args.fresh_triton_cache:  # this case compiles every Triton kernel itself (a fresh pod's first step)
             shutil.rmtree(work / f"triton-{slug}", ignore_errors=True)
