@@ -157,6 +157,22 @@ def gpu_busy_us(events) -> float:
     return busy
 
 
+def host_waits(events) -> list[str]:
+    """Each stream synchronisation of a profiled step, as the ops it ran in (innermost
+    first): where the host waited for the GPU, after which the GPU idles while the host
+    catches up."""
+    waits = []
+    for e in events:
+        if e.name != "cudaStreamSynchronize":
+            continue
+        chain, p = [], getattr(e, "cpu_parent", None)
+        while p is not None and len(chain) < 4:
+            chain.append(p.name)
+            p = p.cpu_parent
+        waits.append(" < ".join(chain) or "(no enclosing op)")
+    return waits
+
+
 def drop_page_cache() -> bool:
     """Write dirty pages, then drop the page cache (Linux, root); False where refused."""
     os.sync()
@@ -274,7 +290,7 @@ def run_case(args) -> dict:
             ka = self.prof.key_averages()
             busy_us = gpu_busy_us(self.prof.events())
             marks["profile"] = {"step": args_profile_step, "wall_s": round(wall, 4), "gpu_busy_s": round(busy_us / 1e6, 4),
-                                "gpu_idle_s": round(wall - busy_us / 1e6, 4)}
+                                "gpu_idle_s": round(wall - busy_us / 1e6, 4), "host_waits": host_waits(self.prof.events())}
             if args.profile_out:
                 Path(args.profile_out).write_text(
                     f"step {args_profile_step}: wall {wall:.4f}s, GPU busy {busy_us / 1e6:.4f}s (union of kernel intervals)\n\n"

@@ -12,9 +12,11 @@ This subclass computes the same loss on TRL's default path (the fused LM head,
 `loss_type: nll`, no custom loss function, label smoothing, MoE aux loss or
 sequence parallelism: everything else goes to TRL's own method) and keeps the
 metrics as device tensors until a step logs, when they are read in one transfer.
-tests/unit/test_sft.py trains the same steps with TRL's class and this one and
-compares the losses and logged metrics, so a TRL release that changes the
-default path fails there.
+The Trainer's own loop reads one more, its NaN/inf filter of each micro-batch's
+loss: the same filter runs on the device here (`training_step`).
+tests/trainer/test_sft_sync_free.py trains the same steps with TRL's class and this
+one and compares the losses, logged metrics and FLOP counts, so a TRL or
+transformers release that changes the default path fails there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,51 @@ def sft_trainer_class():
 
     class SyncFreeSFTTrainer(SFTTrainer):
         _pending_tokens = 0  # int, or a 0-d device tensor when several processes count
+        # While train() runs: the caller's `logging_nan_inf_filter`, applied on the device by
+        # training_step (the args' flag is off then, so the Trainer's loop does not test the loss
+        # on the host); None otherwise.
+        _nonfinite_filter = None
+        _flop_params = None  # the parameter count floating_point_ops multiplies by, counted once
+
+        def train(self, *args, **kwargs):
+            self._nonfinite_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self.args.logging_nan_inf_filter, self._nonfinite_filter = self._nonfinite_filter, None
+
+        def evaluation_loop(self, *args, **kwargs):
+            # Evaluation inside train() filters its losses as the caller asked.
+            if self._nonfinite_filter is None:
+                return super().evaluation_loop(*args, **kwargs)
+            self.args.logging_nan_inf_filter = self._nonfinite_filter
+            try:
+                return super().evaluation_loop(*args, **kwargs)
+            finally:
+                self.args.logging_nan_inf_filter = False
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            """The Trainer's NaN/inf filter, on the device. Its loop tests every micro-batch's
+            loss with `torch.isnan(loss) or torch.isinf(loss)`: a read to the host that waits
+            for the whole backward, after which the GPU idles while the host clips the gradients
+            and launches the optimizer step (about 30 ms of an 8B step, bench/RESULTS.md). The
+            same replacement without the wait: a non-finite loss counts as the mean of the
+            losses summed since the last log."""
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not self._nonfinite_filter:
+                return loss
+            mean = self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+            return torch.where(torch.isfinite(loss), loss, mean.to(loss.dtype))
+
+        def floating_point_ops(self, inputs):
+            # The Trainer counts the model's parameters after every micro-batch, a walk over
+            # every module and parameter (thousands with LoRA): host time in each step.
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if self._flop_params is None:
+                self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._flop_params
 
         def _plain_loss_path(self, return_outputs: bool) -> bool:
             pc = getattr(self.accelerator, "parallelism_config", None)

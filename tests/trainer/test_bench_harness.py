@@ -343,3 +343,15 @@ def test_unsloth_mfu_counts_the_model_it_trained(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         assert recipe.matmul_params(tmp_path) == run.matmul_params(types.SimpleNamespace(**cfg))
     assert recipe.matmul_params(tmp_path) == 69501714432.0  # the 70B record's model_matmul_params
+
+
+def test_host_waits_name_the_ops_each_sync_ran_in():
+    from types import SimpleNamespace as Ev
+
+    run = _bench_module("run")
+    index = Ev(name="aten::index", cpu_parent=None)
+    nonzero = Ev(name="aten::nonzero", cpu_parent=index)
+    item = Ev(name="aten::item", cpu_parent=None)
+    events = [index, nonzero, Ev(name="cudaStreamSynchronize", cpu_parent=nonzero), Ev(name="cudaLaunchKernel", cpu_parent=nonzero),
+              Ev(name="cudaStreamSynchronize", cpu_parent=item), Ev(name="cudaStreamSynchronize", cpu_parent=None)]
+    assert run.host_waits(events) == ["aten::nonzero < aten::index", "aten::item", "(no enclosing op)"]

@@ -5,6 +5,8 @@ default loss path makes this fail instead of silently training differently."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -26,8 +28,10 @@ def _run(trainer_cls, model_dir, tmp_path, padding_free: bool, steps: int = 4):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trainer = trainer_cls(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
     trainer.train()
+    assert trainer.args.logging_nan_inf_filter  # the caller's setting, back after train()
     keys = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
-    return [{k: h[k] for k in keys} for h in trainer.state.log_history if "loss" in h]
+    logs = [{k: h[k] for k in keys} for h in trainer.state.log_history if "loss" in h]
+    return logs, trainer.state.total_flos
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
@@ -36,14 +40,42 @@ def test_the_sync_free_trainer_trains_and_logs_like_trls(tiny_model, tmp_path, p
 
     from kubetune.trainer.sft import sft_trainer_class
 
-    ours = _run(sft_trainer_class(), tiny_model, tmp_path, padding_free)
-    theirs = _run(SFTTrainer, tiny_model, tmp_path, padding_free)
+    ours, our_flos = _run(sft_trainer_class(), tiny_model, tmp_path, padding_free)
+    theirs, their_flos = _run(SFTTrainer, tiny_model, tmp_path, padding_free)
+    assert our_flos == their_flos > 0  # the parameter count is taken once, not after every micro-batch
     assert len(ours) == len(theirs) == 4
     for step, (a, b) in enumerate(zip(ours, theirs), 1):
         assert a["num_tokens"] == b["num_tokens"] > 0, step
         for k in ("loss", "entropy", "mean_token_accuracy"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (step, k)
     assert ours[-1]["loss"] < ours[0]["loss"]  # it trained
+
+
+def test_a_non_finite_loss_is_filtered_like_the_trainers(tiny_model, tmp_path, monkeypatch):
+    """The Trainer replaces a NaN/inf micro-batch loss by the mean of the losses since the
+    last log, testing it on the host; ours does it on the device. Same logged losses."""
+    from trl import SFTTrainer
+
+    from kubetune.trainer.sft import sft_trainer_class
+
+    def nan_at_third_call(step):
+        calls = []
+
+        def training_step(self, *args, **kwargs):
+            loss = step(self, *args, **kwargs)
+            calls.append(1)
+            return loss * float("nan") if len(calls) == 3 else loss
+
+        return training_step
+
+    monkeypatch.setattr(SFTTrainer, "training_step", nan_at_third_call(SFTTrainer.training_step))
+    ours, _ = _run(sft_trainer_class(), tiny_model, tmp_path, padding_free=True)
+    monkeypatch.setattr(SFTTrainer, "training_step", nan_at_third_call(SFTTrainer.training_step))
+    theirs, _ = _run(SFTTrainer, tiny_model, tmp_path, padding_free=True)
+    assert len(ours) == len(theirs) == 4
+    for step, (a, b) in enumerate(zip(ours, theirs), 1):
+        assert math.isfinite(a["loss"]), step
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), step
 
 
 def test_other_loss_paths_stay_trls(tiny_model, tmp_path):
