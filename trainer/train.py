@@ -131,6 +131,9 @@ def sft_arguments(cfg: TrainerConfig, output_dir: Path, *, cuda: bool, precision
         disable_tqdm=True,
         include_num_input_tokens_seen="no",  # callbacks.CountTokens counts without a sync per micro-batch
         dataloader_pin_memory=cuda,
+        # Pinned batches copied to the GPU without waiting: a blocking copy makes the host wait for
+        # the previous step's optimizer at every step's first batch, idling the GPU while it catches up.
+        accelerator_config={"non_blocking": cuda},
         max_length=cfg.dataset.max_length,
         packing=t.packing,
         packing_strategy="bfd",  # padding-free: position_ids restart per sample, no cross-sample attention

@@ -33,6 +33,8 @@ def test_gpu_arguments_and_deepspeed(monkeypatch):
     c = cfg(launch={"strategy": "deepspeed-zero3"}, training={"batchSize": "auto"})
     kw = sft_arguments(c, Path("/w"), cuda=True, precision="bf16", has_eval=False)
     assert kw["per_device_train_batch_size"] == GPU_BATCH_SIZE and kw["auto_find_batch_size"] and kw["bf16"]
+    # batches pinned and copied without the host waiting for the GPU
+    assert kw["dataloader_pin_memory"] and kw["accelerator_config"] == {"non_blocking": True}
     zero = kw["deepspeed"]["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
     assert deepspeed_config(cfg(launch={"strategy": "deepspeed-zero2"}))["zero_optimization"]["stage"] == 2
