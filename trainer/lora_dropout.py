@@ -73,55 +73,67 @@ def _kernels():
     return triton, k
 
 
-# Tiles: forward 32 rows x 128 columns (512 programs over 16k tokens: several per SM, the
-# K loop streams x once); input gradient 64 x 128 (one tile per program, read-modify-write of
-# dx); A gradient 64 x 128 over splits of the rows (about 1,000 programs), partial sums added
-# by torch (deterministic, unlike atomics).
-_FWD_BM, _BM, _BK = 32, 64, 128
+# Tiles and launch options of each kernel. `tiles` arguments override them (the sweep of
+# bench/tune_lora_dropout.py); the mask does not depend on them (it is a function of the
+# element's row and column group), only the products' summation order does.
+# forward: BM rows x BK columns per step of the K loop, one program per BM rows;
+# input gradient: one BM x BK tile of dx per program (read-modify-write);
+# A gradient: BK columns per program over a split of the rows, about `programs` programs,
+# partial sums added by torch (deterministic, unlike atomics).
+FORWARD = {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3}
+INPUT_GRAD = {"BM": 64, "BK": 128, "num_warps": 8, "num_stages": 3}
+A_GRAD = {"BM": 64, "BK": 128, "num_warps": 8, "num_stages": 3, "programs": 1024}
 
 
-def lora_a_forward(x2, a, seed: int, p: float):
+def _launch(t: dict) -> dict:
+    return {"BM": t["BM"], "BK": t["BK"], "num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+
+
+def lora_a_forward(x2, a, seed: int, p: float, tiles: dict | None = None):
     """(dropout(x2) @ a^T) for x2 (M, K), a (R, K) in x2's dtype: (M, R)."""
     import torch
 
     triton, k = _kernels()
+    t = tiles or FORWARD
     m, kk = x2.shape
     r = a.shape[0]
     thr, scale = threshold_and_scale(p)
     out = torch.empty((m, r), dtype=x2.dtype, device=x2.device)
-    k.forward_kernel[(triton.cdiv(m, _FWD_BM),)](x2, a.contiguous(), out, seed, m, kk, r, thr, scale,
-                                                 BM=_FWD_BM, BK=_BK, BR=_rank_block(r), num_warps=4)
+    k.forward_kernel[(triton.cdiv(m, t["BM"]),)](x2, a.contiguous(), out, seed, m, kk, r, thr, scale,
+                                                 BR=_rank_block(r), **_launch(t))
     return out
 
 
-def add_input_grad(dx, dxa, a, seed: int, p: float) -> None:
+def add_input_grad(dx, dxa, a, seed: int, p: float, tiles: dict | None = None) -> None:
     """dx += ((dxa @ a) * keep / (1-p)), in place; dx (M, K), dxa (M, R), a (R, K)."""
     triton, k = _kernels()
+    t = tiles or INPUT_GRAD
     m, kk = dx.shape
     r = a.shape[0]
     thr, scale = threshold_and_scale(p)
-    k.input_grad_kernel[(triton.cdiv(m, _BM), triton.cdiv(kk, _BK))](dx, dxa.contiguous(), a.contiguous(), seed, m, kk,
-                                                                    r, thr, scale, BM=_BM, BK=_BK,
-                                                                    BR=_rank_block(r), num_warps=8)
+    k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(kk, t["BK"]))](
+        dx, dxa.contiguous(), a.contiguous(), seed, m, kk, r, thr, scale, BR=_rank_block(r), **_launch(t))
 
 
-def a_grad(dxa, x2, seed: int, p: float, splits: int = 0):
+def a_grad(dxa, x2, seed: int, p: float, splits: int = 0, tiles: dict | None = None):
     """dxa^T @ dropout(x2) in fp32: (R, K). The rows are split over `splits`
     programs per column block (partial sums added by torch: deterministic)."""
     import torch
 
     triton, k = _kernels()
+    t = tiles or A_GRAD
+    bm = t["BM"]
     m, kk = x2.shape
     r = dxa.shape[1]
     thr, scale = threshold_and_scale(p)
-    col_blocks = triton.cdiv(kk, _BK)
+    col_blocks = triton.cdiv(kk, t["BK"])
     if splits <= 0:
-        splits = max(1, min(triton.cdiv(m, _BM), 1024 // col_blocks))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), _BM) * _BM
+        splits = max(1, min(triton.cdiv(m, bm), t["programs"] // col_blocks))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
     splits = triton.cdiv(m, rows_per_split)
     part = torch.empty((splits, r, kk), dtype=torch.float32, device=x2.device)
     k.a_grad_kernel[(col_blocks, splits)](part, dxa.contiguous(), x2, seed, m, kk, r, thr, scale, rows_per_split,
-                                          BM=_BM, BK=_BK, BR=_rank_block(r), num_warps=8)
+                                          BR=_rank_block(r), **_launch(t))
     return part[0] if splits == 1 else part.sum(dim=0)
 
 
@@ -132,5 +144,5 @@ def keep_mask(seed: int, m: int, k: int, p: float, device):
     triton, kern = _kernels()
     thr, _ = threshold_and_scale(p)
     out = torch.empty((m, k), dtype=torch.int8, device=device)
-    kern.mask_kernel[(triton.cdiv(m, _BM), triton.cdiv(k, _BK))](out, seed, m, k, thr, BM=_BM, BK=_BK)
+    kern.mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 128))](out, seed, m, k, thr, BM=64, BK=128)
     return out.bool()

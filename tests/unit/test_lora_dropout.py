@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("mask_law", "forward", "backward", "lora_linear", "recompute")
+CHECKS = ("mask_law", "forward", "backward", "tiles", "lora_linear", "recompute")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -80,6 +80,29 @@ def check_backward():
     for splits in (0, 1, 2, 7):  # uneven splits of the rows sum to the same
         got = ld.a_grad(dxa, x, seed, p, splits=splits)
         assert (got - ref_da).abs().max().item() < 1e-3, splits
+
+
+def check_tiles():
+    """Other tiles (bench/tune_lora_dropout.py sweeps them) draw the same mask and compute
+    the same products; only the summation order may differ."""
+    import torch
+
+    from kubetune.trainer import lora_dropout as ld
+
+    x, a = _inputs(m=150, k=256, r=5)
+    p, seed = 0.3, 7
+    dxa = torch.randn(150, 5, generator=torch.Generator().manual_seed(4))
+    dx0 = torch.randn(150, 256)
+    base = (ld.lora_a_forward(x, a, seed, p), ld.a_grad(dxa, x, seed, p))
+    dx_base = dx0.clone()
+    ld.add_input_grad(dx_base, dxa, a, seed, p)
+    for bm, bk in ((16, 64), (128, 256), (64, 32)):
+        t = {"BM": bm, "BK": bk, "num_warps": 4, "num_stages": 2, "programs": 3}
+        assert (ld.lora_a_forward(x, a, seed, p, tiles=t) - base[0]).abs().max().item() < 1e-4, t
+        assert (ld.a_grad(dxa, x, seed, p, tiles=t) - base[1]).abs().max().item() < 1e-3, t
+        dx = dx0.clone()
+        ld.add_input_grad(dx, dxa, a, seed, p, tiles=t)
+        assert (dx - dx_base).abs().max().item() < 1e-4, t
 
 
 def _lora_layer(seed=0):
