@@ -241,6 +241,12 @@ def run_case(args) -> dict:
         prefetch = None
     if prefetch is not None:
         prefetch.start(json.loads(args.config_json)["baseModel"]["uri"])
+    try:  # the allocator `kubetune train` sets (the @before code may predate it)
+        from kubetune.trainer import allocator
+    except ImportError:
+        allocator = None
+    if allocator is not None:
+        allocator.use_expandable_segments()
     import torch
     import trl
     from transformers import TrainerCallback

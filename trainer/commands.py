@@ -112,9 +112,10 @@ def validate(
 
 def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
     """LoRA/QLoRA fine-tuning; resumes from the newest complete checkpoint; exits 143 after SIGTERM."""
-    from kubetune.trainer import prefetch
+    from kubetune.trainer import allocator, prefetch
 
     cfg = _load(config)
+    allocator.use_expandable_segments()  # before torch allocates: the reserve over the plan stays small
     prefetch.start(cfg.base_model.uri)  # before torch: its files are read while it imports
 
     from kubetune.trainer.termination import write_message
