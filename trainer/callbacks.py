@@ -14,7 +14,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from kubetune.trainer import artifacts
-from kubetune.trainer.fast_paths import uncheckpoint_last_layers
+from kubetune.trainer.fast_paths import keep_attention_outputs, uncheckpoint_last_layers
 from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.storage import Store
 
@@ -197,14 +197,18 @@ class CountTokens(TrainerCallback):
 
 class SelectiveCheckpointing(TrainerCallback):
     """Leaves the last `layers` decoder layers uncheckpointed (fast_paths.uncheckpoint_last_layers),
-    once the Trainer has switched checkpointing on for all of them at the start of train()."""
+    once the Trainer has switched checkpointing on for all of them at the start of train(), and
+    lets `kept_attention` checkpointed layers keep their attention output for the recompute
+    (fast_paths.keep_attention_outputs)."""
 
-    def __init__(self, layers: int):
-        self.layers = layers
+    def __init__(self, layers: int, kept_attention: int = 0):
+        self.layers, self.kept_attention = layers, kept_attention
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and args.gradient_checkpointing:
             uncheckpoint_last_layers(model, self.layers)
+            if self.kept_attention:
+                keep_attention_outputs(model, self.kept_attention, uncheckpointed=self.layers)
 
 
 class ReportProgress(TrainerCallback):

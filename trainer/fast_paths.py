@@ -248,6 +248,24 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def keep_attention_outputs(model, n: int, uncheckpointed: int = 0) -> int:
+    """The `n` checkpointed decoder layers nearest the end (before the `uncheckpointed`
+    last ones) keep their attention output for the recompute (`packed_attention.KeptAttention`,
+    read by the varlen kernel); the others drop a slot an earlier call gave them. Nearest
+    the end, because the backward reaches them, and frees their outputs, first. Returns
+    how many keep one."""
+    from kubetune.trainer.packed_attention import KEPT_ATTR, KeptAttention
+
+    layers = decoder_layers(model)
+    checkpointed = layers[:max(0, len(layers) - uncheckpointed)]
+    chosen = checkpointed[len(checkpointed) - min(max(n, 0), len(checkpointed)):] if n > 0 else []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None:
+            setattr(attn, KEPT_ATTR, KeptAttention() if layer in chosen else None)
+    return sum(1 for layer in chosen if getattr(layer, "self_attn", None) is not None)
+
+
 def compile_layers(model) -> int:
     """torch.compile every decoder layer in place (regional compilation).
 

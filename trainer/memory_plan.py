@@ -20,6 +20,7 @@ there, when called).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -81,6 +82,13 @@ def checkpoint_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> i
     return shape.layers * shape.hidden * bytes_per_value
 
 
+def attention_output_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """What keeping one layer's attention output for its recompute costs per token: the
+    output (query heads x head dim, the hidden size) and a fp32 log-sum-exp per head
+    (`packed_attention.KeptAttention`)."""
+    return shape.hidden * bytes_per_value + shape.heads * 4
+
+
 def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2,
                                fused_kernels: bool = False, offload: bool = False) -> int:
     """Estimated training memory per token of a micro-batch (bf16 activations).
@@ -120,6 +128,9 @@ class MicroBatchPlan:
     # The checkpointed layer inputs live in host memory (one row did not fit otherwise).
     offload: bool = False
     host_bytes: int = 0  # what the offloaded checkpoints take on the host
+    # With checkpointing and `keep_attention`: how many checkpointed layers keep their
+    # attention output for the recompute, in the memory left after the above.
+    kept_attention_layers: int = 0
 
 
 def plan_micro_batch(
@@ -133,6 +144,7 @@ def plan_micro_batch(
     max_tokens: int = MAX_AUTO_TOKENS,
     fused_kernels: bool = False,
     host_budget_bytes: int = 0,
+    keep_attention: bool = False,
 ) -> MicroBatchPlan:
     """Rows of `max_length` tokens per micro-batch that fit `budget_bytes`.
 
@@ -144,7 +156,9 @@ def plan_micro_batch(
     that does not fit, the checkpoints go to the host (`offload`) when
     `host_budget_bytes` holds them; otherwise raise with the numbers, rather
     than fail later with a CUDA OOM. `fused_kernels`: Liger and the fused LoRA
-    node run (they keep less per layer).
+    node run (they keep less per layer). `keep_attention`: the memory left after all
+    that goes to checkpointed layers that keep their attention output for the recompute
+    (`kept_attention_layers`; the attention kernel can, `packed_attention.KeptAttention`).
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -166,13 +180,17 @@ def plan_micro_batch(
         spare = free - rows * max_length * per_tok
         extra = rows * max_length * max(1, layer_activation_bytes_per_token(shape) - shape.hidden * 2) * 5 // 4
         skip = int(min(shape.layers, max(0, spare // extra))) if allow_no_checkpointing else 0
-        return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip)
+        kept = _kept_attention(shape, spare - skip * extra, int(rows) * max_length, shape.layers - skip) if keep_attention else 0
+        return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip,
+                              kept_attention_layers=kept)
     # Not one row: the checkpoints to the host, one row at a time (a long-context run).
     off_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels,
                                          offload=True)
     host = max_length * checkpoint_bytes_per_token(shape)
     if free >= off_tok * max_length and host <= host_budget_bytes:
-        return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host)
+        kept = _kept_attention(shape, free - off_tok * max_length, max_length, shape.layers) if keep_attention else 0
+        return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host,
+                              kept_attention_layers=kept)
     host_note = (f"; with the checkpoints in host memory it would need {off_tok * max_length / GIB:.1f} GiB here and "
                  f"{host / GIB:.1f} GiB of the host's {host_budget_bytes / GIB:.1f} GiB") if host_budget_bytes else ""
     raise MemoryError(
@@ -181,6 +199,12 @@ def plan_micro_batch(
         f"{fixed_bytes / GIB:.1f} GiB of weights{host_note}; lower dataset.maxLength or raise "
         "training.performance.memoryBudgetGiB"
     )
+
+
+def _kept_attention(shape: ModelShape, spare: int, tokens: int, checkpointed: int) -> int:
+    # A quarter over the estimate, as for uncheckpointed layers: a layer too many is an OOM.
+    per_layer = tokens * attention_output_bytes_per_token(shape) * 5 // 4
+    return int(min(checkpointed, max(0, spare // per_layer)))
 
 
 def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = None) -> int:
@@ -221,7 +245,7 @@ def host_budget_bytes() -> int:
 
 
 def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None, fused_kernels: bool = False,
-                     allow_offload: bool = True) -> MicroBatchPlan:
+                     allow_offload: bool = True, keep_attention: bool = False) -> MicroBatchPlan:
     """Plan the micro-batch on the current CUDA device, after the model
     (and adapter) are loaded there."""
     import torch
@@ -240,10 +264,23 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None,
         fused_loss=True,  # TRL's SFTTrainer computes the loss with a chunked LM head
         fused_kernels=fused_kernels,
         host_budget_bytes=host_budget_bytes() if allow_offload else 0,
+        keep_attention=keep_attention,
     )
 
 
-def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int]:
+# Opt-in until a GPU run measures it (bench/RESULTS.md, issue 16): checkpointed layers keep
+# their attention output for the recompute in the memory the plan leaves over.
+KEEP_ATTENTION_ENV = "KUBETUNE_KEEP_ATTENTION"
+
+
+def keeps_attention(perf: Resolved, environ: Optional[dict] = None) -> bool:
+    """Whether the plan grants kept attention outputs: asked for (KUBETUNE_KEEP_ATTENTION=1)
+    and the varlen kernel, whose autograd node can reuse them, is the attention."""
+    env = os.environ if environ is None else environ
+    return env.get(KEEP_ATTENTION_ENV) == "1" and perf.attention == "varlen"
+
+
+def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
     dataset.maxLength tokens) and whether to checkpoint activations come from
@@ -255,9 +292,11 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
     without checkpointing (`uncheckpoint_last_layers`, after the Trainer has
     turned checkpointing on): 0 unless the plan leaves memory for them and
     `perf.selective_checkpointing` (off under ZeRO-3, where partitioned weights
-    make the measured memory meaningless; `performance.resolve`)."""
+    make the measured memory meaningless; `performance.resolve`); and how many checkpointed
+    layers keep their attention output for the recompute (`keep_attention_outputs`; 0
+    unless `keeps_attention`)."""
     out = dict(kwargs)
-    skip = 0
+    skip = kept = 0
     t = cfg.training
     if t.batch_size == "auto":
         from kubetune.trainer.deepspeed import zero3_enabled
@@ -265,21 +304,25 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
         # Not under ZeRO-3: its partitioned weights make the measured memory meaningless.
         plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib,
                                 fused_kernels=perf.liger and perf.fused_lora,
-                                allow_offload=not zero3_enabled(cfg.launch.strategy))
+                                allow_offload=not zero3_enabled(cfg.launch.strategy),
+                                keep_attention=keeps_attention(perf) and not zero3_enabled(cfg.launch.strategy))
         out["per_device_train_batch_size"] = plan.rows
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
         if plan.checkpointing and perf.selective_checkpointing:
             skip = plan.uncheckpointed_layers
+        if plan.checkpointing:
+            kept = plan.kept_attention_layers
         if plan.offload:
             out["activation_offloading"] = True  # trl.SFTConfig: saved tensors to pinned host memory, side stream
-        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, checkpoints %s "
-                 "(%.1f of %.1f GiB budget fixed)", plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip,
+        log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, %d keeping their "
+                 "attention output, checkpoints %s (%.1f of %.1f GiB budget fixed)", plan.rows, cfg.dataset.max_length,
+                 out["gradient_checkpointing"], skip, kept,
                  f"offloaded to the host ({plan.host_bytes / GIB:.1f} GiB)" if plan.offload else "on the GPU",
                  plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return out, skip
+    return out, skip, kept
 
 
 def use_offload_stash(trainer, layers: int = OFFLOAD_STASH_LAYERS) -> bool:

@@ -220,8 +220,10 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     q = query.transpose(1, 2).reshape(bsz * seq, n_heads, head_dim)
     k = key.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
     v = value.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
-    if no_gqa and q.is_cuda:
-        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"))
+    # Only a training forward keeps its output for the recompute (evaluation has no backward).
+    kept = getattr(module, KEPT_ATTR, None) if module.training and torch.is_grad_enabled() else None
+    if (no_gqa or kept is not None) and q.is_cuda:
+        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"), kept)
     else:
         if no_gqa:  # CPU stand-ins of old signatures: repeat the heads
             k = k.repeat_interleave(n_heads // n_kv, dim=1)
@@ -243,9 +245,15 @@ def _flash_varlen_gqa_fn():
         about 26 ms of a 1.05 s 8B step (bench/RESULTS.md)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, cu, max_len: int, scale):
-            out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-                q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        def forward(ctx, q, k, v, cu, max_len: int, scale, kept=None):
+            value = kept.take(cu) if kept is not None else None
+            if value is None:
+                out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                    q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+                if kept is not None:
+                    kept.keep(cu, (out.detach(), lse, rng, unused))
+            else:  # the recompute of a checkpointed layer: the first forward's output, not the kernel again
+                out, lse, rng, unused = value
             ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
             ctx.max_len, ctx.scale = max_len, scale
             return out
@@ -256,17 +264,50 @@ def _flash_varlen_gqa_fn():
             dq, dk, dv = torch.ops.aten._flash_attention_backward(
                 dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
                 scale=ctx.scale)
-            return dq, dk, dv, None, None, None
+            return dq, dk, dv, None, None, None, None
 
     return FlashVarlenGQA
 
 
-def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float]):
+def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "KeptAttention | None" = None):
     """(tokens, heads, dim) causal attention over the packed samples `cu`, with
-    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads."""
+    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads. With `kept`, the
+    output of a forward is kept for the next call on the same `cu` (`KeptAttention`)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale)
+    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale, kept)
+
+
+KEPT_ATTR = "_kubetune_kept_attention"
+
+
+class KeptAttention:
+    """One checkpointed layer's attention output (and the statistics its backward needs),
+    kept from the layer's forward for its recompute.
+
+    Why: under activation checkpointing the backward runs each layer's forward again,
+    attention included: 22 ms of an 8B step at 16k tokens, 161 ms of a step of one
+    16k-token row of long documents (bench/RESULTS.md, issue 16, third round). Keeping
+    the output costs 2 bytes per query value and 4 per head for the log-sum-exp (130 MiB
+    a layer at 16k tokens on 8B), which the memory plan grants layers in the memory it
+    leaves over (`memory_plan.plan_micro_batch`, `keep_attention`).
+
+    Keyed on the boundaries tensor `cu` itself (held here, so its identity cannot be
+    reused): the recompute sees the same object (one per batch, `_boundaries`), the
+    next batch another, so a value left by a forward that had no backward is dropped,
+    never reused. `take` empties the slot."""
+
+    def __init__(self) -> None:
+        self._cu = None
+        self._value = None
+
+    def keep(self, cu, value) -> None:
+        self._cu, self._value = cu, value
+
+    def take(self, cu):
+        value = self._value if self._cu is cu else None
+        self._cu = self._value = None
+        return value
 
 
 def varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):

@@ -333,13 +333,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         print("stopped on SIGTERM before training started", flush=True)
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
-    uncheckpointed = 0
+    uncheckpointed = kept_attention = 0
     if cuda:
         from kubetune.trainer.memory_plan import tune_sft_arguments
 
         # micro-batch and (selective) checkpointing for this GPU's memory, within training.performance
         perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
-        sft_kwargs, uncheckpointed = tune_sft_arguments(sft_kwargs, model, cfg, perf)
+        sft_kwargs, uncheckpointed, kept_attention = tune_sft_arguments(sft_kwargs, model, cfg, perf)
     args = SFTConfig(**sft_kwargs)
 
     reporter = None
@@ -352,8 +352,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     tokens = CountTokens()
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
-    if uncheckpointed:
-        callbacks.append(SelectiveCheckpointing(uncheckpointed))
+    if uncheckpointed or kept_attention:
+        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
 

@@ -88,13 +88,13 @@ def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expecte
                         "output": {"uri": "/o"}, "launch": {"strategy": strategy},
                         "training": {"performance": {"memoryBudgetGiB": 15.6}}})
     perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, env=env)
-    out, skip = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+    out, skip, kept = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
     assert seen == {"max_length": 2048, "budget_gib": 15.6}  # the config's budget reaches the planner
     assert out["per_device_train_batch_size"] == 6 and out["gradient_checkpointing"] is True
     assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    assert skip == expected_skip
+    assert skip == expected_skip and kept == 0  # kept attention outputs are opt-in
     explicit = parse_config({**cfg.to_dict(), "training": {"batchSize": 3}})
-    fixed, skip = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
+    fixed, skip, kept = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
     assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's
 
 
@@ -158,7 +158,7 @@ def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
         cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 32768},
                             "output": {"uri": "/o"}, "launch": {"strategy": strategy}})
         perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, liger_installed=True)
-        out, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        out, _, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
         assert out["activation_offloading"] is True and out["per_device_train_batch_size"] == 1
         assert seen["allow_offload"] is offload_allowed
         assert seen["fused_kernels"] is (perf.liger and perf.fused_lora)
@@ -183,3 +183,39 @@ def test_offload_stash_is_what_the_plan_counted(monkeypatch):
     off = memory_plan.activation_bytes_per_token(shape, checkpointing=True, fused_loss=True, fused_kernels=True, offload=True)
     on = memory_plan.activation_bytes_per_token(shape, checkpointing=True, fused_loss=True, fused_kernels=True)
     assert on - off == (shape.layers - memory_plan.OFFLOAD_STASH_LAYERS) * shape.hidden * 2
+
+
+def test_kept_attention_outputs_take_the_memory_left_over():
+    shape = memory_plan.ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+    common = dict(max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.4 * GIB), fused_loss=True,
+                  fused_kernels=True)
+    off = memory_plan.plan_micro_batch(shape, **common)
+    on = memory_plan.plan_micro_batch(shape, keep_attention=True, **common)
+    assert off.kept_attention_layers == 0
+    assert (on.rows, on.uncheckpointed_layers) == (off.rows, off.uncheckpointed_layers)  # it only uses what is left
+    per_layer = on.tokens * memory_plan.attention_output_bytes_per_token(shape) * 5 // 4
+    assert per_layer == 16384 * (4096 * 2 + 32 * 4) * 5 // 4  # the output in bf16, an fp32 log-sum-exp per head
+    left = on.budget_bytes - on.fixed_bytes - on.tokens * on.bytes_per_token
+    assert 0 < on.kept_attention_layers == left // per_layer < 32 - on.uncheckpointed_layers
+    # room for everything: every checkpointed layer keeps its output, no more
+    roomy = memory_plan.plan_micro_batch(shape, keep_attention=True, allow_no_checkpointing=False,
+                                         **{**common, "budget_bytes": 60 * GIB})
+    assert roomy.checkpointing and roomy.kept_attention_layers == 32
+    # long rows with offloaded checkpoints: the outputs stay on the GPU, planned there
+    long = memory_plan.plan_micro_batch(shape, keep_attention=True, host_budget_bytes=64 * GIB,
+                                        **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
+    assert long.offload and long.kept_attention_layers == (
+        (long.budget_bytes - long.fixed_bytes - 16384 * long.bytes_per_token)
+        // (16384 * memory_plan.attention_output_bytes_per_token(shape) * 5 // 4))
+
+
+def test_kept_attention_is_opt_in_and_needs_the_varlen_kernel():
+    from kubetune.trainer.performance import Resolved
+
+    def perf(attention):
+        return Resolved(attention=attention, liger=True, fused_lora=True, fp8=True, compile=False,
+                        selective_checkpointing=True, memory_budget_gib=None)
+
+    assert not memory_plan.keeps_attention(perf("varlen"), {})
+    assert memory_plan.keeps_attention(perf("varlen"), {"KUBETUNE_KEEP_ATTENTION": "1"})
+    assert not memory_plan.keeps_attention(perf("sdpa"), {"KUBETUNE_KEEP_ATTENTION": "1"})

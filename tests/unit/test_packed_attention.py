@@ -229,3 +229,98 @@ def test_library_attention_of_a_family():
     assert pa.library_attention(None) == "sdpa"
     assert pa.library_attention(_tiny_gemma("gemma2").config) == "eager"  # transformers refuses sdpa for Gemma 2
     assert pa.library_attention(_tiny_gemma("gemma3").config) == "sdpa"
+
+
+# ---------------------------------------------------------------- kept attention outputs (issue 16)
+
+def _segments_attention(q, k, v, cu, scale):
+    """Causal attention per packed sample with grouped-query heads, and the log-sum-exp:
+    what ATen's flash kernels return, in plain PyTorch."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    outs, lses = [], []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        logits = torch.einsum("qhd,khd->hqk", q[s:e].float(), k[s:e].float()) * scale
+        causal = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+        logits = logits.masked_fill(~causal, float("-inf"))
+        lses.append(torch.logsumexp(logits, dim=-1))
+        outs.append(torch.einsum("hqk,khd->qhd", logits.softmax(-1), v[s:e].float()).to(q.dtype))
+    return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+@pytest.fixture
+def cpu_flash(monkeypatch):
+    """ATen's flash forward/backward replaced by the reference above (the kernels are CUDA-only);
+    counts the forward calls."""
+    calls = []
+
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None):
+        calls.append(1)
+        out, lse = _segments_attention(q, k, v, cu_q, scale)
+        return out, lse, torch.zeros(2, dtype=torch.int64), torch.zeros(1), torch.empty(0)
+
+    def backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout, causal, rng, unused, scale=None):
+        with torch.enable_grad():
+            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
+            ref, _ = _segments_attention(*qkv, cu_q, scale)
+            return torch.autograd.grad(ref, qkv, dout)
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", forward)
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_backward", backward)
+    return calls
+
+
+def test_kept_attention_output_serves_the_recompute(cpu_flash):
+    """Under non-reentrant checkpointing the recompute takes the first forward's output
+    instead of running the kernel again; gradients equal those without keeping."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    q0, k0, v0 = (torch.randn(24, h, 16, generator=g) for h in (4, 2, 2))
+    w = torch.randn(24, 4, 16, generator=g)
+    cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
+
+    def run(kept):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+
+        def layer(q, k, v):
+            return (pa.flash_varlen_gqa(q.tanh(), k, v, cu, 12, 0.25, kept) * w).sum()
+
+        checkpoint(layer, q, k, v, use_reentrant=False).backward()
+        return [t.grad for t in (q, k, v)]
+
+    cpu_flash.clear()
+    plain = run(None)
+    assert len(cpu_flash) == 2  # the forward and its recompute
+    cpu_flash.clear()
+    slot = pa.KeptAttention()
+    kept = run(slot)
+    assert len(cpu_flash) == 1  # the recompute reused the kept output
+    for a, b in zip(kept, plain):
+        torch.testing.assert_close(a, b)
+    assert slot.take(cu) is None  # the recompute emptied the slot: nothing held past the backward
+
+
+def test_kept_attention_is_dropped_for_another_batch():
+    slot = pa.KeptAttention()
+    cu, other = torch.tensor([0, 4]), torch.tensor([0, 4])
+    slot.keep(cu, "out")
+    assert slot.take(other) is None  # equal values, another batch's tensor: not reused
+    assert slot.take(cu) is None  # and the stale value is gone
+    slot.keep(cu, "out")
+    assert slot.take(cu) == "out"
+
+
+def test_keep_attention_outputs_picks_checkpointed_layers_nearest_the_end():
+    from kubetune.trainer import fast_paths
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    assert fast_paths.keep_attention_outputs(model, 2, uncheckpointed=1) == 2
+    slots = [getattr(layer.self_attn, pa.KEPT_ATTR) for layer in fast_paths.decoder_layers(model)]
+    assert [s is not None for s in slots] == [False, False, False, True, True, False]
+    assert fast_paths.keep_attention_outputs(model, 99) == 6  # never more than there are
+    assert fast_paths.keep_attention_outputs(model, 0) == 0
+    assert all(getattr(layer.self_attn, pa.KEPT_ATTR) is None for layer in fast_paths.decoder_layers(model))
