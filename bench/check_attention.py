@@ -166,7 +166,10 @@ def report(results: dict, path) -> None:
             json.dump(results, f, indent=1)
 
 
-def time_fn(fn, reps=10):
+def time_fn(fn, reps=10, calls=1):
+    """ms per call of fn on the GPU: CUDA events around `calls` calls in a row (more than
+    one hides each call's launch cost behind the previous one, as in a step), the median
+    of `reps` such measurements."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -174,10 +177,11 @@ def time_fn(fn, reps=10):
     for _ in range(reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(calls):
+            fn()
         e.record()
         torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
+        ts.append(s.elapsed_time(e) / calls)
     ts.sort()
     return ts[len(ts) // 2]
 

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from check_attention import time_fn as gpu_clock
 from kubetune.trainer import lora_dropout as ld
 
 M, R, P, SEED = 16384, 16, 0.05, 1234
@@ -59,25 +60,13 @@ def runner(kernel: str, k: int):
     return (lambda t: ld.a_grad(dxa, x, SEED, P, tiles=t)), x.numel() * 2
 
 
-def time_fn(fn, calls: int = 20, reps: int = 5) -> float:
-    """ms per call, back to back."""
-    if DEVICE == "cpu":  # the interpreter: one call, wall clock
+def time_fn(fn) -> float:
+    """ms per call: on the GPU, 20 calls in a row (median of 5); in the interpreter one call."""
+    if DEVICE == "cpu":
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(calls):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / calls)
-    return sorted(ts)[reps // 2]
+    return gpu_clock(fn, reps=5, calls=20)
 
 
 def rel(a, b) -> float:
