@@ -132,6 +132,8 @@ VARIANTS = {
     # the same case with PyTorch's expandable allocator segments, for what the allocator
     # reserves beyond what is allocated
     "expandable": {},
+    # the same case with checkpointed layers keeping their attention output (opt-in)
+    "keepattn": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -184,9 +186,23 @@ def drop_page_cache() -> bool:
         return False
 
 
+def variant_env(variant: str) -> dict:
+    """What a variant, or each part of "a+b", sets in its case's environment (VARIANT_ENV)."""
+    out: dict = {}
+    for part in variant.split("+"):
+        out.update(VARIANT_ENV.get(part, {}))
+    return out
+
+
 def variant_fields(variant: str) -> dict:
     """training.performance fields of a variant: VARIANTS, or "b<GiB>" / "allgc-b<GiB>" (a
-    memory budget, every layer checkpointed with allgc-), e.g. b13.6."""
+    memory budget, every layer checkpointed with allgc-), e.g. b13.6; "a+b" takes both
+    parts' fields (e.g. b9.6+keepattn)."""
+    if "+" in variant:
+        out = {}
+        for part in variant.split("+"):
+            out.update(variant_fields(part))
+        return out
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
     rest, out = variant, {}
@@ -796,7 +812,7 @@ def main() -> int:
         Path(args.logs).mkdir(parents=True, exist_ok=True)  # the profile is written into it mid-run
     for spec in [c for c in args.cases.split(",") if c]:
         case, _, variant = spec.partition("@")
-        slug = spec.replace("@", "_")  # file names of this case
+        slug = spec.replace("@", "_").replace("+", "-")  # file names of this case
         try:
             profile = case_spec(case)[1]
         except KeyError:
@@ -820,7 +836,7 @@ def main() -> int:
             if not args.before_site:
                 ap.error("the @before variant needs --before-site")
             env["PYTHONPATH"] = os.pathsep.join([args.before_site] + [x for x in [env.get("PYTHONPATH")] if x])
-        env.update(VARIANT_ENV.get(variant, {}))
+        env.update(variant_env(variant))
         cold = drop_page_cache() if args.cold_cache else None
         if args.fresh_triton_cache:  # this case compiles every Triton kernel itself (a fresh pod's first step)
             shutil.rmtree(work / f"triton-{slug}", ignore_errors=True)

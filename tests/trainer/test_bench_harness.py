@@ -355,3 +355,14 @@ def test_host_waits_name_the_ops_each_sync_ran_in():
     events = [index, nonzero, Ev(name="cudaStreamSynchronize", cpu_parent=nonzero), Ev(name="cudaLaunchKernel", cpu_parent=nonzero),
               Ev(name="cudaStreamSynchronize", cpu_parent=item), Ev(name="cudaStreamSynchronize", cpu_parent=None)]
     assert run.host_waits(events) == ["aten::nonzero < aten::index", "aten::item", "(no enclosing op)"]
+
+
+def test_variants_combine_config_fields_and_environment():
+    run = _bench_module("run")
+    assert run.variant_fields("b9.6+keepattn") == {"memoryBudgetGiB": 9.6}
+    assert run.variant_env("b9.6+keepattn") == {"KUBETUNE_KEEP_ATTENTION": "1"}
+    assert run.variant_fields("allgc-b80+bf16") == {"selectiveCheckpointing": "off", "memoryBudgetGiB": 80.0, "fp8": "off"}
+    assert run.variant_env("expandable+keepattn") == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                                      "KUBETUNE_KEEP_ATTENTION": "1"}
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        run.variant_fields("b9.6+nope")
