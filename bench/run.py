@@ -500,11 +500,15 @@ def loss_checks(results: list[dict]) -> dict:
     loss difference over the steps both logged (absolute, and relative to the
     variant's loss), keyed "<case>@<variant>". Against "@plain" it is the evidence
     that the fast paths train the same model; against the others, that a
-    candidate speed-up does."""
+    candidate speed-up does. A combined "<case>@<a>+<b>" is paired with
+    "<case>@<a>" when that ran (what <b> adds), else with "<case>"."""
     done = {r["case"]: r for r in results if not r.get("failed")}
     out = {}
     for name, other in done.items():
-        base = done.get(name.split("@")[0]) if "@" in name else None
+        base = None
+        if "@" in name:
+            base = done.get(name.rsplit("+", 1)[0]) if "+" in name else None
+            base = base or done.get(name.split("@")[0])
         if base is None:
             continue
         steps = sorted(set(base["loss"]) & set(other["loss"]), key=int)

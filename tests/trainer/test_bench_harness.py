@@ -60,9 +60,15 @@ def test_loss_check_pairs_each_variant_with_its_case():
         {"case": "qlora-instruct@compile", "loss": {"2": 1.5, "3": 1.25}},
         {"case": "lora-instruct@plain", "loss": {"1": 9.0}},  # no base case ran: nothing to compare
         {"case": "qlora-long@plain", "failed": True},
+        {"case": "qlora-ctx16384@b9.6", "loss": {"1": 5.0}},
+        {"case": "qlora-ctx16384@b9.6+keepattn", "loss": {"1": 5.5}},  # against @b9.6: what keepattn adds
+        {"case": "qlora-instruct@bf16+keepattn", "loss": {"1": 2.5}},  # no @bf16 ran: against the plain case
     ]
     out = loss_checks(results)
-    assert set(out) == {"qlora-instruct@plain", "qlora-instruct@compile"}
+    assert set(out) == {"qlora-instruct@plain", "qlora-instruct@compile", "qlora-ctx16384@b9.6+keepattn",
+                        "qlora-instruct@bf16+keepattn"}
+    assert out["qlora-ctx16384@b9.6+keepattn"]["first"] == [5.0, 5.5]
+    assert out["qlora-instruct@bf16+keepattn"]["first"] == [2.0, 2.5]
     assert out["qlora-instruct@plain"]["steps"] == 3 and out["qlora-instruct@plain"]["max_abs_diff"] == 0.1
     assert out["qlora-instruct@compile"] == {"steps": 2, "max_abs_diff": 0.25, "max_rel_diff": 0.2,
                                              "first": [1.5, 1.5], "last": [1.0, 1.25]}
