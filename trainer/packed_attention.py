@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from typing import Any, Optional
 
 VARLEN_ATTENTION = "kubetune_varlen"
@@ -222,8 +223,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     v = value.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
     # Only a training forward keeps its output for the recompute (evaluation has no backward).
     kept = getattr(module, KEPT_ATTR, None) if module.training and torch.is_grad_enabled() else None
-    if (no_gqa or kept is not None) and q.is_cuda:
-        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"), kept)
+    backend = attention_kernel()
+    if (no_gqa or kept is not None or backend != "flash") and q.is_cuda:
+        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"), kept, backend)
     else:
         if no_gqa:  # CPU stand-ins of old signatures: repeat the heads
             k = k.repeat_interleave(n_heads // n_kv, dim=1)
@@ -232,50 +234,109 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.reshape(bsz, seq, n_heads, head_dim), None
 
 
+# Which kernel runs the grouped-query varlen attention on a GPU: PyTorch's flash kernel
+# (FlashAttention-2), or cuDNN's fused attention over ragged rows (`_cudnn_attention_*`),
+# which on Hopper runs the FlashAttention-3 style kernels. An environment switch while it
+# is measured (bench/RESULTS.md, `@cudnn`).
+ATTENTION_KERNEL_ENV = "KUBETUNE_ATTENTION_KERNEL"
+ATTENTION_KERNELS = ("flash", "cudnn")
+
+
+def attention_kernel(environ: Optional[dict] = None) -> str:
+    """The kernel KUBETUNE_ATTENTION_KERNEL names, "flash" when unset."""
+    env = os.environ if environ is None else environ
+    choice = env.get(ATTENTION_KERNEL_ENV) or "flash"
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"{ATTENTION_KERNEL_ENV}={choice!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+    return choice
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cudnn_bucket(samples: int, max_len: int, tokens: int) -> tuple[int, int]:
+    """(sample count, maximum length) as given to cuDNN: each rounded up to a power of
+    two, the length to at most `tokens`.
+
+    Why: cuDNN builds an execution plan per (sample count, maximum length) and PyTorch
+    caches it under exactly those numbers; packed batches change both every step, and a
+    plan takes milliseconds to build. Rounded, a run needs a handful of plans. The extra
+    samples are empty (their boundaries repeat the last one) and the larger maximum is
+    only a bound: neither changes a value."""
+    return max(1, _next_power_of_two(samples)), min(max(1, tokens), _next_power_of_two(max_len))
+
+
+def _padded_boundaries(cu, samples: int):
+    import torch
+
+    extra = samples - (cu.numel() - 1)
+    return torch.cat([cu, cu[-1:].expand(extra)]) if extra > 0 else cu
+
+
 @functools.lru_cache(maxsize=1)
 def _flash_varlen_gqa_fn():
     import torch
 
+    def run_forward(q, k, v, cu, max_len, scale, backend):
+        if backend == "cudnn":
+            samples, bound = cudnn_bucket(cu.numel() - 1, max_len, q.shape[0])
+            cu = _padded_boundaries(cu, samples)
+            res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, bound, bound, True, 0.0, True, False,
+                                                          scale=scale)
+            return res[0], (res[1], res[6], res[7], cu, bound)
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+        return out, (lse, rng, unused, cu, max_len)
+
     class FlashVarlenGQA(torch.autograd.Function):
-        """Causal varlen flash attention with fewer key/value heads than query
-        heads, straight on ATen's flash kernels (which take grouped-query heads).
+        """Causal varlen attention with fewer key/value heads than query heads, straight
+        on ATen's flash or cuDNN kernels (both take grouped-query heads).
         What `varlen_attn(enable_gqa=True)` does in PyTorch 2.12+; on older
         releases its wrapper would need the key/value heads repeated 4x (Llama-3),
         a copy of k and v per layer and pass and a reduction of their gradients:
         about 26 ms of a 1.05 s 8B step (bench/RESULTS.md)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, cu, max_len: int, scale, kept=None):
+        def forward(ctx, q, k, v, cu, max_len: int, scale, kept=None, backend="flash"):
             value = kept.take(cu) if kept is not None else None
             if value is None:
-                out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-                    q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
+                out, stats = run_forward(q, k, v, cu, max_len, scale, backend)
                 if kept is not None:
-                    kept.keep(cu, (out.detach(), lse, rng, unused))
+                    kept.keep(cu, (out.detach(), stats))
             else:  # the recompute of a checkpointed layer: the first forward's output, not the kernel again
-                out, lse, rng, unused = value
-            ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
-            ctx.max_len, ctx.scale = max_len, scale
+                out, stats = value
+            a, b, c, bounds, bound = stats
+            ctx.save_for_backward(q, k, v, out, a, b, c, bounds)
+            ctx.max_len, ctx.scale, ctx.backend = bound, scale, backend
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
-            dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
-                scale=ctx.scale)
-            return dq, dk, dv, None, None, None, None
+            q, k, v, out, a, b, c, cu = ctx.saved_tensors
+            n = ctx.max_len
+            if ctx.backend == "cudnn":  # a: log-sum-exp, b/c: the (unused) dropout seed and offset
+                dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+                    dout.contiguous(), q, k, v, out, a, b, c, None, cu, cu, n, n, 0.0, True, scale=ctx.scale)
+            else:  # a: log-sum-exp, b: rng state, c: unused
+                dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                    dout.contiguous(), q, k, v, out, a, cu, cu, n, n, 0.0, True, b, c, scale=ctx.scale)
+            return dq, dk, dv, None, None, None, None, None
 
     return FlashVarlenGQA
 
 
-def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "KeptAttention | None" = None):
+def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "KeptAttention | None" = None,
+                     backend: str = "flash"):
     """(tokens, heads, dim) causal attention over the packed samples `cu`, with
-    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads. With `kept`, the
-    output of a forward is kept for the next call on the same `cu` (`KeptAttention`)."""
+    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads, on the `backend`
+    kernel ("flash" or "cudnn", `attention_kernel`). With `kept`, the output of a
+    forward is kept for the next call on the same `cu` (`KeptAttention`)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale, kept)
+    if backend not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {backend!r}")
+    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale, kept, backend)
 
 
 KEPT_ATTR = "_kubetune_kept_attention"
