@@ -134,15 +134,12 @@ VARIANTS = {
     "expandable": {},
     # the same case with checkpointed layers keeping their attention output (opt-in)
     "keepattn": {},
-    # the same case with cuDNN's fused attention in place of the flash kernel (opt-in)
-    "cudnn": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
     "prefetch": {"KUBETUNE_PREFETCH": "1"},
     "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     "keepattn": {"KUBETUNE_KEEP_ATTENTION": "1"},
-    "cudnn": {"KUBETUNE_ATTENTION_KERNEL": "cudnn"},
 }
 
 

@@ -248,21 +248,27 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def keep_attention_outputs(model, n: int, uncheckpointed: int = 0) -> int:
+def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool = False) -> int:
     """The `n` checkpointed decoder layers nearest the end (before the `uncheckpointed`
     last ones) keep their attention output for the recompute (`packed_attention.KeptAttention`,
     read by the varlen kernel); the others drop a slot an earlier call gave them. Nearest
-    the end, because the backward reaches them, and frees their outputs, first. Returns
-    how many keep one."""
-    from kubetune.trainer.packed_attention import KEPT_ATTR, KeptAttention
+    the end, because the backward reaches them, and frees their outputs, first. `on_host`:
+    the outputs wait in host memory (`HostKeptAttention`), each layer's fetched back while
+    the backward runs through the layer after it. Returns how many keep one."""
+    from kubetune.trainer.packed_attention import KEPT_ATTR, HostCopies, HostKeptAttention, KeptAttention
 
     layers = decoder_layers(model)
     checkpointed = layers[:max(0, len(layers) - uncheckpointed)]
     chosen = checkpointed[len(checkpointed) - min(max(n, 0), len(checkpointed)):] if n > 0 else []
+    copies, previous = HostCopies(), None
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
-        if attn is not None:
-            setattr(attn, KEPT_ATTR, KeptAttention() if layer in chosen else None)
+        if attn is None:
+            continue
+        slot = None
+        if layer in chosen:
+            slot = previous = HostKeptAttention(copies, previous) if on_host else KeptAttention()
+        setattr(attn, KEPT_ATTR, slot)
     return sum(1 for layer in chosen if getattr(layer, "self_attn", None) is not None)
 
 

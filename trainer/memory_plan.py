@@ -188,7 +188,11 @@ def plan_micro_batch(
                                          offload=True)
     host = max_length * checkpoint_bytes_per_token(shape)
     if free >= off_tok * max_length and host <= host_budget_bytes:
-        kept = _kept_attention(shape, free - off_tok * max_length, max_length, shape.layers) if keep_attention else 0
+        # The checkpoints on the host: so are the kept attention outputs, for every layer or none.
+        kept = 0
+        if keep_attention and _host_kept_attention_fits(shape, free - off_tok * max_length, host_budget_bytes - host,
+                                                        max_length):
+            kept, host = shape.layers, host + max_length * shape.layers * attention_output_bytes_per_token(shape)
         return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host,
                               kept_attention_layers=kept)
     host_note = (f"; with the checkpoints in host memory it would need {off_tok * max_length / GIB:.1f} GiB here and "
@@ -205,6 +209,16 @@ def _kept_attention(shape: ModelShape, spare: int, tokens: int, checkpointed: in
     # A quarter over the estimate, as for uncheckpointed layers: a layer too many is an OOM.
     per_layer = tokens * attention_output_bytes_per_token(shape) * 5 // 4
     return int(min(checkpointed, max(0, spare // per_layer)))
+
+
+def _host_kept_attention_fits(shape: ModelShape, spare: int, host_spare: int, tokens: int) -> bool:
+    """Whether every layer can keep its attention output in host memory
+    (`packed_attention.HostKeptAttention`): the outputs and their statistics fit the host,
+    and the GPU holds the next layer's while it is fetched (the one in use stands in for
+    the output the recompute would have made, already counted): what one layer kept on the
+    GPU costs, with the same quarter over the estimate."""
+    per_layer = tokens * attention_output_bytes_per_token(shape)
+    return per_layer * 5 // 4 <= spare and shape.layers * per_layer <= host_spare
 
 
 def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = None) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from typing import Any, Optional
 
 VARLEN_ATTENTION = "kubetune_varlen"
@@ -223,9 +222,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     v = value.transpose(1, 2).reshape(bsz * seq, n_kv, head_dim)
     # Only a training forward keeps its output for the recompute (evaluation has no backward).
     kept = getattr(module, KEPT_ATTR, None) if module.training and torch.is_grad_enabled() else None
-    backend = attention_kernel()
-    if (no_gqa or kept is not None or backend != "flash") and q.is_cuda:
-        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"), kept, backend)
+    if (no_gqa or kept is not None) and q.is_cuda:
+        out = flash_varlen_gqa(q, k, v, cu, max_len, opts.get("scale"), kept)
     else:
         if no_gqa:  # CPU stand-ins of old signatures: repeat the heads
             k = k.repeat_interleave(n_heads // n_kv, dim=1)
@@ -234,109 +232,50 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.reshape(bsz, seq, n_heads, head_dim), None
 
 
-# Which kernel runs the grouped-query varlen attention on a GPU: PyTorch's flash kernel
-# (FlashAttention-2), or cuDNN's fused attention over ragged rows (`_cudnn_attention_*`),
-# which on Hopper runs the FlashAttention-3 style kernels. An environment switch while it
-# is measured (bench/RESULTS.md, `@cudnn`).
-ATTENTION_KERNEL_ENV = "KUBETUNE_ATTENTION_KERNEL"
-ATTENTION_KERNELS = ("flash", "cudnn")
-
-
-def attention_kernel(environ: Optional[dict] = None) -> str:
-    """The kernel KUBETUNE_ATTENTION_KERNEL names, "flash" when unset."""
-    env = os.environ if environ is None else environ
-    choice = env.get(ATTENTION_KERNEL_ENV) or "flash"
-    if choice not in ATTENTION_KERNELS:
-        raise ValueError(f"{ATTENTION_KERNEL_ENV}={choice!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
-    return choice
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def cudnn_bucket(samples: int, max_len: int, tokens: int) -> tuple[int, int]:
-    """(sample count, maximum length) as given to cuDNN: each rounded up to a power of
-    two, the length to at most `tokens`.
-
-    Why: cuDNN builds an execution plan per (sample count, maximum length) and PyTorch
-    caches it under exactly those numbers; packed batches change both every step, and a
-    plan takes milliseconds to build. Rounded, a run needs a handful of plans. The extra
-    samples are empty (their boundaries repeat the last one) and the larger maximum is
-    only a bound: neither changes a value."""
-    return max(1, _next_power_of_two(samples)), min(max(1, tokens), _next_power_of_two(max_len))
-
-
-def _padded_boundaries(cu, samples: int):
-    import torch
-
-    extra = samples - (cu.numel() - 1)
-    return torch.cat([cu, cu[-1:].expand(extra)]) if extra > 0 else cu
-
-
 @functools.lru_cache(maxsize=1)
 def _flash_varlen_gqa_fn():
     import torch
 
-    def run_forward(q, k, v, cu, max_len, scale, backend):
-        if backend == "cudnn":
-            samples, bound = cudnn_bucket(cu.numel() - 1, max_len, q.shape[0])
-            cu = _padded_boundaries(cu, samples)
-            res = torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, bound, bound, True, 0.0, True, False,
-                                                          scale=scale)
-            return res[0], (res[1], res[6], res[7], cu, bound)
-        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
-        return out, (lse, rng, unused, cu, max_len)
-
     class FlashVarlenGQA(torch.autograd.Function):
-        """Causal varlen attention with fewer key/value heads than query heads, straight
-        on ATen's flash or cuDNN kernels (both take grouped-query heads).
+        """Causal varlen flash attention with fewer key/value heads than query
+        heads, straight on ATen's flash kernels (which take grouped-query heads).
         What `varlen_attn(enable_gqa=True)` does in PyTorch 2.12+; on older
         releases its wrapper would need the key/value heads repeated 4x (Llama-3),
         a copy of k and v per layer and pass and a reduction of their gradients:
         about 26 ms of a 1.05 s 8B step (bench/RESULTS.md)."""
 
         @staticmethod
-        def forward(ctx, q, k, v, cu, max_len: int, scale, kept=None, backend="flash"):
+        def forward(ctx, q, k, v, cu, max_len: int, scale, kept=None):
             value = kept.take(cu) if kept is not None else None
             if value is None:
-                out, stats = run_forward(q, k, v, cu, max_len, scale, backend)
+                out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+                    q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale)
                 if kept is not None:
-                    kept.keep(cu, (out.detach(), stats))
+                    kept.keep(cu, (out.detach(), lse, rng, unused))
             else:  # the recompute of a checkpointed layer: the first forward's output, not the kernel again
-                out, stats = value
-            a, b, c, bounds, bound = stats
-            ctx.save_for_backward(q, k, v, out, a, b, c, bounds)
-            ctx.max_len, ctx.scale, ctx.backend = bound, scale, backend
+                out, lse, rng, unused = value
+            ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+            ctx.max_len, ctx.scale = max_len, scale
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            q, k, v, out, a, b, c, cu = ctx.saved_tensors
-            n = ctx.max_len
-            if ctx.backend == "cudnn":  # a: log-sum-exp, b/c: the (unused) dropout seed and offset
-                dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
-                    dout.contiguous(), q, k, v, out, a, b, c, None, cu, cu, n, n, 0.0, True, scale=ctx.scale)
-            else:  # a: log-sum-exp, b: rng state, c: unused
-                dq, dk, dv = torch.ops.aten._flash_attention_backward(
-                    dout.contiguous(), q, k, v, out, a, cu, cu, n, n, 0.0, True, b, c, scale=ctx.scale)
-            return dq, dk, dv, None, None, None, None, None
+            q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+            dq, dk, dv = torch.ops.aten._flash_attention_backward(
+                dout.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
+                scale=ctx.scale)
+            return dq, dk, dv, None, None, None, None
 
     return FlashVarlenGQA
 
 
-def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "KeptAttention | None" = None,
-                     backend: str = "flash"):
+def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "KeptAttention | None" = None):
     """(tokens, heads, dim) causal attention over the packed samples `cu`, with
-    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads, on the `backend`
-    kernel ("flash" or "cudnn", `attention_kernel`). With `kept`, the output of a
-    forward is kept for the next call on the same `cu` (`KeptAttention`)."""
+    (tokens, kv_heads, dim) keys and values, kv_heads dividing heads. With `kept`, the
+    output of a forward is kept for the next call on the same `cu` (`KeptAttention`)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
-    if backend not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown attention kernel {backend!r}")
-    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale, kept, backend)
+    return _flash_varlen_gqa_fn().apply(q, k, v, cu, max_len, scale, kept)
 
 
 KEPT_ATTR = "_kubetune_kept_attention"
@@ -369,6 +308,102 @@ class KeptAttention:
         value = self._value if self._cu is cu else None
         self._cu = self._value = None
         return value
+
+
+class HostCopies:
+    """One side stream that moves kept attention outputs to pinned host memory in the
+    forward and back to the GPU in the backward, shared by the layers that keep theirs
+    there (`HostKeptAttention`). Off the GPU (tests), plain copies."""
+
+    def __init__(self) -> None:
+        self.stream = None
+
+    def to_host(self, t, buf):
+        """`t` copied into `buf` (a flat host buffer, reused while it is large enough; pinned
+        for a CUDA tensor); returns the buffer and the copy's view of it."""
+        import torch
+
+        if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
+            buf = torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.is_cuda)
+        view = buf[: t.numel()].view(t.shape)
+        if not t.is_cuda:
+            view.copy_(t)
+            return buf, view
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(t.device)
+        # The copy starts once `t` is written; `record_stream` keeps its memory from reuse until then.
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(self.stream):
+            view.copy_(t, non_blocking=True)
+        t.record_stream(self.stream)
+        return buf, view
+
+    def to_device(self, view, device):
+        """Starts the copy of `view` back to `device`; `ready` hands it over."""
+        import torch
+
+        if device.type != "cuda":
+            return view.clone(), None
+        with torch.cuda.stream(self.stream):
+            t = view.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return t, done
+
+    @staticmethod
+    def ready(t, done):
+        import torch
+
+        if done is not None:
+            current = torch.cuda.current_stream(t.device)
+            current.wait_event(done)
+            t.record_stream(current)
+        return t
+
+
+class HostKeptAttention(KeptAttention):
+    """A kept attention output and its log-sum-exp that wait in pinned host memory
+    (`HostCopies`) instead of the GPU; the kernel's random state stays there.
+
+    Why: where the checkpoints themselves go to the host (long rows under a tight budget),
+    the GPU has no room for the outputs (130 MiB a layer at 16k tokens on 8B), but the host
+    has, and the copy (about 2.5 ms a layer over PCIe, on a side stream) is shorter than the
+    attention forward it saves (about 5 ms a layer at 16k tokens, more as rows grow).
+    Taking one output starts fetching the output of `previous`, the layer whose recompute
+    the backward reaches next, so the copy runs behind this layer's backward: the GPU holds
+    one layer's output in flight, what one layer kept there would cost."""
+
+    MOVED = 2  # the output and the log-sum-exp; the rest of the kept value is a few bytes
+
+    def __init__(self, copies: HostCopies, previous: "HostKeptAttention | None" = None) -> None:
+        super().__init__()
+        self.copies, self.previous = copies, previous
+        self._bufs: list = [None] * self.MOVED
+        self._fetched = None
+
+    def keep(self, cu, value) -> None:
+        views = []
+        for i, t in enumerate(value[: self.MOVED]):
+            self._bufs[i], view = self.copies.to_host(t, self._bufs[i])
+            views.append(view)
+        self._fetched = None
+        super().keep(cu, (views, value[0].device, value[self.MOVED:]))
+
+    def prefetch(self) -> None:
+        if self._value is not None and self._fetched is None:
+            views, device, _ = self._value
+            self._fetched = [self.copies.to_device(v, device) for v in views]
+
+    def take(self, cu):
+        value = super().take(cu)
+        fetched, self._fetched = self._fetched, None
+        if value is None:
+            return None
+        views, device, rest = value
+        moved = [self.copies.ready(*f) for f in (fetched or [self.copies.to_device(v, device) for v in views])]
+        if self.previous is not None:
+            self.previous.prefetch()
+        return (*moved, *rest)
 
 
 def varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):

@@ -353,7 +353,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
     if uncheckpointed or kept_attention:
-        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention))
+        # Where the checkpoints go to the host, so do the kept attention outputs (memory_plan).
+        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention,
+                                                kept_on_host=bool(sft_kwargs.get("activation_offloading"))))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
 

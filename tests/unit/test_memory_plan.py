@@ -201,12 +201,24 @@ def test_kept_attention_outputs_take_the_memory_left_over():
     roomy = memory_plan.plan_micro_batch(shape, keep_attention=True, allow_no_checkpointing=False,
                                          **{**common, "budget_bytes": 60 * GIB})
     assert roomy.checkpointing and roomy.kept_attention_layers == 32
-    # long rows with offloaded checkpoints: the outputs stay on the GPU, planned there
+    # long rows with offloaded checkpoints: every layer's output goes to the host with them
+    plain = memory_plan.plan_micro_batch(shape, host_budget_bytes=64 * GIB,
+                                         **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
     long = memory_plan.plan_micro_batch(shape, keep_attention=True, host_budget_bytes=64 * GIB,
                                         **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
-    assert long.offload and long.kept_attention_layers == (
-        (long.budget_bytes - long.fixed_bytes - 16384 * long.bytes_per_token)
-        // (16384 * memory_plan.attention_output_bytes_per_token(shape) * 5 // 4))
+    assert plain.offload and long.offload and long.kept_attention_layers == 32
+    assert long.host_bytes - plain.host_bytes == 16384 * 32 * (4096 * 2 + 32 * 4)  # outputs and statistics, 4 GiB
+    assert long.bytes_per_token == plain.bytes_per_token  # the GPU's share (the output being fetched) fits what is left
+    # a host without room for the outputs, or a GPU without room for the statistics: none kept
+    tight_host = memory_plan.plan_micro_batch(shape, keep_attention=True, host_budget_bytes=plain.host_bytes + GIB,
+                                              **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
+    assert tight_host.offload and tight_host.kept_attention_layers == 0 and tight_host.host_bytes == plain.host_bytes
+    gpu_need = 16384 * (4096 * 2 + 32 * 4) * 5 // 4
+    tight_gpu = memory_plan.plan_micro_batch(
+        shape, keep_attention=True, host_budget_bytes=64 * GIB,
+        **{**common, "max_length": 16384,
+           "budget_bytes": int(5.4 * GIB) + 16384 * plain.bytes_per_token + gpu_need - 1})
+    assert tight_gpu.offload and tight_gpu.kept_attention_layers == 0
 
 
 def test_kept_attention_is_opt_in_and_needs_the_varlen_kernel():

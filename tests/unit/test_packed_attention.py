@@ -301,80 +301,6 @@ def test_kept_attention_output_serves_the_recompute(cpu_flash):
     assert slot.take(cu) is None  # the recompute emptied the slot: nothing held past the backward
 
 
-@pytest.fixture
-def cpu_cudnn(monkeypatch):
-    """ATen's cuDNN ragged attention replaced by the same reference; records the boundaries
-    and maximum length each call was given."""
-    seen = []
-
-    def forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, lse, dropout, causal, debug, scale=None):
-        assert bias is None and lse and causal and not dropout and cu_q is cu_k and max_q == max_k
-        seen.append((cu_q.tolist(), max_q))
-        out, stats = _segments_attention(q, k, v, cu_q, scale)
-        seed, offset = torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)
-        return out, stats.T.contiguous(), cu_q, cu_k, max_q, max_k, seed, offset, torch.empty(0)
-
-    def backward(dout, q, k, v, out, lse, seed, offset, bias, cu_q, cu_k, max_q, max_k, dropout, causal, scale=None):
-        assert bias is None and causal and lse.shape == (q.shape[0], q.shape[1])
-        seen.append((cu_q.tolist(), max_q))
-        with torch.enable_grad():
-            qkv = [t.detach().requires_grad_() for t in (q, k, v)]
-            ref, _ = _segments_attention(*qkv, cu_q, scale)
-            return torch.autograd.grad(ref, qkv, dout)
-
-    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_forward", forward)
-    monkeypatch.setattr(torch.ops.aten, "_cudnn_attention_backward", backward)
-    return seen
-
-
-def test_cudnn_bucket_rounds_samples_and_length_to_powers_of_two():
-    assert pa.cudnn_bucket(3, 12, 24) == (4, 16)
-    assert pa.cudnn_bucket(4, 16, 24) == (4, 16)
-    assert pa.cudnn_bucket(33, 700, 16384) == (64, 1024)
-    assert pa.cudnn_bucket(1, 16384, 16384) == (1, 16384)
-    assert pa.cudnn_bucket(1, 9000, 9000) == (1, 9000)  # never past the tokens there are
-
-
-def test_attention_kernel_names_a_known_kernel():
-    assert pa.attention_kernel({}) == "flash"
-    assert pa.attention_kernel({pa.ATTENTION_KERNEL_ENV: "cudnn"}) == "cudnn"
-    with pytest.raises(ValueError, match="KUBETUNE_ATTENTION_KERNEL='fa3'"):
-        pa.attention_kernel({pa.ATTENTION_KERNEL_ENV: "fa3"})
-
-
-def test_cudnn_kernel_gets_bucketed_boundaries_and_equals_flash(cpu_flash, cpu_cudnn):
-    """The cuDNN path pads the boundaries with empty samples to a power of two and bounds
-    the length by one; outputs and gradients are those of the flash path, also when the
-    recompute takes a kept output."""
-    from torch.utils.checkpoint import checkpoint
-
-    g = torch.Generator().manual_seed(1)
-    q0, k0, v0 = (torch.randn(24, h, 16, generator=g) for h in (4, 2, 2))
-    w = torch.randn(24, 4, 16, generator=g)
-    cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
-
-    def run(backend, kept=None):
-        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        loss = checkpoint(lambda q, k, v: (pa.flash_varlen_gqa(q, k, v, cu, 12, 0.25, kept, backend) * w).sum(),
-                          q, k, v, use_reentrant=False)
-        loss.backward()
-        return [loss.detach()] + [t.grad for t in (q, k, v)]
-
-    flash = run("flash")
-    assert not cpu_cudnn
-    cudnn = run("cudnn")
-    assert cpu_cudnn == [([0, 5, 17, 24, 24], 16)] * 3  # forward, recompute, backward
-    for a, b in zip(cudnn, flash):
-        torch.testing.assert_close(a, b)
-    cpu_cudnn.clear()
-    kept = run("cudnn", pa.KeptAttention())
-    assert len(cpu_cudnn) == 2  # the recompute reused the kept output
-    for a, b in zip(kept, flash):
-        torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="unknown attention kernel 'fa3'"):
-        pa.flash_varlen_gqa(q0, k0, v0, cu, 12, 0.25, None, "fa3")
-
-
 def test_kept_attention_is_dropped_for_another_batch():
     slot = pa.KeptAttention()
     cu, other = torch.tensor([0, 4]), torch.tensor([0, 4])
@@ -398,3 +324,55 @@ def test_keep_attention_outputs_picks_checkpointed_layers_nearest_the_end():
     assert fast_paths.keep_attention_outputs(model, 99) == 6  # never more than there are
     assert fast_paths.keep_attention_outputs(model, 0) == 0
     assert all(getattr(layer.self_attn, pa.KEPT_ATTR) is None for layer in fast_paths.decoder_layers(model))
+    # on the host: one chain, each slot fetching the layer before it, sharing one copier
+    assert fast_paths.keep_attention_outputs(model, 3, uncheckpointed=1, on_host=True) == 3
+    slots = [getattr(layer.self_attn, pa.KEPT_ATTR) for layer in fast_paths.decoder_layers(model)]
+    chain = slots[2:5]
+    assert all(isinstance(s, pa.HostKeptAttention) for s in chain) and slots[:2] == [None, None] and slots[5] is None
+    assert [s.previous for s in chain] == [None, chain[0], chain[1]]
+    assert len({id(s.copies) for s in chain}) == 1
+
+
+def test_host_kept_attention_serves_each_recompute_and_fetches_the_next(cpu_flash):
+    """Three checkpointed layers keep their outputs on the host: each recompute takes its
+    own (no second kernel call), taking one fetches the layer before it, gradients equal
+    those without keeping, and the kept copies do not alias the outputs."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(24, 4, 16, generator=g)
+    k0, v0 = torch.randn(24, 2, 16, generator=g), torch.randn(24, 2, 16, generator=g)
+    cu = torch.tensor([0, 7, 20, 24], dtype=torch.int32)
+
+    def run(slots):
+        x, k, v = (t.clone().requires_grad_() for t in (x0, k0, v0))
+        h = x
+        for slot in slots:
+            h = checkpoint(lambda h, k, v, slot=slot: pa.flash_varlen_gqa(h.tanh(), k, v, cu, 13, 0.25, slot) * 1.5,
+                           h, k, v, use_reentrant=False)
+        (h * h).sum().backward()
+        return [t.grad for t in (x, k, v)]
+
+    cpu_flash.clear()
+    plain = run([None] * 3)
+    assert len(cpu_flash) == 6  # three forwards and three recomputes
+    copies, chain = pa.HostCopies(), []
+    for _ in range(3):
+        chain.append(pa.HostKeptAttention(copies, chain[-1] if chain else None))
+    fetched = []
+    for slot in chain:
+        slot.prefetch = (lambda s: (lambda: (fetched.append(chain.index(s)), pa.HostKeptAttention.prefetch(s))))(slot)
+    cpu_flash.clear()
+    kept = run(chain)
+    assert len(cpu_flash) == 3  # every recompute took its kept output
+    assert fetched == [1, 0]  # the backward's order: the last layer's take fetches the middle one's, and so on
+    for a, b in zip(kept, plain):
+        torch.testing.assert_close(a, b)
+    assert all(s.take(cu) is None for s in chain)  # nothing left held past the backward
+
+    slot = pa.HostKeptAttention(copies)
+    out, lse = torch.ones(3, 2), torch.zeros(2, 3)
+    slot.keep(cu, (out, lse, "rng"))
+    out.fill_(7.0)  # the output's memory reused after the copy: the kept value is the copy's
+    back, back_lse, rng = slot.take(cu)
+    assert torch.equal(back, torch.ones(3, 2)) and torch.equal(back_lse, lse) and rng == "rng"
