@@ -132,14 +132,18 @@ VARIANTS = {
     # the same case with PyTorch's expandable allocator segments, for what the allocator
     # reserves beyond what is allocated
     "expandable": {},
-    # the same case with checkpointed layers keeping their attention output (opt-in)
+    # the same case with checkpointed layers keeping their attention output in the GPU memory
+    # left over too (opt-in; on the host beside offloaded checkpoints is the default)
     "keepattn": {},
+    # the same case with no kept attention outputs at all (not even on the host, the default)
+    "nokeep": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
     "prefetch": {"KUBETUNE_PREFETCH": "1"},
     "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     "keepattn": {"KUBETUNE_KEEP_ATTENTION": "1"},
+    "nokeep": {"KUBETUNE_KEEP_ATTENTION": "0"},
 }
 
 

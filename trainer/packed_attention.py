@@ -313,10 +313,20 @@ class KeptAttention:
 class HostCopies:
     """One side stream that moves kept attention outputs to pinned host memory in the
     forward and back to the GPU in the backward, shared by the layers that keep theirs
-    there (`HostKeptAttention`). Off the GPU (tests), plain copies."""
+    there (`HostKeptAttention`). Off the GPU (tests), plain copies.
 
-    def __init__(self) -> None:
+    No `record_stream`: a tensor being copied to the host stays referenced here until its
+    copy is done (at most `in_flight` of them; past that the compute stream waits for the
+    oldest), and a tensor coming back is allocated on the compute stream, which waits for
+    its copy before using it. Freed memory then goes straight back to the compute stream's
+    pool: with `record_stream` the allocator reserved about 3 GiB more at 16k tokens and 7
+    GiB more at 32k on 8B than without kept outputs, for 0.1-0.3 GiB more allocated
+    (bench/RESULTS.md, issue 16, fourth round)."""
+
+    def __init__(self, in_flight: int = 2) -> None:
         self.stream = None
+        self.in_flight = in_flight
+        self._copying: list = []  # (GPU tensor, copy done) on their way to the host
 
     def to_host(self, t, buf):
         """`t` copied into `buf` (a flat host buffer, reused while it is large enough; pinned
@@ -331,12 +341,35 @@ class HostCopies:
             return buf, view
         if self.stream is None:
             self.stream = torch.cuda.Stream(t.device)
-        # The copy starts once `t` is written; `record_stream` keeps its memory from reuse until then.
-        self.stream.wait_stream(torch.cuda.current_stream(t.device))
+        self.stream.wait_stream(torch.cuda.current_stream(t.device))  # once `t` is written
         with torch.cuda.stream(self.stream):
             view.copy_(t, non_blocking=True)
-        t.record_stream(self.stream)
+            done = torch.cuda.Event()
+            done.record()
+        self._copying.append((t, done))
+        self._release(self.in_flight)
         return buf, view
+
+    def _release(self, keep: int) -> None:
+        """Drop the tensors whose copies are done, and the oldest beyond `keep` once the
+        compute stream has been told to wait for their copies (so their memory is not
+        written before the copy has read it)."""
+        import torch
+
+        still = []
+        for i, (t, done) in enumerate(self._copying):
+            if done.query():
+                continue
+            if len(self._copying) - i > keep:
+                torch.cuda.current_stream(t.device).wait_event(done)
+                continue
+            still.append((t, done))
+        self._copying = still
+
+    def settle(self) -> None:
+        """Nothing left on its way to the host (before the backward fetches outputs back)."""
+        if self._copying:
+            self._release(0)
 
     def to_device(self, view, device):
         """Starts the copy of `view` back to `device`; `ready` hands it over."""
@@ -344,20 +377,21 @@ class HostCopies:
 
         if device.type != "cuda":
             return view.clone(), None
+        t = torch.empty(view.shape, dtype=view.dtype, device=device)  # on the compute stream
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # its memory's earlier users first
         with torch.cuda.stream(self.stream):
-            t = view.to(device, non_blocking=True)
+            t.copy_(view, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
         return t, done
 
     @staticmethod
     def ready(t, done):
+        """`t` for the compute stream, once its copy is done (also before dropping it unused)."""
         import torch
 
         if done is not None:
-            current = torch.cuda.current_stream(t.device)
-            current.wait_event(done)
-            t.record_stream(current)
+            torch.cuda.current_stream(t.device).wait_event(done)
         return t
 
 
@@ -386,6 +420,8 @@ class HostKeptAttention(KeptAttention):
         for i, t in enumerate(value[: self.MOVED]):
             self._bufs[i], view = self.copies.to_host(t, self._bufs[i])
             views.append(view)
+        for f in self._fetched or []:
+            self.copies.ready(*f)
         self._fetched = None
         super().keep(cu, (views, value[0].device, value[self.MOVED:]))
 
@@ -397,7 +433,10 @@ class HostKeptAttention(KeptAttention):
     def take(self, cu):
         value = super().take(cu)
         fetched, self._fetched = self._fetched, None
+        self.copies.settle()
         if value is None:
+            for f in fetched or []:
+                self.copies.ready(*f)  # not used, but its memory is not reused before its copy ends
             return None
         views, device, rest = value
         moved = [self.copies.ready(*f) for f in (fetched or [self.copies.to_device(v, device) for v in views])]

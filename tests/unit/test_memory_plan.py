@@ -204,30 +204,33 @@ def test_kept_attention_outputs_take_the_memory_left_over():
     # long rows with offloaded checkpoints: every layer's output goes to the host with them
     plain = memory_plan.plan_micro_batch(shape, host_budget_bytes=64 * GIB,
                                          **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
-    long = memory_plan.plan_micro_batch(shape, keep_attention=True, host_budget_bytes=64 * GIB,
+    long = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
                                         **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
     assert plain.offload and long.offload and long.kept_attention_layers == 32
     assert long.host_bytes - plain.host_bytes == 16384 * 32 * (4096 * 2 + 32 * 4)  # outputs and statistics, 4 GiB
     assert long.bytes_per_token == plain.bytes_per_token  # the GPU's share (the output being fetched) fits what is left
     # a host without room for the outputs, or a GPU without room for the statistics: none kept
-    tight_host = memory_plan.plan_micro_batch(shape, keep_attention=True, host_budget_bytes=plain.host_bytes + GIB,
+    tight_host = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=plain.host_bytes + GIB,
                                               **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
     assert tight_host.offload and tight_host.kept_attention_layers == 0 and tight_host.host_bytes == plain.host_bytes
     gpu_need = 16384 * (4096 * 2 + 32 * 4) * 5 // 4
     tight_gpu = memory_plan.plan_micro_batch(
-        shape, keep_attention=True, host_budget_bytes=64 * GIB,
+        shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
         **{**common, "max_length": 16384,
            "budget_bytes": int(5.4 * GIB) + 16384 * plain.bytes_per_token + gpu_need - 1})
     assert tight_gpu.offload and tight_gpu.kept_attention_layers == 0
 
 
-def test_kept_attention_is_opt_in_and_needs_the_varlen_kernel():
+def test_kept_attention_goes_to_the_host_by_default_and_needs_the_varlen_kernel():
     from kubetune.trainer.performance import Resolved
 
     def perf(attention):
         return Resolved(attention=attention, liger=True, fused_lora=True, fp8=True, compile=False,
                         selective_checkpointing=True, memory_budget_gib=None)
 
-    assert not memory_plan.keeps_attention(perf("varlen"), {})
-    assert memory_plan.keeps_attention(perf("varlen"), {"KUBETUNE_KEEP_ATTENTION": "1"})
-    assert not memory_plan.keeps_attention(perf("sdpa"), {"KUBETUNE_KEEP_ATTENTION": "1"})
+    assert memory_plan.kept_attention_modes(perf("varlen"), {}) == (False, True)
+    assert memory_plan.kept_attention_modes(perf("varlen"), {"KUBETUNE_KEEP_ATTENTION": "1"}) == (True, True)
+    assert memory_plan.kept_attention_modes(perf("varlen"), {"KUBETUNE_KEEP_ATTENTION": "0"}) == (False, False)
+    assert memory_plan.kept_attention_modes(perf("sdpa"), {"KUBETUNE_KEEP_ATTENTION": "1"}) == (False, False)
+    with pytest.raises(ValueError, match="KUBETUNE_KEEP_ATTENTION='yes'"):
+        memory_plan.kept_attention_modes(perf("varlen"), {"KUBETUNE_KEEP_ATTENTION": "yes"})
