@@ -13,4 +13,7 @@ uv build -q --wheel -o "$PWD/.whl" "$tmp"
 rm -rf "$tmp"
 mkdir -p .bench
 cp ../shared/bench/reference_recipe.py .bench/
+# The commit the wheel was built from (bench/run.py records it; "+changes" when the tree had
+# uncommitted changes), since the copy of the tree on the GPU machine can carry older git metadata.
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- kubetune operator trainer bench || echo +changes)" > .bench/commit
 du -sh .whl .bench

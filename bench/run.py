@@ -485,6 +485,12 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    """The commit the code came from: what bench/prepare_device.sh wrote into .bench/commit
+    (the GPU machine's copy of the tree can carry older git metadata than its files), else
+    git's HEAD."""
+    stamp = HERE.parent / ".bench" / "commit"
+    if stamp.is_file() and stamp.read_text().strip():
+        return stamp.read_text().strip()
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
