@@ -137,6 +137,8 @@ VARIANTS = {
     "keepattn": {},
     # the same case with no kept attention outputs at all (not even on the host, the default)
     "nokeep": {},
+    # the same case with the SwiGLU product quantised where it is made (opt-in)
+    "swiglu": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -144,6 +146,7 @@ VARIANT_ENV = {
     "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     "keepattn": {"KUBETUNE_KEEP_ATTENTION": "1"},
     "nokeep": {"KUBETUNE_KEEP_ATTENTION": "0"},
+    "swiglu": {"KUBETUNE_FP8_SWIGLU": "1"},
 }
 
 

@@ -106,12 +106,13 @@ def _frozen_linear(module) -> bool:
     return plain_or_4bit_linear(module) and not any(p.requires_grad for p in module.parameters())
 
 
-def fp8_base_products(model) -> int:
+def fp8_base_products(model, fuse_swiglu: bool = False) -> int:
     """Route the frozen base products of the decoder layers through FP8 (`fp8`):
     the fused LoRA layers' base product, and every other frozen linear (the MLP
     without adapters). Not the LM head (the loss stays in bf16). Layers whose
-    dimensions are off cuBLASLt's grid (`fp8.pays`) keep bf16.
-    Idempotent; returns how many layers run in FP8."""
+    dimensions are off cuBLASLt's grid (`fp8.pays`) keep bf16. `fuse_swiglu`: an MLP
+    whose down_proj went FP8 this way quantises its SwiGLU product where it makes it
+    (`fuse_swiglu_down`). Idempotent; returns how many layers run in FP8."""
     from peft.tuners.lora.layer import LoraLayer
 
     n = 0
@@ -131,7 +132,43 @@ def fp8_base_products(model) -> int:
                 m.forward = _fp8_forward(m)
             n += 1
         mark_fp8_siblings(block)
+        if fuse_swiglu:
+            fuse_swiglu_down(block)
     return n
+
+
+def _silu_mlp(m) -> bool:
+    """An MLP computing down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen),
+    whose down_proj runs in FP8 as a frozen linear (not an adapted one)."""
+    act = getattr(m, "act_fn", None)
+    down = getattr(m, "down_proj", None)
+    return (type(act).__name__ in ("SiLU", "SiLUActivation") and getattr(m, "gate_proj", None) is not None
+            and getattr(m, "up_proj", None) is not None and down is not None
+            and getattr(down.forward, "_kubetune_fp8", False))
+
+
+def fuse_swiglu_down(block) -> int:
+    """Each SwiGLU MLP of `block` whose down_proj is a frozen FP8 linear runs as
+    down(swiglu) in one node (`lora_kernels.swiglu_down_fp8`), in place of its own (or
+    Liger's) forward. Idempotent; returns how many."""
+    n = 0
+    for m in block.modules():
+        if not _silu_mlp(m):
+            continue
+        if not getattr(m.forward, "_kubetune_swiglu_fp8", False):
+            m.forward = _swiglu_down_forward(m)
+        n += 1
+    return n
+
+
+def _swiglu_down_forward(mlp):
+    from kubetune.trainer.lora_kernels import swiglu_down_fp8
+
+    def forward(x, *args, **kwargs):
+        return swiglu_down_fp8(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj)
+
+    forward._kubetune_swiglu_fp8 = True
+    return forward
 
 
 # Projections that the decoder families of transformers call one after the other on the
@@ -233,7 +270,7 @@ def apply_fast_paths(model, perf: Resolved) -> None:
         if n:
             log.info("fused %d LoRA linear layers", n)
     if perf.fp8:
-        log.info("FP8 base products in %d linear layers", fp8_base_products(model))
+        log.info("FP8 base products in %d linear layers", fp8_base_products(model, fuse_swiglu=perf.fp8_swiglu))
     # Last, over the fused layers.
     if perf.compile:
         log.info("compiled %d decoder layers", compile_layers(model))

@@ -123,6 +123,104 @@ def _triton_kernels():
     return triton, rows_kernel, scaled_cast_kernel, nf4_cast_kernel
 
 
+@functools.lru_cache(maxsize=1)
+def _swiglu_kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def swiglu_rows_kernel(a_ptr, b_ptr, q_ptr, s_ptr, M, K, stride_a, stride_b, ROUND_TO: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # h = silu(a) * b rounded as the unfused path rounds it (silu to the compute dtype,
+        # then the product), and h's row straight to e4m3 as `rows_kernel` does: h is never
+        # written. Rows M.. (the padding) get zeros and scale 1.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
+        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
+        silu = (a * tl.sigmoid(a)).to(ROUND_TO).to(tl.float32)
+        h = (silu * b).to(ROUND_TO).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
+        q = tl.clamp(h * (448.0 / amax), -448.0, 448.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=offs < K)
+        tl.store(s_ptr + row, tl.where(row < M, amax / 448.0, 1.0))
+
+    @triton.jit
+    def swiglu_backward_kernel(a_ptr, b_ptr, dh_ptr, N, BLOCK: tl.constexpr):
+        # In place, as Liger's SwiGLU backward: a <- dL/da, b <- dL/db (a and b are this
+        # node's own saved tensors, read once here).
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        a = tl.load(a_ptr + i, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        tl.store(b_ptr + i, (dh * silu).to(b_ptr.dtype.element_ty), mask=m)
+        tl.store(a_ptr + i, (dh * b * (sig + silu * (1.0 - sig))).to(a_ptr.dtype.element_ty), mask=m)
+
+    return triton, swiglu_rows_kernel, swiglu_backward_kernel
+
+
+def swiglu_rows(a2, b2):
+    """`quantize_rows` of silu(a2) * b2 (both (M, K), the MLP's gate and up outputs), in one
+    kernel on a GPU (`swiglu_rows_kernel`): the product, rounded to a2's dtype as the
+    unfused path rounds it, is quantised where it is computed instead of being written and
+    read back (two passes over the MLP's widest tensor). Same (q, scale) as
+    `quantize_rows(silu(a2) * b2)`."""
+    import torch
+
+    if a2.is_cuda:
+        return swiglu_rows_kernel(a2, b2)
+    return quantize_rows(torch.nn.functional.silu(a2.float()).to(a2.dtype) * b2)
+
+
+def swiglu_rows_kernel(a2, b2):
+    """`swiglu_rows` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
+    import torch
+
+    m, k = a2.shape
+    mp = _padded_rows(m)
+    triton, kernel, _ = _swiglu_kernels()
+    a2 = a2 if a2.stride(1) == 1 else a2.contiguous()
+    b2 = b2 if b2.stride(1) == 1 else b2.contiguous()
+    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=a2.device)
+    s = torch.empty((mp, 1), dtype=torch.float32, device=a2.device)
+    if mp:
+        block = triton.next_power_of_2(k)
+        tl = triton.language
+        round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
+        kernel[(mp,)](a2, b2, q, s, m, k, a2.stride(0), b2.stride(0), ROUND_TO=round_to, BLOCK=block,
+                      num_warps=16 if block >= 8192 else 8)
+    return q, s
+
+
+def swiglu_backward_(a, b, dh):
+    """dL/da and dL/db of h = silu(a) * b from dL/dh, written over a and b (contiguous,
+    same shape as dh); returns them. On a GPU one kernel (`swiglu_backward_kernel_`)."""
+    import torch
+
+    if a.is_cuda:
+        return swiglu_backward_kernel_(a, b, dh)
+    af, dhf = a.float(), dh.float()
+    sig = torch.sigmoid(af)
+    silu = af * sig
+    da = dhf * b.float() * (sig + silu * (1 - sig))
+    b.copy_(dhf * silu)
+    a.copy_(da)
+    return a, b
+
+
+def swiglu_backward_kernel_(a, b, dh):
+    """`swiglu_backward_` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
+    _, _, kernel = _swiglu_kernels()
+    dh = dh.contiguous()
+    n = a.numel()
+    kernel[(-(-n // 4096),)](a, b, dh, n, BLOCK=4096, num_warps=8)
+    return a, b
+
+
 def _padded_rows(m: int) -> int:
     # The token count of a packed micro-batch is arbitrary (16,382 here); zero rows up to the
     # grid keep every operand 16-aligned for cuBLASLt, at the cost of a tiny fill.

@@ -204,6 +204,53 @@ def frozen_linear_fp8(x, base, share=None):
     return _FROZEN_FN.apply(x, base, share)
 
 
+def _swiglu_down_fn():
+    import torch
+
+    class SwiGLUDownFn(torch.autograd.Function):
+        """down_proj(silu(gate) * up) of an MLP whose down_proj is frozen, with its product
+        in FP8: the SwiGLU product goes straight to its e4m3 rows (`fp8.swiglu_rows`), never
+        written in the compute dtype. Saves gate and up (what a SwiGLU backward needs, as
+        Liger's does); the backward writes their gradients over them."""
+
+        @staticmethod
+        def forward(ctx, gate, up, base):
+            cdt = compute_dtype_of(gate)
+            shape = gate.shape
+            a2 = gate.reshape(-1, shape[-1]).to(cdt)
+            b2 = up.reshape(-1, shape[-1]).to(cdt)
+            wq, scale = fp8_weight(base, cdt)
+            y = fp8.linear(a2, None, cdt, w_scale=scale, x_rows=fp8.swiglu_rows(a2, b2), wq=wq)
+            if getattr(base, "bias", None) is not None:
+                y += base.bias.to(cdt)
+            ctx.save_for_backward(a2, b2)
+            ctx.base, ctx.cdt, ctx.shape, ctx.dtypes = base, cdt, shape, (gate.dtype, up.dtype)
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            a2, b2 = ctx.saved_tensors
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
+            wtq, scale = fp8_weight(ctx.base, ctx.cdt, transpose=True)
+            dh = fp8.linear_input_grad(dy2, None, ctx.cdt, w_scale=scale, wtq=wtq)
+            da, db = fp8.swiglu_backward_(a2.contiguous(), b2.contiguous(), dh)
+            return (da.view(ctx.shape).to(ctx.dtypes[0]), db.view(ctx.shape).to(ctx.dtypes[1]), None)
+
+    return SwiGLUDownFn
+
+
+_SWIGLU_DOWN_FN = None
+
+
+def swiglu_down_fp8(gate, up, base):
+    """`base`(silu(gate) * up) for a frozen `base` (an MLP's down_proj), its product in FP8
+    and the SwiGLU product quantised where it is made (`SwiGLUDownFn`)."""
+    global _SWIGLU_DOWN_FN
+    if _SWIGLU_DOWN_FN is None:
+        _SWIGLU_DOWN_FN = _swiglu_down_fn()
+    return _SWIGLU_DOWN_FN.apply(gate, up, base)
+
+
 def plain_or_4bit_linear(module) -> bool:
     """An nn.Linear or a bitsandbytes 4-bit linear: the weights `dense_weight` can read."""
     import torch.nn as nn

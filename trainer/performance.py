@@ -55,10 +55,14 @@ class Resolved:
     compile: bool
     selective_checkpointing: bool
     memory_budget_gib: Optional[float]  # None: 90% of the device
-    overrides: tuple[str, ...] = ()  # the KUBETUNE_* variables that were applied, for the log
+    overrides: tuple[str, ...] = ()
+    # With fp8: an MLP whose down_proj is frozen takes its SwiGLU product straight to e4m3
+    # (KUBETUNE_FP8_SWIGLU=1; opt-in until measured on a GPU).
+    fp8_swiglu: bool = False  # the KUBETUNE_* variables that were applied, for the log
 
     def describe(self) -> str:
-        on = [n for n in ("liger", "fused_lora", "fp8", "compile", "selective_checkpointing") if getattr(self, n)]
+        on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "compile", "selective_checkpointing")
+              if getattr(self, n)]
         budget = f"{self.memory_budget_gib:g} GiB" if self.memory_budget_gib is not None else "90% of the GPU"
         text = f"attention={self.attention}, on: {', '.join(on) or 'none'}, memory budget {budget}"
         return text + (f" (environment: {' '.join(self.overrides)})" if self.overrides else "")
@@ -176,6 +180,10 @@ def resolve(
         auto=True,
     )
 
+    fp8_swiglu = _env_toggle(env, facts.ENV_FP8_SWIGLU)
+    if fp8_swiglu is not None:
+        overrides.append(f"{facts.ENV_FP8_SWIGLU}={int(fp8_swiglu)}")
+
     # ---- memory budget
     budget = perf.memory_budget_gib
     raw_budget = env.get(facts.ENV_MEMORY_BUDGET_GIB, "").strip()
@@ -189,4 +197,5 @@ def resolve(
         overrides.append(f"{facts.ENV_MEMORY_BUDGET_GIB}={raw_budget}")
 
     return Resolved(attention=attention, liger=liger, fused_lora=fused_lora, fp8=fp8, compile=compile_,
-                    selective_checkpointing=selective, memory_budget_gib=budget, overrides=tuple(overrides))
+                    selective_checkpointing=selective, memory_budget_gib=budget, overrides=tuple(overrides),
+                    fp8_swiglu=bool(fp8 and fp8_swiglu))

@@ -111,6 +111,54 @@ def test_fp8_reaches_the_frozen_mlp_when_only_attention_is_adapted():
     assert q.lora_A["default"].weight.grad is not None
 
 
+def test_swiglu_down_fp8_matches_the_unfused_mlp(monkeypatch):
+    """With only attention adapted, each MLP's down_proj is a frozen FP8 linear: fused with
+    its SwiGLU product (`fuse_swiglu`), the loss and every adapter gradient are those of the
+    unfused FP8 path (the same arithmetic on the CPU), and the gradient reaches the frozen
+    MLP's input."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(3, 256, (2, 24))
+    fast_paths.fuse_lora_layers(model)
+    n = fast_paths.fp8_base_products(model)
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    layers = model.get_base_model().model.layers
+    assert not any(getattr(layer.mlp.forward, "_kubetune_swiglu_fp8", False) for layer in layers)
+    assert fast_paths.fp8_base_products(model, fuse_swiglu=True) == n
+    assert all(getattr(layer.mlp.forward, "_kubetune_swiglu_fp8", False) for layer in layers)
+    assert fast_paths.fuse_swiglu_down(layers[0]) == 1  # idempotent
+    calls = _count_calls(monkeypatch, fp8, "swiglu_rows")
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+    assert len(calls) == 2  # the fused node ran, once per layer
+
+
+def test_an_adapted_down_proj_keeps_its_own_mlp_forward():
+    model = _lora(_tiny_llama(), dropout=0.0)  # all-linear: down_proj is a LoRA layer
+    fast_paths.fuse_lora_layers(model)
+    fast_paths.fp8_base_products(model, fuse_swiglu=True)
+    assert not any(getattr(layer.mlp.forward, "_kubetune_swiglu_fp8", False)
+                   for layer in model.get_base_model().model.layers)
+
+
+def test_swiglu_backward_matches_autograd():
+    g = torch.Generator().manual_seed(3)
+    a, b, dh = (torch.randn(5, 48, generator=g) * 2 for _ in range(3))
+    af, bf = a.clone().requires_grad_(), b.clone().requires_grad_()
+    (torch.nn.functional.silu(af) * bf).backward(dh)
+    da, db = fp8.swiglu_backward_(a, b, dh)
+    assert da is a and db is b  # written over the saved tensors, as Liger's backward does
+    torch.testing.assert_close(da, af.grad)
+    torch.testing.assert_close(db, bf.grad)
+
+
 def test_only_weights_on_the_16_grid_go_fp8():
     assert fp8.pays(4096, 14336) and fp8.pays(4096, 1024) and fp8.pays(64, 48)
     assert not fp8.pays(64, 40) and not fp8.pays(40, 64)  # off cuBLASLt's grid of 16

@@ -23,6 +23,19 @@ def test_nf4_to_e4m3_in_one_kernel(check):
     run_check(__file__, check)
 
 
+def same_codes(g, r):
+    """e4m3 codes `g` from the interpreter equal `r` up to the interpreter's own cast: it
+    truncates toward zero where the GPU rounds to nearest even, and loses the carry into the
+    exponent (a value rounding up to 2^e comes out 2^(e-1)). Exactly those, nothing else."""
+    import torch
+
+    step = torch.exp2(torch.floor(torch.log2(g.abs().clamp_min(2.0**-6))) - 3)  # one e4m3 step at |g|
+    same_or_truncated = (g == r) | ((g.sign() == r.sign()) & (g.abs() < r.abs()) & (r.abs() - g.abs() <= step))
+    carry_lost = (r != 0) & (torch.frexp(r)[0].abs() == 0.5) & (g == r / 2)
+    assert bool((same_or_truncated | carry_lost).all()), (g - r).abs().max()
+    assert (g != r).float().mean().item() < 0.1
+
+
 def _compare(n, k, nested, dtype_name="bfloat16"):
     import logging
 
@@ -45,14 +58,7 @@ def _compare(n, k, nested, dtype_name="bfloat16"):
         got = fp8.quantize_nf4(p, amax, transpose=transpose)
         assert got.shape == ref.shape and got.dtype == torch.float8_e4m3fn and got.is_contiguous()
         g, r = got.float(), ref.float()
-        # The interpreter's e4m3 cast truncates toward zero where the GPU rounds to nearest
-        # even, and loses the carry into the exponent (a value rounding up to 2^e comes out
-        # 2^(e-1)): allow exactly those, nothing else.
-        step = torch.exp2(torch.floor(torch.log2(g.abs().clamp_min(2.0**-6))) - 3)  # one e4m3 step at |g|
-        same_or_truncated = (g == r) | ((g.sign() == r.sign()) & (g.abs() < r.abs()) & (r.abs() - g.abs() <= step))
-        carry_lost = (r != 0) & (torch.frexp(r)[0].abs() == 0.5) & (g == r / 2)
-        assert bool((same_or_truncated | carry_lost).all()), (g - r).abs().max()
-        assert (g != r).float().mean().item() < 0.1
+        same_codes(g, r)
         assert ((g * scale - dense.float().t() if transpose else g * scale - dense.float()).norm()
                 / dense.float().norm()).item() < 0.1  # a wrong layout or scale is ~1.4
 

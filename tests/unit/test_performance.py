@@ -111,6 +111,11 @@ def test_explicit_values(perf, method, field, value):
     ({}, {"KUBETUNE_COMPILE": "1"}, H200, "deepspeed-zero3", "compile", False),
     ({}, {"KUBETUNE_COMPILE": "1"}, CPU, "ddp", "compile", False),
     ({}, {"KUBETUNE_FUSED_LORA": "1"}, H200, "deepspeed-zero3", "fused_lora", False),
+    # The SwiGLU product quantised where it is made: opt-in, and only with FP8.
+    ({}, {}, H200, "ddp", "fp8_swiglu", False),
+    ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", True),
+    ({"fp8": "off"}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", False),
+    ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, A100, "ddp", "fp8_swiglu", False),
 ])
 def test_environment_overrides(perf, env, machine, strategy, field, value):
     assert getattr(run(perf, env=env, machine=machine, strategy=strategy), field) == value

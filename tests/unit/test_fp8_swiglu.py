@@ -1,0 +1,89 @@
+"""The SwiGLU product quantised where it is made (trainer/fp8.py `swiglu_rows`,
+`swiglu_backward_`): their Triton kernels run by Triton's interpreter on the CPU against
+the unfused arithmetic (silu(gate) * up in the compute dtype, then `quantize_rows`; torch's
+autograd for the gradients). The interpreter's e4m3 cast differs from the GPU's in known
+ways (see `_rows`); bench/check_fp8.py compares the codes exactly on a GPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
+from interpreted import main, run_check  # noqa: E402
+
+CHECKS = ("rows_bf16", "rows_fp16_odd", "backward")
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_swiglu_kernels_match_the_unfused_arithmetic(check):
+    run_check(__file__, check)
+
+
+def _toward_zero(x, dtype):
+    """fp32 `x` in `dtype` (bf16 or fp16), rounded toward zero."""
+    import torch
+
+    near = x.to(dtype)
+    over = near.float().abs() > x.abs()
+    return torch.where(over, torch.nextafter(near, torch.zeros_like(near)), near)
+
+
+def _rows(m, k, dtype_name):
+    import torch
+
+    from kubetune.trainer import fp8
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(m + k)
+    a = (torch.randn(m, k) * 3).to(dtype)
+    b = (torch.randn(m, k) * torch.logspace(-2, 1, m)[:, None]).to(dtype)  # rows three decades apart
+    # The interpreter rounds fp32 to bf16 toward zero (the GPU: to nearest even), so the
+    # reference rounds the two products (silu, then times b) the interpreter's way.
+    silu = _toward_zero(torch.nn.functional.silu(a.float()), dtype)
+    ref_q, ref_s = fp8.quantize_rows(_toward_zero(silu.float() * b.float(), dtype))
+    q, s = fp8.swiglu_rows_kernel(a, b)
+    assert q.shape == ref_q.shape == (-(-m // 16) * 16, k) and s.shape == ref_s.shape
+    # The same row maxima: the same rounded product (bf16: rounded as the reference rounds it;
+    # fp16 the interpreter rounds its own way again: within two fp16 roundings).
+    torch.testing.assert_close(s, ref_s, rtol=1e-6 if dtype == torch.bfloat16 else 2**-9, atol=0)
+    g, r = q.float(), ref_q.float()
+    # The interpreter's e4m3 cast is not the GPU's (ties away from zero, values a float32 ulp
+    # under a tie, the smallest subnormals and a carry into the exponent come out one code
+    # off): each code within one e4m3 step of torch's, few off at all. A wrong row, column or
+    # scale is off by far more.
+    big = torch.maximum(g.abs(), r.abs()).clamp_min(2.0**-6)
+    step = torch.exp2(torch.floor(torch.log2(big)) - 3)
+    carry_lost = (r != 0) & (torch.frexp(r)[0].abs() == 0.5) & (g == r / 2)  # 2^e comes out 2^(e-1) there
+    assert bool((((g - r).abs() <= step) | carry_lost).all()), (g - r).abs().max()
+    assert (g != r).float().mean().item() < 0.1
+    assert bool((q[m:].float() == 0).all()) and bool((s[m:] == 1).all())  # the padding rows
+
+
+def check_rows_bf16():
+    _rows(37, 256, "bfloat16")
+
+
+def check_rows_fp16_odd():
+    _rows(5, 320, "float16")  # a row narrower than its block; fp16 rounding
+
+
+def check_backward():
+    import torch
+
+    from kubetune.trainer import fp8
+
+    torch.manual_seed(0)
+    a, b, dh = (torch.randn(7, 4100) * 2).bfloat16(), torch.randn(7, 4100).bfloat16(), torch.randn(7, 4100).bfloat16()
+    af, bf = a.float().requires_grad_(), b.float().requires_grad_()
+    (torch.nn.functional.silu(af) * bf).backward(dh.float())
+    da, db = fp8.swiglu_backward_kernel_(a.clone(), b.clone(), dh)
+    for got, ref in ((da, af.grad), (db, bf.grad)):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-5)
+
+
+if __name__ == "__main__":
+    main(globals())
