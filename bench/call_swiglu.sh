@@ -6,14 +6,7 @@
 # 32k (`@b13.6`, re-measured without record_stream) beside Unsloth 8 x 1 at 2,048 and 1 x 1 at
 # 32k, in one invocation. Run from the repository root on the GPU machine with .whl and .bench
 # carried (sh bench/prepare_device.sh here first).
-R=$PWD
 source bench/device_env.sh
 (cd bench && python3 check_fp8.py --json $OUT/check_fp8.json 2>&1 | grep -v '^ ' | tail -3; grep -A14 '"swiglu"' $OUT/check_fp8.json)
-cd /tmp && python3 $R/bench/run.py --model-shape 8b-128k --rows 6000 --rows-longctx 200 \
-  --cases ${CASES:-qlora-instruct,qlora-instruct@swiglu,qlora-ctx32768@b13.6} \
-  --unsloth ${UNSLOTH:-8x1:qlora-instruct,1x1:qlora-ctx32768} --fresh-triton-cache \
-  --steps ${STEPS:-12} --warmup 2 --timing events --log-every ${LOG_EVERY:-6} --profile-step ${PROFILE_STEP:-6} \
-  --deadline-s ${DEADLINE:-500} --logs $OUT/logs --out $OUT --label "${LABEL:-issue 16: SwiGLU quantised where made}" "$@"
-rc=$?
-tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $OUT/logs
-exit $rc
+CASES=${CASES:-qlora-instruct,qlora-instruct@swiglu,qlora-ctx32768@b13.6} UNSLOTH=${UNSLOTH-8x1:qlora-instruct,1x1:qlora-ctx32768} LABEL="${LABEL:-issue 16: SwiGLU quantised where made}" STEPS=${STEPS:-12} LOG_EVERY=${LOG_EVERY:-6} DEADLINE=${DEADLINE:-500} \
+  exec bash bench/run_8b_cases.sh "$@"
