@@ -82,6 +82,11 @@ def test_an_edit_rolls_out_blue_green_a_failed_gate_is_held_back_and_a_revert_ne
     sampler = EndpointSampler(api, "bot-serve", "bot")
     sampler.start()
     try:
+        # The EndpointSlice controller adds the ready pod to the Service on its own schedule, after
+        # the Deployment is available: the switch is sampled from the first sample that has it.
+        wait_for("the first revision behind the Service", lambda: sampler.samples and any(
+            ready and rev == first for _, ready, rev in sampler.samples[-1]), timeout=60, interval=0.1)
+        start = len(sampler.samples) - 1
         # 1. An edit while serving: the new revision is built while the old one serves.
         api.patch("bot", {"spec": {"training": {"learningRate": 0.0001}}})
         second = api.rev("bot")
@@ -101,10 +106,11 @@ def test_an_edit_rolls_out_blue_green_a_failed_gate_is_held_back_and_a_revert_ne
     finally:
         sampler.stop()
     assert not sampler.errors, sampler.errors[:3]
-    assert len(sampler.samples) > 20
-    for i, sample in enumerate(sampler.samples):
+    switch = sampler.samples[start:]
+    assert len(switch) > 20
+    for i, sample in enumerate(switch):
         assert any(ready and rev in (first, second) for _, ready, rev in sample), (i, sample)
-    seen = {rev for sample in sampler.samples for _, ready, rev in sample if ready}
+    seen = {rev for sample in switch for _, ready, rev in sample if ready}
     assert seen == {first, second}  # the switch really happened under the sampler
     status = api.status("bot")
     assert condition(status, "Promoted")["status"] == "True" and condition(status, "Ready")["status"] == "True"
