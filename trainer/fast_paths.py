@@ -297,7 +297,7 @@ def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool
     layers = decoder_layers(model)
     checkpointed = layers[:max(0, len(layers) - uncheckpointed)]
     chosen = checkpointed[len(checkpointed) - min(max(n, 0), len(checkpointed)):] if n > 0 else []
-    copies, previous = HostCopies(), None
+    copies, previous = (HostCopies() if on_host else None), None
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
         if attn is None:

@@ -181,18 +181,28 @@ def swiglu_rows_kernel(a2, b2):
     import torch
 
     m, k = a2.shape
-    mp = _padded_rows(m)
     triton, kernel, _ = _swiglu_kernels()
     a2 = a2 if a2.stride(1) == 1 else a2.contiguous()
     b2 = b2 if b2.stride(1) == 1 else b2.contiguous()
-    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=a2.device)
-    s = torch.empty((mp, 1), dtype=torch.float32, device=a2.device)
+    tl = triton.language
+    round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
+    return _launch_rows(triton, kernel, m, k, [a2, b2], ROUND_TO=round_to)
+
+
+def _launch_rows(triton, kernel, m: int, k: int, inputs: list, **constexprs):
+    """(q, scale) of M' x K e4m3 rows (M rounded up to the grid of 16, the padding written by
+    the kernel) from a row kernel taking (*inputs, q, s, M, K, *their row strides): one
+    program per row, the whole row in one block (`rows_kernel`, `swiglu_rows_kernel`)."""
+    import torch
+
+    device = inputs[0].device
+    mp = _padded_rows(m)
+    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=device)
+    s = torch.empty((mp, 1), dtype=torch.float32, device=device)
     if mp:
         block = triton.next_power_of_2(k)
-        tl = triton.language
-        round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
-        kernel[(mp,)](a2, b2, q, s, m, k, a2.stride(0), b2.stride(0), ROUND_TO=round_to, BLOCK=block,
-                      num_warps=16 if block >= 8192 else 8)
+        kernel[(mp,)](*inputs, q, s, m, k, *(t.stride(0) for t in inputs), BLOCK=block,
+                      num_warps=16 if block >= 8192 else 8, **constexprs)
     return q, s
 
 
@@ -237,13 +247,7 @@ def quantize_rows(x2):
     if x2.is_cuda:
         triton, rows_kernel, _, _ = _triton_kernels()
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-        q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=x2.device)
-        s = torch.empty((mp, 1), dtype=torch.float32, device=x2.device)
-        if mp == 0:
-            return q, s
-        block = triton.next_power_of_2(k)
-        rows_kernel[(mp,)](x2, q, s, m, k, x2.stride(0), BLOCK=block, num_warps=16 if block >= 8192 else 8)
-        return q, s
+        return _launch_rows(triton, rows_kernel, m, k, [x2])
     xf = x2.float()
     amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
     q = (xf * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

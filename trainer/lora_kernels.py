@@ -175,21 +175,30 @@ def _frozen_linear_fn():
             cdt = compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
-            wq, scale = fp8_weight(base, cdt)
-            y = fp8.linear(x2, None, cdt, w_scale=scale, x_rows=_fp8_rows(x, x2, share), wq=wq)
-            if getattr(base, "bias", None) is not None:
-                y += base.bias.to(cdt)
+            y = _frozen_product(base, cdt, x2, _fp8_rows(x, x2, share))
             ctx.base, ctx.cdt, ctx.shape = base, cdt, shape
             return y.view(*shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx, dy):
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
-            wtq, scale = fp8_weight(ctx.base, ctx.cdt, transpose=True)
-            dx = fp8.linear_input_grad(dy2, None, ctx.cdt, w_scale=scale, wtq=wtq)
-            return dx.view(ctx.shape), None, None
+            return _frozen_input_grad(ctx.base, ctx.cdt, dy).view(ctx.shape), None, None
 
     return FrozenLinearFn
+
+
+def _frozen_product(base, cdt, x2, rows):
+    """x2 @ W^T (+ b) of a frozen linear in FP8, x2's e4m3 rows given (FrozenLinearFn, SwiGLUDownFn)."""
+    wq, scale = fp8_weight(base, cdt)
+    y = fp8.linear(x2, None, cdt, w_scale=scale, x_rows=rows, wq=wq)
+    if getattr(base, "bias", None) is not None:
+        y += base.bias.to(cdt)
+    return y
+
+
+def _frozen_input_grad(base, cdt, dy):
+    """dy @ W of a frozen linear in FP8, as (tokens, in_features)."""
+    wtq, scale = fp8_weight(base, cdt, transpose=True)
+    return fp8.linear_input_grad(dy.reshape(-1, dy.shape[-1]).to(cdt), None, cdt, w_scale=scale, wtq=wtq)
 
 
 _FROZEN_FN = None
@@ -219,10 +228,7 @@ def _swiglu_down_fn():
             shape = gate.shape
             a2 = gate.reshape(-1, shape[-1]).to(cdt)
             b2 = up.reshape(-1, shape[-1]).to(cdt)
-            wq, scale = fp8_weight(base, cdt)
-            y = fp8.linear(a2, None, cdt, w_scale=scale, x_rows=fp8.swiglu_rows(a2, b2), wq=wq)
-            if getattr(base, "bias", None) is not None:
-                y += base.bias.to(cdt)
+            y = _frozen_product(base, cdt, a2, fp8.swiglu_rows(a2, b2))
             ctx.save_for_backward(a2, b2)
             ctx.base, ctx.cdt, ctx.shape, ctx.dtypes = base, cdt, shape, (gate.dtype, up.dtype)
             return y.view(*shape[:-1], y.shape[-1])
@@ -230,9 +236,7 @@ def _swiglu_down_fn():
         @staticmethod
         def backward(ctx, dy):
             a2, b2 = ctx.saved_tensors
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cdt)
-            wtq, scale = fp8_weight(ctx.base, ctx.cdt, transpose=True)
-            dh = fp8.linear_input_grad(dy2, None, ctx.cdt, w_scale=scale, wtq=wtq)
+            dh = _frozen_input_grad(ctx.base, ctx.cdt, dy)
             da, db = fp8.swiglu_backward_(a2.contiguous(), b2.contiguous(), dh)
             return (da.view(ctx.shape).to(ctx.dtypes[0]), db.view(ctx.shape).to(ctx.dtypes[1]), None)
 

@@ -420,9 +420,7 @@ class HostKeptAttention(KeptAttention):
         for i, t in enumerate(value[: self.MOVED]):
             self._bufs[i], view = self.copies.to_host(t, self._bufs[i])
             views.append(view)
-        for f in self._fetched or []:
-            self.copies.ready(*f)
-        self._fetched = None
+        self._drop_fetched()
         super().keep(cu, (views, value[0].device, value[self.MOVED:]))
 
     def prefetch(self) -> None:
@@ -430,14 +428,19 @@ class HostKeptAttention(KeptAttention):
             views, device, _ = self._value
             self._fetched = [self.copies.to_device(v, device) for v in views]
 
+    def _drop_fetched(self) -> None:
+        # Not used, but its memory is not reused before its copy ends.
+        for f in self._fetched or []:
+            self.copies.ready(*f)
+        self._fetched = None
+
     def take(self, cu):
         value = super().take(cu)
-        fetched, self._fetched = self._fetched, None
         self.copies.settle()
         if value is None:
-            for f in fetched or []:
-                self.copies.ready(*f)  # not used, but its memory is not reused before its copy ends
+            self._drop_fetched()
             return None
+        fetched, self._fetched = self._fetched, None
         views, device, rest = value
         moved = [self.copies.ready(*f) for f in (fetched or [self.copies.to_device(v, device) for v in views])]
         if self.previous is not None:

@@ -55,10 +55,10 @@ class Resolved:
     compile: bool
     selective_checkpointing: bool
     memory_budget_gib: Optional[float]  # None: 90% of the device
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # the KUBETUNE_* variables that were applied, for the log
     # With fp8: an MLP whose down_proj is frozen takes its SwiGLU product straight to e4m3
     # (KUBETUNE_FP8_SWIGLU=1; opt-in until measured on a GPU).
-    fp8_swiglu: bool = False  # the KUBETUNE_* variables that were applied, for the log
+    fp8_swiglu: bool = False
 
     def describe(self) -> str:
         on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "compile", "selective_checkpointing")
