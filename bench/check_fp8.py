@@ -176,6 +176,37 @@ def check_swiglu(failures: list) -> dict:
     return out
 
 
+def check_fast_accum(failures: list) -> dict:
+    """The forward product with and without cuBLASLt's fast FP8 accumulation
+    (`fp8.set_forward_fast_accum`): time, and the error against the fp32 product of the
+    same e4m3 operands (the accumulation's own error) and against the exact product."""
+    out = {}
+    torch.manual_seed(2)
+    for name, (k, n) in SHAPES.items():
+        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
+        w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
+        xq, xs = fp8.quantize_rows(x)
+        wq, ws = fp8.quantize_tensor(w)
+        wsv = ws.expand(1, n).contiguous()
+        same_operands = (xq.float() * xs) @ (wq.float() * ws).t()
+        exact = x.float() @ w.float().t()
+        row = {}
+        for fast in (False, True):
+            tag = "fast" if fast else "promoted"
+            mm = lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=wsv, out_dtype=torch.bfloat16,  # noqa: E731
+                                          use_fast_accum=fast)
+            y = mm()
+            row[f"{tag}_ms"] = round(timed(mm), 3)
+            row[f"{tag}_tflops"] = round(2 * TOKENS * k * n / row[f"{tag}_ms"] / 1e9, 1)
+            row[f"{tag}_rel_err_same_operands"] = round(rel(y, same_operands), 6)
+            row[f"{tag}_rel_err_exact"] = round(rel(y, exact), 5)
+        row["speedup"] = round(row["promoted_ms"] / row["fast_ms"], 3)
+        out[name] = row
+        if row["fast_rel_err_exact"] > 0.05:
+            failures.append(f"fast accumulation, {name}: {row}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="")
@@ -186,7 +217,7 @@ def main() -> int:
     failures: list = []
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": TOKENS,
               "kernels": check_kernels(failures), "products": check_products(failures), "timing": timing(),
-              "swiglu": check_swiglu(failures)}
+              "swiglu": check_swiglu(failures), "fast_accum": check_fast_accum(failures)}
     report["failures"] = failures
     write_report(report, args.json)
     return 1 if failures else 0

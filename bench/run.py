@@ -139,6 +139,8 @@ VARIANTS = {
     "nokeep": {},
     # the same case with the SwiGLU product quantised where it is made (opt-in)
     "swiglu": {},
+    # the same case with the forward FP8 products' fast accumulation (opt-in)
+    "fastacc": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -147,6 +149,7 @@ VARIANT_ENV = {
     "keepattn": {"KUBETUNE_KEEP_ATTENTION": "1"},
     "nokeep": {"KUBETUNE_KEEP_ATTENTION": "0"},
     "swiglu": {"KUBETUNE_FP8_SWIGLU": "1"},
+    "fastacc": {"KUBETUNE_FP8_FAST_ACCUM": "1"},
 }
 
 

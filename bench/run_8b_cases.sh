@@ -1,6 +1,6 @@
 #!/bin/bash
 # The bench/run.py invocation the issue-16 device calls share (call_keepattn.sh, call_hostkept.sh,
-# call_swiglu.sh set CASES, UNSLOTH, LABEL and the rest, then run this): the Llama-3.1-8B shape
+# call_fp8_step.sh set CASES, UNSLOTH, LABEL and the rest, then run this): the Llama-3.1-8B shape
 # with its 128k vocabulary, 6,000 instruct rows and 200 long-context rows, an empty Triton cache
 # per case, CUDA-event step clock, one profiled step; logs packed into $OUT/logs.tgz.
 # Extra bench/run.py arguments may follow (they override the ones here).

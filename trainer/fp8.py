@@ -356,12 +356,32 @@ def quantize_nf4(weight, amax, transpose: bool = False):
     return q
 
 
-def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype):
+# Hopper's FP8 tensor cores accumulate a product in fewer than fp32's bits; by default cuBLASLt
+# promotes the partial sums to fp32 registers every few K-blocks, which costs throughput.
+# "Fast accumulation" skips the promotion. torchao's float8 training recipe takes it for the
+# forward product and keeps promotion for the gradients, and so does this module when the run
+# asks for it (`performance.Resolved.fp8_fast_accum`, set by `fast_paths.apply_fast_paths`):
+# forward products (and their recompute) only; input gradients always promote.
+_forward_fast_accum = False
+
+
+def set_forward_fast_accum(on: bool) -> None:
+    """Whether `linear` (the forward products) uses cuBLASLt's fast FP8 accumulation."""
+    global _forward_fast_accum
+    _forward_fast_accum = bool(on)
+
+
+def forward_fast_accum() -> bool:
+    return _forward_fast_accum
+
+
+def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype, fast_accum: bool = False):
     """aq (M, K) row-major times b (K, N) column-major, both e4m3, scaled per
     row of a and per column of b."""
     import torch
 
-    return torch._scaled_mm(aq, b_colmajor, scale_a=a_scale, scale_b=b_scale_row, out_dtype=out_dtype)
+    return torch._scaled_mm(aq, b_colmajor, scale_a=a_scale, scale_b=b_scale_row, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 
 def linear(x2, w, out_dtype, w_scale: "WeightScale | None" = None, x_rows=None, wq=None):
@@ -375,7 +395,7 @@ def linear(x2, w, out_dtype, w_scale: "WeightScale | None" = None, x_rows=None, 
     xq, xs = quantize_rows(x2) if x_rows is None else x_rows
     if wq is None:
         wq = cast_weight(w, ws.amax)
-    y = _mm(xq, xs, wq.t(), ws.out_row, out_dtype)
+    y = _mm(xq, xs, wq.t(), ws.out_row, out_dtype, fast_accum=_forward_fast_accum)
     return y[:m]
 
 

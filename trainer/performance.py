@@ -59,9 +59,13 @@ class Resolved:
     # With fp8: an MLP whose down_proj is frozen takes its SwiGLU product straight to e4m3
     # (KUBETUNE_FP8_SWIGLU=1; opt-in until measured on a GPU).
     fp8_swiglu: bool = False
+    # With fp8: the forward products use cuBLASLt's fast FP8 accumulation (torchao's recipe;
+    # KUBETUNE_FP8_FAST_ACCUM=1, opt-in until measured on a GPU).
+    fp8_fast_accum: bool = False
 
     def describe(self) -> str:
-        on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "compile", "selective_checkpointing")
+        on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "fp8_fast_accum", "compile",
+                        "selective_checkpointing")
               if getattr(self, n)]
         budget = f"{self.memory_budget_gib:g} GiB" if self.memory_budget_gib is not None else "90% of the GPU"
         text = f"attention={self.attention}, on: {', '.join(on) or 'none'}, memory budget {budget}"
@@ -180,9 +184,12 @@ def resolve(
         auto=True,
     )
 
-    fp8_swiglu = _env_toggle(env, facts.ENV_FP8_SWIGLU)
-    if fp8_swiglu is not None:
-        overrides.append(f"{facts.ENV_FP8_SWIGLU}={int(fp8_swiglu)}")
+    fp8_only = {}
+    for var, name in ((facts.ENV_FP8_SWIGLU, "fp8_swiglu"), (facts.ENV_FP8_FAST_ACCUM, "fp8_fast_accum")):
+        on = _env_toggle(env, var)
+        if on is not None:
+            overrides.append(f"{var}={int(on)}")
+        fp8_only[name] = bool(fp8 and on)
 
     # ---- memory budget
     budget = perf.memory_budget_gib
@@ -198,4 +205,4 @@ def resolve(
 
     return Resolved(attention=attention, liger=liger, fused_lora=fused_lora, fp8=fp8, compile=compile_,
                     selective_checkpointing=selective, memory_budget_gib=budget, overrides=tuple(overrides),
-                    fp8_swiglu=bool(fp8 and fp8_swiglu))
+                    **fp8_only)

@@ -61,6 +61,9 @@ ENV_FP8 = "KUBETUNE_FP8"
 # Opt-in until a GPU run measures it: with FP8, the SwiGLU product quantised where it is
 # made, for a frozen down_proj (trainer/lora_kernels.swiglu_down_fp8).
 ENV_FP8_SWIGLU = "KUBETUNE_FP8_SWIGLU"
+# Opt-in until a GPU run measures it: with FP8, the forward products accumulate without
+# cuBLASLt's fp32 promotion (trainer/fp8.set_forward_fast_accum).
+ENV_FP8_FAST_ACCUM = "KUBETUNE_FP8_FAST_ACCUM"
 ENV_COMPILE = "KUBETUNE_COMPILE"
 ENV_SELECTIVE_CHECKPOINTING = "KUBETUNE_SELECTIVE_CHECKPOINTING"
 ENV_MEMORY_BUDGET_GIB = "KUBETUNE_MEMORY_BUDGET_GIB"

@@ -58,6 +58,28 @@ def test_linear_and_input_grad_match_the_exact_products():
     assert _rel(dx, dy @ w) < 0.05
 
 
+def test_fast_accumulation_is_asked_for_in_forward_products_only(monkeypatch):
+    # The switch reaches cuBLASLt only through _scaled_mm's flag: the forward product takes
+    # it when the run asks, the input gradient never does (torchao's recipe).
+    seen = []
+    real = torch._scaled_mm
+
+    def spy(*args, use_fast_accum=False, **kwargs):
+        seen.append(use_fast_accum)
+        return real(*args, use_fast_accum=use_fast_accum, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    x, w, dy = torch.randn(40, 64), torch.randn(32, 64) / 8, torch.randn(40, 32)
+    try:
+        for on in (False, True):
+            fp8.set_forward_fast_accum(on)
+            fp8.linear(x, w, torch.float32)
+            fp8.linear_input_grad(dy, w, torch.float32)
+    finally:
+        fp8.set_forward_fast_accum(False)
+    assert seen == [False, False, True, False]
+
+
 def test_fp8_lora_linear_matches_bf16_within_fp8_rounding():
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48, bias=True)

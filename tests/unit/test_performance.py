@@ -116,6 +116,11 @@ def test_explicit_values(perf, method, field, value):
     ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", True),
     ({"fp8": "off"}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", False),
     ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, A100, "ddp", "fp8_swiglu", False),
+    # Fast FP8 accumulation of the forward products: opt-in, and only with FP8.
+    ({}, {}, H200, "ddp", "fp8_fast_accum", False),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, H200, "ddp", "fp8_fast_accum", True),
+    ({"fp8": "off"}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, H200, "ddp", "fp8_fast_accum", False),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, A100, "ddp", "fp8_fast_accum", False),
 ])
 def test_environment_overrides(perf, env, machine, strategy, field, value):
     assert getattr(run(perf, env=env, machine=machine, strategy=strategy), field) == value
