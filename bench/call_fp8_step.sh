@@ -1,5 +1,6 @@
 #!/bin/bash
 # Issue 16 item 2, one device call: the two opt-in changes to the FP8 step, each alone and both.
+# (`@swiglu`: where gate, up and down are all frozen, the whole MLP is one FP8 node.)
 # First bench/check_fp8.py (its `swiglu` part: the fused SwiGLU rows against the unfused
 # arithmetic and their time; its `fast_accum` part: each product with and without cuBLASLt's
 # fast accumulation, time and error), then 8B QLoRA at seq 2048 as committed, `@fastacc`

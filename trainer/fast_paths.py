@@ -150,7 +150,8 @@ def _silu_mlp(m) -> bool:
 def fuse_swiglu_down(block) -> int:
     """Each SwiGLU MLP of `block` whose down_proj is a frozen FP8 linear runs as
     down(swiglu) in one node (`lora_kernels.swiglu_down_fp8`), in place of its own (or
-    Liger's) forward. Idempotent; returns how many."""
+    Liger's) forward; where gate_proj and up_proj are frozen FP8 linears too, the whole
+    MLP is one node (`lora_kernels.frozen_swiglu_mlp_fp8`). Idempotent; returns how many."""
     n = 0
     for m in block.modules():
         if not _silu_mlp(m):
@@ -162,9 +163,12 @@ def fuse_swiglu_down(block) -> int:
 
 
 def _swiglu_down_forward(mlp):
-    from kubetune.trainer.lora_kernels import swiglu_down_fp8
+    from kubetune.trainer.lora_kernels import frozen_swiglu_mlp_fp8, swiglu_down_fp8
 
+    # Decided when called, not when wired: an adapter attached to gate / up later changes it.
     def forward(x, *args, **kwargs):
+        if getattr(mlp.gate_proj.forward, "_kubetune_fp8", False) and getattr(mlp.up_proj.forward, "_kubetune_fp8", False):
+            return frozen_swiglu_mlp_fp8(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         return swiglu_down_fp8(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj)
 
     forward._kubetune_swiglu_fp8 = True

@@ -160,7 +160,31 @@ def _swiglu_kernels():
         tl.store(b_ptr + i, (dh * silu).to(b_ptr.dtype.element_ty), mask=m)
         tl.store(a_ptr + i, (dh * b * (sig + silu * (1.0 - sig))).to(a_ptr.dtype.element_ty), mask=m)
 
-    return triton, swiglu_rows_kernel, swiglu_backward_kernel
+    @triton.jit
+    def swiglu_backward_rows_kernel(a_ptr, b_ptr, dh_ptr, qa_ptr, sa_ptr, qb_ptr, sb_ptr, M, K,
+                                    stride_a, stride_b, stride_dh, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
+        # dL/da and dL/db of one row, rounded to the compute dtype as `swiglu_backward_kernel`
+        # stores them, straight to their e4m3 rows (`rows_kernel`'s recipe), each with its own
+        # scale: for a frozen gate / up whose only use of them is the FP8 input gradient.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
+        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * stride_dh + offs, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        db = (dh * silu).to(ROUND_TO).to(tl.float32)
+        da = (dh * b * (sig + silu * (1.0 - sig))).to(ROUND_TO).to(tl.float32)
+        amax_a = tl.maximum(tl.max(tl.abs(da), axis=0), 1e-12)
+        amax_b = tl.maximum(tl.max(tl.abs(db), axis=0), 1e-12)
+        out = offs < K
+        tl.store(qa_ptr + row * K + offs, tl.clamp(da * (448.0 / amax_a), -448.0, 448.0).to(tl.float8e4nv), mask=out)
+        tl.store(qb_ptr + row * K + offs, tl.clamp(db * (448.0 / amax_b), -448.0, 448.0).to(tl.float8e4nv), mask=out)
+        tl.store(sa_ptr + row, tl.where(row < M, amax_a / 448.0, 1.0))
+        tl.store(sb_ptr + row, tl.where(row < M, amax_b / 448.0, 1.0))
+
+    return triton, swiglu_rows_kernel, swiglu_backward_kernel, swiglu_backward_rows_kernel
 
 
 def swiglu_rows(a2, b2):
@@ -181,7 +205,7 @@ def swiglu_rows_kernel(a2, b2):
     import torch
 
     m, k = a2.shape
-    triton, kernel, _ = _swiglu_kernels()
+    triton, kernel, _, _ = _swiglu_kernels()
     a2 = a2 if a2.stride(1) == 1 else a2.contiguous()
     b2 = b2 if b2.stride(1) == 1 else b2.contiguous()
     tl = triton.language
@@ -189,21 +213,22 @@ def swiglu_rows_kernel(a2, b2):
     return _launch_rows(triton, kernel, m, k, [a2, b2], ROUND_TO=round_to)
 
 
-def _launch_rows(triton, kernel, m: int, k: int, inputs: list, **constexprs):
+def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1, **constexprs):
     """(q, scale) of M' x K e4m3 rows (M rounded up to the grid of 16, the padding written by
     the kernel) from a row kernel taking (*inputs, q, s, M, K, *their row strides): one
-    program per row, the whole row in one block (`rows_kernel`, `swiglu_rows_kernel`)."""
+    program per row, the whole row in one block (`rows_kernel`, `swiglu_rows_kernel`). A
+    kernel writing several such outputs takes (q, s) pairs in turn; a list of them returns."""
     import torch
 
     device = inputs[0].device
     mp = _padded_rows(m)
-    q = torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=device)
-    s = torch.empty((mp, 1), dtype=torch.float32, device=device)
+    pairs = [(torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=device),
+              torch.empty((mp, 1), dtype=torch.float32, device=device)) for _ in range(outputs)]
     if mp:
         block = triton.next_power_of_2(k)
-        kernel[(mp,)](*inputs, q, s, m, k, *(t.stride(0) for t in inputs), BLOCK=block,
-                      num_warps=16 if block >= 8192 else 8, **constexprs)
-    return q, s
+        kernel[(mp,)](*inputs, *(t for pair in pairs for t in pair), m, k, *(t.stride(0) for t in inputs),
+                      BLOCK=block, num_warps=16 if block >= 8192 else 8, **constexprs)
+    return pairs[0] if outputs == 1 else pairs
 
 
 def swiglu_backward_(a, b, dh):
@@ -224,11 +249,35 @@ def swiglu_backward_(a, b, dh):
 
 def swiglu_backward_kernel_(a, b, dh):
     """`swiglu_backward_` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
-    _, _, kernel = _swiglu_kernels()
+    _, _, kernel, _ = _swiglu_kernels()
     dh = dh.contiguous()
     n = a.numel()
     kernel[(-(-n // 4096),)](a, b, dh, n, BLOCK=4096, num_warps=8)
     return a, b
+
+
+def swiglu_backward_rows(a2, b2, dh2):
+    """[`quantize_rows` of dL/da, of dL/db] for h = silu(a2) * b2 (all (M, K)), the gradients
+    rounded to a2's dtype first, as `swiglu_backward_` would store them: for a frozen gate
+    and up whose only use of their output gradients is the FP8 input gradient. On a GPU one
+    kernel (`swiglu_backward_rows_kernel`), which never writes them in the compute dtype;
+    a2 and b2 are left as they are."""
+    if a2.is_cuda:
+        return swiglu_backward_rows_kernel(a2, b2, dh2)
+    da, db = swiglu_backward_(a2.clone(), b2.clone(), dh2)
+    return [quantize_rows(da), quantize_rows(db)]
+
+
+def swiglu_backward_rows_kernel(a2, b2, dh2):
+    """`swiglu_backward_rows` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
+    import torch
+
+    m, k = a2.shape
+    triton, _, _, kernel = _swiglu_kernels()
+    a2, b2, dh2 = (t if t.stride(1) == 1 else t.contiguous() for t in (a2, b2, dh2))
+    tl = triton.language
+    round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
+    return _launch_rows(triton, kernel, m, k, [a2, b2, dh2], outputs=2, ROUND_TO=round_to)
 
 
 def _padded_rows(m: int) -> int:
@@ -399,13 +448,14 @@ def linear(x2, w, out_dtype, w_scale: "WeightScale | None" = None, x_rows=None, 
     return y[:m]
 
 
-def linear_input_grad(dy2, w, out_dtype, w_scale: "WeightScale | None" = None, wtq=None):
+def linear_input_grad(dy2, w, out_dtype, w_scale: "WeightScale | None" = None, wtq=None, dy_rows=None):
     """dy2 @ w for dy2 (M, N), w (N, K): the input gradient of `linear`, with
     the output gradient rounded to e4m3 per row (same recipe); `wtq`: w^T's
-    e4m3 copy (K, N) when the caller has it."""
+    e4m3 copy (K, N) when the caller has it; `dy_rows`: dy2's `quantize_rows` when the
+    caller made them (dy2 is then read for its row count only)."""
     m = dy2.shape[0]
     ws = WeightScale.of(w) if w_scale is None else w_scale
-    gq, gs = quantize_rows(dy2)
+    gq, gs = quantize_rows(dy2) if dy_rows is None else dy_rows
     if wtq is None:
         wtq = cast_weight(w, ws.amax, transpose=True)  # (K, N) contiguous: w column-major
     dx = _mm(gq, gs, wtq.t(), ws.in_row, out_dtype)

@@ -195,10 +195,12 @@ def _frozen_product(base, cdt, x2, rows):
     return y
 
 
-def _frozen_input_grad(base, cdt, dy):
-    """dy @ W of a frozen linear in FP8, as (tokens, in_features)."""
+def _frozen_input_grad(base, cdt, dy, dy_rows=None):
+    """dy @ W of a frozen linear in FP8, as (tokens, in_features); `dy_rows` as in
+    `fp8.linear_input_grad`."""
     wtq, scale = fp8_weight(base, cdt, transpose=True)
-    return fp8.linear_input_grad(dy.reshape(-1, dy.shape[-1]).to(cdt), None, cdt, w_scale=scale, wtq=wtq)
+    return fp8.linear_input_grad(dy.reshape(-1, dy.shape[-1]).to(cdt), None, cdt, w_scale=scale, wtq=wtq,
+                                 dy_rows=dy_rows)
 
 
 _FROZEN_FN = None
@@ -253,6 +255,56 @@ def swiglu_down_fp8(gate, up, base):
     if _SWIGLU_DOWN_FN is None:
         _SWIGLU_DOWN_FN = _swiglu_down_fn()
     return _SWIGLU_DOWN_FN.apply(gate, up, base)
+
+
+def _frozen_swiglu_mlp_fn():
+    import torch
+
+    class FrozenSwiGLUMLPFn(torch.autograd.Function):
+        """down(silu(gate(x)) * up(x)) of an MLP whose three linears are frozen, every
+        product in FP8: x quantised once for gate and up, the SwiGLU product straight to
+        its e4m3 rows (`fp8.swiglu_rows`), and in the backward gate's and up's output
+        gradients straight to theirs (`fp8.swiglu_backward_rows`): nothing but the input
+        gradients reads them, so they are never written in the compute dtype. Saves gate
+        and up's outputs (what `SwiGLUDownFn` saves)."""
+
+        @staticmethod
+        def forward(ctx, x, gate, up, down):
+            cdt = compute_dtype_of(x)
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(cdt)
+            rows = fp8.quantize_rows(x2)
+            a2 = _frozen_product(gate, cdt, x2, rows)
+            b2 = _frozen_product(up, cdt, x2, rows)
+            y = _frozen_product(down, cdt, a2, fp8.swiglu_rows(a2, b2))
+            ctx.save_for_backward(a2, b2)
+            ctx.bases, ctx.cdt, ctx.shape = (gate, up, down), cdt, shape
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, dy):
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None
+            a2, b2 = ctx.saved_tensors
+            gate, up, down = ctx.bases
+            dh = _frozen_input_grad(down, ctx.cdt, dy)
+            a_rows, b_rows = fp8.swiglu_backward_rows(a2, b2, dh)
+            dx = _frozen_input_grad(gate, ctx.cdt, a2, dy_rows=a_rows)
+            dx += _frozen_input_grad(up, ctx.cdt, b2, dy_rows=b_rows)
+            return dx.view(ctx.shape), None, None, None
+
+    return FrozenSwiGLUMLPFn
+
+
+_FROZEN_MLP_FN = None
+
+
+def frozen_swiglu_mlp_fp8(x, gate, up, down):
+    """down(silu(gate(x)) * up(x)) for three frozen linears, in FP8 (`FrozenSwiGLUMLPFn`)."""
+    global _FROZEN_MLP_FN
+    if _FROZEN_MLP_FN is None:
+        _FROZEN_MLP_FN = _frozen_swiglu_mlp_fn()
+    return _FROZEN_MLP_FN.apply(x, gate, up, down)
 
 
 def plain_or_4bit_linear(module) -> bool:

@@ -133,14 +133,19 @@ def test_fp8_reaches_the_frozen_mlp_when_only_attention_is_adapted():
     assert q.lora_A["default"].weight.grad is not None
 
 
-def test_swiglu_down_fp8_matches_the_unfused_mlp(monkeypatch):
-    """With only attention adapted, each MLP's down_proj is a frozen FP8 linear: fused with
-    its SwiGLU product (`fuse_swiglu`), the loss and every adapter gradient are those of the
-    unfused FP8 path (the same arithmetic on the CPU), and the gradient reaches the frozen
-    MLP's input."""
+@pytest.mark.parametrize("targets, whole_mlp", [
+    (["q_proj", "v_proj"], True),  # gate, up and down frozen: the MLP is one node
+    (["q_proj", "v_proj", "gate_proj", "up_proj"], False),  # down alone frozen: down(swiglu)
+])
+def test_swiglu_fused_mlp_matches_the_unfused_fp8_path(monkeypatch, targets, whole_mlp):
+    """An MLP whose down_proj is a frozen FP8 linear, fused with its SwiGLU product
+    (`fuse_swiglu`): the loss and every adapter gradient are those of the unfused FP8 path
+    (the same arithmetic on the CPU), and the gradient reaches the MLP's input (the first
+    layer's adapters see it). With gate and up frozen too, the backward takes their output
+    gradients straight to e4m3 rows (`swiglu_backward_rows`)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                      task_type="CAUSAL_LM"))
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -155,11 +160,26 @@ def test_swiglu_down_fp8_matches_the_unfused_mlp(monkeypatch):
     assert all(getattr(layer.mlp.forward, "_kubetune_swiglu_fp8", False) for layer in layers)
     assert fast_paths.fuse_swiglu_down(layers[0]) == 1  # idempotent
     calls = _count_calls(monkeypatch, fp8, "swiglu_rows")
+    backward_rows = _count_calls(monkeypatch, fp8, "swiglu_backward_rows")
     loss, grads = _loss_and_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
     assert len(calls) == 2  # the fused node ran, once per layer
+    assert len(backward_rows) == (2 if whole_mlp else 0)
+
+
+def test_swiglu_backward_rows_are_the_rows_of_the_stored_gradients():
+    g = torch.Generator().manual_seed(4)
+    a, b, dh = ((torch.randn(21, 48, generator=g) * 2).bfloat16() for _ in range(3))
+    a0, b0 = a.clone(), b.clone()
+    (qa, sa), (qb, sb) = fp8.swiglu_backward_rows(a, b, dh)
+    da, db = fp8.swiglu_backward_(a0.clone(), b0.clone(), dh)
+    for (q, s), ref in (((qa, sa), da), ((qb, sb), db)):
+        rq, rs = fp8.quantize_rows(ref)
+        assert q.shape == rq.shape == (32, 48)  # padded to the grid of 16
+        assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+    assert torch.equal(a, a0) and torch.equal(b, b0)  # the saved outputs are left as they were
 
 
 def test_an_adapted_down_proj_keeps_its_own_mlp_forward():

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("rows_bf16", "rows_fp16_odd", "backward")
+CHECKS = ("rows_bf16", "rows_fp16_odd", "backward", "backward_rows")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -77,6 +77,32 @@ def check_backward():
     for got, ref in ((da, af.grad), (db, bf.grad)):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-5)
+
+
+def check_backward_rows():
+    # The backward's gradients straight to e4m3 rows: each row's scale is that of the
+    # gradient rounded to bf16 (toward zero, the interpreter's way), the codes within one step.
+    import torch
+
+    from kubetune.trainer import fp8
+    from test_fp8_nf4 import same_codes
+
+    torch.manual_seed(1)
+    m, k = 19, 300
+    a = (torch.randn(m, k) * 2).bfloat16()
+    b = (torch.randn(m, k) * torch.logspace(-2, 1, m)[:, None]).bfloat16()
+    dh = torch.randn(m, k).bfloat16()
+    af, bf, dhf = a.float(), b.float(), dh.float()
+    sig = torch.sigmoid(af)
+    silu = af * sig
+    refs = (_toward_zero(dhf * bf * (sig + silu * (1 - sig)), torch.bfloat16), _toward_zero(dhf * silu, torch.bfloat16))
+    got = fp8.swiglu_backward_rows_kernel(a, b, dh)
+    for (q, s), ref in zip(got, refs):
+        rq, rs = fp8.quantize_rows(ref)
+        assert q.shape == rq.shape == (32, k)
+        torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+        same_codes(q.float(), rq.float(), either_way=True)
+        assert bool((q[m:].float() == 0).all()) and bool((s[m:] == 1).all())
 
 
 if __name__ == "__main__":
