@@ -215,96 +215,129 @@ def frozen_linear_fp8(x, base, share=None):
     return _FROZEN_FN.apply(x, base, share)
 
 
-def _swiglu_down_fn():
+# The SwiGLU product h = silu(gate) * up never exists in the compute dtype on the fused paths:
+# one node makes its e4m3 rows and saves what its backward needs (gate's and up's outputs),
+# a second node multiplies the rows with the frozen down_proj and saves nothing. Two nodes,
+# not one, because under checkpointing torch's recompute stops once every saved tensor is
+# back (non-reentrant early stop): the down product, whose node saves nothing, is then never
+# recomputed, as the unfused path's FrozenLinearFn is not (one 16k x 14,336 x 4,096 product
+# a layer: measured 45 ms of an 8B step when it was one node). Between the two, h travels as a
+# placeholder of its shape (a zero expanded, no memory) that carries dL/dh back, beside the
+# rows (q, scale), which carry no gradient.
+
+
+def _h_placeholder(a2):
+    return a2.new_zeros(()).expand(a2.shape)
+
+
+def _swiglu_rows_fn():
     import torch
 
-    class SwiGLUDownFn(torch.autograd.Function):
-        """down_proj(silu(gate) * up) of an MLP whose down_proj is frozen, with its product
-        in FP8: the SwiGLU product goes straight to its e4m3 rows (`fp8.swiglu_rows`), never
-        written in the compute dtype. Saves gate and up (what a SwiGLU backward needs, as
-        Liger's does); the backward writes their gradients over them."""
+    class SwiGLURowsFn(torch.autograd.Function):
+        """(h, q, scale) of h = silu(gate) * up: h a placeholder, (q, scale) its e4m3 rows
+        (`fp8.swiglu_rows`). For an adapted gate / up: the backward writes their output
+        gradients over the saved outputs (as Liger's SwiGLU does)."""
 
         @staticmethod
-        def forward(ctx, gate, up, base):
+        def forward(ctx, gate, up):
             cdt = compute_dtype_of(gate)
-            shape = gate.shape
-            a2 = gate.reshape(-1, shape[-1]).to(cdt)
-            b2 = up.reshape(-1, shape[-1]).to(cdt)
-            y = _frozen_product(base, cdt, a2, fp8.swiglu_rows(a2, b2))
+            a2 = gate.reshape(-1, gate.shape[-1]).to(cdt)
+            b2 = up.reshape(-1, up.shape[-1]).to(cdt)
+            q, scale = fp8.swiglu_rows(a2, b2)
             ctx.save_for_backward(a2, b2)
-            ctx.base, ctx.cdt, ctx.shape, ctx.dtypes = base, cdt, shape, (gate.dtype, up.dtype)
-            return y.view(*shape[:-1], y.shape[-1])
+            ctx.shape, ctx.dtypes = gate.shape, (gate.dtype, up.dtype)
+            ctx.mark_non_differentiable(q, scale)
+            return _h_placeholder(a2), q, scale
 
         @staticmethod
-        def backward(ctx, dy):
+        def backward(ctx, dh, _dq, _ds):
             a2, b2 = ctx.saved_tensors
-            dh = _frozen_input_grad(ctx.base, ctx.cdt, dy)
             da, db = fp8.swiglu_backward_(a2.contiguous(), b2.contiguous(), dh)
-            return (da.view(ctx.shape).to(ctx.dtypes[0]), db.view(ctx.shape).to(ctx.dtypes[1]), None)
+            return da.view(ctx.shape).to(ctx.dtypes[0]), db.view(ctx.shape).to(ctx.dtypes[1])
 
-    return SwiGLUDownFn
-
-
-_SWIGLU_DOWN_FN = None
+    return SwiGLURowsFn
 
 
-def swiglu_down_fp8(gate, up, base):
-    """`base`(silu(gate) * up) for a frozen `base` (an MLP's down_proj), its product in FP8
-    and the SwiGLU product quantised where it is made (`SwiGLUDownFn`)."""
-    global _SWIGLU_DOWN_FN
-    if _SWIGLU_DOWN_FN is None:
-        _SWIGLU_DOWN_FN = _swiglu_down_fn()
-    return _SWIGLU_DOWN_FN.apply(gate, up, base)
-
-
-def _frozen_swiglu_mlp_fn():
+def _frozen_gate_up_rows_fn():
     import torch
 
-    class FrozenSwiGLUMLPFn(torch.autograd.Function):
-        """down(silu(gate(x)) * up(x)) of an MLP whose three linears are frozen, every
-        product in FP8: x quantised once for gate and up, the SwiGLU product straight to
-        its e4m3 rows (`fp8.swiglu_rows`), and in the backward gate's and up's output
-        gradients straight to theirs (`fp8.swiglu_backward_rows`): nothing but the input
-        gradients reads them, so they are never written in the compute dtype. Saves gate
-        and up's outputs (what `SwiGLUDownFn` saves)."""
+    class FrozenGateUpRowsFn(torch.autograd.Function):
+        """(h, q, scale) as `SwiGLURowsFn` from the MLP's input x, for a frozen gate and up:
+        x quantised once for both FP8 products; the backward takes their output gradients
+        straight to e4m3 rows (`fp8.swiglu_backward_rows`), never written in the compute
+        dtype (nothing but the input gradient reads them)."""
 
         @staticmethod
-        def forward(ctx, x, gate, up, down):
+        def forward(ctx, x, gate, up):
             cdt = compute_dtype_of(x)
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1]).to(cdt)
+            x2 = x.reshape(-1, x.shape[-1]).to(cdt)
             rows = fp8.quantize_rows(x2)
             a2 = _frozen_product(gate, cdt, x2, rows)
             b2 = _frozen_product(up, cdt, x2, rows)
-            y = _frozen_product(down, cdt, a2, fp8.swiglu_rows(a2, b2))
+            q, scale = fp8.swiglu_rows(a2, b2)
             ctx.save_for_backward(a2, b2)
-            ctx.bases, ctx.cdt, ctx.shape = (gate, up, down), cdt, shape
-            return y.view(*shape[:-1], y.shape[-1])
+            ctx.bases, ctx.cdt, ctx.shape = (gate, up), cdt, x.shape
+            ctx.mark_non_differentiable(q, scale)
+            return _h_placeholder(a2), q, scale
 
         @staticmethod
-        def backward(ctx, dy):
+        def backward(ctx, dh, _dq, _ds):
             if not ctx.needs_input_grad[0]:
-                return None, None, None, None
+                return None, None, None
             a2, b2 = ctx.saved_tensors
-            gate, up, down = ctx.bases
-            dh = _frozen_input_grad(down, ctx.cdt, dy)
+            gate, up = ctx.bases
             a_rows, b_rows = fp8.swiglu_backward_rows(a2, b2, dh)
             dx = _frozen_input_grad(gate, ctx.cdt, a2, dy_rows=a_rows)
             dx += _frozen_input_grad(up, ctx.cdt, b2, dy_rows=b_rows)
-            return dx.view(ctx.shape), None, None, None
+            return dx.view(ctx.shape), None, None
 
-    return FrozenSwiGLUMLPFn
+    return FrozenGateUpRowsFn
 
 
-_FROZEN_MLP_FN = None
+def _frozen_rows_product_fn():
+    import torch
+
+    class FrozenRowsProductFn(torch.autograd.Function):
+        """h @ W^T of a frozen linear (down_proj) from h's e4m3 rows; h itself is the
+        placeholder, which brings dL/dh back. Saves nothing."""
+
+        @staticmethod
+        def forward(ctx, h, q, scale, base):
+            cdt = compute_dtype_of(h)
+            y = _frozen_product(base, cdt, h, (q, scale))
+            ctx.base, ctx.cdt, ctx.shape = base, cdt, h.shape
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            return _frozen_input_grad(ctx.base, ctx.cdt, dy).view(ctx.shape), None, None, None
+
+    return FrozenRowsProductFn
+
+
+_NODES: dict = {}
+
+
+def _node(make):
+    if make not in _NODES:
+        _NODES[make] = make()
+    return _NODES[make]
+
+
+def swiglu_down_fp8(gate, up, base):
+    """`base`(silu(gate) * up) for a frozen `base` (an MLP's down_proj) in FP8, the SwiGLU
+    product quantised where it is made (`SwiGLURowsFn`, `FrozenRowsProductFn`)."""
+    h, q, scale = _node(_swiglu_rows_fn).apply(gate, up)
+    y = _node(_frozen_rows_product_fn).apply(h, q, scale, base)
+    return y.view(*gate.shape[:-1], y.shape[-1])
 
 
 def frozen_swiglu_mlp_fp8(x, gate, up, down):
-    """down(silu(gate(x)) * up(x)) for three frozen linears, in FP8 (`FrozenSwiGLUMLPFn`)."""
-    global _FROZEN_MLP_FN
-    if _FROZEN_MLP_FN is None:
-        _FROZEN_MLP_FN = _frozen_swiglu_mlp_fn()
-    return _FROZEN_MLP_FN.apply(x, gate, up, down)
+    """down(silu(gate(x)) * up(x)) for three frozen linears, every product in FP8
+    (`FrozenGateUpRowsFn`, `FrozenRowsProductFn`)."""
+    h, q, scale = _node(_frozen_gate_up_rows_fn).apply(x, gate, up)
+    y = _node(_frozen_rows_product_fn).apply(h, q, scale, down)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def plain_or_4bit_linear(module) -> bool:

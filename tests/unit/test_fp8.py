@@ -169,6 +169,39 @@ def test_swiglu_fused_mlp_matches_the_unfused_fp8_path(monkeypatch, targets, who
     assert len(backward_rows) == (2 if whole_mlp else 0)
 
 
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "v_proj", "gate_proj", "up_proj"]])
+def test_checkpointing_does_not_recompute_the_fused_down_product(monkeypatch, targets):
+    """Under (non-reentrant) checkpointing the recompute stops once the saved tensors are
+    back: the fused MLP's down product, whose node saves nothing, runs once per layer and
+    step, as the unfused path's does; gradients as without checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    fast_paths.fuse_lora_layers(model)
+    fast_paths.fp8_base_products(model, fuse_swiglu=True)
+    ids = torch.randint(3, 256, (2, 24))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    products = []
+    real = lora_kernels._frozen_product
+    monkeypatch.setattr(lora_kernels, "_frozen_product",
+                        lambda base, *a, **k: products.append((base.in_features, base.out_features))
+                        or real(base, *a, **k))
+    loss, grads = _loss_and_grads(model, ids)
+    hidden, ffn = 64, 128  # _tiny_llama's
+    assert products.count((ffn, hidden)) == 2  # down: once per layer, not again in the recompute
+    if "gate_proj" not in targets:
+        assert products.count((hidden, ffn)) == 2 * 2 * 2  # gate and up: forward and recompute, 2 layers
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
 def test_swiglu_backward_rows_are_the_rows_of_the_stored_gradients():
     g = torch.Generator().manual_seed(4)
     a, b, dh = ((torch.randn(21, 48, generator=g) * 2).bfloat16() for _ in range(3))
