@@ -137,10 +137,13 @@ VARIANTS = {
     "keepattn": {},
     # the same case with no kept attention outputs at all (not even on the host, the default)
     "nokeep": {},
-    # the same case with the SwiGLU product quantised where it is made (opt-in)
+    # the same case with the SwiGLU product quantised where it is made, and with the forward
+    # FP8 products' fast accumulation (each opt-in when measured in issue 16's fifth round,
+    # the default since); "noswiglu" and "noacc" turn them off
     "swiglu": {},
-    # the same case with the forward FP8 products' fast accumulation (opt-in)
     "fastacc": {},
+    "noswiglu": {},
+    "noacc": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -150,6 +153,8 @@ VARIANT_ENV = {
     "nokeep": {"KUBETUNE_KEEP_ATTENTION": "0"},
     "swiglu": {"KUBETUNE_FP8_SWIGLU": "1"},
     "fastacc": {"KUBETUNE_FP8_FAST_ACCUM": "1"},
+    "noswiglu": {"KUBETUNE_FP8_SWIGLU": "0"},
+    "noacc": {"KUBETUNE_FP8_FAST_ACCUM": "0"},
 }
 
 

@@ -408,9 +408,11 @@ def quantize_nf4(weight, amax, transpose: bool = False):
 # Hopper's FP8 tensor cores accumulate a product in fewer than fp32's bits; by default cuBLASLt
 # promotes the partial sums to fp32 registers every few K-blocks, which costs throughput.
 # "Fast accumulation" skips the promotion. torchao's float8 training recipe takes it for the
-# forward product and keeps promotion for the gradients, and so does this module when the run
-# asks for it (`performance.Resolved.fp8_fast_accum`, set by `fast_paths.apply_fast_paths`):
-# forward products (and their recompute) only; input gradients always promote.
+# forward product and keeps promotion for the gradients, and so does this module unless the
+# run turns it off (`performance.Resolved.fp8_fast_accum`, set by `fast_paths.apply_fast_paths`):
+# forward products (and their recompute) only; input gradients always promote. On an H200 the
+# 8B products ran 6-13% faster (check_fp8.py); the error against the same e4m3 operands' fp32
+# product rose from 0.17% to 0.21-0.33%, against 3.75% for the e4m3 rounding itself.
 _forward_fast_accum = False
 
 

@@ -56,11 +56,11 @@ class Resolved:
     selective_checkpointing: bool
     memory_budget_gib: Optional[float]  # None: 90% of the device
     overrides: tuple[str, ...] = ()  # the KUBETUNE_* variables that were applied, for the log
-    # With fp8: an MLP whose down_proj is frozen takes its SwiGLU product straight to e4m3
-    # (KUBETUNE_FP8_SWIGLU=1; opt-in until measured on a GPU).
+    # With fp8 (on unless KUBETUNE_FP8_SWIGLU=0): an MLP whose down_proj is frozen takes its
+    # SwiGLU product straight to e4m3, and with gate and up frozen too their output gradients.
     fp8_swiglu: bool = False
-    # With fp8: the forward products use cuBLASLt's fast FP8 accumulation (torchao's recipe;
-    # KUBETUNE_FP8_FAST_ACCUM=1, opt-in until measured on a GPU).
+    # With fp8 (on unless KUBETUNE_FP8_FAST_ACCUM=0): the forward products use cuBLASLt's fast
+    # FP8 accumulation (torchao's recipe).
     fp8_fast_accum: bool = False
 
     def describe(self) -> str:
@@ -184,12 +184,14 @@ def resolve(
         auto=True,
     )
 
+    # Parts of the FP8 recipe, on wherever FP8 is (measured on an H200: bench/RESULTS.md, issue
+    # 16, fifth round); the variables turn them off to measure or to rule them out.
     fp8_only = {}
     for var, name in ((facts.ENV_FP8_SWIGLU, "fp8_swiglu"), (facts.ENV_FP8_FAST_ACCUM, "fp8_fast_accum")):
         on = _env_toggle(env, var)
         if on is not None:
             overrides.append(f"{var}={int(on)}")
-        fp8_only[name] = bool(fp8 and on)
+        fp8_only[name] = bool(fp8 and (on is None or on))
 
     # ---- memory budget
     budget = perf.memory_budget_gib

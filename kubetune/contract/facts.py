@@ -58,11 +58,11 @@ ENV_ATTENTION = "KUBETUNE_ATTENTION"
 ENV_LIGER = "KUBETUNE_LIGER"
 ENV_FUSED_LORA = "KUBETUNE_FUSED_LORA"
 ENV_FP8 = "KUBETUNE_FP8"
-# Opt-in until a GPU run measures it: with FP8, the SwiGLU product quantised where it is
-# made, for a frozen down_proj (trainer/lora_kernels.swiglu_down_fp8).
+# With FP8, on unless set to 0: the SwiGLU product quantised where it is made, for a frozen
+# down_proj (trainer/lora_kernels.swiglu_down_fp8, frozen_swiglu_mlp_fp8).
 ENV_FP8_SWIGLU = "KUBETUNE_FP8_SWIGLU"
-# Opt-in until a GPU run measures it: with FP8, the forward products accumulate without
-# cuBLASLt's fp32 promotion (trainer/fp8.set_forward_fast_accum).
+# With FP8, on unless set to 0: the forward products accumulate without cuBLASLt's fp32
+# promotion (trainer/fp8.set_forward_fast_accum).
 ENV_FP8_FAST_ACCUM = "KUBETUNE_FP8_FAST_ACCUM"
 ENV_COMPILE = "KUBETUNE_COMPILE"
 ENV_SELECTIVE_CHECKPOINTING = "KUBETUNE_SELECTIVE_CHECKPOINTING"

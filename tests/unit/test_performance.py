@@ -111,16 +111,17 @@ def test_explicit_values(perf, method, field, value):
     ({}, {"KUBETUNE_COMPILE": "1"}, H200, "deepspeed-zero3", "compile", False),
     ({}, {"KUBETUNE_COMPILE": "1"}, CPU, "ddp", "compile", False),
     ({}, {"KUBETUNE_FUSED_LORA": "1"}, H200, "deepspeed-zero3", "fused_lora", False),
-    # The SwiGLU product quantised where it is made: opt-in, and only with FP8.
-    ({}, {}, H200, "ddp", "fp8_swiglu", False),
-    ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", True),
+    # The SwiGLU product quantised where it is made and fast FP8 accumulation: parts of the
+    # FP8 recipe, on wherever FP8 is, each turned off by its variable.
+    ({}, {}, H200, "ddp", "fp8_swiglu", True),
+    ({}, {"KUBETUNE_FP8_SWIGLU": "0"}, H200, "ddp", "fp8_swiglu", False),
     ({"fp8": "off"}, {"KUBETUNE_FP8_SWIGLU": "1"}, H200, "ddp", "fp8_swiglu", False),
     ({}, {"KUBETUNE_FP8_SWIGLU": "1"}, A100, "ddp", "fp8_swiglu", False),
-    # Fast FP8 accumulation of the forward products: opt-in, and only with FP8.
-    ({}, {}, H200, "ddp", "fp8_fast_accum", False),
-    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, H200, "ddp", "fp8_fast_accum", True),
-    ({"fp8": "off"}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, H200, "ddp", "fp8_fast_accum", False),
-    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "1"}, A100, "ddp", "fp8_fast_accum", False),
+    ({}, {}, H200, "ddp", "fp8_fast_accum", True),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "0"}, H200, "ddp", "fp8_fast_accum", False),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM": "0"}, H200, "ddp", "fp8_swiglu", True),  # one part off, not the other
+    ({"fp8": "off"}, {}, H200, "ddp", "fp8_fast_accum", False),
+    ({}, {}, A100, "ddp", "fp8_fast_accum", False),
 ])
 def test_environment_overrides(perf, env, machine, strategy, field, value):
     assert getattr(run(perf, env=env, machine=machine, strategy=strategy), field) == value
