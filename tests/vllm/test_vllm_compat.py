@@ -207,10 +207,15 @@ def answer(tmp_path_factory):
     }
     (work / "request.json").write_text(json.dumps(request))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH"))}
+    # A cache of its own: vLLM's model-info cache from an earlier run would skip the inspection
+    # subprocess below and hide how it runs.
     env.update({"VLLM_TARGET_DEVICE": "cpu", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false"})
+                "TOKENIZERS_PARALLELISM": "false", "VLLM_CACHE_ROOT": str(work / "vllm-cache")})
+    # cwd: not the repository root. vLLM inspects a model's architecture in a `python -m`
+    # subprocess (unless its model-info cache already holds the answer), which puts the cwd
+    # first on sys.path, where this repository's operator/ would shadow the standard library's.
     proc = subprocess.run([str(python), str(HERE / "driver.py"), str(work / "request.json"), str(work / "answer.json")],
-                          env=env, capture_output=True, text=True, timeout=840)
+                          env=env, capture_output=True, text=True, timeout=840, cwd=str(work))
     assert proc.returncode == 0, proc.stderr[-5000:]
     out = json.loads((work / "answer.json").read_text())
     out["_trainer_merged"] = merged
