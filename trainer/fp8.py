@@ -422,10 +422,6 @@ def set_forward_fast_accum(on: bool) -> None:
     _forward_fast_accum = bool(on)
 
 
-def forward_fast_accum() -> bool:
-    return _forward_fast_accum
-
-
 def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype, fast_accum: bool = False):
     """aq (M, K) row-major times b (K, N) column-major, both e4m3, scaled per
     row of a and per column of b."""

@@ -22,6 +22,8 @@ torch (and bitsandbytes, for 4-bit weights) are imported when first called.
 
 from __future__ import annotations
 
+import functools
+
 from kubetune.trainer import fp8, lora_dropout
 
 
@@ -75,6 +77,7 @@ def dropout_with_mask(x, p: float):
     return torch.ops.aten.native_dropout(x, p, True)
 
 
+@functools.lru_cache(maxsize=None)
 def _lora_linear_fn():
     import torch
 
@@ -140,17 +143,11 @@ def _lora_linear_fn():
     return LoraLinearFn
 
 
-_LORA_FN = None
-
-
 def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0, use_fp8: bool = False, share=None):
     """base(x) + scaling * dropout_p(x) @ A^T @ B^T as one autograd node; with
     use_fp8 the base product (forward and input gradient) runs in FP8 (`fp8`),
     and `share` (fp8.OPEN/USE/CLOSE) reuses a sibling projection's quantised input."""
-    global _LORA_FN
-    if _LORA_FN is None:
-        _LORA_FN = _lora_linear_fn()
-    return _LORA_FN.apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8), share)
+    return _lora_linear_fn().apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8), share)
 
 
 def compute_dtype_of(x):
@@ -163,6 +160,7 @@ def compute_dtype_of(x):
     return x.dtype
 
 
+@functools.lru_cache(maxsize=None)
 def _frozen_linear_fn():
     import torch
 
@@ -203,16 +201,10 @@ def _frozen_input_grad(base, cdt, dy, dy_rows=None):
                                  dy_rows=dy_rows)
 
 
-_FROZEN_FN = None
-
-
 def frozen_linear_fp8(x, base, share=None):
     """A frozen linear layer's forward with its product in FP8 (`fp8`); `share`
     as in `lora_linear`."""
-    global _FROZEN_FN
-    if _FROZEN_FN is None:
-        _FROZEN_FN = _frozen_linear_fn()
-    return _FROZEN_FN.apply(x, base, share)
+    return _frozen_linear_fn().apply(x, base, share)
 
 
 # The SwiGLU product h = silu(gate) * up never exists in the compute dtype on the fused paths:
@@ -230,6 +222,7 @@ def _h_placeholder(a2):
     return a2.new_zeros(()).expand(a2.shape)
 
 
+@functools.lru_cache(maxsize=None)
 def _swiglu_rows_fn():
     import torch
 
@@ -258,6 +251,7 @@ def _swiglu_rows_fn():
     return SwiGLURowsFn
 
 
+@functools.lru_cache(maxsize=None)
 def _frozen_gate_up_rows_fn():
     import torch
 
@@ -294,6 +288,7 @@ def _frozen_gate_up_rows_fn():
     return FrozenGateUpRowsFn
 
 
+@functools.lru_cache(maxsize=None)
 def _frozen_rows_product_fn():
     import torch
 
@@ -315,28 +310,19 @@ def _frozen_rows_product_fn():
     return FrozenRowsProductFn
 
 
-_NODES: dict = {}
-
-
-def _node(make):
-    if make not in _NODES:
-        _NODES[make] = make()
-    return _NODES[make]
-
-
 def swiglu_down_fp8(gate, up, base):
     """`base`(silu(gate) * up) for a frozen `base` (an MLP's down_proj) in FP8, the SwiGLU
     product quantised where it is made (`SwiGLURowsFn`, `FrozenRowsProductFn`)."""
-    h, q, scale = _node(_swiglu_rows_fn).apply(gate, up)
-    y = _node(_frozen_rows_product_fn).apply(h, q, scale, base)
+    h, q, scale = _swiglu_rows_fn().apply(gate, up)
+    y = _frozen_rows_product_fn().apply(h, q, scale, base)
     return y.view(*gate.shape[:-1], y.shape[-1])
 
 
 def frozen_swiglu_mlp_fp8(x, gate, up, down):
     """down(silu(gate(x)) * up(x)) for three frozen linears, every product in FP8
     (`FrozenGateUpRowsFn`, `FrozenRowsProductFn`)."""
-    h, q, scale = _node(_frozen_gate_up_rows_fn).apply(x, gate, up)
-    y = _node(_frozen_rows_product_fn).apply(h, q, scale, down)
+    h, q, scale = _frozen_gate_up_rows_fn().apply(x, gate, up)
+    y = _frozen_rows_product_fn().apply(h, q, scale, down)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
