@@ -187,33 +187,37 @@ def check_swiglu(failures: list) -> dict:
 
 
 def check_fast_accum(failures: list) -> dict:
-    """The forward product with and without cuBLASLt's fast FP8 accumulation
-    (`fp8.set_forward_fast_accum`): time, and the error against the fp32 product of the
-    same e4m3 operands (the accumulation's own error) and against the exact product."""
+    """Each product, forward (x @ w^T) and input gradient (dy @ w), with and without
+    cuBLASLt's fast FP8 accumulation (`fp8.set_fast_accum`): time, and the error against the
+    fp32 product of the same e4m3 operands (the accumulation's own error) and against the
+    exact product."""
     out = {}
     torch.manual_seed(2)
     for name, (k, n) in SHAPES.items():
-        x = torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16)
         w = (torch.randn(n, k, device="cuda") / k**0.5).to(torch.bfloat16)
-        xq, xs = fp8.quantize_rows(x)
-        wq, ws = fp8.quantize_tensor(w)
-        wsv = ws.expand(1, n).contiguous()
-        same_operands = ((xq.float() * xs) @ (wq.float() * ws).t())[:TOKENS]
-        exact = x.float() @ w.float().t()
-        row = {}
-        for fast in (False, True):
-            tag = "fast" if fast else "promoted"
-            mm = lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=wsv, out_dtype=torch.bfloat16,  # noqa: E731
-                                          use_fast_accum=fast)
-            y = mm()[:TOKENS]  # the rows padded to the grid of 16 dropped
-            row[f"{tag}_ms"] = round(timed(mm), 3)
-            row[f"{tag}_tflops"] = round(2 * TOKENS * k * n / row[f"{tag}_ms"] / 1e9, 1)
-            row[f"{tag}_rel_err_same_operands"] = round(rel(y, same_operands), 6)
-            row[f"{tag}_rel_err_exact"] = round(rel(y, exact), 5)
-        row["speedup"] = round(row["promoted_ms"] / row["fast_ms"], 3)
-        out[name] = row
-        if row["fast_rel_err_exact"] > 0.05:
-            failures.append(f"fast accumulation, {name}: {row}")
+        # (rows, the other operand with the contraction last): dgrad contracts over n, w^T's rows
+        for kind, a, b in (("fwd", torch.randn(TOKENS, k, device="cuda", dtype=torch.bfloat16), w),
+                           ("dgrad", torch.randn(TOKENS, n, device="cuda", dtype=torch.bfloat16),
+                            w.t().contiguous())):
+            aq, a_s = fp8.quantize_rows(a)
+            bq, b_s = fp8.quantize_tensor(b)
+            bsv = b_s.expand(1, b.shape[0]).contiguous()
+            same_operands = ((aq.float() * a_s) @ (bq.float() * b_s).t())[:TOKENS]
+            exact = a.float() @ b.float().t()
+            row = {}
+            for fast in (False, True):
+                tag = "fast" if fast else "promoted"
+                mm = lambda: torch._scaled_mm(aq, bq.t(), scale_a=a_s, scale_b=bsv, out_dtype=torch.bfloat16,  # noqa: E731
+                                              use_fast_accum=fast)
+                y = mm()[:TOKENS]  # the rows padded to the grid of 16 dropped
+                row[f"{tag}_ms"] = round(timed(mm), 3)
+                row[f"{tag}_tflops"] = round(2 * TOKENS * k * n / row[f"{tag}_ms"] / 1e9, 1)
+                row[f"{tag}_rel_err_same_operands"] = round(rel(y, same_operands), 6)
+                row[f"{tag}_rel_err_exact"] = round(rel(y, exact), 5)
+            row["speedup"] = round(row["promoted_ms"] / row["fast_ms"], 3)
+            out[f"{name}_{kind}"] = row
+            if row["fast_rel_err_exact"] > 0.05:
+                failures.append(f"fast accumulation, {name} {kind}: {row}")
     return out
 
 

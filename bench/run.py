@@ -144,6 +144,8 @@ VARIANTS = {
     "fastacc": {},
     "noswiglu": {},
     "noacc": {},
+    # the same case with the input gradients' FP8 products accumulating fast too (opt-in)
+    "fastgrad": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -155,6 +157,7 @@ VARIANT_ENV = {
     "fastacc": {"KUBETUNE_FP8_FAST_ACCUM": "1"},
     "noswiglu": {"KUBETUNE_FP8_SWIGLU": "0"},
     "noacc": {"KUBETUNE_FP8_FAST_ACCUM": "0"},
+    "fastgrad": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"},
 }
 
 
@@ -522,22 +525,26 @@ def loss_checks(results: list[dict]) -> dict:
     variant's loss), keyed "<case>@<variant>". Against "@plain" it is the evidence
     that the fast paths train the same model; against the others, that a
     candidate speed-up does. A combined "<case>@<a>+<b>" is paired with
-    "<case>@<a>" when that ran (what <b> adds), else with "<case>"."""
+    "<case>@<a>" when that ran (what <b> adds), else with "<case>"; where "<case>" did
+    not run either, with "<case>@bf16" (a change to the FP8 numerics against bf16
+    products, the issue's loss check). "against" names the pair's other run."""
     done = {r["case"]: r for r in results if not r.get("failed")}
     out = {}
     for name, other in done.items():
-        base = None
-        if "@" in name:
-            base = done.get(name.rsplit("+", 1)[0]) if "+" in name else None
-            base = base or done.get(name.split("@")[0])
-        if base is None:
+        if "@" not in name:
             continue
+        case = name.split("@")[0]
+        candidates = ([name.rsplit("+", 1)[0]] if "+" in name else []) + [case, f"{case}@bf16"]
+        against = next((c for c in candidates if c in done and c != name), None)
+        if against is None:
+            continue
+        base = done[against]
         steps = sorted(set(base["loss"]) & set(other["loss"]), key=int)
         if not steps:
             continue
         diffs = [abs(base["loss"][k] - other["loss"][k]) for k in steps]
         rel = [d / max(abs(other["loss"][k]), 1e-12) for d, k in zip(diffs, steps)]
-        out[name] = {"steps": len(steps), "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 5),
+        out[name] = {"against": against, "steps": len(steps), "max_abs_diff": round(max(diffs), 5), "max_rel_diff": round(max(rel), 5),
                      "first": [base["loss"][steps[0]], other["loss"][steps[0]]],
                      "last": [base["loss"][steps[-1]], other["loss"][steps[-1]]]}
     return out

@@ -275,7 +275,7 @@ def apply_fast_paths(model, perf: Resolved) -> None:
             log.info("fused %d LoRA linear layers", n)
     if perf.fp8:
         log.info("FP8 base products in %d linear layers", fp8_base_products(model, fuse_swiglu=perf.fp8_swiglu))
-    fp8.set_forward_fast_accum(perf.fp8_fast_accum)  # resolve grants it only with fp8
+    fp8.set_fast_accum(perf.fp8_fast_accum, perf.fp8_fast_accum_grad)  # resolve grants them only with fp8
     # Last, over the fused layers.
     if perf.compile:
         log.info("compiled %d decoder layers", compile_layers(model))

@@ -408,18 +408,19 @@ def quantize_nf4(weight, amax, transpose: bool = False):
 # Hopper's FP8 tensor cores accumulate a product in fewer than fp32's bits; by default cuBLASLt
 # promotes the partial sums to fp32 registers every few K-blocks, which costs throughput.
 # "Fast accumulation" skips the promotion. torchao's float8 training recipe takes it for the
-# forward product and keeps promotion for the gradients, and so does this module unless the
-# run turns it off (`performance.Resolved.fp8_fast_accum`, set by `fast_paths.apply_fast_paths`):
-# forward products (and their recompute) only; input gradients always promote. On an H200 the
-# 8B products ran 6-13% faster (check_fp8.py); the error against the same e4m3 operands' fp32
-# product rose from 0.17% to 0.21-0.33%, against 3.75% for the e4m3 rounding itself.
-_forward_fast_accum = False
+# forward product and keeps promotion for the gradients; this module does the same unless the
+# run says otherwise (`performance.Resolved.fp8_fast_accum` for the forward products and their
+# recompute, `fp8_fast_accum_grad` for the input gradients; `fast_paths.apply_fast_paths` sets
+# both). On an H200 the 8B forward products ran 6-13% faster (check_fp8.py); the error against
+# the same e4m3 operands' fp32 product rose from 0.17% to 0.21-0.33%, against 3.75% for the
+# e4m3 rounding itself.
+_fast_accum = {"forward": False, "grad": False}
 
 
-def set_forward_fast_accum(on: bool) -> None:
-    """Whether `linear` (the forward products) uses cuBLASLt's fast FP8 accumulation."""
-    global _forward_fast_accum
-    _forward_fast_accum = bool(on)
+def set_fast_accum(forward: bool, grad: bool = False) -> None:
+    """Whether `linear` (the forward products) and `linear_input_grad` (the input gradients)
+    use cuBLASLt's fast FP8 accumulation."""
+    _fast_accum.update(forward=bool(forward), grad=bool(grad))
 
 
 def _mm(aq, a_scale, b_colmajor, b_scale_row, out_dtype, fast_accum: bool = False):
@@ -442,7 +443,7 @@ def linear(x2, w, out_dtype, w_scale: "WeightScale | None" = None, x_rows=None, 
     xq, xs = quantize_rows(x2) if x_rows is None else x_rows
     if wq is None:
         wq = cast_weight(w, ws.amax)
-    y = _mm(xq, xs, wq.t(), ws.out_row, out_dtype, fast_accum=_forward_fast_accum)
+    y = _mm(xq, xs, wq.t(), ws.out_row, out_dtype, fast_accum=_fast_accum["forward"])
     return y[:m]
 
 
@@ -456,7 +457,7 @@ def linear_input_grad(dy2, w, out_dtype, w_scale: "WeightScale | None" = None, w
     gq, gs = quantize_rows(dy2) if dy_rows is None else dy_rows
     if wtq is None:
         wtq = cast_weight(w, ws.amax, transpose=True)  # (K, N) contiguous: w column-major
-    dx = _mm(gq, gs, wtq.t(), ws.in_row, out_dtype)
+    dx = _mm(gq, gs, wtq.t(), ws.in_row, out_dtype, fast_accum=_fast_accum["grad"])
     return dx[:m]
 
 

@@ -215,7 +215,9 @@ def frozen_linear_fp8(x, base, share=None):
 # recomputed, as the unfused path's FrozenLinearFn is not (one 16k x 14,336 x 4,096 product
 # a layer: measured 45 ms of an 8B step when it was one node). Between the two, h travels as a
 # placeholder of its shape (a zero expanded, no memory) that carries dL/dh back, beside the
-# rows (q, scale), which carry no gradient.
+# rows (q, scale), which carry no gradient. The rows node does not materialise gradients:
+# autograd would otherwise hand its backward a zero tensor of q's shape (16k x 14,336 bytes
+# in an 8B layer) and of scale's, written for nothing in every layer's backward.
 
 
 def _h_placeholder(a2):
@@ -240,10 +242,13 @@ def _swiglu_rows_fn():
             ctx.save_for_backward(a2, b2)
             ctx.shape, ctx.dtypes = gate.shape, (gate.dtype, up.dtype)
             ctx.mark_non_differentiable(q, scale)
+            ctx.set_materialize_grads(False)
             return _h_placeholder(a2), q, scale
 
         @staticmethod
         def backward(ctx, dh, _dq, _ds):
+            if dh is None:  # h reached no loss (gradients are not materialised)
+                return None, None
             a2, b2 = ctx.saved_tensors
             da, db = fp8.swiglu_backward_(a2.contiguous(), b2.contiguous(), dh)
             return da.view(ctx.shape).to(ctx.dtypes[0]), db.view(ctx.shape).to(ctx.dtypes[1])
@@ -272,11 +277,12 @@ def _frozen_gate_up_rows_fn():
             ctx.save_for_backward(a2, b2)
             ctx.bases, ctx.cdt, ctx.shape = (gate, up), cdt, x.shape
             ctx.mark_non_differentiable(q, scale)
+            ctx.set_materialize_grads(False)
             return _h_placeholder(a2), q, scale
 
         @staticmethod
         def backward(ctx, dh, _dq, _ds):
-            if not ctx.needs_input_grad[0]:
+            if dh is None or not ctx.needs_input_grad[0]:
                 return None, None, None
             a2, b2 = ctx.saved_tensors
             gate, up = ctx.bases

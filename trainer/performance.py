@@ -62,9 +62,12 @@ class Resolved:
     # With fp8 (on unless KUBETUNE_FP8_FAST_ACCUM=0): the forward products use cuBLASLt's fast
     # FP8 accumulation (torchao's recipe).
     fp8_fast_accum: bool = False
+    # With fp8 (off unless KUBETUNE_FP8_FAST_ACCUM_GRAD=1): the input gradients' products too.
+    fp8_fast_accum_grad: bool = False
 
     def describe(self) -> str:
-        on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "fp8_fast_accum", "compile",
+        on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "fp8_fast_accum", "fp8_fast_accum_grad",
+                        "compile",
                         "selective_checkpointing")
               if getattr(self, n)]
         budget = f"{self.memory_budget_gib:g} GiB" if self.memory_budget_gib is not None else "90% of the GPU"
@@ -184,14 +187,16 @@ def resolve(
         auto=True,
     )
 
-    # Parts of the FP8 recipe, on wherever FP8 is (measured on an H200: bench/RESULTS.md, issue
-    # 16, fifth round); the variables turn them off to measure or to rule them out.
+    # Parts of the FP8 recipe: those on wherever FP8 is were measured on an H200 (bench/RESULTS.md,
+    # issue 16, fifth round); the variables turn a part on or off to measure or to rule it out.
     fp8_only = {}
-    for var, name in ((facts.ENV_FP8_SWIGLU, "fp8_swiglu"), (facts.ENV_FP8_FAST_ACCUM, "fp8_fast_accum")):
+    for var, name, default in ((facts.ENV_FP8_SWIGLU, "fp8_swiglu", True),
+                               (facts.ENV_FP8_FAST_ACCUM, "fp8_fast_accum", True),
+                               (facts.ENV_FP8_FAST_ACCUM_GRAD, "fp8_fast_accum_grad", False)):
         on = _env_toggle(env, var)
         if on is not None:
             overrides.append(f"{var}={int(on)}")
-        fp8_only[name] = bool(fp8 and (on is None or on))
+        fp8_only[name] = bool(fp8 and (default if on is None else on))
 
     # ---- memory budget
     budget = perf.memory_budget_gib

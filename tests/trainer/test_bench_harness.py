@@ -63,14 +63,21 @@ def test_loss_check_pairs_each_variant_with_its_case():
         {"case": "qlora-ctx16384@b9.6", "loss": {"1": 5.0}},
         {"case": "qlora-ctx16384@b9.6+keepattn", "loss": {"1": 5.5}},  # against @b9.6: what keepattn adds
         {"case": "qlora-instruct@bf16+keepattn", "loss": {"1": 2.5}},  # no @bf16 ran: against the plain case
+        # no plain qlora-learn: each variant against the bf16 products' run
+        {"case": "qlora-learn@bf16", "loss": {"1": 4.0, "2": 3.0}},
+        {"case": "qlora-learn@fastgrad", "loss": {"1": 4.0, "2": 3.03}},
     ]
     out = loss_checks(results)
     assert set(out) == {"qlora-instruct@plain", "qlora-instruct@compile", "qlora-ctx16384@b9.6+keepattn",
-                        "qlora-instruct@bf16+keepattn"}
+                        "qlora-instruct@bf16+keepattn", "qlora-learn@fastgrad"}
     assert out["qlora-ctx16384@b9.6+keepattn"]["first"] == [5.0, 5.5]
+    assert out["qlora-ctx16384@b9.6+keepattn"]["against"] == "qlora-ctx16384@b9.6"
     assert out["qlora-instruct@bf16+keepattn"]["first"] == [2.0, 2.5]
+    assert out["qlora-instruct@bf16+keepattn"]["against"] == "qlora-instruct"
+    assert out["qlora-learn@fastgrad"]["against"] == "qlora-learn@bf16"
+    assert out["qlora-learn@fastgrad"]["max_abs_diff"] == 0.03 and out["qlora-learn@fastgrad"]["max_rel_diff"] == 0.0099
     assert out["qlora-instruct@plain"]["steps"] == 3 and out["qlora-instruct@plain"]["max_abs_diff"] == 0.1
-    assert out["qlora-instruct@compile"] == {"steps": 2, "max_abs_diff": 0.25, "max_rel_diff": 0.2,
+    assert out["qlora-instruct@compile"] == {"against": "qlora-instruct", "steps": 2, "max_abs_diff": 0.25, "max_rel_diff": 0.2,
                                              "first": [1.5, 1.5], "last": [1.0, 1.25]}
 
 

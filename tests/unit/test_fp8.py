@@ -58,9 +58,10 @@ def test_linear_and_input_grad_match_the_exact_products():
     assert _rel(dx, dy @ w) < 0.05
 
 
-def test_fast_accumulation_is_asked_for_in_forward_products_only(monkeypatch):
-    # The switch reaches cuBLASLt only through _scaled_mm's flag: the forward product takes
-    # it when the run asks, the input gradient never does (torchao's recipe).
+def test_fast_accumulation_reaches_each_product_only_when_asked(monkeypatch):
+    # The switches reach cuBLASLt only through _scaled_mm's flag: the forward product takes it
+    # when the run asks for it there (torchao's recipe), the input gradient only when the run
+    # asks for it there too.
     seen = []
     real = torch._scaled_mm
 
@@ -71,13 +72,13 @@ def test_fast_accumulation_is_asked_for_in_forward_products_only(monkeypatch):
     monkeypatch.setattr(torch, "_scaled_mm", spy)
     x, w, dy = torch.randn(40, 64), torch.randn(32, 64) / 8, torch.randn(40, 32)
     try:
-        for on in (False, True):
-            fp8.set_forward_fast_accum(on)
+        for forward, grad in ((False, False), (True, False), (False, True), (True, True)):
+            fp8.set_fast_accum(forward, grad)
             fp8.linear(x, w, torch.float32)
             fp8.linear_input_grad(dy, w, torch.float32)
     finally:
-        fp8.set_forward_fast_accum(False)
-    assert seen == [False, False, True, False]
+        fp8.set_fast_accum(False, False)
+    assert seen == [False, False, True, False, False, True, True, True]
 
 
 def test_fp8_lora_linear_matches_bf16_within_fp8_rounding():
@@ -200,6 +201,31 @@ def test_checkpointing_does_not_recompute_the_fused_down_product(monkeypatch, ta
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("targets, node", [
+    (["q_proj", "v_proj"], lora_kernels._frozen_gate_up_rows_fn),
+    (["q_proj", "v_proj", "gate_proj", "up_proj"], lora_kernels._swiglu_rows_fn),
+])
+def test_the_rows_node_is_not_handed_zero_gradients_for_its_rows(monkeypatch, targets, node):
+    """The e4m3 rows (q, scale) carry no gradient: the rows node's backward gets None for
+    them, not a zero tensor of q's shape written in every layer's backward (autograd's
+    default for an output that reached no loss)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
+    fast_paths.fuse_lora_layers(model)
+    fast_paths.fp8_base_products(model, fuse_swiglu=True)
+    cls, seen = node(), []
+    real = cls.backward
+    monkeypatch.setattr(cls, "backward", staticmethod(
+        lambda ctx, dh, dq, ds: seen.append((dh, dq, ds)) or real(ctx, dh, dq, ds)))
+    _loss_and_grads(model, torch.randint(3, 256, (2, 24)))
+    assert len(seen) == 2  # one backward per layer
+    for dh, dq, ds in seen:
+        assert dh is not None and dh.shape == (2 * 24, 128) and dh.abs().sum() > 0
+        assert dq is None and ds is None
 
 
 def test_swiglu_backward_rows_are_the_rows_of_the_stored_gradients():
