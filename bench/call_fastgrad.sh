@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16 item 2, one device call: fast FP8 accumulation in the input gradients' products too
-# (`@fastgrad`, KUBETUNE_FP8_FAST_ACCUM_GRAD=1; opt-in until measured). Two bench/run.py
+# (`@fastgrad`, KUBETUNE_FP8_FAST_ACCUM_GRAD=1; opt-in when these calls ran, the default since). Two bench/run.py
 # invocations: 8B QLoRA at seq 2048 as committed and `@fastgrad` beside Unsloth 8 x 1; then the
 # loss check, 100 steps of the `learn` profile, `@fastgrad` against bf16 products (`@bf16`;
 # loss_checks pairs them). Run from the repository root on the GPU machine with .whl and

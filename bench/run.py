@@ -144,8 +144,10 @@ VARIANTS = {
     "fastacc": {},
     "noswiglu": {},
     "noacc": {},
-    # the same case with the input gradients' FP8 products accumulating fast too (opt-in)
+    # the same case with the input gradients' FP8 products accumulating fast too (opt-in when
+    # measured in the sixth round, the default since); "nograd" turns it off
     "fastgrad": {},
+    "nograd": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -158,6 +160,7 @@ VARIANT_ENV = {
     "noswiglu": {"KUBETUNE_FP8_SWIGLU": "0"},
     "noacc": {"KUBETUNE_FP8_FAST_ACCUM": "0"},
     "fastgrad": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"},
+    "nograd": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"},
 }
 
 

@@ -408,12 +408,14 @@ def quantize_nf4(weight, amax, transpose: bool = False):
 # Hopper's FP8 tensor cores accumulate a product in fewer than fp32's bits; by default cuBLASLt
 # promotes the partial sums to fp32 registers every few K-blocks, which costs throughput.
 # "Fast accumulation" skips the promotion. torchao's float8 training recipe takes it for the
-# forward product and keeps promotion for the gradients; this module does the same unless the
-# run says otherwise (`performance.Resolved.fp8_fast_accum` for the forward products and their
-# recompute, `fp8_fast_accum_grad` for the input gradients; `fast_paths.apply_fast_paths` sets
-# both). On an H200 the 8B forward products ran 6-13% faster (check_fp8.py); the error against
-# the same e4m3 operands' fp32 product rose from 0.17% to 0.21-0.33%, against 3.75% for the
-# e4m3 rounding itself.
+# forward product only; here the input gradients take it too, as measured on an 8B QLoRA run
+# (bench/RESULTS.md, issue 16, sixth round: +1.7% tokens/s, the loss within 0.45% of bf16
+# products over 100 steps, as within 0.48% with the promotion kept there). The run says which
+# (`performance.Resolved.fp8_fast_accum` for the forward products and their recompute,
+# `fp8_fast_accum_grad` for the input gradients; `fast_paths.apply_fast_paths` sets both). On
+# an H200 the 8B forward products ran 6-13% faster (check_fp8.py); the error against the same
+# e4m3 operands' fp32 product rose from 0.17% to 0.21-0.33%, against 3.75% for the e4m3
+# rounding itself.
 _fast_accum = {"forward": False, "grad": False}
 
 

@@ -62,7 +62,7 @@ class Resolved:
     # With fp8 (on unless KUBETUNE_FP8_FAST_ACCUM=0): the forward products use cuBLASLt's fast
     # FP8 accumulation (torchao's recipe).
     fp8_fast_accum: bool = False
-    # With fp8 (off unless KUBETUNE_FP8_FAST_ACCUM_GRAD=1): the input gradients' products too.
+    # With fp8 (on unless KUBETUNE_FP8_FAST_ACCUM_GRAD=0): the input gradients' products too.
     fp8_fast_accum_grad: bool = False
 
     def describe(self) -> str:
@@ -188,11 +188,11 @@ def resolve(
     )
 
     # Parts of the FP8 recipe: those on wherever FP8 is were measured on an H200 (bench/RESULTS.md,
-    # issue 16, fifth round); the variables turn a part on or off to measure or to rule it out.
+    # issue 16, fifth and sixth rounds); the variables turn a part on or off to measure or to rule it out.
     fp8_only = {}
     for var, name, default in ((facts.ENV_FP8_SWIGLU, "fp8_swiglu", True),
                                (facts.ENV_FP8_FAST_ACCUM, "fp8_fast_accum", True),
-                               (facts.ENV_FP8_FAST_ACCUM_GRAD, "fp8_fast_accum_grad", False)):
+                               (facts.ENV_FP8_FAST_ACCUM_GRAD, "fp8_fast_accum_grad", True)):
         on = _env_toggle(env, var)
         if on is not None:
             overrides.append(f"{var}={int(on)}")

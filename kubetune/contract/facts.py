@@ -64,7 +64,7 @@ ENV_FP8_SWIGLU = "KUBETUNE_FP8_SWIGLU"
 # With FP8, on unless set to 0: the forward products accumulate without cuBLASLt's fp32
 # promotion (trainer/fp8.set_fast_accum).
 ENV_FP8_FAST_ACCUM = "KUBETUNE_FP8_FAST_ACCUM"
-# With FP8, off unless set to 1: the input gradients' products accumulate so too.
+# With FP8, on unless set to 0: the input gradients' products accumulate so too.
 ENV_FP8_FAST_ACCUM_GRAD = "KUBETUNE_FP8_FAST_ACCUM_GRAD"
 ENV_COMPILE = "KUBETUNE_COMPILE"
 ENV_SELECTIVE_CHECKPOINTING = "KUBETUNE_SELECTIVE_CHECKPOINTING"

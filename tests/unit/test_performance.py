@@ -122,9 +122,10 @@ def test_explicit_values(perf, method, field, value):
     ({}, {"KUBETUNE_FP8_FAST_ACCUM": "0"}, H200, "ddp", "fp8_swiglu", True),  # one part off, not the other
     ({"fp8": "off"}, {}, H200, "ddp", "fp8_fast_accum", False),
     ({}, {}, A100, "ddp", "fp8_fast_accum", False),
-    ({}, {}, H200, "ddp", "fp8_fast_accum_grad", False),  # opt-in
-    ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"}, H200, "ddp", "fp8_fast_accum_grad", True),
-    ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"}, H200, "ddp", "fp8_fast_accum", True),
+    ({}, {}, H200, "ddp", "fp8_fast_accum_grad", True),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"}, H200, "ddp", "fp8_fast_accum_grad", False),
+    ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"}, H200, "ddp", "fp8_fast_accum", True),
+    ({}, {}, A100, "ddp", "fp8_fast_accum_grad", False),
     ({"fp8": "off"}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"}, H200, "ddp", "fp8_fast_accum_grad", False),
 ])
 def test_environment_overrides(perf, env, machine, strategy, field, value):
