@@ -119,24 +119,45 @@ def one_pass_function():
 
 
 class _Dispatch:
-    """Stands where TRL's fused head looks up its function: ours where it fits, else TRL's."""
+    """Stands where TRL's fused head looks up its function: ours where it fits, else TRL's.
+    Given `rows` (the flat positions whose label counts, known on the host), it scores
+    those rows only and puts their outputs back in place, zeros elsewhere."""
 
-    def __init__(self, theirs, ours):
-        self.theirs, self.ours = theirs, ours
+    def __init__(self, theirs, ours, rows=None):
+        self.theirs, self.ours, self.rows = theirs, ours, rows
 
-    def apply(self, hidden, weight, bias, *args):
-        return (self.ours if _fits(hidden, weight, bias) else self.theirs).apply(hidden, weight, bias, *args)
+    def apply(self, hidden, weight, bias, targets, *args):
+        function = self.ours if _fits(hidden, weight, bias) else self.theirs
+        if self.rows is None:
+            return function.apply(hidden, weight, bias, targets, *args)
+        rows, n = self.rows
+        if hidden.shape[0] != n:
+            raise RuntimeError(f"lm_head.one_pass: {hidden.shape[0]} positions reached the head, the label rows "
+                               f"were counted for {n}")
+        out = function.apply(hidden.index_select(0, rows), weight, bias, targets.index_select(0, rows), *args)
+        # index_copy keeps an all-masked micro-batch connected to the model (a zero that has a
+        # gradient), as TRL's masked_scatter does.
+        return tuple(None if x is None else x.new_zeros(n).index_copy(0, rows, x) for x in out)
 
 
 @contextlib.contextmanager
-def one_pass():
-    """Within: `model(..., fused_lm_head=True)` makes the head's gradient in the forward."""
+def one_pass(rows=None):
+    """Within: `model(..., fused_lm_head=True)` makes the head's gradient in the forward.
+
+    `rows`, optional: (index, n), the positions of the n shifted labels that are not -100,
+    as a device tensor whose length the host knows (`sft.label_rows`). Why: TRL's head
+    scores only those positions, but finds them with `hidden[mask]`, a nonzero() that waits
+    for the GPU to finish the forward, and its backward (masked_scatter's) waits again, 40 ms
+    of an 8B step (bench/RESULTS.md, issue 16, sixth round). With the rows given, TRL is
+    told to pass every position (its path for devices without Triton: views and masked_fill,
+    no wait) and the rows are picked here with index_select, which does not wait."""
     import trl.trainer.utils as utils
 
-    theirs = utils._ChunkedLogProbFunction
-    utils._ChunkedLogProbFunction = _Dispatch(theirs, one_pass_function())
+    theirs, use_triton = utils._ChunkedLogProbFunction, utils._use_triton
+    utils._ChunkedLogProbFunction = _Dispatch(theirs, one_pass_function(), rows)
+    if rows is not None:
+        utils._use_triton = lambda device: False
     try:
         yield
     finally:
-        utils._ChunkedLogProbFunction = theirs
-
+        utils._ChunkedLogProbFunction, utils._use_triton = theirs, use_triton

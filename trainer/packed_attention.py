@@ -473,12 +473,33 @@ def varlen_available() -> bool:
         return False
 
 
+def without_packed_scan(preprocess):
+    """transformers' mask preprocessing, minus its scan for packed rows where the varlen
+    kernel runs. Why: without an attention mask it scans position_ids for sample
+    boundaries (`find_packed_sequence_indices`) and asks the device whether there are any,
+    `(packed[:, -1] == 0).all()`: a host wait at the start of every forward, the GPU's lead
+    lost. The scan only serves a dense block-diagonal mask, which varlen_mask never builds
+    for self-attention over unpadded rows (it returns None either way), and the kernel
+    reads the boundaries from position_ids itself."""
+    if getattr(preprocess, "kubetune_varlen", False):
+        return preprocess
+
+    @functools.wraps(preprocess)
+    def preprocess_mask_arguments(config, inputs_embeds, attention_mask, cache, position_ids, *args, **kwargs):
+        if getattr(config, "_attn_implementation", None) == VARLEN_ATTENTION and attention_mask is None and cache is None:
+            position_ids = None
+        return preprocess(config, inputs_embeds, attention_mask, cache, position_ids, *args, **kwargs)
+
+    preprocess_mask_arguments.kubetune_varlen = True
+    return preprocess_mask_arguments
+
+
 def register_varlen_attention() -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers import AttentionInterface, masking_utils
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-    AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+    masking_utils.AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
+    masking_utils._preprocess_mask_arguments = without_packed_scan(masking_utils._preprocess_mask_arguments)
     return VARLEN_ATTENTION
 
 

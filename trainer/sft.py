@@ -17,11 +17,44 @@ loss: the same filter runs on the device here (`training_step`).
 tests/trainer/test_sft_sync_free.py trains the same steps with TRL's class and this
 one and compares the losses, logged metrics and FLOP counts, so a TRL or
 transformers release that changes the default path fails there.
+
+The fused head's own host waits (it finds the positions to score with a
+nonzero()) are avoided by counting those positions on the host, where the
+collator makes the batch (`LabelRows`, `lm_head.one_pass`).
 """
 
 from __future__ import annotations
 
 import functools
+
+# The batch key under which LabelRows hands the label positions to the trainer (removed
+# before the batch reaches the model).
+LABEL_ROWS = "kubetune_label_rows"
+
+
+def label_rows(labels):
+    """The flat positions of the shifted labels (labels[:, 1:]) that are not -100: the rows
+    TRL's fused head scores, counted where the labels are still on the host."""
+    return (labels[:, 1:] != -100).reshape(-1).nonzero().squeeze(1)
+
+
+class LabelRows:
+    """Wraps a collator: each batch also carries `label_rows` of its labels. Only for
+    labels on the CPU and without pre-shifted `shift_labels` (context parallelism scores
+    those unshifted): anything else goes to the model as the collator made it."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, examples):
+        import torch
+
+        batch = self.collate(examples)
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if (isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and labels.dim() == 2
+                and "shift_labels" not in batch):
+            batch[LABEL_ROWS] = label_rows(labels)
+        return batch
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,6 +71,23 @@ def sft_trainer_class():
         # on the host); None otherwise.
         _nonfinite_filter = None
         _flop_params = None  # the parameter count floating_point_ops multiplies by, counted once
+        _label_rows = None  # the micro-batch's LABEL_ROWS, from _prepare_inputs to compute_loss
+
+        def _get_dataloader(self, *args, **kwargs):
+            # The loaders' batches carry LABEL_ROWS; `self.data_collator` stays TRL's (its
+            # checks look at the collator's class).
+            collate = self.data_collator
+            self.data_collator = LabelRows(collate)
+            try:
+                return super()._get_dataloader(*args, **kwargs)
+            finally:
+                self.data_collator = collate
+
+        def _prepare_inputs(self, inputs):
+            # Every path to the model (training_step, prediction_step) passes here: the key
+            # never reaches a forward.
+            self._label_rows = inputs.pop(LABEL_ROWS, None) if isinstance(inputs, dict) else None
+            return super()._prepare_inputs(inputs)
 
         def train(self, *args, **kwargs):
             self._nonfinite_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
@@ -91,7 +141,13 @@ def sft_trainer_class():
                                             num_items_in_batch=num_items_in_batch)
             mode = "train" if self.model.training else "eval"
             inputs["use_cache"] = False
-            with lm_head.one_pass():  # the head's gradient made in its forward: two vocabulary passes, not three
+            rows, self._label_rows = self._label_rows, None
+            labels = inputs.get("labels")
+            if rows is not None and labels is not None and "shift_labels" not in inputs:
+                rows = (rows.to(labels.device, non_blocking=True), labels.shape[0] * (labels.shape[1] - 1))
+            else:
+                rows = None
+            with lm_head.one_pass(rows):  # the head's gradient made in its forward: two vocabulary passes, not three
                 outputs = model(**inputs, fused_lm_head=True)
             num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
             loss = (-outputs.log_probs).sum() / torch.as_tensor(num_tokens).clamp(min=1)

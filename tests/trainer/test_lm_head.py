@@ -119,3 +119,89 @@ def test_a_model_forward_through_trls_fused_head_uses_it(tiny_model, monkeypatch
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _device_waits(run):
+    """The aten ops of `run` (forward and backward) whose output size depends on tensor
+    values: each is a wait for the device on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    waits = {"nonzero", "masked_select", "masked_scatter", "masked_scatter_backward", "_local_scalar_dense"}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in waits:
+                seen.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        result = run()
+    return result, seen
+
+
+@pytest.mark.parametrize("masked", ["prompt and padding", "everything"])
+def test_label_rows_counted_on_the_host_score_what_trls_compact_path_scores(tiny_model, monkeypatch, masked):
+    """TRL's head, on a GPU, scores only the labelled positions and finds them with
+    hidden[mask] (a device wait); with the rows counted where the collator made the batch
+    (sft.label_rows) the same positions are scored without one: the same loss, outputs and
+    gradients, an all-masked micro-batch included (a zero loss that still back-propagates)."""
+    import trl.trainer.utils as utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from kubetune.trainer.sft import label_rows
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[1, 31:] = -100
+    if masked == "everything":
+        labels[:] = -100
+    rows = label_rows(labels)
+    assert rows.tolist() == [i for i, keep in enumerate((labels[:, 1:] != -100).reshape(-1).tolist()) if keep]
+
+    def step(rows_given):
+        def run():
+            model.zero_grad()
+            with lm_head.one_pass((rows, 2 * 39) if rows_given else None):
+                out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+            loss = (-out.log_probs).sum() / out.label_mask.sum().clamp(min=1)
+            loss.backward()
+            return out, loss.detach()
+
+        return _device_waits(run)
+
+    monkeypatch.setattr(utils, "_use_triton", lambda device: True)  # TRL's GPU path, on this CPU
+    # The backbone's own wait (transformers' scan for packed rows: one sequence per row here,
+    # None is its answer) is not the head's (packed_attention.skip_packed_scan, for varlen).
+    import transformers.masking_utils as masking_utils
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    (theirs, their_loss), their_waits = step(rows_given=False)
+    their_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    (ours, our_loss), our_waits = step(rows_given=True)
+    assert "masked_scatter" in their_waits  # the detector sees TRL's waits
+    assert our_waits == []
+    assert utils._use_triton(None) is True  # one_pass put back what it found
+    torch.testing.assert_close(our_loss, their_loss)
+    for name in ("log_probs", "entropy", "is_top1"):
+        torch.testing.assert_close(getattr(ours, name).detach(), getattr(theirs, name).detach(), msg=name)
+    if masked == "everything":
+        assert our_loss == 0
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_label_rows_counted_for_another_shape_are_refused():
+    rows = torch.tensor([0, 2])
+    with lm_head.one_pass((rows, 5)):
+        import trl.trainer.utils as utils
+
+        with pytest.raises(RuntimeError, match="counted for 5"):
+            utils._ChunkedLogProbFunction.apply(torch.zeros(6, 4, requires_grad=True), torch.zeros(3, 4), None,
+                                                torch.zeros(6, dtype=torch.long), 1.0, 16)

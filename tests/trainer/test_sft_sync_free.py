@@ -35,12 +35,17 @@ def _run(trainer_cls, model_dir, tmp_path, padding_free: bool, steps: int = 4):
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
-def test_the_sync_free_trainer_trains_and_logs_like_trls(tiny_model, tmp_path, padding_free):
+def test_the_sync_free_trainer_trains_and_logs_like_trls(tiny_model, tmp_path, padding_free, monkeypatch):
     from trl import SFTTrainer
 
+    from kubetune.trainer import lm_head
     from kubetune.trainer.sft import sft_trainer_class
 
+    counted = []  # the label rows each micro-batch's head got (counted on the host by the collator)
+    one_pass = lm_head.one_pass
+    monkeypatch.setattr(lm_head, "one_pass", lambda rows=None: counted.append(rows) or one_pass(rows))
     ours, our_flos = _run(sft_trainer_class(), tiny_model, tmp_path, padding_free)
+    assert len(counted) == 4 * 2 and all(r is not None and 0 < len(r[0]) < r[1] for r in counted)
     theirs, their_flos = _run(SFTTrainer, tiny_model, tmp_path, padding_free)
     assert our_flos == their_flos > 0  # the parameter count is taken once, not after every micro-batch
     assert len(ours) == len(theirs) == 4

@@ -127,6 +127,29 @@ def test_varlen_packed_forward_equals_per_sample(cpu_varlen):
     assert not torch.allclose(unpacked_pos, ref, atol=1e-3)
 
 
+def test_varlen_forward_skips_transformers_packed_scan_sdpa_keeps_it(cpu_varlen, monkeypatch):
+    """The scan for packed rows ends in a host wait on a GPU; varlen never uses what it
+    finds, sdpa does (its block-diagonal mask). Both see the same samples."""
+    import transformers.masking_utils as masking_utils
+
+    scans, scan = [], masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda p: scans.append(1) or scan(p))
+    model = _tiny_llama().eval()
+    lens = [7, 20, 13]
+    ids = torch.randint(3, 256, (1, sum(lens)))
+    pos = torch.cat([torch.arange(n) for n in lens]).unsqueeze(0)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        assert scans
+        scans.clear()
+        model.set_attn_implementation(cpu_varlen)
+        varlen = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert scans == []
+    torch.testing.assert_close(varlen, sdpa, rtol=1e-4, atol=1e-5)
+    assert pa.without_packed_scan(masking_utils._preprocess_mask_arguments) is masking_utils._preprocess_mask_arguments
+
+
 def test_varlen_generation_with_padding_falls_back_to_sdpa(cpu_varlen):
     model = _tiny_llama().eval()
     prompt = torch.randint(3, 256, (2, 12))
