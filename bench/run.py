@@ -148,6 +148,9 @@ VARIANTS = {
     # measured in the sixth round, the default since); "nograd" turns it off
     "fastgrad": {},
     "nograd": {},
+    # the same case with the host waiting where transformers and TRL make it wait (the sixth
+    # round's change turned off: TRL's compact LM head, the packed-rows scan)
+    "hostwaits": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -161,6 +164,7 @@ VARIANT_ENV = {
     "noacc": {"KUBETUNE_FP8_FAST_ACCUM": "0"},
     "fastgrad": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"},
     "nograd": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"},
+    "hostwaits": {"KUBETUNE_AVOID_HOST_WAITS": "0"},
 }
 
 

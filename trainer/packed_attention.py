@@ -494,17 +494,22 @@ def without_packed_scan(preprocess):
     return preprocess_mask_arguments
 
 
-def register_varlen_attention() -> str:
+def register_varlen_attention(skip_packed_scan: bool = True) -> str:
     from transformers import AttentionInterface, masking_utils
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     masking_utils.AttentionMaskInterface.register(VARLEN_ATTENTION, varlen_mask)
-    masking_utils._preprocess_mask_arguments = without_packed_scan(masking_utils._preprocess_mask_arguments)
+    preprocess = masking_utils._preprocess_mask_arguments
+    if skip_packed_scan:
+        masking_utils._preprocess_mask_arguments = without_packed_scan(preprocess)
+    else:  # the scan back, should an earlier registration have skipped it
+        if getattr(preprocess, "kubetune_varlen", False):
+            masking_utils._preprocess_mask_arguments = preprocess.__wrapped__
     return VARLEN_ATTENTION
 
 
-def attention_implementation(choice: str) -> str:
+def attention_implementation(choice: str, skip_packed_scan: bool = True) -> str:
     """The `attn_implementation` to load the model with, for the attention that
     `performance.resolve` chose: "varlen" registers the kernel with transformers
     and returns its name; any other name is transformers' own."""
-    return register_varlen_attention() if choice == "varlen" else choice
+    return register_varlen_attention(skip_packed_scan) if choice == "varlen" else choice

@@ -64,10 +64,14 @@ class Resolved:
     fp8_fast_accum: bool = False
     # With fp8 (on unless KUBETUNE_FP8_FAST_ACCUM_GRAD=0): the input gradients' products too.
     fp8_fast_accum_grad: bool = False
+    # On unless KUBETUNE_AVOID_HOST_WAITS=0: the label rows the fused LM head scores are
+    # counted on the host (sft.LabelRows), and under varlen transformers' scan for packed rows
+    # is skipped (packed_attention.without_packed_scan): no host waits in a step's forward.
+    avoid_host_waits: bool = True
 
     def describe(self) -> str:
         on = [n for n in ("liger", "fused_lora", "fp8", "fp8_swiglu", "fp8_fast_accum", "fp8_fast_accum_grad",
-                        "compile",
+                        "avoid_host_waits", "compile",
                         "selective_checkpointing")
               if getattr(self, n)]
         budget = f"{self.memory_budget_gib:g} GiB" if self.memory_budget_gib is not None else "90% of the GPU"
@@ -197,6 +201,9 @@ def resolve(
         if on is not None:
             overrides.append(f"{var}={int(on)}")
         fp8_only[name] = bool(fp8 and (default if on is None else on))
+    avoid_host_waits = _env_toggle(env, facts.ENV_AVOID_HOST_WAITS)
+    if avoid_host_waits is not None:
+        overrides.append(f"{facts.ENV_AVOID_HOST_WAITS}={int(avoid_host_waits)}")
 
     # ---- memory budget
     budget = perf.memory_budget_gib
@@ -212,4 +219,4 @@ def resolve(
 
     return Resolved(attention=attention, liger=liger, fused_lora=fused_lora, fp8=fp8, compile=compile_,
                     selective_checkpointing=selective, memory_budget_gib=budget, overrides=tuple(overrides),
-                    **fp8_only)
+                    avoid_host_waits=avoid_host_waits is not False, **fp8_only)

@@ -72,11 +72,14 @@ def sft_trainer_class():
         _nonfinite_filter = None
         _flop_params = None  # the parameter count floating_point_ops multiplies by, counted once
         _label_rows = None  # the micro-batch's LABEL_ROWS, from _prepare_inputs to compute_loss
+        count_label_rows = True  # performance.Resolved.avoid_host_waits
 
         def _get_dataloader(self, *args, **kwargs):
             # The loaders' batches carry LABEL_ROWS; `self.data_collator` stays TRL's (its
             # checks look at the collator's class).
             collate = self.data_collator
+            if not self.count_label_rows:
+                return super()._get_dataloader(*args, **kwargs)
             self.data_collator = LabelRows(collate)
             try:
                 return super()._get_dataloader(*args, **kwargs)

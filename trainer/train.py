@@ -209,7 +209,7 @@ def load_model(cfg: TrainerConfig, model_dir: Path, *, cuda: bool, precision: st
     if perf.overrides:  # a debugging knob left set must not pass unnoticed: it wins over the job's spec
         log.warning("training.performance overridden by the environment: %s", " ".join(perf.overrides))
     kwargs = model_load_kwargs(cfg, cuda=cuda, precision=precision, local_rank=local_rank,
-                               attn=attention_implementation(perf.attention))
+                               attn=attention_implementation(perf.attention, skip_packed_scan=perf.avoid_host_waits))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     if cfg.method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
@@ -334,11 +334,11 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
     uncheckpointed = kept_attention = 0
+    perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
     if cuda:
         from kubetune.trainer.memory_plan import tune_sft_arguments
 
         # micro-batch and (selective) checkpointing for this GPU's memory, within training.performance
-        perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
         sft_kwargs, uncheckpointed, kept_attention = tune_sft_arguments(sft_kwargs, model, cfg, perf)
     args = SFTConfig(**sft_kwargs)
 
@@ -361,6 +361,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
 
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks)
+    trainer.count_label_rows = perf.avoid_host_waits
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressReporter formats progress instead

@@ -66,6 +66,9 @@ ENV_FP8_SWIGLU = "KUBETUNE_FP8_SWIGLU"
 ENV_FP8_FAST_ACCUM = "KUBETUNE_FP8_FAST_ACCUM"
 # With FP8, on unless set to 0: the input gradients' products accumulate so too.
 ENV_FP8_FAST_ACCUM_GRAD = "KUBETUNE_FP8_FAST_ACCUM_GRAD"
+# On unless set to 0: the trainer keeps its host from waiting for the device where
+# transformers and TRL would (sft.LabelRows, packed_attention.without_packed_scan).
+ENV_AVOID_HOST_WAITS = "KUBETUNE_AVOID_HOST_WAITS"
 ENV_COMPILE = "KUBETUNE_COMPILE"
 ENV_SELECTIVE_CHECKPOINTING = "KUBETUNE_SELECTIVE_CHECKPOINTING"
 ENV_MEMORY_BUDGET_GIB = "KUBETUNE_MEMORY_BUDGET_GIB"

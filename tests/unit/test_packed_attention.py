@@ -148,6 +148,14 @@ def test_varlen_forward_skips_transformers_packed_scan_sdpa_keeps_it(cpu_varlen,
     assert scans == []
     torch.testing.assert_close(varlen, sdpa, rtol=1e-4, atol=1e-5)
     assert pa.without_packed_scan(masking_utils._preprocess_mask_arguments) is masking_utils._preprocess_mask_arguments
+    # KUBETUNE_AVOID_HOST_WAITS=0: the scan is back, for varlen too
+    pa.attention_implementation("varlen", skip_packed_scan=False)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=pos, use_cache=False)
+        assert scans
+    finally:
+        pa.attention_implementation("varlen")
 
 
 def test_varlen_generation_with_padding_falls_back_to_sdpa(cpu_varlen):

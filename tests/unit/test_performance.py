@@ -126,6 +126,9 @@ def test_explicit_values(perf, method, field, value):
     ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"}, H200, "ddp", "fp8_fast_accum_grad", False),
     ({}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"}, H200, "ddp", "fp8_fast_accum", True),
     ({}, {}, A100, "ddp", "fp8_fast_accum_grad", False),
+    ({}, {}, H200, "ddp", "avoid_host_waits", True),
+    ({"fp8": "off"}, {}, A100, "ddp", "avoid_host_waits", True),  # not a part of the FP8 recipe
+    ({}, {"KUBETUNE_AVOID_HOST_WAITS": "0"}, H200, "ddp", "avoid_host_waits", False),
     ({"fp8": "off"}, {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"}, H200, "ddp", "fp8_fast_accum_grad", False),
 ])
 def test_environment_overrides(perf, env, machine, strategy, field, value):
