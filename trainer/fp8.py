@@ -409,8 +409,9 @@ def quantize_nf4(weight, amax, transpose: bool = False):
 # promotes the partial sums to fp32 registers every few K-blocks, which costs throughput.
 # "Fast accumulation" skips the promotion. torchao's float8 training recipe takes it for the
 # forward product only; here the input gradients take it too, as measured on an 8B QLoRA run
-# (bench/RESULTS.md, issue 16, sixth round: +1.7% tokens/s, the loss within 0.45% of bf16
-# products over 100 steps, as within 0.48% with the promotion kept there). The run says which
+# (bench/RESULTS.md, issue 16, sixth round: +1.5% tokens/s in the same invocation, the loss
+# within 0.58% of bf16 products over 100 steps, against 0.48% with the promotion kept there in
+# the fifth round). The run says which
 # (`performance.Resolved.fp8_fast_accum` for the forward products and their recompute,
 # `fp8_fast_accum_grad` for the input gradients; `fast_paths.apply_fast_paths` sets both). On
 # an H200 the 8B forward products ran 6-13% faster (check_fp8.py); the error against the same

@@ -147,8 +147,9 @@ def one_pass(rows=None):
     `rows`, optional: (index, n), the positions of the n shifted labels that are not -100,
     as a device tensor whose length the host knows (`sft.label_rows`). Why: TRL's head
     scores only those positions, but finds them with `hidden[mask]`, a nonzero() that waits
-    for the GPU to finish the forward, and its backward (masked_scatter's) waits again, 40 ms
-    of an 8B step (bench/RESULTS.md, issue 16, sixth round). With the rows given, TRL is
+    for the GPU to finish the forward, and its backward (masked_scatter's) waits again: the
+    GPU idles wherever the host is the slower side (bench/RESULTS.md, issue 16, sixth round:
+    the waits gone from the profile, no gain on a GPU-bound machine). With the rows given, TRL is
     told to pass every position (its path for devices without Triton: views and masked_fill,
     no wait) and the rows are picked here with index_select, which does not wait."""
     import trl.trainer.utils as utils

@@ -502,9 +502,8 @@ def register_varlen_attention(skip_packed_scan: bool = True) -> str:
     preprocess = masking_utils._preprocess_mask_arguments
     if skip_packed_scan:
         masking_utils._preprocess_mask_arguments = without_packed_scan(preprocess)
-    else:  # the scan back, should an earlier registration have skipped it
-        if getattr(preprocess, "kubetune_varlen", False):
-            masking_utils._preprocess_mask_arguments = preprocess.__wrapped__
+    elif getattr(preprocess, "kubetune_varlen", False):  # the scan back, after an earlier registration skipped it
+        masking_utils._preprocess_mask_arguments = preprocess.__wrapped__
     return VARLEN_ATTENTION
 
 

@@ -77,9 +77,9 @@ def sft_trainer_class():
         def _get_dataloader(self, *args, **kwargs):
             # The loaders' batches carry LABEL_ROWS; `self.data_collator` stays TRL's (its
             # checks look at the collator's class).
-            collate = self.data_collator
             if not self.count_label_rows:
                 return super()._get_dataloader(*args, **kwargs)
+            collate = self.data_collator
             self.data_collator = LabelRows(collate)
             try:
                 return super()._get_dataloader(*args, **kwargs)
