@@ -151,6 +151,9 @@ VARIANTS = {
     # the same case with the host waiting where transformers and TRL make it wait (the sixth
     # round's change turned off: TRL's compact LM head, the packed-rows scan)
     "hostwaits": {},
+    # the same case again, as the job's next pod (with --kernel-cache: it restores the kernels
+    # an earlier case saved)
+    "restart": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -774,6 +777,10 @@ def main() -> int:
     ap.add_argument("--fresh-triton-cache", action="store_true",
                     help="each case gets an empty TRITON_CACHE_DIR of its own (its first step compiles every kernel, "
                          "as on a fresh pod)")
+    ap.add_argument("--kernel-cache", action="store_true",
+                    help="the cases share one kernel cache store, as the pods of one job do (output.kernelCacheUri, "
+                         "trainer/kernel_cache.py): with --fresh-triton-cache the first case compiles and saves, the "
+                         "later ones restore; the @restart variant names a case run again for that")
     ap.add_argument("--cold-cache", action="store_true",
                     help="empty the machine's page cache before each case (needs root): its imports and model load "
                          "read from the disk, as on a fresh node; the record says whether it was emptied")
@@ -847,6 +854,8 @@ def main() -> int:
         return None if left is None else left - 15  # 15 s to write the record
 
     results, data_stats = [], {}
+    if args.kernel_cache:
+        shutil.rmtree(work / "kernel-cache", ignore_errors=True)  # the invocation's first case compiles
     if args.logs:
         Path(args.logs).mkdir(parents=True, exist_ok=True)  # the profile is written into it mid-run
     for spec in [c for c in args.cases.split(",") if c]:
@@ -862,6 +871,8 @@ def main() -> int:
         batch = args.batch if args.batch == "auto" else int(args.batch)
         cfg = trainer_config(case, args.model_dir, str(data), str(fresh_dir(work / f"out-{slug}")), args.steps, batch, args.seed,
                              args.targets, args.log_every, args.strategy, variant, args.qlora_budget_gib)
+        if args.kernel_cache:
+            cfg["output"]["kernelCacheUri"] = str(work / "kernel-cache")
         result_dir = work / f"result-{slug}"
         shutil.rmtree(result_dir, ignore_errors=True)
         result_dir.mkdir(parents=True)
@@ -921,6 +932,7 @@ def main() -> int:
         r["model_dir"] = args.model_dir
         r["pythonpath"] = env.get("PYTHONPATH")
         r["triton_cache_dir"] = env.get("TRITON_CACHE_DIR")
+        r["kernel_cache"] = [ln for ln in proc.stdout.splitlines() if ln.startswith("kernel cache:")]
         r["model_dir_changes"] = model_changes(model_fp, fingerprint(args.model_dir))
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Union
 
-from kubetune.contract.facts import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH  # noqa: F401  (re-exported for the builders)
+from kubetune.contract.facts import CONFIG_DIR, CONFIG_FILE, CONFIG_PATH, KERNEL_CACHE  # noqa: F401  (the first three re-exported for the builders)
 from kubetune.trainer.config import TrainerConfig
 
 from . import revisions
@@ -85,6 +85,8 @@ def trainer_config_for(
         section[dst[1]] = _get(spec, src)
     # Each revision writes under its own prefix: an edit never overwrites the artifact being served.
     data["output"]["uri"] = revisions.artifact_root(spec, revisions.revision_id(spec))
+    # The compiled kernels are not an artifact of one revision: every pod of the job reuses them.
+    data["output"]["kernel_cache_uri"] = f"{spec.output.uri.rstrip('/')}/{KERNEL_CACHE}/"
     if not spec.serving.enabled:
         data["serve"]["tensor_parallel_size"] = None  # nothing will be served: nothing to check
     data["job"] = {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace}

@@ -195,6 +195,24 @@ class CountTokens(TrainerCallback):
             state.num_input_tokens_seen = (state.num_input_tokens_seen or 0) + self.flush()
 
 
+class SaveKernelCache(TrainerCallback):
+    """Saves the kernels compiled so far (kernel_cache.KernelCache) once the run's first
+    step is done, in the background, and at the end when later steps compiled more (a
+    batch of another shape). On the main process only: one archive per job and key."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.saved_once = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.saved_once:
+            self.saved_once = True
+            self.cache.save(wait=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.cache.save(wait=True)
+
+
 class SelectiveCheckpointing(TrainerCallback):
     """Leaves the last `layers` decoder layers uncheckpointed (fast_paths.uncheckpoint_last_layers),
     once the Trainer has switched checkpointing on for all of them at the start of train(), and

@@ -39,6 +39,10 @@ class ConfigError(ValueError):
 
 class OutputSpec(ApiModel):
     uri: str = Field(min_length=1, description="s3://bucket/prefix/ or a local directory; layout in kubetune.contract.facts.")
+    kernel_cache_uri: Optional[str] = Field(
+        default=None, min_length=1,
+        description="s3://bucket/prefix/ or a local directory keeping the compiled GPU kernels between the job's pods "
+        "(trainer/kernel_cache.py); none: each pod compiles its own.")
 
 
 class MergeSpec(ApiModel):

@@ -253,8 +253,8 @@ def run_train(cfg: TrainerConfig) -> TrainResult:
 
 
 def _train(cfg: TrainerConfig, stop) -> TrainResult:
-    from kubetune.trainer.callbacks import (EXTRAS_DIR, CountTokens, ReportProgress, SelectiveCheckpointing, StopOnSignal,
-                                            UploadCheckpoints)
+    from kubetune.trainer.callbacks import (EXTRAS_DIR, CountTokens, ReportProgress, SaveKernelCache, SelectiveCheckpointing,
+                                            StopOnSignal, UploadCheckpoints)
 
     import torch
     from accelerate import PartialState
@@ -322,10 +322,22 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
             return data, None, None
         return data, to_hf_dataset(data.train), to_hf_dataset(data.validation) if data.validation else None
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubetune-data") as pool:
+    # One pod per node fetches the job's compiled kernels meanwhile (kernel_cache.py): the first
+    # step then finds them instead of compiling them.
+    kernels = None
+    if cfg.output.kernel_cache_uri and cuda and state.is_local_main_process:
+        from kubetune.trainer.kernel_cache import KernelCache
+
+        kernels = KernelCache.for_this_gpu(cfg.output.kernel_cache_uri, cfg.storage)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kubetune-data") as pool:
         pending = pool.submit(read_data)
+        restored = pool.submit(kernels.restore) if kernels is not None else None
         model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
         data, train_ds, eval_ds = pending.result()
+        if restored is not None:
+            restored.result()
+    if cfg.output.kernel_cache_uri and cuda and state.num_processes > 1:
+        state.wait_for_everyone()  # the node's other ranks start their first step with the kernels in place too
     if not data.ok:
         raise TrainingError(f"dataset {cfg.dataset.uri}: {data.problem()} (run validate)")
 
@@ -358,6 +370,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
                                                 kept_on_host=bool(sft_kwargs.get("activation_offloading"))))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
+    if kernels is not None and state.is_main_process:
+        callbacks.append(SaveKernelCache(kernels))
 
     trainer = sft_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=callbacks)

@@ -87,3 +87,6 @@ EVALUATION_REPORT = f"{EVALUATION}/{REPORT}"
 METRICS_FILE = "metrics.jsonl"  # inside adapter/
 LOSS_CURVE_FILE = "loss_curve.png"  # inside adapter/
 TENSORBOARD_DIR = "tensorboard"  # inside adapter/
+# Beside the revisions, shared by them all: compiled GPU kernels kept between the job's pods
+# (trainer/kernel_cache.py), one archive per GPU kind and library versions.
+KERNEL_CACHE = "kernel-cache"

@@ -155,6 +155,17 @@ def test_rendered_fields_land_where_declared(src, dst):
     assert getattr(getattr(cfg, dst[0]), dst[1]) == expected
 
 
+def test_every_revision_shares_the_jobs_kernel_cache():
+    first = job()
+    first["spec"]["output"]["uri"] = "s3://bucket/jobs/a"
+    edited = job()
+    edited["spec"]["output"]["uri"] = "s3://bucket/jobs/a"
+    edited["spec"]["training"] = {**edited["spec"].get("training", {}), "learningRate": 1e-5}
+    a, b = trainer_config_for(first), trainer_config_for(edited)
+    assert a.output.uri != b.output.uri  # two revisions, two artifact prefixes
+    assert a.output.kernel_cache_uri == b.output.kernel_cache_uri == "s3://bucket/jobs/a/kernel-cache/"
+
+
 def test_nothing_served_means_no_tensor_parallel_check():
     assert trainer_config_for(job(serving={"enabled": False, "gpus": 4})).serve.tensor_parallel_size is None
 
