@@ -232,6 +232,9 @@ class KernelCache:
 
     def restore(self) -> int:
         """Fetches the archive into the local cache; the number of entries added."""
+        import time
+
+        start = time.monotonic()
         try:
             data = self.store.get_bytes(self.object_key)
             if data is None:
@@ -242,7 +245,8 @@ class KernelCache:
             print(f"kernel cache: not restored from {self._where()}: {e}", flush=True)
             return 0
         self.known = set(archived)
-        print(f"kernel cache: {len(added)} kernels restored from {self._where()} ({len(data) / 2**20:.1f} MiB)", flush=True)
+        print(f"kernel cache: {len(added)} kernels restored from {self._where()} ({len(data) / 2**20:.1f} MiB, "
+              f"{time.monotonic() - start:.1f} s)", flush=True)
         return len(added)
 
     def save(self, wait: bool = True) -> None:

@@ -1,0 +1,13 @@
+#!/bin/bash
+# Issue 16 item 5 (start to the first optimizer step <= 30 s on 8B), seventh round, one
+# device call: the job's kernel cache (trainer/kernel_cache.py). Every case starts with an
+# empty Triton cache (a fresh pod); the cases share one kernel cache store, as the pods of
+# one job do: the first 2,048-token case compiles and saves, `@restart` is the job's next pod
+# (it restores them); the 16k case restores those and compiles what its shapes add, its
+# `@restart` finds all. Run from the repository root on the GPU machine with .whl and .bench
+# carried (sh bench/prepare_device.sh here first).
+source bench/device_env.sh
+OUT=$OUT/kcache CASES=${CASES:-qlora-instruct,qlora-instruct@restart,qlora-ctx16384@b9.6,qlora-ctx16384@b9.6+restart} \
+  UNSLOTH=${UNSLOTH-} LABEL="issue 16: the job's kernel cache, first pod against the next" \
+  STEPS=${STEPS:-8} LOG_EVERY=4 PROFILE_STEP=${PROFILE_STEP:-0} DEADLINE=${DEADLINE:-540} \
+  bash bench/run_8b_cases.sh --kernel-cache "$@"
