@@ -154,6 +154,9 @@ VARIANTS = {
     # the same case again, as the job's next pod (with --kernel-cache: it restores the kernels
     # an earlier case saved)
     "restart": {},
+    # the same case with its first step's host functions profiled (cProfile, whose overhead
+    # lengthens that step: its time to the first step is not a measurement)
+    "firstprof": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -325,6 +328,11 @@ def run_case(args) -> dict:
             self.tokens += int(am.sum()) if am is not None else int(ids.numel())
 
         def on_step_begin(self, args, state, control, **kw):
+            if first_step_profile and not self.step_end and getattr(self, "cprof", None) is None:
+                import cProfile
+
+                self.cprof = cProfile.Profile()
+                self.cprof.enable()
             if args_profile_step and state.global_step + 1 == args_profile_step:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -333,6 +341,19 @@ def run_case(args) -> dict:
                 self.prof = profile(activities=acts, record_shapes=True)
                 self.prof.__enter__()
                 self.prof_t = time.time()
+
+        def _end_first_step_profile(self):
+            import io
+            import pstats
+
+            self.cprof.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(self.cprof, stream=out)
+            out.write("FIRST STEP, host functions by cumulative time (cProfile; its overhead included)\n")
+            stats.sort_stats("cumulative").print_stats(70)
+            out.write("\nBY OWN TIME\n")
+            stats.sort_stats("tottime").print_stats(40)
+            Path(first_step_profile).write_text(out.getvalue())
 
         def _end_profile(self):
             sync()
@@ -368,6 +389,9 @@ def run_case(args) -> dict:
         def on_step_end(self, args, state, control, **kw):
             if getattr(self, "prof", None) is not None:
                 self._end_profile()
+            if getattr(self, "cprof", None) is not None and not self.step_end:
+                sync()
+                self._end_first_step_profile()
             if events_timing:
                 # A CUDA event in stream order instead of a host sync per step: the sync
                 # itself idles the GPU while the host prepares the next step.
@@ -390,6 +414,9 @@ def run_case(args) -> dict:
 
     rank = int(os.environ.get("RANK", "0"))
     args_profile_step = args.profile_step if rank == 0 else 0
+    # @firstprof: the first step's host functions (cProfile), into the logs beside the case's
+    first_step_profile = (args.profile_out and rank == 0 and "firstprof" in args.variant.split("+")
+                          and str(Path(args.profile_out).with_name(Path(args.profile_out).stem + "_first_step.txt")))
     events_timing = cuda and args.timing == "events"
     clock = BenchClock()
     real_load, real_prepare = train_mod.load_model, dataset_mod.prepare

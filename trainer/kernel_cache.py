@@ -6,8 +6,8 @@ LoRA kernels, Liger's norm and RoPE; forward and backward): 7-14 s of the
 29-37 s from start to the first optimizer step on 8B (bench/RESULTS.md, issue
 16). Every later pod of the same job (a restart after preemption, a resume, a
 retry, the next revision of a GitOps rollout) would compile the same kernels
-again. So the trainer packs the complete entries of its local Triton cache
-into one archive after its first step and puts it beside the job's artifacts
+again, and build the C modules Triton launches them with. So the trainer
+packs the complete entries of its local Triton cache into one archive after its first step and puts it beside the job's artifacts
 (`<spec.output.uri>/kernel-cache/<key>.tar.gz`); the next pod fetches that one
 object while its data and model load, and its first step finds the kernels
 compiled.
@@ -88,10 +88,17 @@ def local_cache_dir() -> Path:
         return Path.home() / ".triton" / "cache"
 
 
+def _is_module(name: str) -> bool:
+    # the C modules Triton builds with the host compiler (its CUDA utilities, kernel launchers),
+    # one shared object per entry, written whole (by rename) and found by name, with no group file
+    return name.endswith(".so")
+
+
 def complete_entries(root: Path) -> dict[str, list[str]]:
     """{entry folder: its file names} for the entries whose group file lists only files
     that are present in the entry itself (Triton writes the group last: an entry being
-    written, or one whose files were moved, is left out)."""
+    written, or one whose files were moved, is left out), and the entries holding only
+    a built C module."""
     out: dict[str, list[str]] = {}
     if not root.is_dir():
         return out
@@ -103,9 +110,10 @@ def complete_entries(root: Path) -> dict[str, list[str]]:
         except OSError:
             continue
         groups = [n for n in names if n.startswith(GROUP_PREFIX)]
-        if not groups or not all(_group_children_here(entry, g, names) for g in groups):
-            continue
-        out[entry.name] = names
+        if groups and all(_group_children_here(entry, g, names) for g in groups):
+            out[entry.name] = names
+        elif not groups and names and all(_is_module(n) for n in names):
+            out[entry.name] = names
     return out
 
 
@@ -184,7 +192,7 @@ def _relocated(content: dict[str, bytes], final: Path) -> Optional[dict[str, byt
     out = dict(content)
     groups = [n for n in content if n.startswith(GROUP_PREFIX)]
     if not groups:
-        return None
+        return out if all(_is_module(n) for n in content) else None
     for g in groups:
         try:
             children = json.loads(content[g]).get("child_paths")

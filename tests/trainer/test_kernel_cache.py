@@ -127,7 +127,16 @@ def test_entries_being_written_or_not_triton_are_left_out(compiled, tmp_path):
     (copy / "notes.txt").write_text("x")
     (copy / ("B" * 52)).mkdir()  # a folder without a group file: still being written
     (copy / ("B" * 52) / "k.cubin").write_bytes(b"x")
-    assert list(kc.complete_entries(copy)) == [two]
+    module = "C" * 64  # a C module Triton built (one .so, no group file) is kept
+    (copy / module).mkdir()
+    (copy / module / "cuda_utils.cpython-312-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    (copy / ("D" * 64)).mkdir()  # but not a folder of other files without a group
+    (copy / ("D" * 64) / "k.so").write_bytes(b"x")
+    (copy / ("D" * 64) / "k.c").write_bytes(b"x")
+    assert sorted(kc.complete_entries(copy)) == sorted([two, module])
+    added, _ = kc.unpack(kc.pack(copy, kc.complete_entries(copy)), tmp_path / "pod2")
+    assert sorted(added) == [two, module]
+    assert (tmp_path / "pod2" / module / "cuda_utils.cpython-312-x86_64-linux-gnu.so").read_bytes() == b"\x7fELF"
 
 
 def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
