@@ -154,6 +154,9 @@ VARIANTS = {
     # the same case again, as the job's next pod (with --kernel-cache: it restores the kernels
     # an earlier case saved)
     "restart": {},
+    # the same case with bitsandbytes imported as before the seventh round (with torch's
+    # compiler stack: its fallback ops' torch.compile wrappers built at import)
+    "eagerbnb": {},
     # the same case with its first step's host functions profiled (cProfile, whose overhead
     # lengthens that step: its time to the first step is not a measurement)
     "firstprof": {},
@@ -295,6 +298,12 @@ def run_case(args) -> dict:
         allocator = None
     if allocator is not None:
         allocator.use_expandable_segments()
+    try:  # as `kubetune train` does: bitsandbytes without torch's compiler stack (the @before code may predate it)
+        from kubetune.trainer import lazy_compile
+    except ImportError:
+        lazy_compile = None
+    if lazy_compile is not None and "eagerbnb" not in args.variant.split("+"):
+        lazy_compile.import_bitsandbytes()
     import torch
     import trl
     from transformers import TrainerCallback
