@@ -29,6 +29,8 @@ RECIPE_SECTIONS = ("base_model", "dataset", "method", "training", "evaluation")
 RENDERED: dict[tuple[str, ...], tuple[str, ...]] = {
     ("output", "uri"): ("output", "uri"),
     ("output", "merge"): ("merge", "enabled"),
+    # default: the job's own <uri>/kernel-cache/ (render)
+    ("output", "kernel_cache_uri"): ("output", "kernel_cache_uri"),
     ("resources", "strategy"): ("launch", "strategy"),
     ("storage", "endpoint_url"): ("storage", "endpoint_url"),
     ("storage", "region"): ("storage", "region"),
@@ -86,7 +88,7 @@ def trainer_config_for(
     # Each revision writes under its own prefix: an edit never overwrites the artifact being served.
     data["output"]["uri"] = revisions.artifact_root(spec, revisions.revision_id(spec))
     # The compiled kernels are not an artifact of one revision: every pod of the job reuses them.
-    data["output"]["kernel_cache_uri"] = f"{spec.output.uri.rstrip('/')}/{KERNEL_CACHE}/"
+    data["output"]["kernel_cache_uri"] = spec.output.kernel_cache_uri or f"{spec.output.uri.rstrip('/')}/{KERNEL_CACHE}/"
     if not spec.serving.enabled:
         data["serve"]["tensor_parallel_size"] = None  # nothing will be served: nothing to check
     data["job"] = {"name": job.metadata.name, "namespace": namespace or job.metadata.namespace}

@@ -133,6 +133,10 @@ LIMITS: tuple[Limit, ...] = (
                   when_cel="object.spec.baseModel.uri.startsWith('s3://')",
                   when=lambda s: s.base_model.uri.startswith("s3://")),
     _prefix_limit("output-prefix", "spec.output.uri", "output", lambda s: s.output.uri, "outputs"),
+    # Written by the job's pods like its artifacts, so within the same prefixes.
+    _prefix_limit("kernel-cache-prefix", "spec.output.kernelCacheUri", "output", lambda s: s.output.kernel_cache_uri,
+                  "outputs", when_cel="has(object.spec.output.kernelCacheUri)",
+                  when=lambda s: s.output.kernel_cache_uri is not None),
     Limit(
         name="base-model",
         field="spec.baseModel.uri",

@@ -136,6 +136,13 @@ class OutputSpec(ApiModel):
         description="Delete everything under uri when the FineTuneJob is deleted (a cleanup Job runs first). "
         "By default artifacts outlive the job.",
     )
+    kernel_cache_uri: Optional[S3Uri] = Field(
+        default=None,
+        description="s3://bucket/prefix/ keeping the GPU kernels the trainer compiles, per GPU kind and library "
+        "versions: later pods restore them (a restart, a resume, the next revision) and their first step compiles "
+        "nothing. Jobs that name the same prefix share them (a team's jobs, with the same storage credentials). "
+        "Default: <uri>/kernel-cache/.",
+    )
 
 
 class SecretKeyRef(ApiModel):

@@ -111,6 +111,8 @@ TEAM_A_REFUSED = [
     ("other-tenants-dataset", {"dataset": {"uri": "s3://team-b-data/chat.jsonl"}}, "spec.dataset.uri"),
     ("other-tenants-output", {"output": {"uri": "s3://team-b-artifacts/support-bot/"}}, "spec.output.uri"),
     ("bucket-sharing-a-prefix", {"output": {"uri": "s3://team-a-artifacts-old/x/"}}, "spec.output.uri"),
+    ("other-tenants-kernel-cache", {"output": {"kernelCacheUri": "s3://team-b-artifacts/kernels/"}},
+     "spec.output.kernelCacheUri"),
     ("dot-segments", {"dataset": {"uri": "s3://team-a-data/../team-b-data/chat.jsonl"}}, "spec.dataset.uri"),
     ("model-outside-prefixes", {"baseModel": {"uri": "s3://team-b-data/models/llama/"}}, "spec.baseModel.uri"),
     ("base-model-not-listed", {"baseModel": {"uri": "s3://shared-models/mistral-7b/"}}, "spec.baseModel.uri"),

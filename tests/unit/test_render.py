@@ -133,11 +133,15 @@ def test_a_changed_recipe_field_changes_the_trainer_config_at_the_same_path(path
     assert value == new
 
 
+CAMEL = {"endpoint_url": "endpointUrl", "kernel_cache_uri": "kernelCacheUri"}
+
+
 @pytest.mark.parametrize("src,dst", list(RENDERED.items()), ids=[".".join(s) for s in RENDERED])
 def test_rendered_fields_land_where_declared(src, dst):
     values = {
         ("output", "uri"): "s3://elsewhere/run/",
         ("output", "merge"): False,
+        ("output", "kernel_cache_uri"): "s3://team/kernel-cache/",
         ("resources", "strategy"): "deepspeed-zero2",
         ("storage", "endpoint_url"): "http://minio:9000",
         ("storage", "region"): "eu-west-1",
@@ -146,8 +150,8 @@ def test_rendered_fields_land_where_declared(src, dst):
     body = job(serving={"enabled": src[0] == "serving"})
     node = body["spec"]
     for part in src[:-1]:
-        node = node.setdefault({"endpoint_url": "endpointUrl"}.get(part, part), {})
-    node[{"endpoint_url": "endpointUrl"}.get(src[-1], src[-1])] = values[src]
+        node = node.setdefault(CAMEL.get(part, part), {})
+    node[CAMEL.get(src[-1], src[-1])] = values[src]
     cfg = trainer_config_for(body)
     expected = values[src]
     if src == ("output", "uri"):  # each revision writes under its own prefix of output.uri
@@ -164,6 +168,10 @@ def test_every_revision_shares_the_jobs_kernel_cache():
     a, b = trainer_config_for(first), trainer_config_for(edited)
     assert a.output.uri != b.output.uri  # two revisions, two artifact prefixes
     assert a.output.kernel_cache_uri == b.output.kernel_cache_uri == "s3://bucket/jobs/a/kernel-cache/"
+    shared = job()
+    shared["spec"]["output"]["kernelCacheUri"] = "s3://bucket/team/kernel-cache/"  # a team's jobs share one
+    assert trainer_config_for(shared).output.kernel_cache_uri == "s3://bucket/team/kernel-cache/"
+    assert revision_id(FineTuneJob.from_body(shared).spec) == revision_id(FineTuneJob.from_body(job()).spec)
 
 
 def test_nothing_served_means_no_tensor_parallel_check():
