@@ -7,10 +7,11 @@ LoRA kernels, Liger's norm and RoPE; forward and backward): 7-14 s of the
 16). Every later pod of the same job (a restart after preemption, a resume, a
 retry, the next revision of a GitOps rollout) would compile the same kernels
 again, and build the C modules Triton launches them with. So the trainer
-packs the complete entries of its local Triton cache into one archive after its first step and puts it beside the job's artifacts
-(`<spec.output.uri>/kernel-cache/<key>.tar.gz`); the next pod fetches that one
-object while its data and model load, and its first step finds the kernels
-compiled.
+packs the complete entries of its local Triton cache into one archive after
+its first step and puts it beside the job's artifacts
+(`<spec.output.uri>/kernel-cache/<key>.tar.gz`, or the job's
+`spec.output.kernelCacheUri`); the next pod fetches that one object while its
+data and model load, and its first step finds the kernels compiled.
 
 The key names the GPU kind and the versions that decide what Triton compiles
 (torch, triton, liger-kernel, kubetune): another GPU kind or an upgrade gets an
@@ -18,8 +19,9 @@ archive of its own, and old archives are never merged into new ones. Triton
 checks each entry against its own hash of source, options and target, so an
 entry that does not apply is simply not used.
 
-The archive comes from the job's own store, written by the job's own pods
-(nothing is shared across jobs or tenants). It is still read as untrusted:
+The archive comes from the job's own store, written by its own pods or by the
+jobs that name the same `kernelCacheUri` (a TenantPolicy keeps that within the
+tenant's output prefixes: nothing crosses tenants). It is still read as untrusted:
 only plain files in flat entry folders, no links, no paths out of the cache,
 a size limit. A cache that cannot be read or written costs a slower first step,
 never the run: every failure here is logged and ignored.
@@ -37,6 +39,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
@@ -117,16 +120,23 @@ def complete_entries(root: Path) -> dict[str, list[str]]:
     return out
 
 
+def _group_children(text) -> Optional[dict]:
+    """A group file's {file name: absolute path}; None when it is not one Triton wrote."""
+    try:
+        children = json.loads(text).get("child_paths")
+    except (ValueError, AttributeError):
+        return None
+    return children if isinstance(children, dict) and children else None
+
+
 def _group_children_here(entry: Path, group: str, names: list[str]) -> bool:
     try:
-        children = json.loads((entry / group).read_text()).get("child_paths")
-    except (OSError, ValueError):
-        return False
-    if not isinstance(children, dict) or not children:
+        children = _group_children((entry / group).read_text())
+    except OSError:
         return False
     # by name: the cache folder may be reached by another path than the one Triton recorded
-    return all(isinstance(p, str) and Path(p).parent.name == entry.name and Path(p).name in names
-               for p in children.values())
+    return children is not None and all(isinstance(p, str) and Path(p).parent.name == entry.name
+                                        and Path(p).name in names for p in children.values())
 
 
 def pack(root: Path, entries: Mapping[str, list[str]]) -> bytes:
@@ -194,11 +204,8 @@ def _relocated(content: dict[str, bytes], final: Path) -> Optional[dict[str, byt
     if not groups:
         return out if all(_is_module(n) for n in content) else None
     for g in groups:
-        try:
-            children = json.loads(content[g]).get("child_paths")
-        except ValueError:
-            return None
-        if not isinstance(children, dict) or not children:
+        children = _group_children(content[g])
+        if children is None:
             return None
         moved = {}
         for child, path in children.items():
@@ -240,8 +247,6 @@ class KernelCache:
 
     def restore(self) -> int:
         """Fetches the archive into the local cache; the number of entries added."""
-        import time
-
         start = time.monotonic()
         try:
             data = self.store.get_bytes(self.object_key)
