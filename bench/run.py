@@ -71,6 +71,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,6 +161,9 @@ VARIANTS = {
     # the same case with its first step's host functions profiled (cProfile, whose overhead
     # lengthens that step: its time to the first step is not a measurement)
     "firstprof": {},
+    # the same case without the child that compiles the run's kernels while the trainer
+    # imports and loads (trainer/kernel_warmup.py, the default since the eighth round)
+    "nowarm": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -174,6 +178,7 @@ VARIANT_ENV = {
     "fastgrad": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "1"},
     "nograd": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"},
     "hostwaits": {"KUBETUNE_AVOID_HOST_WAITS": "0"},
+    "nowarm": {"KUBETUNE_KERNEL_WARMUP": "0"},
 }
 
 
@@ -298,6 +303,16 @@ def run_case(args) -> dict:
         allocator = None
     if allocator is not None:
         allocator.use_expandable_segments()
+    try:  # as `kubetune train` does: a child compiles the run's kernels meanwhile (the @before code may predate it)
+        from kubetune.trainer import kernel_warmup
+    except ImportError:
+        kernel_warmup = None
+    if kernel_warmup is not None:
+        from kubetune.trainer.config import parse_config
+
+        config_file = Path(args.result_dir or tempfile.mkdtemp()) / f"trainer-config-{os.environ.get('RANK', '0')}.json"
+        config_file.write_text(args.config_json)
+        kernel_warmup.start(config_file, parse_config(json.loads(args.config_json)))
     try:  # as `kubetune train` does: bitsandbytes without torch's compiler stack (the @before code may predate it)
         from kubetune.trainer import lazy_compile
     except ImportError:

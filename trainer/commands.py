@@ -112,10 +112,11 @@ def validate(
 
 def train(config: Path = typer.Option(..., "--config", "-c", help=CONFIG_HELP)) -> None:
     """LoRA/QLoRA fine-tuning; resumes from the newest complete checkpoint; exits 143 after SIGTERM."""
-    from kubetune.trainer import allocator, lazy_compile, prefetch
+    from kubetune.trainer import allocator, kernel_warmup, lazy_compile, prefetch
 
     cfg = _load(config)
     allocator.use_expandable_segments()  # before torch allocates: the reserve over the plan stays small
+    kernel_warmup.start(config, cfg)  # compiles the run's kernels while this process imports and loads
     prefetch.start(cfg.base_model.uri)  # before torch: its files are read while it imports
     lazy_compile.import_bitsandbytes()  # before peft and transformers import it with torch's compiler stack
 

@@ -194,10 +194,16 @@ def mark_fp8_siblings(block) -> int:
             members = [getattr(parent, n, None) for n in names]
             if any(m is None or not _routed_to_fp8(m) for m in members):
                 continue
-            for i, m in enumerate(members):
-                m._kubetune_fp8_share = fp8.OPEN if i == 0 else fp8.CLOSE if i == len(members) - 1 else fp8.USE
+            for m, role in zip(members, share_roles(len(members))):
+                m._kubetune_fp8_share = role
             groups += 1
     return groups
+
+
+def share_roles(n: int) -> list:
+    """The `fp8.SharedRows` role of each of n sibling projections, in call order: the first
+    quantises the input, the last lets it go."""
+    return [fp8.OPEN if i == 0 else fp8.CLOSE if i == n - 1 else fp8.USE for i in range(n)]
 
 
 def _fp8_forward(module):

@@ -62,7 +62,9 @@ def _triton_kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # M, the rows of a packed micro-batch, changes from step to step: not specialised on, so
+    # that one compiled variant serves every count (lora_dropout_kernels says why).
+    @triton.jit(do_not_specialize=["M"])
     def rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
         # Rows M.. (the padding up to the grid of 16) get zeros and scale 1 here rather
         # than by two more launches per product.
@@ -128,7 +130,7 @@ def _swiglu_kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
     def swiglu_rows_kernel(a_ptr, b_ptr, q_ptr, s_ptr, M, K, stride_a, stride_b, ROUND_TO: tl.constexpr,
                            BLOCK: tl.constexpr):
         # h = silu(a) * b rounded as the unfused path rounds it (silu to the compute dtype,
@@ -160,7 +162,7 @@ def _swiglu_kernels():
         tl.store(b_ptr + i, (dh * silu).to(b_ptr.dtype.element_ty), mask=m)
         tl.store(a_ptr + i, (dh * b * (sig + silu * (1.0 - sig))).to(a_ptr.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
     def swiglu_backward_rows_kernel(a_ptr, b_ptr, dh_ptr, qa_ptr, sa_ptr, qb_ptr, sb_ptr, M, K,
                                     stride_a, stride_b, stride_dh, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
         # dL/da and dL/db of one row, rounded to the compute dtype as `swiglu_backward_kernel`

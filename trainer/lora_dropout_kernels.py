@@ -8,12 +8,21 @@ u >= threshold (threshold = round(p * 65536)). One Philox call per 8 elements
 instead of one per element: drawing the mask costs a few microseconds per
 projection rather than being the kernels' bound. `keep_tile` is the one place
 that says this; every kernel calls it.
+
+The seed (a fresh random number per product) and the row count M (the tokens of a
+packed micro-batch) are not specialised on: Triton would otherwise compile each
+kernel again for a seed or a count that happens to be a multiple of 16, in the
+middle of a run (a second each), and a warm-up (`kernel_warmup`) could not know
+which variant a run needs.
 """
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Arguments that change from call to call (module docstring).
+RUN_VARYING = ("seed", "M")
 
 
 @triton.jit
@@ -39,7 +48,7 @@ def dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM: tl.constexpr
     return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUN_VARYING)
 def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
                    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """out (M, R) = (x * keep * scale) @ a^T, for x (M, K), a (R, K)."""
@@ -56,7 +65,7 @@ def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUN_VARYING)
 def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """dx (M, K) += ((dxa @ a) * keep * scale), dxa (M, R), a (R, K)."""
@@ -76,7 +85,7 @@ def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
     tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUN_VARYING)
 def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, rows_per_split,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """part[split] (R, K) = dxa[rows]^T @ (x[rows] * keep * scale) over this split's rows."""
@@ -96,7 +105,7 @@ def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, row
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUN_VARYING)
 def mask_kernel(out_ptr, seed, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
     """The keep-mask itself, as int8 (for checks)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)

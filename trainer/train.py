@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from kubetune.contract.facts import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR
 from kubetune.contract.recipe import CUDA_ONLY_OPTIMIZERS
-from kubetune.trainer import artifacts
+from kubetune.trainer import artifacts, kernel_warmup
 from kubetune.trainer.config import TrainerConfig
 from kubetune.trainer.deepspeed import deepspeed_config as deepspeed_strategy_config
 from kubetune.trainer.deepspeed import zero3_enabled
@@ -334,8 +334,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         restored = pool.submit(kernels.restore) if kernels is not None else None
         model = load_model(cfg, model_dir, cuda=cuda, precision=precision, local_rank=state.local_process_index)
         data, train_ds, eval_ds = pending.result()
-        if restored is not None:
-            restored.result()
+        if restored is not None and restored.result():
+            kernel_warmup.cancel()  # the job's kernels are here: nothing left for the warm-up to compile
     if cfg.output.kernel_cache_uri and cuda and state.num_processes > 1:
         state.wait_for_everyone()  # the node's other ranks start their first step with the kernels in place too
     if not data.ok:
@@ -384,6 +384,9 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
 
         use_offload_stash(trainer)  # offloaded checkpoints (long rows): the stash the plan counted
     trainer.training_step = tokens.wrap(trainer.training_step)
+    warmed = kernel_warmup.settle()  # the first step then finds the kernels compiled, and the child's memory free
+    if warmed:
+        print(warmed, flush=True)
     trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     step = trainer.state.global_step
 

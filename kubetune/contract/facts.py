@@ -72,6 +72,9 @@ ENV_AVOID_HOST_WAITS = "KUBETUNE_AVOID_HOST_WAITS"
 ENV_COMPILE = "KUBETUNE_COMPILE"
 ENV_SELECTIVE_CHECKPOINTING = "KUBETUNE_SELECTIVE_CHECKPOINTING"
 ENV_MEMORY_BUDGET_GIB = "KUBETUNE_MEMORY_BUDGET_GIB"
+# On unless set to 0: a child process compiles the run's Triton kernels while the trainer
+# imports and loads (trainer/kernel_warmup.py).
+ENV_KERNEL_WARMUP = "KUBETUNE_KERNEL_WARMUP"
 
 # ---------------------------------------------------------------- artifact layout under output.uri
 # A prefix exists for readers only once its MANIFEST.json (written last) does.
