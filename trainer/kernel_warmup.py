@@ -8,17 +8,23 @@ one after the other, each when the first step first reaches it: 10.6-14.6 s of a
 compiled (bench/RESULTS.md, issue 16, seventh round).
 
 Here `start()` (standard library only, so it runs before the trainer imports
-torch) launches `python -m kubetune.trainer.kernel_warmup --config X`. That child
-imports torch, triton and the kernel modules only (a few seconds, against the
-trainer's transformers, peft and trl), builds one decoder layer of the model's
-dimensions (read from its config.json) with the trainer's own nodes
-(`lora_kernels`, Liger's functions, `lm_head`), routed as `fast_paths` routes the
-real layers, and runs it forward and backward with the LM head. Each kernel
-compiles with the arguments the run will give it and lands in Triton's cache
-directory, where the trainer's first step finds it. Token counts are the one
-data-dependent argument: the trainer's own kernels do not specialise on them
-(`lora_dropout_kernels`), Liger's rotary embedding and norm do, so the layer runs
-for a count that is a multiple of 16 and for one that is not.
+torch) launches `python -m kubetune.trainer.kernel_warmup --config X --part P`,
+one child per part:
+
+- `layer`: imports torch, triton and the kernel modules only (a few seconds,
+  against the trainer's transformers, peft and trl), builds one decoder layer of
+  the model's dimensions (read from its config.json) with the trainer's own nodes
+  (`lora_kernels`, `lm_head`), routed as `fast_paths` routes the real layers
+  (`routes`), and runs it forward and backward with the LM head.
+- `liger`: Liger's norm, rotary embedding and SwiGLU on the same shapes. Apart,
+  because importing liger-kernel imports torch's compiler stack and peft (12 s of
+  a CPU machine's imports): in one child it would hold the other kernels back.
+
+Each kernel compiles with the arguments the run will give it and lands in
+Triton's cache directory, where the trainer's first step finds it. Token counts
+are the one data-dependent argument: the trainer's own kernels do not specialise
+on them (`lora_dropout_kernels`), Liger's rotary embedding and norm do, so each
+part runs for a count that is a multiple of 16 and for one that is not.
 
 Before its first step the trainer waits for the child (`settle`, at most
 `WAIT_S`), so that the step finds the kernels complete and the child's GPU
@@ -51,6 +57,7 @@ LM_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "kernel warm-up:"
+PARTS = ("layer", "liger")
 
 
 @dataclass(frozen=True)
@@ -120,27 +127,31 @@ _child: Optional["Warmup"] = None
 
 
 class Warmup:
-    """The running child."""
+    """The running children, one per part."""
 
-    def __init__(self, process: subprocess.Popen, started: float):
-        self.process, self.started = process, started
+    def __init__(self, processes: list, started: float):
+        self.processes, self.started = processes, started
 
     def settle(self, timeout: float = WAIT_S) -> str:
-        """Wait for the child (at most `timeout` s, then stop it); what happened, for the log."""
-        try:
-            code = self.process.wait(timeout=max(0.0, timeout))
-        except subprocess.TimeoutExpired:
-            self.stop()
-            return f"{PREFIX} stopped after {timeout:.0f} s of waiting; the first step compiles what is left"
-        waited = time.time() - self.started
-        if code != 0:
-            return f"{PREFIX} the child exited {code}; the first step compiles what it needs"
-        return f"{PREFIX} done {waited:.1f} s after the trainer started"
+        """Wait for the children (at most `timeout` s in all, then stop them); what happened, for the log."""
+        deadline = time.time() + max(0.0, timeout)
+        codes = []
+        for p in self.processes:
+            try:
+                codes.append(p.wait(timeout=max(0.0, deadline - time.time())))
+            except subprocess.TimeoutExpired:
+                self.stop()
+                return f"{PREFIX} stopped after {timeout:.0f} s of waiting; the first step compiles what is left"
+        failed = [c for c in codes if c != 0]
+        if failed:
+            return f"{PREFIX} a child exited {failed[0]}; the first step compiles what it needs"
+        return f"{PREFIX} done {time.time() - self.started:.1f} s after the trainer started"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        for p in self.processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def wanted(cfg, env=os.environ, gpu_device: str = "/dev/nvidiactl") -> bool:
@@ -156,13 +167,13 @@ def wanted(cfg, env=os.environ, gpu_device: str = "/dev/nvidiactl") -> bool:
 
 
 def start(config_path: Path, cfg, **kw) -> Optional[Warmup]:
-    """Launch the child for this config when `wanted`; its log lines go to the trainer's stderr."""
+    """Launch the children for this config when `wanted`; their log lines go to the trainer's stderr."""
     global _child
     if not wanted(cfg, **kw):
         return None
-    process = subprocess.Popen([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(config_path)],
-                               stdin=subprocess.DEVNULL)
-    _child = Warmup(process, time.time())
+    processes = [subprocess.Popen([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(config_path),
+                                   "--part", part], stdin=subprocess.DEVNULL) for part in PARTS]
+    _child = Warmup(processes, time.time())
     return _child
 
 
@@ -200,8 +211,49 @@ def read_model_config(cfg) -> dict:
     return json.loads(data)
 
 
+@dataclass(frozen=True)
+class Route:
+    """How the trainer runs one projection (`fast_paths`)."""
+
+    adapted: bool
+    fused: bool  # the fused LoRA node (`lora_kernels.lora_linear`)
+    fp8: bool  # its base product in FP8 (`fast_paths.fp8_base_products`)
+
+
+def routes(geo: Geometry, perf, pays) -> dict:
+    """Each projection's `Route` for the resolved performance settings; `pays(in, out)` is
+    `fp8.pays`. An adapter is fused where fused LoRA is on and it is vanilla; a fused
+    adapter's base product, or a frozen linear, runs in FP8 where FP8 is on and pays."""
+    out = {}
+    for name in PROJECTIONS:
+        adapted = name in geo.adapted
+        fused = adapted and geo.fusable and perf.fused_lora
+        out[name] = Route(adapted, fused, perf.fp8 and (fused or not adapted) and pays(*geo.shape(name)))
+    return out
+
+
+def swiglu_in_fp8(r: dict, perf) -> bool:
+    """The MLP's SwiGLU product goes straight to e4m3 rows (`fast_paths.fuse_swiglu_down`):
+    FP8 with the SwiGLU fusion on and a frozen FP8 down_proj. Otherwise Liger's SwiGLU
+    (where Liger is on) makes it."""
+    down = r["down_proj"]
+    return perf.fp8 and perf.fp8_swiglu and down.fp8 and not down.adapted
+
+
+def shares(r: dict) -> dict:
+    """The `fp8.SharedRows` role of each projection (`fast_paths.mark_fp8_siblings`)."""
+    from kubetune.trainer.fast_paths import SIBLINGS, share_roles
+
+    out = {}
+    for names in SIBLINGS:
+        if all(r[n].fp8 for n in names):
+            out.update(zip(names, share_roles(len(names))))
+    return out
+
+
 class Layer:
-    """One decoder layer and the LM head, built on the GPU with the run's routing."""
+    """One decoder layer and the LM head with the run's routing, without Liger's kernels
+    (the `liger` part's): their inputs and outputs have the same shapes either way."""
 
     def __init__(self, geo: Geometry, perf, device):
         import torch
@@ -210,21 +262,16 @@ class Layer:
 
         self.geo, self.perf, self.device = geo, perf, device
         self.dtype = torch.bfloat16
+        self.route = routes(geo, perf, fp8.pays)
+        self.share = shares(self.route)
         self.bases, self.lora = {}, {}
-        self.fp8 = {}
-        for name in PROJECTIONS:
+        for name, route in self.route.items():
             n_in, n_out = geo.shape(name)
             self.bases[name] = self._base(n_in, n_out)
-            adapted = name in geo.adapted
-            fused = adapted and geo.fusable and perf.fused_lora
-            # fast_paths.fp8_base_products: a fused adapter's base product, or a frozen linear.
-            self.fp8[name] = perf.fp8 and (fused or not adapted) and fp8.pays(n_in, n_out)
-            if adapted:
+            if route.adapted:
                 a = (torch.randn(geo.rank, n_in, device=device) / n_in ** 0.5).requires_grad_()
                 b = torch.zeros(n_out, geo.rank, device=device).requires_grad_()
-                self.lora[name] = (a, b, fused)
-        self.share = self._shares()
-        self.norm = torch.ones(geo.hidden, device=device, dtype=self.dtype)
+                self.lora[name] = (a, b)
         self.head = torch.randn(geo.vocab, geo.hidden, device=device, dtype=self.dtype) * 0.02
 
     def _base(self, n_in: int, n_out: int):
@@ -244,58 +291,32 @@ class Layer:
                                        quant_type="nf4", quant_storage=torch.uint8).to(self.device)
         return lin
 
-    def _shares(self) -> dict:
-        from kubetune.trainer.fast_paths import SIBLINGS, share_roles
-
-        share = {}
-        for names in SIBLINGS:  # fast_paths.mark_fp8_siblings
-            if all(self.fp8[n] for n in names):
-                share.update(zip(names, share_roles(len(names))))
-        return share
-
     def project(self, name: str, x):
         from kubetune.trainer.lora_kernels import dense_weight, frozen_linear_fp8, lora_linear
 
-        base = self.bases[name]
-        if name in self.lora:
-            a, b, fused = self.lora[name]
-            if fused:
-                return lora_linear(x, a, b, base, self.geo.scaling, self.geo.dropout, self.fp8[name],
-                                   self.share.get(name))
-            # PEFT's own forward: cuBLAS products, no Triton kernel
-            y = x @ dense_weight(base, x.dtype).t()
-            return y + (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * self.geo.scaling
-        if self.fp8[name]:
+        base, route = self.bases[name], self.route[name]
+        if route.fused:
+            a, b = self.lora[name]
+            return lora_linear(x, a, b, base, self.geo.scaling, self.geo.dropout, route.fp8, self.share.get(name))
+        if route.adapted:  # PEFT's own forward: cuBLAS products, no Triton kernel
+            a, b = self.lora[name]
+            return x @ dense_weight(base, x.dtype).t() + (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * self.geo.scaling
+        if route.fp8:
             return frozen_linear_fp8(x, base, self.share.get(name))
         return x @ dense_weight(base, x.dtype).t()
-
-    def rms(self, x):
-        if not self.perf.liger:
-            return x
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-
-        norm = LigerRMSNorm(self.geo.hidden, eps=self.geo.eps).to(self.device, self.dtype)
-        return norm(x)
 
     def mlp(self, x):
         import torch
 
         from kubetune.trainer.lora_kernels import frozen_swiglu_mlp_fp8, swiglu_down_fp8
 
-        # fast_paths.fuse_swiglu_down: a frozen FP8 down_proj takes the SwiGLU product as e4m3 rows.
-        if self.perf.fp8 and self.perf.fp8_swiglu and self.fp8["down_proj"] and "down_proj" not in self.lora:
-            if all(self.fp8[n] and n not in self.lora for n in ("gate_proj", "up_proj")):
+        if swiglu_in_fp8(self.route, self.perf):
+            if all(self.route[n].fp8 and not self.route[n].adapted for n in ("gate_proj", "up_proj")):
                 return frozen_swiglu_mlp_fp8(x, self.bases["gate_proj"], self.bases["up_proj"],
                                              self.bases["down_proj"])
             return swiglu_down_fp8(self.project("gate_proj", x), self.project("up_proj", x),
                                    self.bases["down_proj"])
-        gate, up = self.project("gate_proj", x), self.project("up_proj", x)
-        if self.perf.liger:
-            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-            h = LigerSiLUMulFunction.apply(gate, up)
-        else:
-            h = torch.nn.functional.silu(gate) * up
+        h = torch.nn.functional.silu(self.project("gate_proj", x)) * self.project("up_proj", x)
         return self.project("down_proj", h)
 
     def step(self, tokens: int) -> None:
@@ -307,20 +328,11 @@ class Layer:
         g = self.geo
         x = torch.randn(1, tokens, g.hidden, device=self.device, dtype=self.dtype).requires_grad_()
         with torch.autocast(self.device.type, dtype=self.dtype):
-            h = self.rms(x)
-            q, k, v = (self.project(n, h) for n in ("q_proj", "k_proj", "v_proj"))
-            q = q.view(1, tokens, g.heads, g.head_dim).transpose(1, 2)
-            k = k.view(1, tokens, g.kv_heads, g.head_dim).transpose(1, 2)
-            if self.perf.liger:
-                from liger_kernel.transformers.rope import liger_rotary_pos_emb
-
-                angle = torch.rand(1, tokens, g.head_dim, device=self.device)
-                q, k = liger_rotary_pos_emb(q, k, angle.cos().to(self.dtype), angle.sin().to(self.dtype))
-            # Attention is cuBLAS / the varlen kernel, not Triton: its output here is q's layout.
-            attn = q.transpose(1, 2).reshape(1, tokens, g.heads * g.head_dim)
-            x2 = x + self.project("o_proj", attn)
-            x3 = x2 + self.mlp(self.rms(x2))
-            hidden = self.rms(x3)[0, :-1]
+            q, k, v = (self.project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
+            # Attention is cuBLAS / the varlen kernel, not Triton: its output has q's shape.
+            x2 = x + self.project("o_proj", q)
+            x3 = x2 + self.mlp(x2)
+            hidden = x3[0, :-1]
             targets = torch.randint(0, g.vocab, (tokens - 1,), device=self.device)
             logprobs = one_pass_function().apply(hidden, self.head, None, targets, 1.0, 4096, None, 1.0,
                                                  LM_HEAD_OUTPUTS)[0]
@@ -328,14 +340,31 @@ class Layer:
         loss.backward()
 
 
-def warm(geo: Geometry, perf, device, tokens=TOKENS) -> None:
-    layer = Layer(geo, perf, device)
-    for n in tokens:
-        layer.step(n)
-    if device.type == "cuda":
-        import torch
+def liger_step(geo: Geometry, perf, device, tokens: int) -> None:
+    """Liger's kernels as the patched model calls them: its RMSNorm (Llama's casting, in
+    place), its rotary embedding on q (1, heads, tokens, head_dim) and k, and its SwiGLU
+    where the MLP does not take the FP8 one; forward and backward."""
+    import torch
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
-        torch.cuda.synchronize(device)
+    from kubetune.trainer import fp8
+
+    dt = torch.bfloat16
+    x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
+    norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt)
+    y = norm(x * 1.0)  # in place on its input: not on the leaf
+    q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
+    k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
+    angle = torch.rand(1, tokens, geo.head_dim, device=device)
+    qr, kr = liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), angle.cos().to(dt), angle.sin().to(dt))
+    loss = y.float().sum() + qr.float().sum() + kr.float().sum()
+    if not swiglu_in_fp8(routes(geo, perf, fp8.pays), perf):
+        gate, up = (torch.randn(1, tokens, geo.intermediate, device=device, dtype=dt, requires_grad=True)
+                    for _ in range(2))
+        loss = loss + LigerSiLUMulFunction.apply(gate, up).float().sum()
+    loss.backward()
 
 
 def _entries(cache_dir: Path) -> set:
@@ -345,11 +374,17 @@ def _entries(cache_dir: Path) -> set:
         return set()
 
 
+def _say(part: str, text: str) -> None:
+    print(f"{PREFIX} {part}: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     import argparse
+    import importlib.util
 
     ap = argparse.ArgumentParser(prog="python -m kubetune.trainer.kernel_warmup", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="the trainer config (as `kubetune train --config`)")
+    ap.add_argument("--part", choices=PARTS, default="layer", help="which kernels (module docstring)")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
@@ -358,10 +393,14 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
         geo = geometry(cfg, read_model_config(cfg))
     except Exception as e:  # the trainer reports a bad config or model itself
-        print(f"{PREFIX} skipped: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _say(args.part, f"skipped: {type(e).__name__}: {e}")
         return 0
     if geo is None:
-        print(f"{PREFIX} skipped: not a Llama-style decoder ({', '.join(LLAMA_LIKE)})", file=sys.stderr, flush=True)
+        _say(args.part, f"skipped: not a Llama-style decoder ({', '.join(LLAMA_LIKE)})")
+        return 0
+    liger_found = importlib.util.find_spec("liger_kernel") is not None
+    if args.part == "liger" and not liger_found:
+        _say(args.part, "skipped: liger-kernel is not installed")
         return 0
     from kubetune.trainer import lazy_compile
 
@@ -369,23 +408,32 @@ def main(argv=None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print(f"{PREFIX} skipped: no CUDA GPU", file=sys.stderr, flush=True)
+        _say(args.part, "skipped: no CUDA GPU")
         return 0
     from kubetune.trainer.kernel_cache import local_cache_dir
     from kubetune.trainer.train import resolve_performance
 
     device = torch.device("cuda", 0)
-    perf = resolve_performance(cfg, cuda=True, local_rank=0)
-    if perf.compile:
-        print(f"{PREFIX} training.performance.compile is on: Inductor's kernels are compiled in the first step",
-              file=sys.stderr, flush=True)
+    perf = resolve_performance(cfg, cuda=True, local_rank=0, liger_found=liger_found)
+    if args.part == "liger" and not perf.liger:
+        _say(args.part, "skipped: Liger is off for this run")
+        return 0
+    if perf.compile and args.part == "layer":
+        _say(args.part, "training.performance.compile is on: Inductor's kernels are compiled in the first step")
     cache_dir = local_cache_dir()
     before = _entries(cache_dir)
     t1 = time.time()
-    warm(geo, perf, device)
-    new = len(_entries(cache_dir) - before)
-    print(f"{PREFIX} {new} cache entries compiled in {time.time() - t1:.1f} s ({t1 - t0:.1f} s of imports), "
-          f"one {geo.family} layer of hidden {geo.hidden}", file=sys.stderr, flush=True)
+    if args.part == "layer":
+        layer = Layer(geo, perf, device)
+        run = layer.step
+    else:
+        def run(n):
+            liger_step(geo, perf, device, n)
+    for n in TOKENS:
+        run(n)
+    torch.cuda.synchronize(device)
+    _say(args.part, f"{len(_entries(cache_dir) - before)} cache entries compiled in {time.time() - t1:.1f} s, after "
+                    f"{t1 - t0:.1f} s of imports and setup ({geo.family}, hidden {geo.hidden})")
     return 0
 
 

@@ -58,9 +58,12 @@ def resolve_precision(cfg: TrainerConfig, cuda: bool, bf16_supported: bool) -> s
     return p
 
 
-def resolve_performance(cfg: TrainerConfig, *, cuda: bool, local_rank: int = 0, model_config: Any = None):
+def resolve_performance(cfg: TrainerConfig, *, cuda: bool, local_rank: int = 0, model_config: Any = None,
+                        liger_found: Optional[bool] = None):
     """training.performance on this machine (`performance.resolve`, which holds the rules);
-    a setting that cannot be honoured here is a TrainingError naming the field."""
+    a setting that cannot be honoured here is a TrainingError naming the field. `liger_found`:
+    whether liger-kernel is installed, when the caller knows it without importing it (its
+    import brings torch's compiler stack and peft: `kernel_warmup`)."""
     import torch
 
     from kubetune.trainer import fp8, performance
@@ -71,7 +74,7 @@ def resolve_performance(cfg: TrainerConfig, *, cuda: bool, local_rank: int = 0, 
         return performance.resolve(
             cfg.training.performance, method=cfg.method, strategy=cfg.launch.strategy, cuda=cuda,
             fp8_capable=cuda and fp8.supported(torch.device("cuda", local_rank)),
-            varlen_capable=cuda and varlen_available(), liger_installed=cuda and liger_installed(),
+            varlen_capable=cuda and varlen_available(), liger_installed=cuda and (liger_installed() if liger_found is None else liger_found),
             model_config=model_config, max_length=cfg.dataset.max_length)
     except performance.PerformanceError as e:
         raise TrainingError(str(e)) from None

@@ -5,6 +5,7 @@ bench/run.py, variant @nowarm against the default)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -62,17 +63,17 @@ def test_wanted_only_on_a_gpu_pods_first_process(tmp_path):
     assert kw.wanted(cfg, env={"LOCAL_RANK": "0", "KUBETUNE_KERNEL_WARMUP": "1"}, gpu_device=str(gpu))
 
 
-def _child(code: str) -> kw.Warmup:
-    return kw.Warmup(subprocess.Popen([sys.executable, "-c", code]), time.time())
+def _child(*codes: str) -> kw.Warmup:
+    return kw.Warmup([subprocess.Popen([sys.executable, "-c", c]) for c in codes], time.time())
 
 
-def test_settle_waits_for_the_child_and_stops_a_slow_one():
-    assert "done" in _child("pass").settle(timeout=30)
-    assert "exited 3" in _child("raise SystemExit(3)").settle(timeout=30)
-    slow = _child("import time; time.sleep(60)")
+def test_settle_waits_for_the_children_and_stops_slow_ones():
+    assert "done" in _child("pass", "pass").settle(timeout=30)
+    assert "exited 3" in _child("pass", "raise SystemExit(3)").settle(timeout=30)
+    slow = _child("pass", "import time; time.sleep(60)")
     t0 = time.time()
     note = slow.settle(timeout=0.5)
-    assert "stopped after" in note and slow.process.poll() is not None and time.time() - t0 < 10
+    assert "stopped after" in note and all(p.poll() is not None for p in slow.processes) and time.time() - t0 < 10
 
 
 def test_settle_and_cancel_without_a_child_are_no_ops(monkeypatch):
@@ -80,7 +81,7 @@ def test_settle_and_cancel_without_a_child_are_no_ops(monkeypatch):
     assert kw.settle() is None and kw.cancel() is False
     monkeypatch.setattr(kw, "_child", _child("import time; time.sleep(60)"))
     child = kw._child
-    assert kw.cancel() is True and child.process.poll() is not None and kw._child is None
+    assert kw.cancel() is True and child.processes[0].poll() is not None and kw._child is None
 
 
 def test_start_launches_the_child_with_the_config(tmp_path, monkeypatch):
@@ -90,13 +91,15 @@ def test_start_launches_the_child_with_the_config(tmp_path, monkeypatch):
 
     class FakePopen:
         def __init__(self, argv, **kwargs):
-            seen["argv"] = argv
+            seen.setdefault("argv", []).append(argv)
 
     monkeypatch.setattr(kw.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(kw, "_child", None)
     handle = kw.start(tmp_path / "trainer.yaml", config(tmp_path), env={}, gpu_device=str(gpu))
-    assert handle is kw._child
-    assert seen["argv"][1:] == ["-m", "kubetune.trainer.kernel_warmup", "--config", str(tmp_path / "trainer.yaml")]
+    assert handle is kw._child and len(handle.processes) == 2
+    assert [argv[1:] for argv in seen["argv"]] == [
+        ["-m", "kubetune.trainer.kernel_warmup", "--config", str(tmp_path / "trainer.yaml"), "--part", part]
+        for part in ("layer", "liger")]
     monkeypatch.setattr(kw, "_child", None)
     assert kw.start(tmp_path / "trainer.yaml", config(tmp_path), env={}, gpu_device=str(tmp_path / "no")) is None
 
@@ -118,27 +121,34 @@ def test_the_layer_runs_forward_and_backward_through_the_trainers_nodes(tmp_path
     for n in (5, 8):
         layer.step(n)
     assert set(layer.lora) == {"q_proj", "v_proj", "down_proj"}
-    for name, (a, b, fused) in layer.lora.items():
-        assert fused  # fused LoRA on, no DoRA: the trainer's own node
+    assert all(layer.route[n].fused for n in layer.lora)  # fused LoRA on, no DoRA: the trainer's own node
+    for name, (a, b) in layer.lora.items():
         # b starts at zero (as PEFT's), so its gradient is the one that reaches back through the head
         assert b.grad is not None and b.grad.abs().sum() > 0, name
         assert a.grad is not None
-    assert all(not layer.fp8[n] for n in kw.PROJECTIONS) and layer.share == {}
+    assert not any(r.fp8 for r in layer.route.values()) and layer.share == {}
 
 
-def test_the_layer_shares_fp8_rows_as_the_trainer_does(tmp_path):
-    torch = pytest.importorskip("torch")
+def test_routes_follow_the_trainers_fast_paths(tmp_path):
     from kubetune.trainer import fp8
 
-    geo = kw.geometry(config(tmp_path, {"type": "lora", "targetModules": ["o_proj"]}), LLAMA_8B)
-    layer = object.__new__(kw.Layer)  # the routing only: no 8B weights on the CPU
-    layer.geo, layer.perf = geo, _perf(fp8=True)
-    layer.fp8 = {n: fp8.pays(*geo.shape(n)) for n in kw.PROJECTIONS}
-    layer.lora = {}
-    assert all(layer.fp8.values())
-    assert layer._shares() == {"q_proj": fp8.OPEN, "k_proj": fp8.USE, "v_proj": fp8.CLOSE,
-                               "gate_proj": fp8.OPEN, "up_proj": fp8.CLOSE}
-    assert torch is not None
+    geo = kw.geometry(config(tmp_path, {"type": "qlora", "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+                      LLAMA_8B)
+    r = kw.routes(geo, _perf(fp8=True, fp8_swiglu=True), fp8.pays)
+    assert all(r[n] == kw.Route(True, True, True) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all(r[n] == kw.Route(False, False, True) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert kw.shares(r) == {"q_proj": fp8.OPEN, "k_proj": fp8.USE, "v_proj": fp8.CLOSE,
+                            "gate_proj": fp8.OPEN, "up_proj": fp8.CLOSE}
+    assert kw.swiglu_in_fp8(r, _perf(fp8=True, fp8_swiglu=True))
+    assert not kw.swiglu_in_fp8(r, _perf(fp8=True, fp8_swiglu=False))  # Liger's SwiGLU then
+    # No fused LoRA (or DoRA): PEFT's forward, whose base product stays in bf16.
+    r = kw.routes(geo, _perf(fp8=True, fused_lora=False), fp8.pays)
+    assert r["q_proj"] == kw.Route(True, False, False) and r["gate_proj"].fp8
+    assert kw.shares(r) == {"gate_proj": fp8.OPEN, "up_proj": fp8.CLOSE}
+    # An adapted down_proj keeps the SwiGLU product in bf16.
+    geo = kw.geometry(config(tmp_path, {"type": "qlora"}), LLAMA_8B)
+    assert not kw.swiglu_in_fp8(kw.routes(geo, _perf(fp8=True, fp8_swiglu=True), fp8.pays),
+                                _perf(fp8=True, fp8_swiglu=True))
 
 
 def test_the_child_reads_the_model_config_and_skips_without_a_gpu(tmp_path):
@@ -152,7 +162,11 @@ def test_the_child_reads_the_model_config_and_skips_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                             "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
-    assert "kernel warm-up: skipped: no CUDA GPU" in proc.stderr
+    assert "kernel warm-up: layer: skipped: no CUDA GPU" in proc.stderr
+    if importlib.util.find_spec("liger_kernel") is None:  # the CPU image: Liger is a GPU extra
+        proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file),
+                               "--part", "liger"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "kernel warm-up: liger: skipped: liger-kernel is not installed" in proc.stderr
     (model / "config.json").write_text(json.dumps({**LLAMA_8B, "model_type": "gemma2"}))
     proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file)],
                           capture_output=True, text=True, timeout=300)
