@@ -11,14 +11,16 @@ Here `start()` (standard library only, so it runs before the trainer imports
 torch) launches `python -m kubetune.trainer.kernel_warmup --config X --part P`,
 one child per part:
 
-- `layer`: imports torch, triton and the kernel modules only (a few seconds,
-  against the trainer's transformers, peft and trl), builds one decoder layer of
-  the model's dimensions (read from its config.json) with the trainer's own nodes
-  (`lora_kernels`, `lm_head`), routed as `fast_paths` routes the real layers
-  (`routes`), and runs it forward and backward with the LM head.
-- `liger`: Liger's norm, rotary embedding and SwiGLU on the same shapes. Apart,
-  because importing liger-kernel imports torch's compiler stack and peft (12 s of
-  a CPU machine's imports): in one child it would hold the other kernels back.
+- `layer`: imports torch, triton and the trainer's kernel modules only (a few
+  seconds, against the trainer's transformers, peft and trl), builds one decoder
+  layer of the model's dimensions (read from its config.json) with the trainer's
+  own nodes (`lora_kernels`), routed as `fast_paths` routes the real layers
+  (`routes`), and runs it forward and backward.
+- `libraries`: the kernels of the libraries the trainer patches in: Liger's norm,
+  rotary embedding and SwiGLU, and TRL's LM-head folds (through `lm_head`), on
+  the same shapes. Apart, because importing them imports transformers, and
+  liger-kernel torch's compiler stack and peft too (12 s of a CPU machine's
+  imports): in one child they would hold the trainer's own kernels back.
 
 Each kernel compiles with the arguments the run will give it and lands in
 Triton's cache directory, where the trainer's first step finds it. Token counts
@@ -57,7 +59,7 @@ LM_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFIX = "kernel warm-up:"
-PARTS = ("layer", "liger")
+PARTS = ("layer", "libraries")
 
 
 @dataclass(frozen=True)
@@ -252,8 +254,8 @@ def shares(r: dict) -> dict:
 
 
 class Layer:
-    """One decoder layer and the LM head with the run's routing, without Liger's kernels
-    (the `liger` part's): their inputs and outputs have the same shapes either way."""
+    """One decoder layer with the run's routing, without the libraries' kernels (the
+    `libraries` part's): their inputs and outputs have the same shapes either way."""
 
     def __init__(self, geo: Geometry, perf, device):
         import torch
@@ -272,7 +274,6 @@ class Layer:
                 a = (torch.randn(geo.rank, n_in, device=device) / n_in ** 0.5).requires_grad_()
                 b = torch.zeros(n_out, geo.rank, device=device).requires_grad_()
                 self.lora[name] = (a, b)
-        self.head = torch.randn(geo.vocab, geo.hidden, device=device, dtype=self.dtype) * 0.02
 
     def _base(self, n_in: int, n_out: int):
         import torch
@@ -323,48 +324,51 @@ class Layer:
         """Forward and backward over `tokens` positions of one packed row."""
         import torch
 
-        from kubetune.trainer.lm_head import one_pass_function
-
-        g = self.geo
-        x = torch.randn(1, tokens, g.hidden, device=self.device, dtype=self.dtype).requires_grad_()
+        x = torch.randn(1, tokens, self.geo.hidden, device=self.device, dtype=self.dtype).requires_grad_()
         with torch.autocast(self.device.type, dtype=self.dtype):
             q, k, v = (self.project(n, x) for n in ("q_proj", "k_proj", "v_proj"))
             # Attention is cuBLAS / the varlen kernel, not Triton: its output has q's shape.
             x2 = x + self.project("o_proj", q)
             x3 = x2 + self.mlp(x2)
-            hidden = x3[0, :-1]
-            targets = torch.randint(0, g.vocab, (tokens - 1,), device=self.device)
-            logprobs = one_pass_function().apply(hidden, self.head, None, targets, 1.0, 4096, None, 1.0,
-                                                 LM_HEAD_OUTPUTS)[0]
-            loss = -logprobs.float().sum() + k.float().sum() + v.float().sum()
+            loss = (x3.float() ** 2).sum() + k.float().sum() + v.float().sum()
         loss.backward()
 
 
-def liger_step(geo: Geometry, perf, device, tokens: int) -> None:
-    """Liger's kernels as the patched model calls them: its RMSNorm (Llama's casting, in
-    place), its rotary embedding on q (1, heads, tokens, head_dim) and k, and its SwiGLU
-    where the MLP does not take the FP8 one; forward and backward."""
+def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
+    """The libraries' kernels as the patched model calls them, forward and backward: where
+    Liger is on, its RMSNorm (Llama's casting, in place, the weight frozen as LoRA leaves it),
+    its rotary embedding on q (1, heads, tokens, head_dim) and k, and its SwiGLU where the MLP
+    does not take the FP8 one; and the LM head (`lm_head.one_pass_function`, TRL's kernels)."""
     import torch
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    from liger_kernel.transformers.rms_norm import LigerRMSNorm
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
     from kubetune.trainer import fp8
+    from kubetune.trainer.lm_head import one_pass_function
 
     dt = torch.bfloat16
-    x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
-    norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt)
-    y = norm(x * 1.0)  # in place on its input: not on the leaf
-    q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
-    k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
-    angle = torch.rand(1, tokens, geo.head_dim, device=device)
-    qr, kr = liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), angle.cos().to(dt), angle.sin().to(dt))
-    loss = y.float().sum() + qr.float().sum() + kr.float().sum()
-    if not swiglu_in_fp8(routes(geo, perf, fp8.pays), perf):
-        gate, up = (torch.randn(1, tokens, geo.intermediate, device=device, dtype=dt, requires_grad=True)
-                    for _ in range(2))
-        loss = loss + LigerSiLUMulFunction.apply(gate, up).float().sum()
-    loss.backward()
+    loss = 0.0
+    if perf.liger:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
+        norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt).requires_grad_(False)
+        loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
+        q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
+        k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
+        angle = torch.rand(1, tokens, geo.head_dim, device=device)
+        qr, kr = liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), angle.cos().to(dt), angle.sin().to(dt))
+        loss = loss + (qr.float() ** 2).sum() + (kr.float() ** 2).sum()
+        if not swiglu_in_fp8(routes(geo, perf, fp8.pays), perf):
+            gate, up = (torch.randn(1, tokens, geo.intermediate, device=device, dtype=dt, requires_grad=True)
+                        for _ in range(2))
+            loss = loss + (LigerSiLUMulFunction.apply(gate, up).float() ** 2).sum()
+    hidden = torch.randn(tokens - 1, geo.hidden, device=device, dtype=dt, requires_grad=True)
+    head = torch.randn(geo.vocab, geo.hidden, device=device, dtype=dt) * 0.02
+    targets = torch.randint(0, geo.vocab, (tokens - 1,), device=device)
+    with torch.autocast(device.type, dtype=dt):
+        logprobs = one_pass_function().apply(hidden, head, None, targets, 1.0, 4096, None, 1.0, LM_HEAD_OUTPUTS)[0]
+    (loss - logprobs.float().sum()).backward()
 
 
 def _entries(cache_dir: Path) -> set:
@@ -399,9 +403,6 @@ def main(argv=None) -> int:
         _say(args.part, f"skipped: not a Llama-style decoder ({', '.join(LLAMA_LIKE)})")
         return 0
     liger_found = importlib.util.find_spec("liger_kernel") is not None
-    if args.part == "liger" and not liger_found:
-        _say(args.part, "skipped: liger-kernel is not installed")
-        return 0
     from kubetune.trainer import lazy_compile
 
     lazy_compile.import_bitsandbytes()
@@ -415,9 +416,6 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda", 0)
     perf = resolve_performance(cfg, cuda=True, local_rank=0, liger_found=liger_found)
-    if args.part == "liger" and not perf.liger:
-        _say(args.part, "skipped: Liger is off for this run")
-        return 0
     if perf.compile and args.part == "layer":
         _say(args.part, "training.performance.compile is on: Inductor's kernels are compiled in the first step")
     cache_dir = local_cache_dir()
@@ -428,12 +426,13 @@ def main(argv=None) -> int:
         run = layer.step
     else:
         def run(n):
-            liger_step(geo, perf, device, n)
+            libraries_step(geo, perf, device, n)
     for n in TOKENS:
         run(n)
     torch.cuda.synchronize(device)
-    _say(args.part, f"{len(_entries(cache_dir) - before)} cache entries compiled in {time.time() - t1:.1f} s, after "
-                    f"{t1 - t0:.1f} s of imports and setup ({geo.family}, hidden {geo.hidden})")
+    what = "" if args.part == "layer" else " (Liger and the LM head)" if perf.liger else " (the LM head; Liger off)"
+    _say(args.part, f"{len(_entries(cache_dir) - before)} cache entries compiled{what} in {time.time() - t1:.1f} s, "
+                    f"after {t1 - t0:.1f} s of imports and setup ({geo.family}, hidden {geo.hidden})")
     return 0
 
 

@@ -5,8 +5,8 @@ bench/run.py, variant @nowarm against the default)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -99,7 +99,7 @@ def test_start_launches_the_child_with_the_config(tmp_path, monkeypatch):
     assert handle is kw._child and len(handle.processes) == 2
     assert [argv[1:] for argv in seen["argv"]] == [
         ["-m", "kubetune.trainer.kernel_warmup", "--config", str(tmp_path / "trainer.yaml"), "--part", part]
-        for part in ("layer", "liger")]
+        for part in ("layer", "libraries")]
     monkeypatch.setattr(kw, "_child", None)
     assert kw.start(tmp_path / "trainer.yaml", config(tmp_path), env={}, gpu_device=str(tmp_path / "no")) is None
 
@@ -127,6 +127,31 @@ def test_the_layer_runs_forward_and_backward_through_the_trainers_nodes(tmp_path
         assert b.grad is not None and b.grad.abs().sum() > 0, name
         assert a.grad is not None
     assert not any(r.fp8 for r in layer.route.values()) and layer.share == {}
+
+
+def test_the_libraries_part_runs_the_lm_head_forward_and_backward(tmp_path):
+    torch = pytest.importorskip("torch")
+    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+            "vocab_size": 96}
+    geo = kw.geometry(config(tmp_path), tiny)
+    seen = []
+    from kubetune.trainer import lm_head
+
+    real = lm_head.one_pass_function()
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *args):
+            out = real.apply(hidden, *args)
+            seen.append((hidden, args[4], args[-1], out[0]))
+            return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lm_head, "one_pass_function", lambda: Spy)
+        kw.libraries_step(geo, _perf(), torch.device("cpu"), 7)  # Liger off: the head only
+    (hidden, chunk, outputs, logprobs), = seen
+    assert hidden.shape == (6, 64) and outputs == kw.LM_HEAD_OUTPUTS and chunk == 4096
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0 and logprobs.shape == (6,)
 
 
 def test_routes_follow_the_trainers_fast_paths(tmp_path):
@@ -159,14 +184,13 @@ def test_the_child_reads_the_model_config_and_skips_without_a_gpu(tmp_path):
     cfg_file.write_text(json.dumps({"baseModel": {"uri": str(model)}, "dataset": {"uri": "d.jsonl"},
                                     "output": {"uri": str(tmp_path / "out")}}))
     proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file)],
-                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                            "CUDA_VISIBLE_DEVICES": ""})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 0, proc.stderr
     assert "kernel warm-up: layer: skipped: no CUDA GPU" in proc.stderr
-    if importlib.util.find_spec("liger_kernel") is None:  # the CPU image: Liger is a GPU extra
-        proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file),
-                               "--part", "liger"], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0 and "kernel warm-up: liger: skipped: liger-kernel is not installed" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file),
+                           "--part", "libraries"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0 and "kernel warm-up: libraries: skipped: no CUDA GPU" in proc.stderr
     (model / "config.json").write_text(json.dumps({**LLAMA_8B, "model_type": "gemma2"}))
     proc = subprocess.run([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(cfg_file)],
                           capture_output=True, text=True, timeout=300)
@@ -184,3 +208,12 @@ def test_the_child_reads_a_model_config_from_s3(tmp_path, bucket, upload):
     uri = upload(model, f"s3://{bucket}/models/m")
     cfg = config(tmp_path, uri=uri)
     assert kw.read_model_config(cfg)["hidden_size"] == 4096
+
+
+def test_the_lm_head_outputs_are_the_ones_trl_asks_for():
+    # They are constexpr flags of the head's kernels: other flags would warm other variants.
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl.trainer.sft_trainer")
+    source = open(spec.origin).read()
+    assert f"outputs={kw.LM_HEAD_OUTPUTS!r}" in source
