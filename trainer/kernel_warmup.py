@@ -28,11 +28,15 @@ are the one data-dependent argument: the trainer's own kernels do not specialise
 on them (`lora_dropout_kernels`), Liger's rotary embedding and norm do, so each
 part runs for a count that is a multiple of 16 and for one that is not.
 
-Before its first step the trainer waits for the child (`settle`, at most
-`WAIT_S`), so that the step finds the kernels complete and the child's GPU
-memory free. Everything here is an optimisation: a child that cannot read the
-model, fails or is too slow costs the compile it would have saved, never the run.
-Where the job's kernel cache restored the kernels, the child is stopped (`cancel`).
+Before its first step the trainer waits for the children (`settle`, at most
+`WAIT_S`), so that the step finds the kernels complete and the children's GPU
+memory free (a CUDA context each, one layer's weights one at a time in 4 bits, a
+few hundred tokens of activations). Everything here is an optimisation: a child
+that cannot read the model, fails or is too slow costs the compile it would have
+saved, never the run. Where the job's kernel cache restored the kernels, the
+children are stopped (`cancel`). Measured on an 8B QLoRA first pod: 21.8-23.3 s
+from start to the first step against 28.4-31.3 s without (bench/RESULTS.md,
+issue 16, eighth round).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ TOKENS = (397, 400)
 # What TRL's SFTTrainer asks of its fused LM head (trl/trainer/sft_trainer.py, add_fused_lm_head):
 # the optional outputs are constexpr flags of the head's kernels.
 LM_HEAD_OUTPUTS = ("log_probs", "entropy", "is_top1")
+HEAD_WIDTH = 128  # the hidden width of the warm-up's LM head (`libraries_step` says why it may differ)
 # Decoder families with Llama's layer: q/k/v/o, gate/up/down with SiLU, RMSNorm, rotary embedding.
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -363,8 +368,11 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
             gate, up = (torch.randn(1, tokens, geo.intermediate, device=device, dtype=dt, requires_grad=True)
                         for _ in range(2))
             loss = loss + (LigerSiLUMulFunction.apply(gate, up).float() ** 2).sum()
-    hidden = torch.randn(tokens - 1, geo.hidden, device=device, dtype=dt, requires_grad=True)
-    head = torch.randn(geo.vocab, geo.hidden, device=device, dtype=dt) * 0.02
+    # The head's kernels see the (tokens x vocabulary) tile and per-token statistics only; the
+    # hidden width enters cuBLAS products. A narrow head keeps the child's memory small (a 70B
+    # model's full head is 2 GiB in bf16, beside a trainer still loading).
+    hidden = torch.randn(tokens - 1, HEAD_WIDTH, device=device, dtype=dt, requires_grad=True)
+    head = torch.randn(geo.vocab, HEAD_WIDTH, device=device, dtype=dt) * 0.02
     targets = torch.randint(0, geo.vocab, (tokens - 1,), device=device)
     with torch.autocast(device.type, dtype=dt):
         logprobs = one_pass_function().apply(hidden, head, None, targets, 1.0, 4096, None, 1.0, LM_HEAD_OUTPUTS)[0]

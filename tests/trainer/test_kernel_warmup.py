@@ -150,7 +150,7 @@ def test_the_libraries_part_runs_the_lm_head_forward_and_backward(tmp_path):
         mp.setattr(lm_head, "one_pass_function", lambda: Spy)
         kw.libraries_step(geo, _perf(), torch.device("cpu"), 7)  # Liger off: the head only
     (hidden, chunk, outputs, logprobs), = seen
-    assert hidden.shape == (6, 64) and outputs == kw.LM_HEAD_OUTPUTS and chunk == 4096
+    assert hidden.shape == (6, kw.HEAD_WIDTH) and outputs == kw.LM_HEAD_OUTPUTS and chunk == 4096
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0 and logprobs.shape == (6,)
 
 
