@@ -1,4 +1,4 @@
-"""Compile the run's Triton kernels in a child process while the trainer imports and loads.
+"""Compile the run's Triton kernels in child processes while the trainer imports and loads.
 
 Why: a pod that finds no kernel cache (`kernel_cache.py`: a job's first pod, a new
 GPU kind, new library versions) compiles about 17 Triton kernels (the FP8 casts, the
@@ -34,13 +34,14 @@ memory free (a CUDA context each, one layer's weights one at a time in 4 bits, a
 few hundred tokens of activations). Everything here is an optimisation: a child
 that cannot read the model, fails or is too slow costs the compile it would have
 saved, never the run. Where the job's kernel cache restored the kernels, the
-children are stopped (`cancel`). Measured on an 8B QLoRA first pod: 21.8-23.3 s
-from start to the first step against 28.4-31.3 s without (bench/RESULTS.md,
-issue 16, eighth round).
+children are stopped (`cancel`), as they are when the trainer exits first.
+Measured on an 8B QLoRA first pod: 21.8-25.1 s from start to the first step
+against 25.9-31.3 s without (bench/RESULTS.md, issue 16, eighth round).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -48,11 +49,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from kubetune.contract import facts
 
-WAIT_S = 60.0  # the most the trainer waits for the child before its first step
+WAIT_S = 60.0  # the most the trainer waits for the children before its first step
 # One count a multiple of 16 and one not (Triton's integer specialisation), the odd one first:
 # a packed micro-batch is rarely a multiple of 16. Small, so the child's memory stays small.
 TOKENS = (397, 400)
@@ -127,10 +128,10 @@ def geometry(cfg, model_config: dict) -> Optional[Geometry]:
 
 
 # --------------------------------------------------------------------------
-# The trainer's side: start the child, wait for it, stop it
+# The trainer's side: start the children, wait for them, stop them
 # --------------------------------------------------------------------------
 
-_child: Optional["Warmup"] = None
+_running: Optional["Warmup"] = None  # this process's children, until settled or cancelled
 
 
 class Warmup:
@@ -162,8 +163,8 @@ class Warmup:
 
 
 def wanted(cfg, env=os.environ, gpu_device: str = "/dev/nvidiactl") -> bool:
-    """A child is worth starting: LoRA or QLoRA, the node's first process (the others share
-    its Triton cache), an NVIDIA GPU in the pod, not turned off by KUBETUNE_KERNEL_WARMUP=0."""
+    """The children are worth starting: LoRA or QLoRA, the node's first process (the others
+    share its Triton cache), an NVIDIA GPU in the pod, not turned off by KUBETUNE_KERNEL_WARMUP=0."""
     if env.get(facts.ENV_KERNEL_WARMUP, "1").strip() == "0":
         return False
     if env.get("LOCAL_RANK", "0") != "0":
@@ -175,34 +176,35 @@ def wanted(cfg, env=os.environ, gpu_device: str = "/dev/nvidiactl") -> bool:
 
 def start(config_path: Path, cfg, **kw) -> Optional[Warmup]:
     """Launch the children for this config when `wanted`; their log lines go to the trainer's stderr."""
-    global _child
+    global _running
     if not wanted(cfg, **kw):
         return None
     processes = [subprocess.Popen([sys.executable, "-m", "kubetune.trainer.kernel_warmup", "--config", str(config_path),
                                    "--part", part], stdin=subprocess.DEVNULL) for part in PARTS]
-    _child = Warmup(processes, time.time())
-    return _child
+    _running = Warmup(processes, time.time())
+    atexit.register(cancel)  # a trainer that fails or stops before its first step leaves none behind
+    return _running
 
 
 def settle(timeout: float = WAIT_S) -> Optional[str]:
-    """Before the first step: wait for this process's child, if it started one."""
-    global _child
-    child, _child = _child, None
-    return child.settle(timeout) if child is not None else None
+    """Before the first step: wait for this process's children, if it started them."""
+    global _running
+    running, _running = _running, None
+    return running.settle(timeout) if running is not None else None
 
 
 def cancel() -> bool:
-    """Stop the child (the kernel cache brought the kernels); whether one was running."""
-    global _child
-    child, _child = _child, None
-    if child is None:
+    """Stop the children (the kernel cache brought the kernels); whether any were running."""
+    global _running
+    running, _running = _running, None
+    if running is None:
         return False
-    child.stop()
+    running.stop()
     return True
 
 
 # --------------------------------------------------------------------------
-# The child
+# The children (`main`, one process per part)
 # --------------------------------------------------------------------------
 
 def read_model_config(cfg) -> dict:

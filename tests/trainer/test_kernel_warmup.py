@@ -1,4 +1,4 @@
-"""The kernel warm-up child (trainer/kernel_warmup.py): what it builds from a config, when it
+"""The kernel warm-up children (trainer/kernel_warmup.py): what they build from a config, when they
 starts, how the trainer waits for it, and its layer run for real (on the CPU: the routing and
 shapes of the GPU run, through the same nodes; the GPU compile itself is measured by
 bench/run.py, variant @nowarm against the default)."""
@@ -77,11 +77,11 @@ def test_settle_waits_for_the_children_and_stops_slow_ones():
 
 
 def test_settle_and_cancel_without_a_child_are_no_ops(monkeypatch):
-    monkeypatch.setattr(kw, "_child", None)
+    monkeypatch.setattr(kw, "_running", None)
     assert kw.settle() is None and kw.cancel() is False
-    monkeypatch.setattr(kw, "_child", _child("import time; time.sleep(60)"))
-    child = kw._child
-    assert kw.cancel() is True and child.processes[0].poll() is not None and kw._child is None
+    monkeypatch.setattr(kw, "_running", _child("import time; time.sleep(60)"))
+    child = kw._running
+    assert kw.cancel() is True and child.processes[0].poll() is not None and kw._running is None
 
 
 def test_start_launches_the_child_with_the_config(tmp_path, monkeypatch):
@@ -94,13 +94,13 @@ def test_start_launches_the_child_with_the_config(tmp_path, monkeypatch):
             seen.setdefault("argv", []).append(argv)
 
     monkeypatch.setattr(kw.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(kw, "_child", None)
+    monkeypatch.setattr(kw, "_running", None)
     handle = kw.start(tmp_path / "trainer.yaml", config(tmp_path), env={}, gpu_device=str(gpu))
-    assert handle is kw._child and len(handle.processes) == 2
+    assert handle is kw._running and len(handle.processes) == 2
     assert [argv[1:] for argv in seen["argv"]] == [
         ["-m", "kubetune.trainer.kernel_warmup", "--config", str(tmp_path / "trainer.yaml"), "--part", part]
         for part in ("layer", "libraries")]
-    monkeypatch.setattr(kw, "_child", None)
+    monkeypatch.setattr(kw, "_running", None)
     assert kw.start(tmp_path / "trainer.yaml", config(tmp_path), env={}, gpu_device=str(tmp_path / "no")) is None
 
 
