@@ -1,7 +1,7 @@
 """The kernel warm-up children (trainer/kernel_warmup.py): what they build from a config, when they
-starts, how the trainer waits for it, and its layer run for real (on the CPU: the routing and
-shapes of the GPU run, through the same nodes; the GPU compile itself is measured by
-bench/run.py, variant @nowarm against the default)."""
+start, how the trainer waits for them, and their layer and LM head run for real (on the CPU: the
+routing and shapes of the GPU run, through the same nodes; the GPU compile itself is measured
+by bench/run.py, variant @nowarm against the default)."""
 
 from __future__ import annotations
 
