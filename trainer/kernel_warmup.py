@@ -381,13 +381,6 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
     (loss - logprobs.float().sum()).backward()
 
 
-def _entries(cache_dir: Path) -> set:
-    try:
-        return {p.name for p in cache_dir.iterdir()}
-    except OSError:
-        return set()
-
-
 def _say(part: str, text: str) -> None:
     print(f"{PREFIX} {part}: {text}", file=sys.stderr, flush=True)
 
@@ -421,7 +414,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         _say(args.part, "skipped: no CUDA GPU")
         return 0
-    from kubetune.trainer.kernel_cache import local_cache_dir
+    from kubetune.trainer.kernel_cache import complete_entries, local_cache_dir
     from kubetune.trainer.train import resolve_performance
 
     device = torch.device("cuda", 0)
@@ -429,7 +422,7 @@ def main(argv=None) -> int:
     if perf.compile and args.part == "layer":
         _say(args.part, "training.performance.compile is on: Inductor's kernels are compiled in the first step")
     cache_dir = local_cache_dir()
-    before = _entries(cache_dir)
+    before = set(complete_entries(cache_dir))
     t1 = time.time()
     if args.part == "layer":
         layer = Layer(geo, perf, device)
@@ -441,7 +434,7 @@ def main(argv=None) -> int:
         run(n)
     torch.cuda.synchronize(device)
     what = "" if args.part == "layer" else " (Liger and the LM head)" if perf.liger else " (the LM head; Liger off)"
-    _say(args.part, f"{len(_entries(cache_dir) - before)} cache entries compiled{what} in {time.time() - t1:.1f} s, "
+    _say(args.part, f"{len(set(complete_entries(cache_dir)) - before)} cache entries compiled{what} in {time.time() - t1:.1f} s, "
                     f"after {t1 - t0:.1f} s of imports and setup ({geo.family}, hidden {geo.hidden})")
     return 0
 
