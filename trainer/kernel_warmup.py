@@ -111,15 +111,17 @@ def geometry(cfg, model_config: dict) -> Optional[Geometry]:
     family = c.get("model_type", "")
     if family not in LLAMA_LIKE or c.get("hidden_act", "silu") != "silu":
         return None
+    from types import SimpleNamespace
+
+    from kubetune.trainer.memory_plan import ModelShape
+
+    s = ModelShape.from_config(SimpleNamespace(**c))  # the dimensions as the memory plan reads them
     m = cfg.method
     targets = m.peft_target_modules
-    heads = int(c["num_attention_heads"])
-    hidden = int(c["hidden_size"])
     rank = int(m.r)
     return Geometry(
-        family=family, hidden=hidden, intermediate=int(c["intermediate_size"]), heads=heads,
-        kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=int(c.get("head_dim") or hidden // heads),
-        vocab=int(c["vocab_size"]), eps=float(c.get("rms_norm_eps", 1e-6)),
+        family=family, hidden=s.hidden, intermediate=s.intermediate, heads=s.heads, kv_heads=s.kv_heads,
+        head_dim=int(c.get("head_dim") or s.hidden // s.heads), vocab=s.vocab, eps=float(c.get("rms_norm_eps", 1e-6)),
         quantized=m.type == "qlora" and m.quantization.bits == 4 and m.quantization.type == "nf4",
         double_quant=bool(m.quantization.double_quant), rank=rank,
         scaling=float(m.alpha) / (rank ** 0.5 if m.use_rslora else rank), dropout=float(m.dropout),

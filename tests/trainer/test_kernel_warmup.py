@@ -16,8 +16,9 @@ import pytest
 from kubetune.trainer import kernel_warmup as kw
 from kubetune.trainer.config import parse_config
 
-LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu"}
 
 
 def config(tmp_path, method=None, **model_uri):
@@ -114,8 +115,8 @@ def _perf(**on):
 
 def test_the_layer_runs_forward_and_backward_through_the_trainers_nodes(tmp_path):
     torch = pytest.importorskip("torch")
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "vocab_size": 96}
+    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}
     geo = kw.geometry(config(tmp_path, {"type": "lora", "targetModules": ["q_proj", "v_proj", "down_proj"]}), tiny)
     layer = kw.Layer(geo, _perf(), torch.device("cpu"))
     for n in (5, 8):
@@ -131,8 +132,8 @@ def test_the_layer_runs_forward_and_backward_through_the_trainers_nodes(tmp_path
 
 def test_the_libraries_part_runs_the_lm_head_forward_and_backward(tmp_path):
     torch = pytest.importorskip("torch")
-    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-            "vocab_size": 96}
+    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "vocab_size": 96}
     geo = kw.geometry(config(tmp_path), tiny)
     seen = []
     from kubetune.trainer import lm_head
