@@ -226,9 +226,12 @@ def drop_page_cache() -> bool:
 
 
 def variant_env(variant: str) -> dict:
-    """What a variant, or each part of "a+b", sets in its case's environment (VARIANT_ENV)."""
+    """What a variant, or each part of "a+b", sets in its case's environment (VARIANT_ENV;
+    "unckpt<N>": the last N layers uncheckpointed whatever the plan says)."""
     out: dict = {}
     for part in variant.split("+"):
+        if part.startswith("unckpt") and part[len("unckpt"):].isdigit():
+            out["KUBETUNE_UNCHECKPOINTED_LAYERS"] = part[len("unckpt"):]
         out.update(VARIANT_ENV.get(part, {}))
     return out
 
@@ -244,6 +247,8 @@ def variant_fields(variant: str) -> dict:
         return out
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
+    if variant.startswith("unckpt") and variant[len("unckpt"):].isdigit():
+        return {}  # an environment setting only (variant_env)
     rest, out = variant, {}
     if rest.startswith("allgc-"):
         rest, out = rest[len("allgc-"):], {"selectiveCheckpointing": "off"}

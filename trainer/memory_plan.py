@@ -307,6 +307,27 @@ def kept_attention_modes(perf: Resolved, environ: Optional[dict] = None) -> tupl
     return value == "1", value != "0"
 
 
+# A set count of uncheckpointed layers in place of the plan's, for measuring what each one
+# costs and saves (bench/run.py's "unckpt<N>" variants); unset, the plan decides.
+UNCHECKPOINTED_ENV = "KUBETUNE_UNCHECKPOINTED_LAYERS"
+
+
+def forced_uncheckpointed_layers(planned: int, model=None, environ: Optional[dict] = None) -> int:
+    """`planned`, or the count KUBETUNE_UNCHECKPOINTED_LAYERS sets (at most the model's layers)."""
+    env = os.environ if environ is None else environ
+    value = env.get(UNCHECKPOINTED_ENV) or ""
+    if not value:
+        return planned
+    if not value.isdigit():
+        raise ValueError(f"{UNCHECKPOINTED_ENV}={value!r}: expected a count of layers (0 or more)")
+    n = int(value)
+    if model is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        n = min(n, ModelShape.from_config(base.config).layers)
+    log.info("%s=%s: %d last layers uncheckpointed (the plan had %d)", UNCHECKPOINTED_ENV, value, n, planned)
+    return n
+
+
 def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
@@ -338,7 +359,7 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
         if plan.checkpointing and perf.selective_checkpointing:
-            skip = plan.uncheckpointed_layers
+            skip = forced_uncheckpointed_layers(plan.uncheckpointed_layers, model)
         if plan.checkpointing:
             kept = plan.kept_attention_layers
         if plan.offload:
