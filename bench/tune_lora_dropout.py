@@ -103,13 +103,61 @@ def runner_zero(k: int):
     t.zero_()
 
 
+def plain_product(kernel: str, k: int):
+    """The same product without dropout (torch's matrix multiply): what the kernel would
+    cost if drawing and applying the mask were free."""
+    run, _ = runner(kernel, k)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(M, k, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    a = (torch.randn(R, k, device=DEVICE, dtype=torch.bfloat16, generator=g) / 8).contiguous()
+    dxa = torch.randn(M, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    if kernel == "forward":
+        return lambda: x @ a.t()
+    if kernel == "input_grad":
+        dx = torch.zeros(M, k, device=DEVICE, dtype=torch.bfloat16)
+        return lambda: dx.addmm_(dxa, a)
+    return lambda: dxa.t().float() @ x.float() if DEVICE == "cpu" else dxa.t() @ x
+
+
+def rounds_probe(rounds: list[int], k: int) -> dict:
+    """Each kernel at its current tiles with Philox at each count of rounds, beside the plain
+    product: how much of a kernel's time is the mask's drawing (10 rounds is the trainer's)."""
+    current = {"forward": ld.FORWARD, "input_grad": ld.INPUT_GRAD, "a_grad": ld.A_GRAD}
+    out = {}
+    for kernel, tiles in current.items():
+        run, nbytes = runner(kernel, k)
+        zero_ms = time_fn(lambda: runner_zero(k)) if kernel == "input_grad" else 0.0
+        row = {}
+        for r in rounds:
+            t = {**tiles, "ROUNDS": r}
+            run(t)  # compile
+            row[f"rounds{r}_ms"] = round(max(1e-6, time_fn(lambda: run(t)) - zero_ms), 4)
+        plain = plain_product(kernel, k)
+        row["plain_ms"] = round(time_fn(plain), 4)
+        row["bytes"] = nbytes
+        out[kernel] = row
+        print(f"{kernel:10s} K={k} " + " ".join(f"{n} {v}" for n, v in row.items()), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="")
     ap.add_argument("--quick", action="store_true", help="a smaller grid")
     ap.add_argument("--tokens", type=int, default=M)
+    ap.add_argument("--rounds", default="", help="e.g. 10,7,0: time the current tiles at each count of Philox "
+                                                 "rounds and the plain product instead of sweeping tiles")
     a = ap.parse_args()
     globals()["M"] = a.tokens
+    if a.rounds:
+        k = 4096 if DEVICE == "cuda" else 256
+        res = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)",
+               "torch": torch.__version__, "shape": {"M": M, "K": k, "R": R, "p": P},
+               "rounds": rounds_probe([int(r) for r in a.rounds.split(",")], k)}
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     current = {"forward": ld.FORWARD, "input_grad": ld.INPUT_GRAD, "a_grad": ld.A_GRAD}
     out = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)", "torch": torch.__version__, "shape": {"M": M, "R": R, "p": P},
            "kernels": {}}

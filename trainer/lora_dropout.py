@@ -89,8 +89,15 @@ INPUT_GRAD = {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3}
 A_GRAD = {"BM": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "programs": 1024}
 
 
+# Rounds of Philox-4x32 per draw: Triton's default, the generator's standard form.
+# (`tiles` may set "ROUNDS" for bench/probe_dropout_rng.py's timings only: a product's
+# forward and backward must draw with the same rounds to see the same mask.)
+PHILOX_ROUNDS = 10
+
+
 def _launch(t: dict) -> dict:
-    return {"BM": t["BM"], "BK": t["BK"], "num_warps": t["num_warps"], "num_stages": t["num_stages"]}
+    return {"BM": t["BM"], "BK": t["BK"], "num_warps": t["num_warps"], "num_stages": t["num_stages"],
+            "ROUNDS": t.get("ROUNDS", PHILOX_ROUNDS)}
 
 
 def lora_a_forward(x2, a, seed: int, p: float, tiles: dict | None = None):
@@ -141,12 +148,12 @@ def a_grad(dxa, x2, seed: int, p: float, splits: int = 0, tiles: dict | None = N
     return part[0] if splits == 1 else part.sum(dim=0)
 
 
-def keep_mask(seed: int, m: int, k: int, p: float, device):
+def keep_mask(seed: int, m: int, k: int, p: float, device, rounds: int = PHILOX_ROUNDS):
     """The (m, k) keep-mask the kernels draw for `seed`, as bool: for checks."""
     import torch
 
     triton, kern = _kernels()
     thr, _ = threshold_and_scale(p)
     out = torch.empty((m, k), dtype=torch.int8, device=device)
-    kern.mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 128))](out, seed, m, k, thr, BM=64, BK=128)
+    kern.mask_kernel[(triton.cdiv(m, 64), triton.cdiv(k, 128))](out, seed, m, k, thr, BM=64, BK=128, ROUNDS=rounds)
     return out.bool()

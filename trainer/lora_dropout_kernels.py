@@ -26,11 +26,12 @@ RUN_VARYING = ("seed", "M")
 
 
 @triton.jit
-def keep_tile(seed, rows, k0, KG, threshold, BM: tl.constexpr, BK: tl.constexpr):
-    """Keep-mask of rows x columns [k0, k0 + BK) (k0 and BK multiples of 8)."""
+def keep_tile(seed, rows, k0, KG, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """Keep-mask of rows x columns [k0, k0 + BK) (k0 and BK multiples of 8), from Philox
+    with ROUNDS rounds."""
     G: tl.constexpr = BK // 8
     groups = rows[:, None] * KG + (k0 // 8 + tl.arange(0, G))[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, groups)
+    r0, r1, r2, r3 = tl.randint4x(seed, groups, ROUNDS)
     a = tl.join(r0 & 0xFFFF, r0 >> 16)
     b = tl.join(r1 & 0xFFFF, r1 >> 16)
     c = tl.join(r2 & 0xFFFF, r2 >> 16)
@@ -40,24 +41,25 @@ def keep_tile(seed, rows, k0, KG, threshold, BM: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
-def dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM: tl.constexpr, BK: tl.constexpr):
+def dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM: tl.constexpr, BK: tl.constexpr,
+                 ROUNDS: tl.constexpr):
     """x[rows, k0:k0+BK] * keep * scale in x's dtype (zero outside the matrix)."""
     cols = k0 + tl.arange(0, BK)
     x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
+    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK, ROUNDS)
     return tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x_ptr.dtype.element_ty)
 
 
 @triton.jit(do_not_specialize=RUN_VARYING)
 def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
-                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr):
     """out (M, R) = (x * keep * scale) @ a^T, for x (M, K), a (R, K)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     ranks = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK)
+        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK, ROUNDS)
         a = tl.load(a_ptr + ranks[None, :] * K + cols[:, None], mask=(ranks[None, :] < R) & (cols[:, None] < K),
                     other=0.0)
         acc += tl.dot(xd, a)
@@ -67,7 +69,7 @@ def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
 
 @triton.jit(do_not_specialize=RUN_VARYING)
 def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr):
     """dx (M, K) += ((dxa @ a) * keep * scale), dxa (M, R), a (R, K)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
@@ -78,7 +80,7 @@ def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
                 other=0.0)
     t = tl.dot(dxa, a)
-    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
+    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK, ROUNDS)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     ptrs = dx_ptr + rows[:, None] * K + cols[None, :]
     dx = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) + tl.where(keep, t * scale, 0.0)
@@ -87,7 +89,7 @@ def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
 
 @triton.jit(do_not_specialize=RUN_VARYING)
 def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, rows_per_split,
-                  BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                  BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr):
     """part[split] (R, K) = dxa[rows]^T @ (x[rows] * keep * scale) over this split's rows."""
     k0 = tl.program_id(0) * BK
     cols = k0 + tl.arange(0, BK)
@@ -97,7 +99,7 @@ def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, row
     start = split * rows_per_split
     for m0 in range(start, start + rows_per_split, BM):
         rows = m0 + tl.arange(0, BM)
-        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK)
+        xd = dropped_tile(x_ptr, rows, k0, M, K, seed, threshold, scale, BM, BK, ROUNDS)
         dxa_t = tl.load(dxa_ptr + rows[None, :] * R + ranks[:, None], mask=(rows[None, :] < M) & (ranks[:, None] < R),
                         other=0.0)
         acc += tl.dot(dxa_t, xd)
@@ -106,11 +108,11 @@ def a_grad_kernel(part_ptr, dxa_ptr, x_ptr, seed, M, K, R, threshold, scale, row
 
 
 @triton.jit(do_not_specialize=RUN_VARYING)
-def mask_kernel(out_ptr, seed, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr):
+def mask_kernel(out_ptr, seed, M, K, threshold, BM: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """The keep-mask itself, as int8 (for checks)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
-    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK)
+    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK, ROUNDS)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
