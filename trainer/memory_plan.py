@@ -63,6 +63,25 @@ def layer_activation_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2
     return (7 * shape.hidden + 2 * kv + 4 * shape.intermediate) * bytes_per_value
 
 
+def uncheckpointed_layer_bytes_per_token(shape: ModelShape, *, fused_kernels: bool, adapted_mlp: bool = True,
+                                         bytes_per_value: int = 2) -> int:
+    """What one more decoder layer left uncheckpointed keeps per token beyond its checkpointed
+    input. With the fused kernels (Liger, the fused LoRA node; FP8 or not) that is known
+    tensor by tensor: the attention block keeps the first norm's output (its LoRA input), q,
+    k, v and the attention output (also o_proj's LoRA input); the second norm its input; the
+    SwiGLU its gate and up outputs; and with adapters on the MLP, their inputs too (the
+    second norm's output, the SwiGLU product). Measured on one H200, 8B with attention-only
+    adapters: 1.44 GiB per 16,384 tokens, this count exactly (bench/RESULTS.md, issue 16,
+    ninth round). Otherwise `layer_activation_bytes_per_token` less the input."""
+    if not fused_kernels:
+        return max(1, layer_activation_bytes_per_token(shape, bytes_per_value) - shape.hidden * bytes_per_value)
+    kv = shape.hidden // shape.heads * shape.kv_heads
+    values = 4 * shape.hidden + 2 * kv + 2 * shape.intermediate
+    if adapted_mlp:
+        values += shape.hidden + shape.intermediate
+    return values * bytes_per_value
+
+
 # With checkpointing, how many layers' worth of activations are live at once besides the
 # checkpoints (the recomputed layer and the gradients flowing through it). Measured on one
 # H200 (bench/RESULTS.md, issue 16): 1.17 with the fused kernels (Liger + fused LoRA; 12.84
@@ -146,6 +165,7 @@ def plan_micro_batch(
     host_budget_bytes: int = 0,
     keep_attention: bool = False,
     keep_attention_on_host: bool = False,
+    adapted_mlp: bool = True,
 ) -> MicroBatchPlan:
     """Rows of `max_length` tokens per micro-batch that fit `budget_bytes`.
 
@@ -157,7 +177,8 @@ def plan_micro_batch(
     that does not fit, the checkpoints go to the host (`offload`) when
     `host_budget_bytes` holds them; otherwise raise with the numbers, rather
     than fail later with a CUDA OOM. `fused_kernels`: Liger and the fused LoRA
-    node run (they keep less per layer). `keep_attention`: the memory left after all
+    node run (they keep less per layer); `adapted_mlp`: adapters on the MLP's projections
+    (their inputs are kept too). `keep_attention`: the memory left after all
     that goes to checkpointed layers that keep their attention output for the recompute
     (`kept_attention_layers`; the attention kernel can, `packed_attention.KeptAttention`).
     `keep_attention_on_host`: with the checkpoints on the host, every layer keeps its
@@ -177,13 +198,17 @@ def plan_micro_batch(
     if rows >= 1:
         # Selective checkpointing: the recompute is a third of the step's matrix work, so
         # every layer that fits uncheckpointed in the left-over memory is one less to redo.
-        # A layer that skips it keeps its full activations in place of its saved input.
-        # What a layer keeps depends on its kernels (dropout masks, saved LoRA inputs): plan a
-        # quarter more than the estimate, since a layer too many costs an OOM and a retry.
+        # The last layer costs nothing: its backward comes first, and holds the same
+        # activations whether kept or recomputed (measured: the same peak with it on 8B). Each
+        # further one keeps its activations in place of its saved input until its backward:
+        # planned a quarter over `uncheckpointed_layer_bytes_per_token`, since a layer too
+        # many costs an OOM and a retry.
         spare = free - rows * max_length * per_tok
-        extra = rows * max_length * max(1, layer_activation_bytes_per_token(shape) - shape.hidden * 2) * 5 // 4
-        skip = int(min(shape.layers, max(0, spare // extra))) if allow_no_checkpointing else 0
-        kept = _kept_attention(shape, spare - skip * extra, int(rows) * max_length, shape.layers - skip) if keep_attention else 0
+        extra = rows * max_length * uncheckpointed_layer_bytes_per_token(
+            shape, fused_kernels=fused_kernels, adapted_mlp=adapted_mlp) * 5 // 4
+        skip = int(min(shape.layers, 1 + max(0, spare // extra))) if allow_no_checkpointing else 0
+        kept = (_kept_attention(shape, spare - max(0, skip - 1) * extra, int(rows) * max_length, shape.layers - skip)
+                if keep_attention else 0)
         return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip,
                               kept_attention_layers=kept)
     # Not one row: the checkpoints to the host, one row at a time (a long-context run).
@@ -284,7 +309,15 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None,
         host_budget_bytes=host_budget_bytes() if allow_offload else 0,
         keep_attention=keep_attention,
         keep_attention_on_host=keep_attention_on_host,
+        adapted_mlp=adapts_mlp(base),
     )
+
+
+def adapts_mlp(model) -> bool:
+    """Whether any adapter (a LoRA layer: one with `lora_A`) sits outside the attention
+    blocks (no `attn` or `attention` in its path), which counts as on the MLP: the safe side."""
+    return any(hasattr(m, "lora_A") and "attn" not in name and "attention" not in name
+               for name, m in model.named_modules())
 
 
 # Kept attention outputs (bench/RESULTS.md, issue 16, fourth round): on the host beside

@@ -377,5 +377,10 @@ def test_variants_combine_config_fields_and_environment():
     assert run.variant_fields("allgc-b80+bf16") == {"selectiveCheckpointing": "off", "memoryBudgetGiB": 80.0, "fp8": "off"}
     assert run.variant_env("expandable+keepattn") == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                                                       "KUBETUNE_KEEP_ATTENTION": "1"}
+    # a set count of uncheckpointed layers: environment only
+    assert run.variant_fields("unckpt2+keepattn") == {}
+    assert run.variant_env("unckpt2+keepattn") == {"KUBETUNE_UNCHECKPOINTED_LAYERS": "2", "KUBETUNE_KEEP_ATTENTION": "1"}
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         run.variant_fields("b9.6+nope")
+    with pytest.raises(ValueError, match="unknown variant 'unckptx'"):
+        run.variant_fields("unckptx")
