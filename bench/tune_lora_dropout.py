@@ -10,6 +10,9 @@ current one, with the bandwidth each reaches. It changes nothing: the chosen til
 written into trainer/lora_dropout.py by hand, with the figures.
 
 python3 bench/tune_lora_dropout.py [--json out.json] [--quick]
+python3 bench/tune_lora_dropout.py --rounds 10,7,0 [--json out.json]
+    (the current tiles at each count of Philox rounds, beside the plain product without
+    dropout: how much of each kernel's time is drawing the mask; 10 is the trainer's)
 (On a CPU, with TRITON_INTERPRET=1 and a few --tokens, it runs the same code in Triton's
 interpreter: a check of the script, not of the timings.)
 """

@@ -90,7 +90,7 @@ A_GRAD = {"BM": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "programs": 1024}
 
 
 # Rounds of Philox-4x32 per draw: Triton's default, the generator's standard form.
-# (`tiles` may set "ROUNDS" for bench/probe_dropout_rng.py's timings only: a product's
+# (`tiles` may set "ROUNDS" for `bench/tune_lora_dropout.py --rounds` timings only: a product's
 # forward and backward must draw with the same rounds to see the same mask.)
 PHILOX_ROUNDS = 10
 

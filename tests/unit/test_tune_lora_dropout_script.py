@@ -29,3 +29,16 @@ def test_the_sweep_checks_every_tile_and_names_the_fastest(tmp_path):
         assert best["ms"] == min(r["ms"] for r in rows), name
         # the wider input re-times the winner beside the current tiles
         assert kernel["k14336"]["best"]["tiles"] in (best["tiles"], kernel["k4096"]["current"]["tiles"]), name
+
+
+def test_the_rounds_probe_times_each_kernel_at_each_count_and_the_plain_product(tmp_path):
+    out = tmp_path / "rounds.json"
+    proc = subprocess.run([sys.executable, "tune_lora_dropout.py", "--tokens", "16", "--rounds", "10,0", "--json", str(out)],
+                          cwd=BENCH, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["shape"]["M"] == 16 and set(record["rounds"]) == {"forward", "input_grad", "a_grad"}
+    for name, row in record["rounds"].items():
+        assert set(row) == {"rounds10_ms", "rounds0_ms", "plain_ms", "bytes"}, name
+        assert all(row[k] > 0 for k in ("rounds10_ms", "rounds0_ms", "plain_ms")), name
