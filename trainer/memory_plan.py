@@ -199,14 +199,18 @@ def plan_micro_batch(
         # Selective checkpointing: the recompute is a third of the step's matrix work, so
         # every layer that fits uncheckpointed in the left-over memory is one less to redo.
         # The last layer costs nothing: its backward comes first, and holds the same
-        # activations whether kept or recomputed (measured: the same peak with it on 8B). Each
+        # activations whether kept or recomputed (measured: the same peak with it on 8B). It
+        # is taken only where it would fit anyway, since that was measured on one shape. Each
         # further one keeps its activations in place of its saved input until its backward:
         # planned a quarter over `uncheckpointed_layer_bytes_per_token`, since a layer too
         # many costs an OOM and a retry.
         spare = free - rows * max_length * per_tok
-        extra = rows * max_length * uncheckpointed_layer_bytes_per_token(
-            shape, fused_kernels=fused_kernels, adapted_mlp=adapted_mlp) * 5 // 4
-        skip = int(min(shape.layers, 1 + max(0, spare // extra))) if allow_no_checkpointing else 0
+        kept_by_one = rows * max_length * uncheckpointed_layer_bytes_per_token(
+            shape, fused_kernels=fused_kernels, adapted_mlp=adapted_mlp)
+        extra = kept_by_one * 5 // 4
+        skip = 0
+        if allow_no_checkpointing and spare >= kept_by_one:
+            skip = int(min(shape.layers, 1 + spare // extra))
         kept = (_kept_attention(shape, spare - max(0, skip - 1) * extra, int(rows) * max_length, shape.layers - skip)
                 if keep_attention else 0)
         return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip,

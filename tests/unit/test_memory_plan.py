@@ -38,8 +38,8 @@ def test_plan_leaves_layers_uncheckpointed_only_when_memory_is_left():
                                      fused_loss=True)
     roomy = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
                                      fused_loss=True)
-    # The last layer costs no memory (its backward holds its activations either way): always left.
-    assert tight.uncheckpointed_layers == 1
+    # Not even room for one layer's activations: none (the last layer is free only where it would fit).
+    assert tight.uncheckpointed_layers == 0
     assert roomy.checkpointing and roomy.rows == tight.rows and 1 < roomy.uncheckpointed_layers < LLAMA8B.layers
     per_layer = (memory_plan.layer_activation_bytes_per_token(LLAMA8B) - LLAMA8B.hidden * 2) * 5 // 4  # with the margin
     assert per_layer == memory_plan.uncheckpointed_layer_bytes_per_token(LLAMA8B, fused_kernels=False) * 5 // 4
@@ -128,6 +128,22 @@ def test_plan_at_2048_leaves_the_layers_the_h200_measured_room_for():
     assert memory_plan.plan_micro_batch(LLAMA8B, **kw).uncheckpointed_layers == 1
     both = memory_plan.uncheckpointed_layer_bytes_per_token(LLAMA8B, fused_kernels=True)
     assert both - per_layer == (LLAMA8B.hidden + LLAMA8B.intermediate) * 2
+
+
+def test_the_free_last_layer_is_taken_only_where_it_would_fit_anyway():
+    """Measured free on 8B only: where the left-over memory could not hold the layer, as for
+    70B at 48 GiB (round6-3: 3 x 2048 tokens, 37.05 GiB after the load, 47.0 GiB peak with
+    none), the plan leaves none, so an unmeasured shape never goes over its budget by it."""
+    llama70b = memory_plan.ModelShape(hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256)
+    plan = memory_plan.plan_micro_batch(llama70b, max_length=2048, budget_bytes=48 * GIB, fixed_bytes=int(37.05 * GIB),
+                                        fused_loss=True, fused_kernels=True, adapted_mlp=False)
+    spare = plan.budget_bytes - plan.fixed_bytes - plan.tokens * plan.bytes_per_token
+    one = plan.tokens * memory_plan.uncheckpointed_layer_bytes_per_token(llama70b, fused_kernels=True, adapted_mlp=False)
+    assert plan.rows == 3 and 0 < spare < one and plan.uncheckpointed_layers == 0
+    roomier = memory_plan.plan_micro_batch(llama70b, max_length=2048, budget_bytes=48 * GIB + one - spare,
+                                           fixed_bytes=int(37.05 * GIB), fused_loss=True, fused_kernels=True,
+                                           adapted_mlp=False)
+    assert roomier.uncheckpointed_layers == 1  # room for one: the last, at no cost
 
 
 def test_long_row_that_does_not_fit_offloads_its_checkpoints_when_the_host_has_room():
