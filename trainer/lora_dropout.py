@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 MAX_RANK = 128
 _COUNTER_LIMIT = 2**31
@@ -48,6 +49,52 @@ def new_seed() -> int:
     import torch
 
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class KeptProducts:
+    """Each product xa = dropout(x) @ A^T from its first forward to its recompute.
+
+    Why: under gradient checkpointing the backward runs each layer's forward again, and
+    the recompute draws the same seed (checkpointing restores the CPU generator), so it
+    would make the same xa from the same input: on 8B, 128 forward kernels a step at 0.08
+    ms each, half of it drawing the mask (bench/probe_dropout_rounds_h200.json). Kept
+    instead: tokens x rank values (512 KiB at 16k tokens, rank 16; `memory_plan` counts
+    them), until the recompute takes the product or the node that made it is freed (after
+    its backward, or with its graph: a forward without a backward keeps nothing).
+
+    A product is found by its adapter, two draws of the generator (the kernel's seed and
+    one more: 62 bits, so that two products never meet by chance) and its row count, and
+    only in a recompute (inside a backward), where the forward it repeats had stored it."""
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+
+    @staticmethod
+    def _in_backward() -> bool:
+        import torch
+
+        current = getattr(torch._C, "_current_graph_task_id", None)
+        return current is not None and current() != -1
+
+    def product(self, ctx, lora_a, x2, a, seed: int, p: float):
+        """xa for this node (`ctx`): the kept one in a recompute, else made (and kept
+        for the recompute when this is a first forward)."""
+        key = (id(lora_a), seed, new_seed(), x2.shape[0])
+        if self._in_backward():
+            kept = self._entries.pop(key, None)
+            if kept is not None and kept.shape == (x2.shape[0], a.shape[0]) and kept.dtype == x2.dtype:
+                return kept
+            return lora_a_forward(x2, a, seed, p)
+        xa = lora_a_forward(x2, a, seed, p)
+        self._entries[key] = xa
+        weakref.finalize(ctx, self._entries.pop, key, None)
+        return xa
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+kept_products = KeptProducts()
 
 
 def _rank_block(rank: int) -> int:

@@ -101,7 +101,7 @@ def _lora_linear_fn():
                 # input, alive anyway), not a dropped copy.
                 ctx.seed = lora_dropout.new_seed()
                 xd, mask = x2, None
-                xa = lora_dropout.lora_a_forward(x2, a, ctx.seed, p)
+                xa = lora_dropout.kept_products.product(ctx, lora_a, x2, a, ctx.seed, p)
             else:
                 xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
                 xa = xd @ a.t()

@@ -166,6 +166,7 @@ def plan_micro_batch(
     keep_attention: bool = False,
     keep_attention_on_host: bool = False,
     adapted_mlp: bool = True,
+    adapter_products: int = 0,
 ) -> MicroBatchPlan:
     """Rows of `max_length` tokens per micro-batch that fit `budget_bytes`.
 
@@ -178,7 +179,9 @@ def plan_micro_batch(
     `host_budget_bytes` holds them; otherwise raise with the numbers, rather
     than fail later with a CUDA OOM. `fused_kernels`: Liger and the fused LoRA
     node run (they keep less per layer); `adapted_mlp`: adapters on the MLP's projections
-    (their inputs are kept too). `keep_attention`: the memory left after all
+    (their inputs are kept too); `adapter_products`: bytes per token of every adapter's
+    rank-r product, which checkpointed layers keep for their recompute
+    (`adapter_product_bytes_per_token`). `keep_attention`: the memory left after all
     that goes to checkpointed layers that keep their attention output for the recompute
     (`kept_attention_layers`; the attention kernel can, `packed_attention.KeptAttention`).
     `keep_attention_on_host`: with the checkpoints on the host, every layer keeps its
@@ -193,7 +196,10 @@ def plan_micro_batch(
         rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
         if rows >= cap_rows:
             return MicroBatchPlan(rows, rows * max_length, False, per_tok, budget_bytes, fixed_bytes)
-    per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels)
+    # Checkpointed, the adapters' rank-r products stay from each first forward to its
+    # recompute (`lora_dropout.KeptProducts`).
+    per_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss,
+                                         fused_kernels=fused_kernels) + adapter_products
     rows = min(cap_rows, free // (per_tok * max_length)) if free > 0 else 0
     if rows >= 1:
         # Selective checkpointing: the recompute is a third of the step's matrix work, so
@@ -217,7 +223,7 @@ def plan_micro_batch(
                               kept_attention_layers=kept)
     # Not one row: the checkpoints to the host, one row at a time (a long-context run).
     off_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels,
-                                         offload=True)
+                                         offload=True) + adapter_products
     host = max_length * checkpoint_bytes_per_token(shape)
     if free >= off_tok * max_length and host <= host_budget_bytes:
         # The checkpoints on the host: so are the kept attention outputs, for every layer or none.
@@ -314,7 +320,19 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None,
         keep_attention=keep_attention,
         keep_attention_on_host=keep_attention_on_host,
         adapted_mlp=adapts_mlp(base),
+        adapter_products=adapter_product_bytes_per_token(base) if fused_kernels else 0,
     )
+
+
+def adapter_product_bytes_per_token(model, bytes_per_value: int = 2) -> int:
+    """Per token, the rank-r products x @ A^T of every LoRA layer's adapters (what
+    `lora_dropout.KeptProducts` holds for the checkpointed layers, in the compute dtype):
+    4 KiB on 8B with rank 16 on q/k/v/o."""
+    total = 0
+    for m in model.modules():
+        for adapter in getattr(m, "lora_A", {}).values():
+            total += adapter.weight.shape[0] * bytes_per_value
+    return total
 
 
 def adapts_mlp(model) -> bool:

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("mask_law", "forward", "backward", "tiles", "lora_linear", "recompute")
+CHECKS = ("mask_law", "forward", "backward", "tiles", "lora_linear", "recompute", "kept_products")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -130,7 +130,7 @@ def check_lora_linear():
     real = ld.new_seed
     ld.new_seed = lambda: seeds.append(real()) or seeds[-1]
     y = lora_kernels.lora_linear(x, a, b, base, s, p)
-    assert len(seeds) == 1, "the kernel path must be taken"
+    assert len(seeds) == 2, "the kernel path must be taken"  # the kernel's seed, then the kept product's key
     dy = torch.randn_like(y)
     y.backward(dy)
     got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
@@ -168,6 +168,56 @@ def check_recompute():
         assert torch.equal(g, r)
     torch.manual_seed(6)  # and another seed really drops other elements
     assert not torch.equal(layer(x), out[False][0])
+
+
+def check_kept_products():
+    """The recompute takes the product its first forward made (one forward kernel per
+    product, not two), with the same gradients as without checkpointing; nothing stays kept
+    after the backward, after a forward whose output is dropped, or under no_grad."""
+    import gc
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    from kubetune.trainer import lora_dropout as ld
+    from kubetune.trainer import lora_kernels
+
+    base, a, b = _lora_layer()
+    x = torch.randn(2, 33, 96)
+    made = []
+    real = ld.lora_a_forward
+    ld.lora_a_forward = lambda *args, **kw: made.append(1) or real(*args, **kw)
+
+    def layers(t):  # the same adapter twice, on two inputs: two products that must not meet
+        return lora_kernels.lora_linear(lora_kernels.lora_linear(t, a, b, base, 2.0, 0.5).tanh() @ base.weight, a, b,
+                                        base, 2.0, 0.5).tanh()
+
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(5)
+        made.clear()
+        xi = x.clone().requires_grad_()
+        y = checkpoint(layers, xi, use_reentrant=False) if ckpt else layers(xi)
+        assert len(ld.kept_products) == 2  # kept from the forward until the backward
+        y.pow(2).sum().backward()
+        out[ckpt] = (y.detach(), xi.grad, a.grad.clone(), b.grad.clone(), len(made))
+        a.grad = b.grad = None
+        del y
+        gc.collect()
+        assert len(ld.kept_products) == 0, "kept past the backward"
+    for g, r in zip(out[True][:4], out[False][:4]):
+        assert torch.equal(g, r)
+    assert out[False][4] == 2 and out[True][4] == 2  # the recompute made no product of its own
+
+    y = layers(x.clone().requires_grad_())  # a forward without a backward
+    assert len(ld.kept_products) == 2
+    del y
+    gc.collect()
+    assert len(ld.kept_products) == 0, "kept after its graph was freed"
+    with torch.no_grad():
+        layers(x)
+    gc.collect()
+    assert len(ld.kept_products) == 0, "kept under no_grad"
 
 
 if __name__ == "__main__":

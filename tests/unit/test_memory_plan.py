@@ -289,3 +289,21 @@ def test_a_set_count_of_uncheckpointed_layers_replaces_the_plans():
     assert memory_plan.forced_uncheckpointed_layers(0, environ={env: "5"}) == 5
     with pytest.raises(ValueError, match=env):
         memory_plan.forced_uncheckpointed_layers(0, environ={env: "two"})
+
+
+def test_the_adapters_kept_products_are_planned_with_the_checkpoints():
+    import torch.nn as nn
+
+    root = nn.Module()
+    for name, rank in (("q_proj", 16), ("v_proj", 8)):
+        layer = nn.Linear(4, 4)
+        layer.lora_A = nn.ModuleDict({"default": nn.Linear(4, rank, bias=False)})
+        setattr(root, name, layer)
+    assert memory_plan.adapter_product_bytes_per_token(root) == (16 + 8) * 2
+    shape8b_q_k_v_o = 32 * 4 * 16 * 2  # 4 KiB per token on 8B, rank 16
+    kw = dict(max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.52 * GIB), fused_loss=True,
+              fused_kernels=True, adapted_mlp=False)
+    without = memory_plan.plan_micro_batch(LLAMA8B, **kw)
+    planned = memory_plan.plan_micro_batch(LLAMA8B, adapter_products=shape8b_q_k_v_o, **kw)
+    assert planned.bytes_per_token == without.bytes_per_token + shape8b_q_k_v_o
+    assert (planned.rows, planned.uncheckpointed_layers) == (without.rows, without.uncheckpointed_layers) == (8, 2)
