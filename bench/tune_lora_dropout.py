@@ -45,13 +45,19 @@ def grids(quick: bool) -> dict[str, list[dict]]:
     return {"forward": fwd, "input_grad": ig, "a_grad": ag}
 
 
-def runner(kernel: str, k: int):
-    """(run(tiles) -> output, bytes moved per call) for one kernel at K = k."""
+def inputs(k: int) -> tuple:
+    """(x, a, dxa, dx) at K = k: the kernels' operands, the same on every call."""
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(M, k, device=DEVICE, dtype=torch.bfloat16, generator=g)
     a = (torch.randn(R, k, device=DEVICE, dtype=torch.bfloat16, generator=g) / 8).contiguous()
     dxa = torch.randn(M, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    dx = torch.zeros(M, k, device=DEVICE, dtype=torch.bfloat16)
+    return x, a, dxa, torch.zeros(M, k, device=DEVICE, dtype=torch.bfloat16)
+
+
+def runner(kernel: str, k: int, operands: tuple | None = None):
+    """(run(tiles) -> output, bytes moved per call) for one kernel at K = k (on `operands`, or
+    fresh `inputs`)."""
+    x, a, dxa, dx = operands or inputs(k)
     if kernel == "forward":
         return (lambda t: ld.lora_a_forward(x, a, SEED, P, tiles=t)), x.numel() * 2
     if kernel == "input_grad":
@@ -106,18 +112,13 @@ def runner_zero(k: int):
     t.zero_()
 
 
-def plain_product(kernel: str, k: int):
-    """The same product without dropout (torch's matrix multiply): what the kernel would
-    cost if drawing and applying the mask were free."""
-    run, _ = runner(kernel, k)
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    x = torch.randn(M, k, device=DEVICE, dtype=torch.bfloat16, generator=g)
-    a = (torch.randn(R, k, device=DEVICE, dtype=torch.bfloat16, generator=g) / 8).contiguous()
-    dxa = torch.randn(M, R, device=DEVICE, dtype=torch.bfloat16, generator=g)
+def plain_product(kernel: str, operands: tuple):
+    """The same product without dropout (torch's matrix multiply) on the same operands: what
+    the kernel would cost if drawing and applying the mask were free."""
+    x, a, dxa, dx = operands
     if kernel == "forward":
         return lambda: x @ a.t()
     if kernel == "input_grad":
-        dx = torch.zeros(M, k, device=DEVICE, dtype=torch.bfloat16)
         return lambda: dx.addmm_(dxa, a)
     return lambda: dxa.t().float() @ x.float() if DEVICE == "cpu" else dxa.t() @ x
 
@@ -127,15 +128,16 @@ def rounds_probe(rounds: list[int], k: int) -> dict:
     product: how much of a kernel's time is the mask's drawing (10 rounds is the trainer's)."""
     current = {"forward": ld.FORWARD, "input_grad": ld.INPUT_GRAD, "a_grad": ld.A_GRAD}
     out = {}
+    operands = inputs(k)
     for kernel, tiles in current.items():
-        run, nbytes = runner(kernel, k)
+        run, nbytes = runner(kernel, k, operands)
         zero_ms = time_fn(lambda: runner_zero(k)) if kernel == "input_grad" else 0.0
         row = {}
         for r in rounds:
             t = {**tiles, "ROUNDS": r}
             run(t)  # compile
             row[f"rounds{r}_ms"] = round(max(1e-6, time_fn(lambda: run(t)) - zero_ms), 4)
-        plain = plain_product(kernel, k)
+        plain = plain_product(kernel, operands)
         row["plain_ms"] = round(time_fn(plain), 4)
         row["bytes"] = nbytes
         out[kernel] = row
