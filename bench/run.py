@@ -225,13 +225,19 @@ def drop_page_cache() -> bool:
         return False
 
 
+def uncheckpointed_count(part: str):
+    """N of an "unckpt<N>" variant (as a string), else None."""
+    n = part[len("unckpt"):]
+    return n if part.startswith("unckpt") and n.isdigit() else None
+
+
 def variant_env(variant: str) -> dict:
     """What a variant, or each part of "a+b", sets in its case's environment (VARIANT_ENV;
     "unckpt<N>": the last N layers uncheckpointed whatever the plan says)."""
     out: dict = {}
     for part in variant.split("+"):
-        if part.startswith("unckpt") and part[len("unckpt"):].isdigit():
-            out["KUBETUNE_UNCHECKPOINTED_LAYERS"] = part[len("unckpt"):]
+        if uncheckpointed_count(part) is not None:
+            out["KUBETUNE_UNCHECKPOINTED_LAYERS"] = uncheckpointed_count(part)
         out.update(VARIANT_ENV.get(part, {}))
     return out
 
@@ -247,7 +253,7 @@ def variant_fields(variant: str) -> dict:
         return out
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
-    if variant.startswith("unckpt") and variant[len("unckpt"):].isdigit():
+    if uncheckpointed_count(variant) is not None:
         return {}  # an environment setting only (variant_env)
     rest, out = variant, {}
     if rest.startswith("allgc-"):
