@@ -92,31 +92,31 @@ def _triton_kernels():
     @triton.jit
     def nf4_cast_kernel(data_ptr, nf4_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, amax_ptr, q_ptr,
                         N, K, BLOCKSIZE2, NESTED: tl.constexpr, TRANSPOSE: tl.constexpr,
-                        ROUND_TO: tl.constexpr, BN: tl.constexpr):
+                        ROUND_TO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         # One bitsandbytes NF4 weight (N, K) straight to e4m3, or its transpose (K, N). A
-        # program takes BN rows x one 64-element quantisation block: 32 bytes a row (the high
-        # nibble is the even element), one block scale a row (double quantisation: itself an
-        # 8-bit code), w = nf4[code] * scale rounded to the weight's dtype as bitsandbytes'
-        # dequantisation does (so the codes equal dequantise-then-cast), then scaled and cast:
-        # 1.5 bytes of traffic per element instead of 5.5.
+        # program takes BN rows x BK columns (BK / 64 quantisation blocks a row): BK / 2 bytes a
+        # row (the high nibble is the even element), one block scale per 64 elements (double
+        # quantisation: itself an 8-bit code), w = nf4[code] * scale rounded to the weight's
+        # dtype as bitsandbytes' dequantisation does (so the codes equal dequantise-then-cast),
+        # then scaled and cast: 1.5 bytes of traffic per element instead of 5.5.
         n = tl.program_id(0) * BN + tl.arange(0, BN)
-        k0 = tl.program_id(1) * 64
-        j = tl.arange(0, 32)
+        k0 = tl.program_id(1) * BK
+        j = tl.arange(0, BK // 2)
         rows_in = n < N
-        first = n * K + k0  # flat index of each row's first element of the block
+        first = n * K + k0  # flat index of each row's first element of the tile
         byte = tl.load(data_ptr + first[:, None] // 2 + j[None, :], mask=rows_in[:, None], other=0)
         hi = tl.load(nf4_ptr + (byte >> 4).to(tl.int32))
         lo = tl.load(nf4_ptr + (byte & 15).to(tl.int32))
-        block = first // 64
+        block = first[:, None] // 64 + j[None, :] // 32  # the quantisation block of each byte
         if NESTED:
-            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=rows_in, other=0).to(tl.int32))
-            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=rows_in, other=0.0) + tl.load(offset_ptr)
+            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=rows_in[:, None], other=0).to(tl.int32))
+            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=rows_in[:, None], other=0.0) + tl.load(offset_ptr)
         else:
-            am = tl.load(absmax_ptr + block, mask=rows_in, other=0.0)
-        w = (tl.interleave(hi, lo) * am[:, None]).to(ROUND_TO).to(tl.float32)
+            am = tl.load(absmax_ptr + block, mask=rows_in[:, None], other=0.0)
+        w = tl.interleave(hi * am, lo * am).to(ROUND_TO).to(tl.float32)
         amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
         q = tl.clamp(w * (448.0 / amax), -448.0, 448.0).to(tl.float8e4nv)
-        k = k0 + tl.arange(0, 64)
+        k = k0 + tl.arange(0, BK)
         if TRANSPOSE:
             tl.store(q_ptr + k[:, None] * N + n[None, :], tl.trans(q), mask=rows_in[None, :])
         else:
@@ -128,65 +128,10 @@ def _triton_kernels():
 @functools.lru_cache(maxsize=1)
 def _swiglu_kernels():
     import triton
-    import triton.language as tl
 
-    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
-    def swiglu_rows_kernel(a_ptr, b_ptr, q_ptr, s_ptr, M, K, stride_a, stride_b, ROUND_TO: tl.constexpr,
-                           BLOCK: tl.constexpr):
-        # h = silu(a) * b rounded as the unfused path rounds it (silu to the compute dtype,
-        # then the product), and h's row straight to e4m3 as `rows_kernel` does: h is never
-        # written. Rows M.. (the padding) get zeros and scale 1.
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
-        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
-        silu = (a * tl.sigmoid(a)).to(ROUND_TO).to(tl.float32)
-        h = (silu * b).to(ROUND_TO).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
-        q = tl.clamp(h * (448.0 / amax), -448.0, 448.0)
-        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=offs < K)
-        tl.store(s_ptr + row, tl.where(row < M, amax / 448.0, 1.0))
+    from kubetune.trainer import fp8_swiglu_kernels as k
 
-    @triton.jit
-    def swiglu_backward_kernel(a_ptr, b_ptr, dh_ptr, N, BLOCK: tl.constexpr):
-        # In place, as Liger's SwiGLU backward: a <- dL/da, b <- dL/db (a and b are this
-        # node's own saved tensors, read once here).
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < N
-        a = tl.load(a_ptr + i, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(a)
-        silu = a * sig
-        tl.store(b_ptr + i, (dh * silu).to(b_ptr.dtype.element_ty), mask=m)
-        tl.store(a_ptr + i, (dh * b * (sig + silu * (1.0 - sig))).to(a_ptr.dtype.element_ty), mask=m)
-
-    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
-    def swiglu_backward_rows_kernel(a_ptr, b_ptr, dh_ptr, qa_ptr, sa_ptr, qb_ptr, sb_ptr, M, K,
-                                    stride_a, stride_b, stride_dh, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
-        # dL/da and dL/db of one row, rounded to the compute dtype as `swiglu_backward_kernel`
-        # stores them, straight to their e4m3 rows (`rows_kernel`'s recipe), each with its own
-        # scale: for a frozen gate / up whose only use of them is the FP8 input gradient.
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
-        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + row * stride_dh + offs, mask=m, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(a)
-        silu = a * sig
-        db = (dh * silu).to(ROUND_TO).to(tl.float32)
-        da = (dh * b * (sig + silu * (1.0 - sig))).to(ROUND_TO).to(tl.float32)
-        amax_a = tl.maximum(tl.max(tl.abs(da), axis=0), 1e-12)
-        amax_b = tl.maximum(tl.max(tl.abs(db), axis=0), 1e-12)
-        out = offs < K
-        tl.store(qa_ptr + row * K + offs, tl.clamp(da * (448.0 / amax_a), -448.0, 448.0).to(tl.float8e4nv), mask=out)
-        tl.store(qb_ptr + row * K + offs, tl.clamp(db * (448.0 / amax_b), -448.0, 448.0).to(tl.float8e4nv), mask=out)
-        tl.store(sa_ptr + row, tl.where(row < M, amax_a / 448.0, 1.0))
-        tl.store(sb_ptr + row, tl.where(row < M, amax_b / 448.0, 1.0))
-
-    return triton, swiglu_rows_kernel, swiglu_backward_kernel, swiglu_backward_rows_kernel
+    return triton, k.swiglu_rows_kernel, k.swiglu_backward_kernel, k.swiglu_backward_rows_kernel
 
 
 def swiglu_rows(a2, b2):
@@ -202,8 +147,29 @@ def swiglu_rows(a2, b2):
     return quantize_rows(torch.nn.functional.silu(a2.float()).to(a2.dtype) * b2)
 
 
-def swiglu_rows_kernel(a2, b2):
-    """`swiglu_rows` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
+# How the two SwiGLU row kernels run (`_row_launch`): "chunk" None for one pass with the row in
+# registers, else the width (a power of two) of each piece of the two passes; "num_warps" None for
+# `_launch_rows`'s default (16 at this width). Measured on an H200 at 16,384 x 14,336
+# (`bench/tune_fp8_kernels.py`, bench/tune_fp8_kernels_h200.json): one pass beat every two-pass
+# split; the rows kernel 0.318 -> 0.288 ms with 8 warps, the backward 0.651 -> 0.578 ms with 32
+# (its five fp32 values a row element need the registers of 1,024 threads). About 4 ms a step.
+SWIGLU_ROWS = {"chunk": None, "num_warps": 8}
+SWIGLU_BACKWARD_ROWS = {"chunk": None, "num_warps": 32}
+
+
+def _row_launch(triton, k: int, how: dict | None, tuned: dict) -> dict:
+    """The ONE_PASS / CHUNK constexprs and warps of a SwiGLU row kernel for width k: `how`, else
+    the `tuned` setting for rows as wide as it was measured at (8,192 and over), else the default."""
+    how = how or (tuned if triton.next_power_of_2(k) >= 8192 else {})
+    chunk = how.get("chunk")
+    one_pass = not chunk or chunk >= k
+    return {"ONE_PASS": one_pass, "CHUNK": triton.next_power_of_2(k) if one_pass else chunk,
+            "num_warps": how.get("num_warps")}
+
+
+def swiglu_rows_kernel(a2, b2, how: dict | None = None):
+    """`swiglu_rows` by its Triton kernel (on a GPU, or in Triton's interpreter); `how` (the
+    sweep's) replaces SWIGLU_ROWS."""
     import torch
 
     m, k = a2.shape
@@ -212,10 +178,12 @@ def swiglu_rows_kernel(a2, b2):
     b2 = b2 if b2.stride(1) == 1 else b2.contiguous()
     tl = triton.language
     round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
-    return _launch_rows(triton, kernel, m, k, [a2, b2], ROUND_TO=round_to)
+    return _launch_rows(triton, kernel, m, k, [a2, b2], ROUND_TO=round_to,
+                        **_row_launch(triton, k, how, SWIGLU_ROWS))
 
 
-def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1, **constexprs):
+def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1, num_warps: int | None = None,
+                 **constexprs):
     """(q, scale) of M' x K e4m3 rows (M rounded up to the grid of 16, the padding written by
     the kernel) from a row kernel taking (*inputs, q, s, M, K, *their row strides): one
     program per row, the whole row in one block (`rows_kernel`, `swiglu_rows_kernel`). A
@@ -229,7 +197,7 @@ def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1,
     if mp:
         block = triton.next_power_of_2(k)
         kernel[(mp,)](*inputs, *(t for pair in pairs for t in pair), m, k, *(t.stride(0) for t in inputs),
-                      BLOCK=block, num_warps=16 if block >= 8192 else 8, **constexprs)
+                      BLOCK=block, num_warps=num_warps or (16 if block >= 8192 else 8), **constexprs)
     return pairs[0] if outputs == 1 else pairs
 
 
@@ -270,8 +238,9 @@ def swiglu_backward_rows(a2, b2, dh2):
     return [quantize_rows(da), quantize_rows(db)]
 
 
-def swiglu_backward_rows_kernel(a2, b2, dh2):
-    """`swiglu_backward_rows` by its Triton kernel (on a GPU, or in Triton's interpreter)."""
+def swiglu_backward_rows_kernel(a2, b2, dh2, how: dict | None = None):
+    """`swiglu_backward_rows` by its Triton kernel (on a GPU, or in Triton's interpreter);
+    `how` (the sweep's) replaces SWIGLU_BACKWARD_ROWS."""
     import torch
 
     m, k = a2.shape
@@ -279,7 +248,8 @@ def swiglu_backward_rows_kernel(a2, b2, dh2):
     a2, b2, dh2 = (t if t.stride(1) == 1 else t.contiguous() for t in (a2, b2, dh2))
     tl = triton.language
     round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
-    return _launch_rows(triton, kernel, m, k, [a2, b2, dh2], outputs=2, ROUND_TO=round_to)
+    return _launch_rows(triton, kernel, m, k, [a2, b2, dh2], outputs=2, ROUND_TO=round_to,
+                        **_row_launch(triton, k, how, SWIGLU_BACKWARD_ROWS))
 
 
 def _padded_rows(m: int) -> int:
@@ -392,18 +362,28 @@ def _nf4_args(weight) -> tuple:
     return args
 
 
-def quantize_nf4(weight, amax, transpose: bool = False):
+# The NF4 cast's tiles (`nf4_cast_kernel`: rows x columns a program, warps), forward layout and
+# transposed (the input gradient's). `bench/tune_fp8_kernels.py` swept 18 of each on an H200
+# (bench/tune_fp8_kernels_h200.json): none beat these over a layer's casts.
+NF4_TILES = {"BN": 64, "BK": 64, "num_warps": 4}
+NF4_TILES_T = {"BN": 64, "BK": 64, "num_warps": 4}
+
+
+def quantize_nf4(weight, amax, transpose: bool = False, tiles: dict | None = None):
     """A bitsandbytes NF4 weight (N, K) (`nf4_fits`), or its transpose, as a
     contiguous e4m3 matrix with the scale of `amax`: the same codes as
-    `quantize_tensor` of its dequantised weight, in one pass over the 4-bit data."""
+    `quantize_tensor` of its dequantised weight, in one pass over the 4-bit data.
+    `tiles` (the sweep's) replaces NF4_TILES / NF4_TILES_T."""
     import torch
 
     triton, _, _, kernel = _triton_kernels()
     data, code, absmax, code2, absmax2, offset, bs2, n, k, nested, round_to = _nf4_args(weight)
     q = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=data.device)
-    bn = 64
-    kernel[(triton.cdiv(n, bn), k // 64)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
-                                          NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=bn, num_warps=4)
+    t = tiles or (NF4_TILES_T if transpose else NF4_TILES)
+    bn, bk = t["BN"], t["BK"] if k % t["BK"] == 0 else 64  # K is a multiple of 64 (nf4_fits)
+    kernel[(triton.cdiv(n, bn), k // bk)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
+                                          NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=bn, BK=bk,
+                                          num_warps=t["num_warps"])
     return q
 
 

@@ -132,6 +132,8 @@ def _kernels():
 FORWARD = {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
 INPUT_GRAD = {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3}
 A_GRAD = {"BM": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "programs": 1024}
+# The forward's B product (`add_product`): the input-gradient kernel's tiles, without its mask.
+ADD_PRODUCT = dict(INPUT_GRAD)
 
 
 # Rounds of Philox-4x32 per draw: Triton's default, the generator's standard form.
@@ -169,6 +171,25 @@ def add_input_grad(dx, dxa, a, seed: int, p: float, tiles: dict | None = None) -
     thr, scale = threshold_and_scale(p)
     k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(kk, t["BK"]))](
         dx, dxa.contiguous(), a.contiguous(), seed, m, kk, r, thr, scale, BR=_rank_block(r), **_launch(t))
+
+
+def add_product(out, xa, b, scaling: float, tiles: dict | None = None) -> bool:
+    """out += scaling * (xa @ b^T), in place, by `input_grad_kernel` without the mask: the
+    adapter's B product added into the base output (LoraLinearFn's forward) in one
+    read-modify-write of out. cuBLAS's addmm_ with beta 1 at rank 16 took 0.10 ms at 16k x 4096
+    on an H200 (a profile of an 8B step: 124 calls, 12.8 ms), for what is one pass over out.
+    out (M, N) contiguous, xa (M, R), b (N, R). False (nothing done) where the kernel does not
+    apply (`usable`'s conditions on out); the caller then adds by addmm_."""
+    if not (usable(out, xa.shape[1]) and out.is_contiguous()):
+        return False
+    triton, k = _kernels()
+    t = tiles or ADD_PRODUCT
+    m, n = out.shape
+    r = xa.shape[1]
+    k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BK"]))](
+        out, xa.contiguous(), b.t().contiguous(), 0, m, n, r, 0, float(scaling), BR=_rank_block(r), DROP=False,
+        **_launch(t))
+    return True
 
 
 def a_grad(dxa, x2, seed: int, p: float, splits: int = 0, tiles: dict | None = None):

@@ -69,8 +69,10 @@ def forward_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, threshold, scale,
 
 @triton.jit(do_not_specialize=RUN_VARYING)
 def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr):
-    """dx (M, K) += ((dxa @ a) * keep * scale), dxa (M, R), a (R, K)."""
+                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, ROUNDS: tl.constexpr,
+                      DROP: tl.constexpr = True):
+    """dx (M, K) += ((dxa @ a) * keep * scale), dxa (M, R), a (R, K); without DROP no mask
+    (dx += (dxa @ a) * scale: the forward's B product added into the base output)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
@@ -79,11 +81,12 @@ def input_grad_kernel(dx_ptr, dxa_ptr, a_ptr, seed, M, K, R, threshold, scale,
                   other=0.0)
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & (cols[None, :] < K),
                 other=0.0)
-    t = tl.dot(dxa, a)
-    keep = keep_tile(seed, rows, k0, K // 8, threshold, BM, BK, ROUNDS)
+    t = tl.dot(dxa, a) * scale
+    if DROP:
+        t = tl.where(keep_tile(seed, rows, k0, K // 8, threshold, BM, BK, ROUNDS), t, 0.0)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
     ptrs = dx_ptr + rows[:, None] * K + cols[None, :]
-    dx = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) + tl.where(keep, t * scale, 0.0)
+    dx = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32) + t
     tl.store(ptrs, dx.to(dx_ptr.dtype.element_ty), mask=inside)
 
 

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("mask_law", "forward", "backward", "tiles", "lora_linear", "recompute", "kept_products")
+CHECKS = ("mask_law", "forward", "backward", "add_product", "tiles", "lora_linear", "recompute", "kept_products")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -80,6 +80,24 @@ def check_backward():
     for splits in (0, 1, 2, 7):  # uneven splits of the rows sum to the same
         got = ld.a_grad(dxa, x, seed, p, splits=splits)
         assert (got - ref_da).abs().max().item() < 1e-3, splits
+
+
+def check_add_product():
+    """The forward's B product added into the base output: out += s * xa @ b^T, every
+    element (no mask), at any tiles; an output the kernel cannot take is left alone."""
+    import torch
+
+    from kubetune.trainer import lora_dropout as ld
+
+    g = torch.Generator().manual_seed(5)
+    xa, b, out0 = torch.randn(150, 5, generator=g), torch.randn(80, 5, generator=g), torch.randn(150, 80, generator=g)
+    ref = out0 + 1.7 * (xa @ b.t())
+    for t in (None, {"BM": 64, "BK": 32, "num_warps": 4, "num_stages": 2}):
+        out = out0.clone()
+        assert ld.add_product(out, xa, b, 1.7, tiles=t)
+        assert (out - ref).abs().max().item() < 1e-4, t
+    wide = out0.repeat(1, 2)[:, :80]  # a view whose rows are not contiguous
+    assert not ld.add_product(wide, xa, b, 1.7) and torch.equal(wide, out0)
 
 
 def check_tiles():
