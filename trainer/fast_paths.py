@@ -273,6 +273,10 @@ def apply_fast_paths(model, perf: Resolved) -> None:
         )
         base._kubetune_liger = True
         log.info("liger kernels applied to %s", type(base).__name__)
+    if perf.liger:
+        n = frozen_norms(base)
+        if n:
+            log.info("%d RMSNorm layers with the frozen-weight backward", n)
     # Not under ZeRO-3 (resolve turns it off there): a base weight is only gathered when its
     # own module runs its forward (DeepSpeed's hooks), and the fused node reads it directly.
     if perf.fused_lora:
@@ -285,6 +289,15 @@ def apply_fast_paths(model, perf: Resolved) -> None:
     # Last, over the fused layers.
     if perf.compile:
         log.info("compiled %d decoder layers", compile_layers(model))
+
+
+def frozen_norms(model) -> int:
+    """Route every norm Liger patched with Llama's casting through `rms_norm.frozen_rms_norm`
+    while its weight is frozen (`rms_norm.use_frozen_backward`); returns how many. Idempotent."""
+    from kubetune.trainer.rms_norm import use_frozen_backward
+
+    return sum(use_frozen_backward(m) for m in model.modules() if hasattr(m, "casting_mode")
+               and hasattr(m, "variance_epsilon"))
 
 
 def decoder_layers(model) -> list:

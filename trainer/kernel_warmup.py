@@ -360,8 +360,11 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
+        from kubetune.trainer.rms_norm import use_frozen_backward
+
         x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
         norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt).requires_grad_(False)
+        use_frozen_backward(norm)  # as fast_paths routes the model's norms
         loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
         q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
         k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)

@@ -1,0 +1,97 @@
+"""The frozen-weight RMSNorm (trainer/rms_norm.py), its Triton kernels run by Triton's
+interpreter on the CPU against Llama's RMSNorm in plain PyTorch (forward rounding, and
+autograd's gradient in fp32); and which norm modules `use_frozen_backward` routes."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
+from interpreted import main, run_check  # noqa: E402
+
+CHECKS = ("forward", "backward", "routing")
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_frozen_rms_norm(check):
+    run_check(__file__, check)
+
+
+def _inputs(m=37, k=96, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, m, k, generator=g) * torch.logspace(-1, 1, m)[None, :, None]).bfloat16()  # rows apart
+    w = (1 + torch.randn(k, generator=g) / 4).bfloat16()
+    return x, w
+
+
+def _llama_norm(x, w, eps):
+    """transformers' LlamaRMSNorm.forward."""
+    import torch
+
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+def check_forward():
+    import torch
+
+    from kubetune.trainer import rms_norm
+
+    x, w = _inputs()
+    y = rms_norm.frozen_rms_norm(x, w, 1e-5)
+    ref = _llama_norm(x, w, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    # two roundings to bf16 (the interpreter truncates where the GPU rounds): within 2 ulps
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2**-6, atol=1e-6)
+    _, rstd = rms_norm.normalize(x.view(-1, 96), w, 1e-5)
+    ref_rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5).view(-1)
+    torch.testing.assert_close(rstd, ref_rstd, rtol=1e-6, atol=0)
+
+
+def check_backward():
+    import torch
+
+    from kubetune.trainer import rms_norm
+
+    x, w = _inputs(seed=1)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    xr = x.float().requires_grad_()
+    h = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (h * w.float()).backward(dy.float())  # the gradient through the fp32 arithmetic
+    leaf = x.clone().requires_grad_()
+    y = rms_norm.frozen_rms_norm(leaf, w, 1e-5)
+    y.backward(dy.clone())  # the backward writes dx over the gradient it is given
+    assert leaf.grad.dtype == torch.bfloat16 and leaf.grad.shape == x.shape
+    torch.testing.assert_close(leaf.grad.float(), xr.grad, rtol=2**-6, atol=1e-3 * xr.grad.abs().max().item())
+
+
+def check_routing():
+    import torch
+
+    from kubetune.trainer import fast_paths, rms_norm
+
+    class Patched(torch.nn.Module):  # a norm as Liger patches it: attributes and its own forward
+        def __init__(self, offset=0.0, mode="llama"):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(96).bfloat16(), requires_grad=False)
+            self.variance_epsilon, self.offset, self.casting_mode = 1e-6, offset, mode
+            self.forward = lambda h: "liger"
+
+    model = torch.nn.Sequential(Patched(), Patched(offset=1.0, mode="gemma"), torch.nn.Linear(2, 2))
+    assert fast_paths.frozen_norms(model) == 1 and fast_paths.frozen_norms(model) == 1  # idempotent
+    llama, gemma = model[0], model[1]
+    x, _ = _inputs()
+    torch.testing.assert_close(llama(x), rms_norm.frozen_rms_norm(x, llama.weight, 1e-6), rtol=0, atol=0)
+    assert gemma(x) == "liger"  # an offset weight is not this kernel's
+    llama.weight.requires_grad_(True)
+    assert llama(x) == "liger"  # a trainable weight goes back to Liger's node
+
+
+if __name__ == "__main__":
+    main(globals())
