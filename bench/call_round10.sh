@@ -9,13 +9,13 @@ source bench/device_env.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-before .bench/before/*.whl || exit 1
 TOP=$OUT
 OUT=$TOP/speed CASES=${CASES:-qlora-instruct@before,qlora-instruct} UNSLOTH=${UNSLOTH-8x1:qlora-instruct} \
-  LABEL="${LABEL:-issue 16 round 10: this round's kernels beside the code before them and Unsloth 8 x 1}" \
+  LABEL="${LABEL:-issue 16 round 10: kernels of the round beside the code before them and Unsloth 8 x 1}" \
   STEPS=${STEPS:-12} LOG_EVERY=${LOG_EVERY:-6} DEADLINE=${DEADLINE:-300} bash bench/run_8b_cases.sh --before-site /tmp/site-before "$@"
 rc=$?
 LOSS_CASES=${LOSS_CASES-qlora-learn,qlora-learn@bf16}
 if [ -n "$LOSS_CASES" ]; then
   OUT=$TOP/loss CASES=$LOSS_CASES UNSLOTH= STEPS=${LOSS_STEPS:-100} LOG_EVERY=1 DEADLINE=${LOSS_DEADLINE:-280} \
-    LABEL="issue 16 round 10: loss check, this round's kernels against bf16 products" \
+    LABEL="issue 16 round 10: loss check, kernels of the round against bf16 products" \
     bash bench/run_8b_cases.sh "$@" || rc=$?
 fi
 exit $rc

@@ -105,7 +105,8 @@ def _lora_linear_fn():
             else:
                 xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
                 xa = xd @ a.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
+            if not lora_dropout.add_product(y, xa, b, scaling):  # one pass over y (`add_product`)
+                y.addmm_(xa, b.t(), alpha=scaling)
             ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
             ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p, ctx.fp8 = base, scaling, cdt, shape, p, use_fp8
             return y.view(*shape[:-1], y.shape[-1])

@@ -147,8 +147,12 @@ def check_lora_linear():
     seeds = []
     real = ld.new_seed
     ld.new_seed = lambda: seeds.append(real()) or seeds[-1]
+    added = []
+    add = ld.add_product
+    ld.add_product = lambda *args: added.append(add(*args)) or added[-1]
     y = lora_kernels.lora_linear(x, a, b, base, s, p)
     assert len(seeds) == 2, "the kernel path must be taken"  # the kernel's seed, then the kept product's key
+    assert added == [True], "the B product must be added by its kernel"
     dy = torch.randn_like(y)
     y.backward(dy)
     got = (y.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
