@@ -191,7 +191,7 @@ def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1,
     import torch
 
     device = inputs[0].device
-    mp = _padded_rows(m)
+    mp = padded_rows(m)
     pairs = [(torch.empty((mp, k), dtype=torch.float8_e4m3fn, device=device),
               torch.empty((mp, 1), dtype=torch.float32, device=device)) for _ in range(outputs)]
     if mp:
@@ -252,7 +252,7 @@ def swiglu_backward_rows_kernel(a2, b2, dh2, how: dict | None = None):
                         **_row_launch(triton, k, how, SWIGLU_BACKWARD_ROWS))
 
 
-def _padded_rows(m: int) -> int:
+def padded_rows(m: int) -> int:
     # The token count of a packed micro-batch is arbitrary (16,382 here); zero rows up to the
     # grid keep every operand 16-aligned for cuBLASLt, at the cost of a tiny fill.
     return -(-m // ALIGN) * ALIGN
@@ -264,7 +264,7 @@ def quantize_rows(x2):
     import torch
 
     m, k = x2.shape
-    mp = _padded_rows(m)
+    mp = padded_rows(m)
     if x2.is_cuda:
         triton, rows_kernel, _, _ = _triton_kernels()
         x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
@@ -477,6 +477,11 @@ class SharedRows:
         elif role == CLOSE:
             self.clear()
         return rows
+
+    def offer(self, x, rows) -> None:
+        """Leave x's rows, made where x was (`rms_norm`'s kernel), for the projection that
+        opens (or, alone, closes) the entry next."""
+        self._ref, self._key, self._rows = x, self._key_of(x), rows
 
     def clear(self) -> None:
         self._ref = self._key = self._rows = None

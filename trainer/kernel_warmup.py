@@ -345,7 +345,8 @@ class Layer:
 
 def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
     """The libraries' kernels as the patched model calls them, forward and backward: where
-    Liger is on, its RMSNorm (Llama's casting, in place, the weight frozen as LoRA leaves it),
+    Liger is on, the RMSNorm (`rms_norm`, as Liger's Llama norm routed by fast_paths: the
+    weight frozen as LoRA leaves it, with FP8 its output's e4m3 rows made by its kernel),
     its rotary embedding on q (1, heads, tokens, head_dim) and k, and its SwiGLU where the MLP
     does not take the FP8 one; and the LM head (`lm_head.one_pass_function`, TRL's kernels)."""
     import torch
@@ -365,7 +366,9 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
         norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt).requires_grad_(False)
         use_frozen_backward(norm)  # as fast_paths routes the model's norms
+        norm._kubetune_offer_rows = bool(perf.fp8)  # and marks them (`fast_paths.mark_norm_rows`)
         loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
+        fp8.shared_rows.clear()  # the rows it offered: no projection here takes them
         q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
         k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
         angle = torch.rand(1, tokens, geo.head_dim, device=device)

@@ -271,7 +271,7 @@ def _frozen_gate_up_rows_fn():
         def forward(ctx, x, gate, up):
             cdt = compute_dtype_of(x)
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-            rows = fp8.quantize_rows(x2)
+            rows = fp8.shared_rows.rows(x, x2, fp8.CLOSE)  # the norm's, when it made them (`rms_norm`)
             a2 = _frozen_product(gate, cdt, x2, rows)
             b2 = _frozen_product(up, cdt, x2, rows)
             q, scale = fp8.swiglu_rows(a2, b2)

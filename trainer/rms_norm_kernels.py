@@ -26,17 +26,28 @@ def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, K, stride_dy, stride
     tl.store(dx_ptr + row * stride_dx + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def forward_kernel(x_ptr, y_ptr, w_ptr, rstd_ptr, K, stride_x, stride_y, eps, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["M"])  # the rows of a packed micro-batch change from step to step
+def forward_kernel(x_ptr, y_ptr, w_ptr, rstd_ptr, q_ptr, s_ptr, M, K, stride_x, stride_y, eps,
+                   BLOCK: tl.constexpr, ROWS: tl.constexpr):
     """One row of Llama's RMSNorm: rstd = 1 / sqrt(mean(x^2) + eps) in fp32 (kept for the
-    backward), y = (x * rstd) rounded to x's dtype, times w, rounded again."""
+    backward), y = (x * rstd) rounded to x's dtype, times w, rounded again. With ROWS also y's
+    e4m3 row and scale, as `fp8.rows_kernel` makes them from y; the grid then covers the rows
+    up to the grid of 16 too, which get zeros and scale 1."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0)
+    inside = row < M
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < tl.where(inside, K, 0), other=0.0)  # padding: none
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)  # eps an fp32 scalar argument
-    tl.store(rstd_ptr + row, rstd)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    y = (xf * rstd).to(x.dtype).to(tl.float32) * w
-    tl.store(y_ptr + row * stride_y + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+    y = ((xf * rstd).to(x.dtype).to(tl.float32) * w).to(y_ptr.dtype.element_ty)
+    if inside:
+        tl.store(rstd_ptr + row, rstd)
+        tl.store(y_ptr + row * stride_y + offs, y, mask=m)
+    if ROWS:
+        yf = y.to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-12)
+        q = tl.clamp(yf * (448.0 / amax), -448.0, 448.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=m)
+        tl.store(s_ptr + row, tl.where(inside, amax / 448.0, 1.0))

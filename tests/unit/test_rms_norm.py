@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("forward", "backward", "routing")
+CHECKS = ("forward", "backward", "rows", "routing")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -49,7 +49,7 @@ def check_forward():
     assert y.shape == x.shape and y.dtype == torch.bfloat16
     # two roundings to bf16 (the interpreter truncates where the GPU rounds): within 2 ulps
     torch.testing.assert_close(y.float(), ref.float(), rtol=2**-6, atol=1e-6)
-    _, rstd = rms_norm.normalize(x.view(-1, 96), w, 1e-5)
+    _, rstd, _ = rms_norm.normalize(x.view(-1, 96), w, 1e-5)
     ref_rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-5).view(-1)
     torch.testing.assert_close(rstd, ref_rstd, rtol=1e-6, atol=0)
 
@@ -69,6 +69,31 @@ def check_backward():
     y.backward(dy.clone())  # the backward writes dx over the gradient it is given
     assert leaf.grad.dtype == torch.bfloat16 and leaf.grad.shape == x.shape
     torch.testing.assert_close(leaf.grad.float(), xr.grad, rtol=2**-6, atol=1e-3 * xr.grad.abs().max().item())
+
+
+def check_rows():
+    """The norm's own e4m3 rows of its output are `fp8.quantize_rows` of that output (the same
+    scales; the codes up to the interpreter's own e4m3 cast, `same_codes`; padding rows to the
+    grid of 16 included), offered to the FP8 projection reading it next and taken once."""
+    import torch
+
+    from kubetune.trainer import fp8, rms_norm
+    from test_fp8_nf4 import same_codes
+
+    x, w = _inputs(m=21)  # 42 rows: padded to 48
+    y, rstd, (q, s) = rms_norm.normalize(x.view(-1, 96), w, 1e-5, rows=True)
+    y0, rstd0, none = rms_norm.normalize(x.view(-1, 96), w, 1e-5)
+    assert none is None and torch.equal(y, y0) and torch.equal(rstd, rstd0)
+    rq, rs = fp8.quantize_rows(y)
+    assert q.shape == rq.shape == (48, 96) and torch.equal(s, rs)
+    same_codes(q.float(), rq.float(), either_way=True)
+    assert bool((q[42:].float() == 0).all()) and bool((s[42:] == 1).all())
+    out = rms_norm.frozen_rms_norm(x, w, 1e-5, offer_rows=True)
+    taken = fp8.shared_rows.rows(out, out.view(-1, 96), fp8.CLOSE)
+    assert torch.equal(taken[0].view(torch.uint8), q.view(torch.uint8))  # the norm's, not made again
+    assert fp8.shared_rows._ref is None  # closed: nothing kept after its reader
+    other = fp8.shared_rows.rows(out + 1, (out + 1).view(-1, 96), fp8.CLOSE)  # another input: its own rows
+    assert not torch.equal(other[1], rs)
 
 
 def check_routing():
@@ -91,6 +116,21 @@ def check_routing():
     assert gemma(x) == "liger"  # an offset weight is not this kernel's
     llama.weight.requires_grad_(True)
     assert llama(x) == "liger"  # a trainable weight goes back to Liger's node
+
+    # The marks: a norm offers rows where the sibling projections reading its output run in FP8.
+    class Attn(torch.nn.Module):
+        def __init__(self, fp8_routed):
+            super().__init__()
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(self, name, torch.nn.Linear(2, 2))
+                getattr(self, name)._kubetune_fp8 = fp8_routed
+
+    for routed in (True, False):
+        block = torch.nn.Module()
+        block.self_attn, block.input_layernorm, block.post_attention_layernorm = Attn(routed), Patched(), Patched()
+        assert fast_paths.mark_norm_rows(block) == int(routed)
+        assert getattr(block.input_layernorm, "_kubetune_offer_rows", False) is routed
+        assert not hasattr(block.post_attention_layernorm, "_kubetune_offer_rows")  # no MLP siblings here
 
 
 if __name__ == "__main__":
