@@ -65,8 +65,8 @@ def nf4_weight(n: int, k: int):
 
 
 def nf4_grid(quick: bool) -> list[dict]:
-    bns, bks, warps = ((64, 128), (64, 256), (4, 8)) if quick else ((32, 64, 128), (64, 128, 256), (4, 8))
-    return [{"BN": bn, "BK": bk, "num_warps": w} for bn, bk, w in itertools.product(bns, bks, warps)]
+    bns, warps = ((64, 128), (4, 8)) if quick else ((16, 32, 64, 128, 256), (2, 4, 8))
+    return [{"BN": bn, "num_warps": w} for bn, w in itertools.product(bns, warps)]
 
 
 def sweep_nf4(quick: bool) -> dict:

@@ -92,31 +92,31 @@ def _triton_kernels():
     @triton.jit
     def nf4_cast_kernel(data_ptr, nf4_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, amax_ptr, q_ptr,
                         N, K, BLOCKSIZE2, NESTED: tl.constexpr, TRANSPOSE: tl.constexpr,
-                        ROUND_TO: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        ROUND_TO: tl.constexpr, BN: tl.constexpr):
         # One bitsandbytes NF4 weight (N, K) straight to e4m3, or its transpose (K, N). A
-        # program takes BN rows x BK columns (BK / 64 quantisation blocks a row): BK / 2 bytes a
-        # row (the high nibble is the even element), one block scale per 64 elements (double
-        # quantisation: itself an 8-bit code), w = nf4[code] * scale rounded to the weight's
-        # dtype as bitsandbytes' dequantisation does (so the codes equal dequantise-then-cast),
-        # then scaled and cast: 1.5 bytes of traffic per element instead of 5.5.
+        # program takes BN rows x one 64-element quantisation block: 32 bytes a row (the high
+        # nibble is the even element), one block scale a row (double quantisation: itself an
+        # 8-bit code), w = nf4[code] * scale rounded to the weight's dtype as bitsandbytes'
+        # dequantisation does (so the codes equal dequantise-then-cast), then scaled and cast:
+        # 1.5 bytes of traffic per element instead of 5.5.
         n = tl.program_id(0) * BN + tl.arange(0, BN)
-        k0 = tl.program_id(1) * BK
-        j = tl.arange(0, BK // 2)
+        k0 = tl.program_id(1) * 64
+        j = tl.arange(0, 32)
         rows_in = n < N
-        first = n * K + k0  # flat index of each row's first element of the tile
+        first = n * K + k0  # flat index of each row's first element of the block
         byte = tl.load(data_ptr + first[:, None] // 2 + j[None, :], mask=rows_in[:, None], other=0)
         hi = tl.load(nf4_ptr + (byte >> 4).to(tl.int32))
         lo = tl.load(nf4_ptr + (byte & 15).to(tl.int32))
-        block = first[:, None] // 64 + j[None, :] // 32  # the quantisation block of each byte
+        block = first // 64
         if NESTED:
-            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=rows_in[:, None], other=0).to(tl.int32))
-            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=rows_in[:, None], other=0.0) + tl.load(offset_ptr)
+            am = tl.load(code2_ptr + tl.load(absmax_ptr + block, mask=rows_in, other=0).to(tl.int32))
+            am = am * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=rows_in, other=0.0) + tl.load(offset_ptr)
         else:
-            am = tl.load(absmax_ptr + block, mask=rows_in[:, None], other=0.0)
-        w = tl.interleave(hi * am, lo * am).to(ROUND_TO).to(tl.float32)
+            am = tl.load(absmax_ptr + block, mask=rows_in, other=0.0)
+        w = (tl.interleave(hi, lo) * am[:, None]).to(ROUND_TO).to(tl.float32)
         amax = tl.maximum(tl.load(amax_ptr).to(tl.float32), 1e-12)
         q = tl.clamp(w * (448.0 / amax), -448.0, 448.0).to(tl.float8e4nv)
-        k = k0 + tl.arange(0, BK)
+        k = k0 + tl.arange(0, 64)
         if TRANSPOSE:
             tl.store(q_ptr + k[:, None] * N + n[None, :], tl.trans(q), mask=rows_in[None, :])
         else:
@@ -362,11 +362,14 @@ def _nf4_args(weight) -> tuple:
     return args
 
 
-# The NF4 cast's tiles (`nf4_cast_kernel`: rows x columns a program, warps), forward layout and
+# The NF4 cast's tiles (`nf4_cast_kernel`: rows a program, warps), forward layout and
 # transposed (the input gradient's). `bench/tune_fp8_kernels.py` swept 18 of each on an H200
-# (bench/tune_fp8_kernels_h200.json): none beat these over a layer's casts.
-NF4_TILES = {"BN": 64, "BK": 64, "num_warps": 4}
-NF4_TILES_T = {"BN": 64, "BK": 64, "num_warps": 4}
+# (bench/tune_fp8_kernels_h200.json, at commit 1501636, whose kernel also took several
+# quantisation blocks a program): none beat these over a layer's casts, and that wider kernel
+# (one block scale loaded per byte instead of per row) made an 8B step's casts 10% slower at
+# these tiles (18.5 -> 20.3 ms, issue16-round10-3's profiles), so it was taken back.
+NF4_TILES = {"BN": 64, "num_warps": 4}
+NF4_TILES_T = {"BN": 64, "num_warps": 4}
 
 
 def quantize_nf4(weight, amax, transpose: bool = False, tiles: dict | None = None):
@@ -380,10 +383,9 @@ def quantize_nf4(weight, amax, transpose: bool = False, tiles: dict | None = Non
     data, code, absmax, code2, absmax2, offset, bs2, n, k, nested, round_to = _nf4_args(weight)
     q = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=data.device)
     t = tiles or (NF4_TILES_T if transpose else NF4_TILES)
-    bn, bk = t["BN"], t["BK"] if k % t["BK"] == 0 else 64  # K is a multiple of 64 (nf4_fits)
-    kernel[(triton.cdiv(n, bn), k // bk)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
-                                          NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=bn, BK=bk,
-                                          num_warps=t["num_warps"])
+    kernel[(triton.cdiv(n, t["BN"]), k // 64)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
+                                               NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=t["BN"],
+                                               num_warps=t["num_warps"])
     return q
 
 

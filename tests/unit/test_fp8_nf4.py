@@ -67,9 +67,8 @@ def _compare(n, k, nested, dtype_name="bfloat16"):
         same_codes(g, r)
         assert ((g * scale - dense.float().t() if transpose else g * scale - dense.float()).norm()
                 / dense.float().norm()).item() < 0.1  # a wrong layout or scale is ~1.4
-        # Other tiles (bench/tune_fp8_kernels.py's sweep) give the same codes, bit for bit; a
-        # tile wider than K's multiple of itself falls back to one quantisation block a program.
-        for tiles in ({"BN": 16, "BK": 128, "num_warps": 4}, {"BN": 128, "BK": 256, "num_warps": 8}):
+        # Other tiles (bench/tune_fp8_kernels.py's sweep) give the same codes, bit for bit.
+        for tiles in ({"BN": 16, "num_warps": 4}, {"BN": 128, "num_warps": 8}):
             assert torch.equal(fp8.quantize_nf4(p, amax, transpose=transpose, tiles=tiles).view(torch.uint8),
                                got.view(torch.uint8)), tiles
 
