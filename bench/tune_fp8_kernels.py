@@ -21,12 +21,11 @@ import argparse
 import itertools
 import json
 import sys
-import time
 
 import torch
 
-from check_attention import time_fn as gpu_clock
 from kubetune.trainer import fp8
+from tune_lora_dropout import time_fn  # 20 calls in a row on the GPU (median of 5); one in the interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU = DEVICE == "cuda"
@@ -37,15 +36,6 @@ TOKENS, HIDDEN, INTER, KV = (16384, 4096, 14336, 1024) if GPU else (48, 128, 448
 # (the input gradient).
 WEIGHTS = {"q_o": (HIDDEN, HIDDEN), "k_v": (KV, HIDDEN), "gate_up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
 STEP_CALLS = {"q_o": 2, "k_v": 2, "gate_up": 2, "down": 1}  # weights of that shape a layer
-
-
-def time_fn(fn) -> float:
-    """ms per call: on the GPU, 20 calls in a row (median of 5); in the interpreter one call."""
-    if not GPU:
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-    return gpu_clock(fn, reps=5, calls=20)
 
 
 def same_bits(a, b) -> bool:
