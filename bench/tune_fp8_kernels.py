@@ -93,9 +93,9 @@ def sweep_nf4(quick: bool) -> dict:
         out["transposed" if transpose else "forward"] = {"current": cur, "best": best,
                                                           "speedup": round(cur["layer_ms"] / best["layer_ms"], 3),
                                                           "rows": rows}
-        print(f"nf4 {'T' if transpose else 'N'}: current {cur['tiles']} {cur['layer_ms']} ms a layer {cur['ms']} | "
-              f"best {best['tiles']} {best['layer_ms']} ms {best['ms']} x{out['transposed' if transpose else 'forward']['speedup']}",
-              flush=True)
+        layout = "transposed" if transpose else "forward"
+        print(f"nf4 {layout}: current {cur['tiles']} {cur['layer_ms']} ms a layer {cur['ms']} | "
+              f"best {best['tiles']} {best['layer_ms']} ms {best['ms']} x{out[layout]['speedup']}", flush=True)
     return out
 
 

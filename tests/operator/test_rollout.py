@@ -200,11 +200,19 @@ def test_a_canary_takes_its_share_then_everything_and_a_failing_one_is_rolled_ba
     assert any(e["reason"] == "CanaryPromoted" for e in api.events("bot"))
 
     # A canary that crash-loops is rolled back: the route to the serving revision only, the revision held.
-    api.patch("bot", {"spec": {"training": {"learningRate": 0.0003}}})
+    # Its durationSeconds is long (a serving field: the same revision either way), so that only the crash
+    # loop written below decides, however long a loaded machine takes to write it; and it is written once
+    # kwok has made the pod Ready, so that kwok's own status patch cannot land over it.
+    api.patch("bot", {"spec": {"training": {"learningRate": 0.0003}, "serving": {"canary": {"durationSeconds": 3600}}}})
     third = api.rev("bot")
-    wait_for("third revision's canary pod", lambda: api.pods("kubetune.io/job=bot,kubetune.io/stage=canary"),
-             timeout=180, interval=0.3)
-    (pod,) = api.pods("kubetune.io/job=bot,kubetune.io/stage=canary")
+
+    def ready_canary_pods():
+        pods = api.pods("kubetune.io/job=bot,kubetune.io/stage=canary")
+        return [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                       for c in (p.get("status") or {}).get("conditions") or [])]
+
+    wait_for("third revision's canary pod, Ready", ready_canary_pods, timeout=180, interval=0.3)
+    (pod,) = ready_canary_pods()
     set_container_status(api, pod, main={"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff",
                                                                                   "message": "back-off 5m"}},
                                          "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
