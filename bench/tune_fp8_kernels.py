@@ -1,14 +1,14 @@
 """Sweep of the FP8 path's memory-bound kernels (trainer/fp8.py) on the GPU, at the 8B shape:
 the NF4 -> e4m3 weight cast (`quantize_nf4`, forward layout and transposed, at each of the
-decoder layer's weight shapes) and the two SwiGLU row kernels (`swiglu_rows`,
-`swiglu_backward_rows`, 16,384 tokens x 14,336).
+decoder layer's weight shapes: rows a program, warps) and the two SwiGLU row kernels
+(`swiglu_rows`, `swiglu_backward_rows`, 16,384 tokens x 14,336: warps).
 
-Every variant is checked against the current one bit for bit (the tiles, passes and warps
-change how the work is split, never a value) and timed with CUDA events around 20 calls in a
+Every variant is checked against the current one bit for bit (the tiles and warps change
+how the work is split, never a value) and timed with CUDA events around 20 calls in a
 row (median of 5). It prints, per kernel, the current figure, the fastest and the bandwidth
 each reaches; for the NF4 cast, the tiles that minimise one step's sum over the layer's calls
 (`STEP_CALLS`). It changes nothing: the chosen settings are written into trainer/fp8.py by
-hand (NF4_TILES, NF4_TILES_T, SWIGLU_ROWS, SWIGLU_BACKWARD_ROWS), with the figures.
+hand (NF4_TILES, NF4_TILES_T, SWIGLU_ROWS_WARPS, SWIGLU_BACKWARD_ROWS_WARPS), with the figures.
 
 python3 bench/tune_fp8_kernels.py [--json out.json] [--quick]
 (On a CPU, with TRITON_INTERPRET=1, it runs the same code in Triton's interpreter at small
@@ -99,22 +99,19 @@ def sweep_nf4(quick: bool) -> dict:
     return out
 
 
-def swiglu_grid(quick: bool) -> list[dict]:
-    one = [{"chunk": None, "num_warps": w} for w in ((16, 32) if quick else (8, 16, 32))]
-    chunks = (1024, 2048) if quick else (512, 1024, 2048, 4096)
-    two = [{"chunk": c, "num_warps": w} for c, w in itertools.product(chunks, (4, 8) if quick else (4, 8, 16))]
-    if not GPU:  # the interpreter's shapes: pieces narrower than its row
-        two = [{"chunk": c, "num_warps": 4} for c in (64, 128)]
-    return one + two
+def swiglu_grid(quick: bool) -> list[int]:
+    """Warps of the SwiGLU row kernels (each keeps the whole row in one pass; the record of
+    this sweep at commit 1501636 also has two-pass variants, slower at every piece width)."""
+    return [16, 32] if quick else [4, 8, 16, 32]
 
 
 def sweep_swiglu(quick: bool) -> dict:
     g = torch.Generator(device=DEVICE).manual_seed(0)
     a, b, dh = (torch.randn(TOKENS - 2, INTER, device=DEVICE, generator=g).bfloat16() for _ in range(3))
     kernels = {
-        "swiglu_rows": (lambda how: fp8.swiglu_rows_kernel(a, b, how=how), fp8.SWIGLU_ROWS, 5 * a.numel()),
-        "swiglu_backward_rows": (lambda how: fp8.swiglu_backward_rows_kernel(a, b, dh, how=how),
-                                 fp8.SWIGLU_BACKWARD_ROWS, 8 * a.numel()),
+        "swiglu_rows": (lambda w: fp8.swiglu_rows_kernel(a, b, warps=w), fp8.SWIGLU_ROWS_WARPS, 5 * a.numel()),
+        "swiglu_backward_rows": (lambda w: fp8.swiglu_backward_rows_kernel(a, b, dh, warps=w),
+                                 fp8.SWIGLU_BACKWARD_ROWS_WARPS, 8 * a.numel()),
     }
     out = {}
     for name, (run, current, nbytes) in kernels.items():
@@ -123,7 +120,7 @@ def sweep_swiglu(quick: bool) -> dict:
 
         ref = flat(run(current))
         rows = []
-        for how in [current] + [h for h in swiglu_grid(quick) if h != current]:
+        for how in [current] + [w for w in swiglu_grid(quick) if w != current]:
             try:
                 got = flat(run(how))
                 if not all(same_bits(x, y) for x, y in zip(got, ref)):

@@ -132,7 +132,6 @@ def fp8_base_products(model, fuse_swiglu: bool = False) -> int:
                 m.forward = _fp8_forward(m)
             n += 1
         mark_fp8_siblings(block)
-        mark_norm_rows(block)
         if fuse_swiglu:
             fuse_swiglu_down(block)
     return n
@@ -186,9 +185,17 @@ def _routed_to_fp8(m) -> bool:
     return getattr(m, "_kubetune_fp8", False) or getattr(m.forward, "_kubetune_fp8", False)
 
 
+# The norm whose output each sibling group reads, in the decoder families of SIBLINGS.
+NORM_BEFORE = {"q_proj": "input_layernorm", "gate_proj": "post_attention_layernorm"}
+
+
 def mark_fp8_siblings(block) -> int:
     """Tell each FP8 sibling projection whether it opens, uses or closes the
-    shared quantised input (`fp8.SharedRows`); returns how many groups."""
+    shared quantised input (`fp8.SharedRows`), and mark the norm whose output the
+    group reads (q/k/v after input_layernorm, gate/up after post_attention_layernorm)
+    to make those e4m3 rows in its own kernel and leave them there
+    (`rms_norm.frozen_rms_norm`'s offer_rows; only a norm routed there reads the
+    mark); returns how many groups."""
     groups = 0
     for parent in block.modules():
         for names in SIBLINGS:
@@ -197,29 +204,11 @@ def mark_fp8_siblings(block) -> int:
                 continue
             for m, role in zip(members, share_roles(len(members))):
                 m._kubetune_fp8_share = role
+            norm = getattr(block, NORM_BEFORE[names[0]], None)
+            if norm is not None:
+                norm._kubetune_offer_rows = True
             groups += 1
     return groups
-
-
-# The norm whose output each sibling group reads, in the decoder families of SIBLINGS.
-NORM_BEFORE = {"q_proj": "input_layernorm", "gate_proj": "post_attention_layernorm"}
-
-
-def mark_norm_rows(block) -> int:
-    """Each norm of `block` whose output goes to FP8 siblings (q/k/v after input_layernorm,
-    gate/up after post_attention_layernorm) makes their e4m3 rows in its own kernel and
-    leaves them in `fp8.shared_rows` (`rms_norm.frozen_rms_norm`'s offer_rows; only a norm
-    routed there reads the mark). Returns how many."""
-    n = 0
-    for parent in block.modules():
-        for names in SIBLINGS:
-            members = [getattr(parent, name, None) for name in names]
-            norm = getattr(block, NORM_BEFORE[names[0]], None)
-            if norm is None or any(m is None or not _routed_to_fp8(m) for m in members):
-                continue
-            norm._kubetune_offer_rows = True
-            n += 1
-    return n
 
 
 def share_roles(n: int) -> list:

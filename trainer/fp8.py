@@ -128,10 +128,65 @@ def _triton_kernels():
 @functools.lru_cache(maxsize=1)
 def _swiglu_kernels():
     import triton
+    import triton.language as tl
 
-    from kubetune.trainer import fp8_swiglu_kernels as k
+    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
+    def swiglu_rows_kernel(a_ptr, b_ptr, q_ptr, s_ptr, M, K, stride_a, stride_b, ROUND_TO: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        # h = silu(a) * b rounded as the unfused path rounds it (silu to the compute dtype,
+        # then the product), and h's row straight to e4m3 as `rows_kernel` does: h is never
+        # written. Rows M.. (the padding) get zeros and scale 1.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
+        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
+        silu = (a * tl.sigmoid(a)).to(ROUND_TO).to(tl.float32)
+        h = (silu * b).to(ROUND_TO).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(h), axis=0), 1e-12)
+        q = tl.clamp(h * (448.0 / amax), -448.0, 448.0)
+        tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=offs < K)
+        tl.store(s_ptr + row, tl.where(row < M, amax / 448.0, 1.0))
 
-    return triton, k.swiglu_rows_kernel, k.swiglu_backward_kernel, k.swiglu_backward_rows_kernel
+    @triton.jit
+    def swiglu_backward_kernel(a_ptr, b_ptr, dh_ptr, N, BLOCK: tl.constexpr):
+        # In place, as Liger's SwiGLU backward: a <- dL/da, b <- dL/db (a and b are this
+        # node's own saved tensors, read once here).
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < N
+        a = tl.load(a_ptr + i, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + i, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        tl.store(b_ptr + i, (dh * silu).to(b_ptr.dtype.element_ty), mask=m)
+        tl.store(a_ptr + i, (dh * b * (sig + silu * (1.0 - sig))).to(a_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit(do_not_specialize=["M"])  # as rows_kernel
+    def swiglu_backward_rows_kernel(a_ptr, b_ptr, dh_ptr, qa_ptr, sa_ptr, qb_ptr, sb_ptr, M, K,
+                                    stride_a, stride_b, stride_dh, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
+        # dL/da and dL/db of one row, rounded to the compute dtype as `swiglu_backward_kernel`
+        # stores them, straight to their e4m3 rows (`rows_kernel`'s recipe), each with its own
+        # scale: for a frozen gate / up whose only use of them is the FP8 input gradient.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < tl.where(row < M, K, 0)  # a padding row reads nothing
+        a = tl.load(a_ptr + row * stride_a + offs, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + row * stride_b + offs, mask=m, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + row * stride_dh + offs, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        silu = a * sig
+        db = (dh * silu).to(ROUND_TO).to(tl.float32)
+        da = (dh * b * (sig + silu * (1.0 - sig))).to(ROUND_TO).to(tl.float32)
+        amax_a = tl.maximum(tl.max(tl.abs(da), axis=0), 1e-12)
+        amax_b = tl.maximum(tl.max(tl.abs(db), axis=0), 1e-12)
+        out = offs < K
+        tl.store(qa_ptr + row * K + offs, tl.clamp(da * (448.0 / amax_a), -448.0, 448.0).to(tl.float8e4nv), mask=out)
+        tl.store(qb_ptr + row * K + offs, tl.clamp(db * (448.0 / amax_b), -448.0, 448.0).to(tl.float8e4nv), mask=out)
+        tl.store(sa_ptr + row, tl.where(row < M, amax_a / 448.0, 1.0))
+        tl.store(sb_ptr + row, tl.where(row < M, amax_b / 448.0, 1.0))
+
+    return triton, swiglu_rows_kernel, swiglu_backward_kernel, swiglu_backward_rows_kernel
 
 
 def swiglu_rows(a2, b2):
@@ -147,29 +202,25 @@ def swiglu_rows(a2, b2):
     return quantize_rows(torch.nn.functional.silu(a2.float()).to(a2.dtype) * b2)
 
 
-# How the two SwiGLU row kernels run (`_row_launch`): "chunk" None for one pass with the row in
-# registers, else the width (a power of two) of each piece of the two passes; "num_warps" None for
-# `_launch_rows`'s default (16 at this width). Measured on an H200 at 16,384 x 14,336
-# (`bench/tune_fp8_kernels.py`, bench/tune_fp8_kernels_h200.json): one pass beat every two-pass
-# split; the rows kernel 0.318 -> 0.288 ms with 8 warps, the backward 0.651 -> 0.578 ms with 32
-# (its five fp32 values a row element need the registers of 1,024 threads). About 4 ms a step.
-SWIGLU_ROWS = {"chunk": None, "num_warps": 8}
-SWIGLU_BACKWARD_ROWS = {"chunk": None, "num_warps": 32}
+# Warps of the two SwiGLU row kernels at rows of 8,192 and wider (narrower rows take
+# `_launch_rows`'s default). Measured on an H200 at 16,384 x 14,336 (`bench/tune_fp8_kernels.py`,
+# bench/tune_fp8_kernels_h200.json): the rows kernel 0.318 -> 0.288 ms with 8 warps instead of 16,
+# the backward 0.651 -> 0.578 ms with 32 (its five fp32 values a row element need the registers of
+# 1,024 threads). About 4 ms a step. The same sweep (at commit 1501636) ran both in two passes over
+# pieces of a row too: slower at every piece width, so they keep the whole row in one pass.
+SWIGLU_ROWS_WARPS = 8
+SWIGLU_BACKWARD_ROWS_WARPS = 32
 
 
-def _row_launch(triton, k: int, how: dict | None, tuned: dict) -> dict:
-    """The ONE_PASS / CHUNK constexprs and warps of a SwiGLU row kernel for width k: `how`, else
-    the `tuned` setting for rows as wide as it was measured at (8,192 and over), else the default."""
-    how = how or (tuned if triton.next_power_of_2(k) >= 8192 else {})
-    chunk = how.get("chunk")
-    one_pass = not chunk or chunk >= k
-    return {"ONE_PASS": one_pass, "CHUNK": triton.next_power_of_2(k) if one_pass else chunk,
-            "num_warps": how.get("num_warps")}
+def _row_warps(triton, k: int, warps: int | None, tuned: int) -> int | None:
+    """`warps`, else `tuned` for rows as wide as it was measured at (8,192 and over), else None
+    (`_launch_rows`'s default)."""
+    return warps or (tuned if triton.next_power_of_2(k) >= 8192 else None)
 
 
-def swiglu_rows_kernel(a2, b2, how: dict | None = None):
-    """`swiglu_rows` by its Triton kernel (on a GPU, or in Triton's interpreter); `how` (the
-    sweep's) replaces SWIGLU_ROWS."""
+def swiglu_rows_kernel(a2, b2, warps: int | None = None):
+    """`swiglu_rows` by its Triton kernel (on a GPU, or in Triton's interpreter); `warps` (the
+    sweep's) replaces SWIGLU_ROWS_WARPS."""
     import torch
 
     m, k = a2.shape
@@ -179,7 +230,7 @@ def swiglu_rows_kernel(a2, b2, how: dict | None = None):
     tl = triton.language
     round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
     return _launch_rows(triton, kernel, m, k, [a2, b2], ROUND_TO=round_to,
-                        **_row_launch(triton, k, how, SWIGLU_ROWS))
+                        num_warps=_row_warps(triton, k, warps, SWIGLU_ROWS_WARPS))
 
 
 def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1, num_warps: int | None = None,
@@ -238,9 +289,9 @@ def swiglu_backward_rows(a2, b2, dh2):
     return [quantize_rows(da), quantize_rows(db)]
 
 
-def swiglu_backward_rows_kernel(a2, b2, dh2, how: dict | None = None):
+def swiglu_backward_rows_kernel(a2, b2, dh2, warps: int | None = None):
     """`swiglu_backward_rows` by its Triton kernel (on a GPU, or in Triton's interpreter);
-    `how` (the sweep's) replaces SWIGLU_BACKWARD_ROWS."""
+    `warps` (the sweep's) replaces SWIGLU_BACKWARD_ROWS_WARPS."""
     import torch
 
     m, k = a2.shape
@@ -249,7 +300,7 @@ def swiglu_backward_rows_kernel(a2, b2, dh2, how: dict | None = None):
     tl = triton.language
     round_to = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(a2.dtype, tl.float32)
     return _launch_rows(triton, kernel, m, k, [a2, b2, dh2], outputs=2, ROUND_TO=round_to,
-                        **_row_launch(triton, k, how, SWIGLU_BACKWARD_ROWS))
+                        num_warps=_row_warps(triton, k, warps, SWIGLU_BACKWARD_ROWS_WARPS))
 
 
 def padded_rows(m: int) -> int:

@@ -366,7 +366,7 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
         norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt).requires_grad_(False)
         use_frozen_backward(norm)  # as fast_paths routes the model's norms
-        norm._kubetune_offer_rows = bool(perf.fp8)  # and marks them (`fast_paths.mark_norm_rows`)
+        norm._kubetune_offer_rows = bool(perf.fp8)  # and marks them (`fast_paths.mark_fp8_siblings`)
         loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
         fp8.shared_rows.clear()  # the rows it offered: no projection here takes them
         q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)

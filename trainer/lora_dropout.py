@@ -132,8 +132,6 @@ def _kernels():
 FORWARD = {"BM": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
 INPUT_GRAD = {"BM": 32, "BK": 128, "num_warps": 4, "num_stages": 3}
 A_GRAD = {"BM": 64, "BK": 64, "num_warps": 4, "num_stages": 3, "programs": 1024}
-# The forward's B product (`add_product`): the input-gradient kernel's tiles, without its mask.
-ADD_PRODUCT = dict(INPUT_GRAD)
 
 
 # Rounds of Philox-4x32 per draw: Triton's default, the generator's standard form.
@@ -183,7 +181,7 @@ def add_product(out, xa, b, scaling: float, tiles: dict | None = None) -> bool:
     if not (usable(out, xa.shape[1]) and out.is_contiguous()):
         return False
     triton, k = _kernels()
-    t = tiles or ADD_PRODUCT
+    t = tiles or INPUT_GRAD  # the same kernel, without its mask
     m, n = out.shape
     r = xa.shape[1]
     k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BK"]))](

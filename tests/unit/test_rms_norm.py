@@ -128,7 +128,7 @@ def check_routing():
     for routed in (True, False):
         block = torch.nn.Module()
         block.self_attn, block.input_layernorm, block.post_attention_layernorm = Attn(routed), Patched(), Patched()
-        assert fast_paths.mark_norm_rows(block) == int(routed)
+        assert fast_paths.mark_fp8_siblings(block) == int(routed)
         assert getattr(block.input_layernorm, "_kubetune_offer_rows", False) is routed
         assert not hasattr(block.post_attention_layernorm, "_kubetune_offer_rows")  # no MLP siblings here
 
