@@ -164,6 +164,9 @@ VARIANTS = {
     # the same case without the child that compiles the run's kernels while the trainer
     # imports and loads (trainer/kernel_warmup.py, the default since the eighth round)
     "nowarm": {},
+    # the same case with the cycle collector walking the loaded objects, as before the
+    # eleventh round (trainer/train.freeze_loaded_objects)
+    "nogcfreeze": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -179,6 +182,7 @@ VARIANT_ENV = {
     "nograd": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"},
     "hostwaits": {"KUBETUNE_AVOID_HOST_WAITS": "0"},
     "nowarm": {"KUBETUNE_KERNEL_WARMUP": "0"},
+    "nogcfreeze": {"KUBETUNE_GC_FREEZE": "0"},
 }
 
 
@@ -213,6 +217,50 @@ def host_waits(events) -> list[str]:
             p = p.cpu_parent
         waits.append(" < ".join(chain) or "(no enclosing op)")
     return waits
+
+
+def gpu_gaps(trace_events: list, top: int = 12, least_us: float = 5.0) -> dict:
+    """Where the GPU idled inside a profiled window (its chrome-trace events): each gap of at
+    least `least_us` between the union of kernel intervals, largest first, with the kernels
+    either side and the host ops that launched the kernel after it (innermost first) and that
+    ran through it. A gap a host op spans is the host being late: a wait, or launch work the
+    GPU outran."""
+    gpu = sorted((e for e in trace_events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    if not gpu:
+        return {"total_us": 0.0, "count": 0, "largest": []}
+    launch = {e["args"].get("correlation"): e for e in trace_events
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops = sorted((e for e in trace_events if e.get("cat") == "cpu_op" and e.get("ph") == "X"), key=lambda e: e["ts"])
+
+    def enclosing(ts: float, tid) -> list[str]:
+        inside = [o for o in ops if o["tid"] == tid and o["ts"] <= ts <= o["ts"] + o["dur"]]
+        return [o["name"][:60] for o in sorted(inside, key=lambda o: o["dur"])[:4]]
+
+    def spanning(a: float, b: float) -> list[str]:
+        over = {}
+        for o in ops:
+            if o["ts"] >= b:
+                break
+            cut = min(b, o["ts"] + o["dur"]) - max(a, o["ts"])
+            if cut > 0.5 * (b - a):
+                over[o["name"][:60]] = max(over.get(o["name"][:60], 0), o["dur"])
+        return [name for name, _ in sorted(over.items(), key=lambda kv: -kv[1])[:4]]
+
+    gaps, end, before, t0 = [], gpu[0]["ts"] + gpu[0]["dur"], gpu[0], gpu[0]["ts"]
+    for e in gpu[1:]:
+        if e["ts"] - end >= least_us:
+            gaps.append((e["ts"] - end, end, before, e))
+        if e["ts"] + e["dur"] > end:
+            end, before = e["ts"] + e["dur"], e
+    largest = []
+    for us, at, a, b in sorted(gaps, key=lambda g: -g[0])[:top]:
+        by = launch.get(b.get("args", {}).get("correlation"))
+        largest.append({"us": round(us, 1), "at_ms": round((at - t0) / 1000, 2), "after": a["name"][:60],
+                        "before": b["name"][:60], "launched_in": enclosing(by["ts"], by["tid"]) if by else [],
+                        "host_ops_through": spanning(at, at + us)})
+    return {"total_us": round(sum(g[0] for g in gaps), 1), "count": len(gaps), "span_us": round(end - t0, 1),
+            "largest": largest}
 
 
 def drop_page_cache() -> bool:
@@ -368,7 +416,7 @@ def run_case(args) -> dict:
 
                 self.cprof = cProfile.Profile()
                 self.cprof.enable()
-            if args_profile_step and state.global_step + 1 == args_profile_step:
+            if args_profile_step and state.global_step + 1 == args_profile_step and getattr(self, "prof", None) is None:
                 from torch.profiler import ProfilerActivity, profile
 
                 sync()
@@ -391,29 +439,36 @@ def run_case(args) -> dict:
             Path(first_step_profile).write_text(out.getvalue())
 
         def _end_profile(self):
+            import gzip
+            import tempfile
+
             sync()
             wall = time.time() - self.prof_t
             self.prof.__exit__(None, None, None)
             ka = self.prof.key_averages()
             busy_us = gpu_busy_us(self.prof.events())
-            marks["profile"] = {"step": args_profile_step, "wall_s": round(wall, 4), "gpu_busy_s": round(busy_us / 1e6, 4),
-                                "gpu_idle_s": round(wall - busy_us / 1e6, 4), "host_waits": host_waits(self.prof.events())}
+            with tempfile.TemporaryDirectory() as tmp:
+                raw = Path(tmp) / "trace.json"
+                self.prof.export_chrome_trace(str(raw))
+                trace = raw.read_bytes()
+            gaps = gpu_gaps(json.loads(trace).get("traceEvents", []))
+            steps = f"steps {args_profile_step}-{args_profile_step + args_profile_span - 1}" if args_profile_span > 1 \
+                else f"step {args_profile_step}"
+            marks["profile"] = {"step": args_profile_step, "span": args_profile_span, "wall_s": round(wall, 4),
+                                "gpu_busy_s": round(busy_us / 1e6, 4), "gpu_idle_s": round(wall - busy_us / 1e6, 4),
+                                "host_waits": host_waits(self.prof.events()),
+                                "gpu_gaps": {k: v for k, v in gaps.items() if k != "largest"}}
             if args.profile_out:
                 Path(args.profile_out).write_text(
-                    f"step {args_profile_step}: wall {wall:.4f}s, GPU busy {busy_us / 1e6:.4f}s (union of kernel intervals)\n\n"
+                    f"{steps}: wall {wall:.4f}s, GPU busy {busy_us / 1e6:.4f}s (union of kernel intervals)\n\n"
                     + ka.table(sort_by="self_device_time_total", row_limit=50, max_name_column_width=80)
                     + "\n\nBY INPUT SHAPE\n" + self.prof.key_averages(group_by_input_shape=True).table(
                         sort_by="self_device_time_total", row_limit=40, max_name_column_width=60)
-                    + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80))
+                    + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)
+                    + "\n\nGPU GAPS (>= 5 us between kernels, largest first)\n" + json.dumps(gaps, indent=1))
                 # The timeline shows where the GPU waits for the host (chrome://tracing, Perfetto).
-                import gzip
-                import tempfile
-
-                with tempfile.TemporaryDirectory() as tmp:
-                    raw = Path(tmp) / "trace.json"
-                    self.prof.export_chrome_trace(str(raw))
-                    with open(raw, "rb") as src, gzip.open(str(Path(args.profile_out).with_suffix(".trace.json.gz")), "wb") as dst:
-                        dst.write(src.read())
+                with gzip.open(str(Path(args.profile_out).with_suffix(".trace.json.gz")), "wb") as dst:
+                    dst.write(trace)
             self.prof = None
 
         def on_train_begin(self, args, state, control, model=None, **kw):
@@ -422,7 +477,7 @@ def run_case(args) -> dict:
             model.register_forward_pre_hook(self._count, with_kwargs=True)
 
         def on_step_end(self, args, state, control, **kw):
-            if getattr(self, "prof", None) is not None:
+            if getattr(self, "prof", None) is not None and state.global_step >= args_profile_step + args_profile_span - 1:
                 self._end_profile()
             if getattr(self, "cprof", None) is not None and not self.step_end:
                 sync()
@@ -449,6 +504,7 @@ def run_case(args) -> dict:
 
     rank = int(os.environ.get("RANK", "0"))
     args_profile_step = args.profile_step if rank == 0 else 0
+    args_profile_span = args.profile_span
     # @firstprof: the first step's host functions (cProfile), into the logs beside the case's
     first_step_profile = (args.profile_out and rank == 0 and "firstprof" in args.variant.split("+")
                           and str(Path(args.profile_out).with_name(Path(args.profile_out).stem + "_first_step.txt")))
@@ -499,7 +555,8 @@ def run_case(args) -> dict:
         sync()
         clock.step_end = [clock.first_end + clock.events[0].elapsed_time(e) / 1000 for e in clock.events]
     ends, toks = clock.step_end, clock.step_tokens
-    steady = [i for i in range(args.warmup, len(ends)) if i + 1 != args.profile_step]
+    profiled = range(args.profile_step, args.profile_step + args.profile_span) if args.profile_step else range(0)
+    steady = [i for i in range(args.warmup, len(ends)) if i + 1 not in profiled]
     if len(steady) < 20:
         print(f"warning: only {len(steady)} steady steps (protocol: >= 20)", flush=True)
     rates = [toks[i] / (ends[i] - ends[i - 1]) for i in steady]
@@ -859,6 +916,9 @@ def main() -> int:
     ap.add_argument("--result-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--profile-step", type=int, default=0,
                     help="profile this optimizer step (torch.profiler tables into --logs; the step is left out of the median)")
+    ap.add_argument("--profile-span", type=int, default=1,
+                    help="with --profile-step: profile this many steps from it in one window (2 or more: the window "
+                         "holds step boundaries, where the host prepares the next batch)")
     ap.add_argument("--timing", choices=["sync", "events"], default="sync",
                     help="step clock: a host sync per step (as the reference recipe times itself) or CUDA events "
                          "(no sync; what a user's run does)")
@@ -940,7 +1000,7 @@ def main() -> int:
         result_dir.mkdir(parents=True)
         program = [__file__, "--case", case, "--config-json", json.dumps(cfg), "--warmup", str(args.warmup),
                "--timing", args.timing, "--result-dir", str(result_dir),
-               "--variant", variant, "--profile-step", str(args.profile_step)]
+               "--variant", variant, "--profile-step", str(args.profile_step), "--profile-span", str(args.profile_span)]
         if args.logs and args.profile_step:
             program += ["--profile-out", str(Path(args.logs) / f"profile_{slug}.txt")]
         env = dict(os.environ)

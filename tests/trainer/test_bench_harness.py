@@ -29,7 +29,7 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
         [sys.executable, str(BENCH), "--tiny", "--cases", "cpu-smoke", "--steps", "5", "--warmup", "1", "--rows", "200",
          "--model-dir", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--out", str(out),
          "--launch", "accelerate", "--gpus", "2", "--strategy", "ddp", "--port", str(_free_port()),
-         "--profile-step", "3", "--logs", str(tmp_path / "logs")],
+         "--profile-step", "3", "--profile-span", "2", "--logs", str(tmp_path / "logs")],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
@@ -38,11 +38,12 @@ def test_harness_runs_two_processes_under_the_operator_launch_line(tmp_path):
     assert case["world_size"] == 2 and case["strategy"] == "ddp"
     assert "--num_processes 2" in case["launch"] and "--multi_gpu" in case["launch"] and "127.0.0.1" in case["launch"]
     assert len(case["peak_gib_train_per_rank"]) == 2 and len(case["tokens_per_s_per_rank"]) == 2
-    # the profiled step is left out of the median
-    assert case["steps"] == 5 and case["steady_steps"] == 3 and case["tokens_per_s"] > 0
-    assert case["profile"]["step"] == 3 and case["profile"]["wall_s"] > 0
+    # the profiled steps (3 and 4, one window) are left out of the median
+    assert case["steps"] == 5 and case["steady_steps"] == 2 and case["tokens_per_s"] > 0
+    assert case["profile"]["step"] == 3 and case["profile"]["span"] == 2 and case["profile"]["wall_s"] > 0
+    assert case["profile"]["gpu_gaps"]["count"] == 0  # a CPU run: no kernels, no gaps
     table = (tmp_path / "logs" / "profile_cpu-smoke.txt").read_text()
-    assert "BY INPUT SHAPE" in table and "aten::mm" in table
+    assert table.startswith("steps 3-4:") and "BY INPUT SHAPE" in table and "aten::mm" in table
     assert (tmp_path / "logs" / "profile_cpu-smoke.trace.json.gz").stat().st_size > 0
     assert sorted(case["loss"], key=int) == ["1", "2", "3", "4", "5"]
     assert all(v > 0 for v in case["loss"].values())
@@ -368,6 +369,34 @@ def test_host_waits_name_the_ops_each_sync_ran_in():
     events = [index, nonzero, Ev(name="cudaStreamSynchronize", cpu_parent=nonzero), Ev(name="cudaLaunchKernel", cpu_parent=nonzero),
               Ev(name="cudaStreamSynchronize", cpu_parent=item), Ev(name="cudaStreamSynchronize", cpu_parent=None)]
     assert run.host_waits(events) == ["aten::nonzero < aten::index", "aten::item", "(no enclosing op)"]
+
+
+def test_gpu_gaps_name_the_kernels_and_host_ops_around_each_idle_interval():
+    run = _bench_module("run")
+
+    def kernel(name, ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    events = [
+        kernel("a", 0, 10, 1), kernel("b", 5, 20, 2),  # overlapping: one busy interval 0-25
+        kernel("c", 27, 3, 3),  # 2 us after: under the 5 us floor
+        kernel("d", 130, 10, 4),  # 100 us idle before it
+        kernel("e", 150, 10, 5),  # 10 us idle
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 120, "dur": 2, "tid": 1,
+         "args": {"correlation": 4}},
+        {"ph": "X", "cat": "cpu_op", "name": "collate", "ts": 20, "dur": 95, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 119, "dur": 5, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "LoraLinearFn", "ts": 118, "dur": 30, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "other thread", "ts": 119, "dur": 5, "tid": 2},
+    ]
+    gaps = run.gpu_gaps(events)
+    assert gaps["count"] == 2 and gaps["total_us"] == 110.0 and gaps["span_us"] == 160.0
+    first, second = gaps["largest"]
+    assert (first["us"], first["at_ms"], first["after"], first["before"]) == (100.0, 0.03, "c", "d")
+    assert first["launched_in"] == ["aten::mm", "LoraLinearFn"]  # innermost first, this thread only
+    assert first["host_ops_through"] == ["collate"]  # the host op that ran through most of it
+    assert (second["us"], second["before"], second["launched_in"]) == (10.0, "e", [])
+    assert run.gpu_gaps([]) == {"total_us": 0.0, "count": 0, "largest": []}
 
 
 def test_variants_combine_config_fields_and_environment():
