@@ -167,6 +167,9 @@ VARIANTS = {
     # the same case with the cycle collector walking the loaded objects, as before the
     # eleventh round (trainer/train.freeze_loaded_objects)
     "nogcfreeze": {},
+    # the same case with every Triton kernel launched through Triton's own path, as before the
+    # eleventh round (trainer/triton_launch.py)
+    "slowlaunch": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -183,6 +186,7 @@ VARIANT_ENV = {
     "hostwaits": {"KUBETUNE_AVOID_HOST_WAITS": "0"},
     "nowarm": {"KUBETUNE_KERNEL_WARMUP": "0"},
     "nogcfreeze": {"KUBETUNE_GC_FREEZE": "0"},
+    "slowlaunch": {"KUBETUNE_FAST_LAUNCH": "0"},
 }
 
 
