@@ -118,8 +118,37 @@ def main() -> int:
                     failures.append(name)
             else:
                 results["host_us_per_call"][name] = {"triton": slow, "launcher": host_us(fn)}
+    # which kernels the launcher took, and where one call's host time goes (cProfile, own time)
+    import cProfile
+    import io
+    import pstats
+
+    from kubetune.trainer.lora_dropout import _kernels as dropout_kernels
+
+    _, dk = dropout_kernels()
+    results["launcher_engaged"] = {name: bool(getattr(getattr(dk, name), "_kubetune_launcher", None))
+                                   for name in ("forward_kernel", "input_grad_kernel", "a_grad_kernel")}
+    results["kernel_class"] = type(dk.forward_kernel).__mro__[0].__module__ + "." + type(dk.forward_kernel).__name__
+    profiles = {}
+    for name, fn in cases(64):
+        if name not in ("quantize_nf4", "add_product", "rms_norm"):
+            continue
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(14)
+        profiles[name] = out.getvalue()
     results["failures"] = failures
     report(results, args.json)
+    if args.json:
+        with open(args.json.replace(".json", "_host_profile.txt"), "w") as f:
+            for name, text in profiles.items():
+                f.write(f"==== {name}: 300 calls\n{text}\n")
     return 1 if failures else 0
 
 
