@@ -4,17 +4,12 @@
 # wheel of the round's base commit in .bench/before/). CASES, UNSLOTH, LOSS_CASES choose what
 # runs: by default the step as it is now, its two-step profile window (where the GPU idles across
 # a step boundary), the cycle collector left alone (@nogcfreeze), and 3 and 4 uncheckpointed
-# layers (the memory plan's count is 2 at the 15.6 GiB budget); no Unsloth, no loss check. First
-# (CHECK= skips it) bench/check_fast_launch.py.
+# layers (the memory plan's count is 2 at the 15.6 GiB budget); no Unsloth, no loss check.
 source bench/device_env.sh
 if ls .bench/before/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-before .bench/before/*.whl || exit 1
 fi
 TOP=$OUT
-if [ -n "${CHECK-1}" ]; then  # the fast launcher against Triton's path, bit for bit, and its host time
-  (cd bench && python3 check_fast_launch.py --json $TOP/check_fast_launch_h200.json) > $TOP/check_fast_launch.log 2>&1 \
-    || { tail -30 $TOP/check_fast_launch.log; exit 1; }
-fi
 OUT=$TOP/speed CASES=${CASES:-qlora-instruct,qlora-instruct@nogcfreeze,qlora-instruct@unckpt3,qlora-instruct@unckpt4} \
   UNSLOTH=${UNSLOTH-} LABEL="${LABEL:-issue 16 round 11: where the GPU idles across steps, the collector, more layers uncheckpointed}" \
   STEPS=${STEPS:-12} LOG_EVERY=${LOG_EVERY:-6} DEADLINE=${DEADLINE:-470} \

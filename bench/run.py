@@ -164,12 +164,6 @@ VARIANTS = {
     # the same case without the child that compiles the run's kernels while the trainer
     # imports and loads (trainer/kernel_warmup.py, the default since the eighth round)
     "nowarm": {},
-    # the same case with the cycle collector walking the loaded objects, as before the
-    # eleventh round (trainer/train.freeze_loaded_objects)
-    "nogcfreeze": {},
-    # the same case with every Triton kernel launched through Triton's own path, as before the
-    # eleventh round (trainer/triton_launch.py)
-    "slowlaunch": {},
 }
 # What a variant sets in its case's environment instead of the config.
 VARIANT_ENV = {
@@ -185,8 +179,6 @@ VARIANT_ENV = {
     "nograd": {"KUBETUNE_FP8_FAST_ACCUM_GRAD": "0"},
     "hostwaits": {"KUBETUNE_AVOID_HOST_WAITS": "0"},
     "nowarm": {"KUBETUNE_KERNEL_WARMUP": "0"},
-    "nogcfreeze": {"KUBETUNE_GC_FREEZE": "0"},
-    "slowlaunch": {"KUBETUNE_FAST_LAUNCH": "0"},
 }
 
 
@@ -283,13 +275,22 @@ def uncheckpointed_count(part: str):
     return n if part.startswith("unckpt") and n.isdigit() else None
 
 
+def max_tokens_of(part: str):
+    """N of a "tok<N>" variant (as a string), else None."""
+    n = part[len("tok"):]
+    return n if part.startswith("tok") and n.isdigit() else None
+
+
 def variant_env(variant: str) -> dict:
     """What a variant, or each part of "a+b", sets in its case's environment (VARIANT_ENV;
-    "unckpt<N>": the last N layers uncheckpointed whatever the plan says)."""
+    "unckpt<N>": the last N layers uncheckpointed whatever the plan says; "tok<N>": the
+    micro-batch plan's cap of N tokens instead of its default)."""
     out: dict = {}
     for part in variant.split("+"):
         if uncheckpointed_count(part) is not None:
             out["KUBETUNE_UNCHECKPOINTED_LAYERS"] = uncheckpointed_count(part)
+        if max_tokens_of(part) is not None:
+            out["KUBETUNE_MAX_AUTO_TOKENS"] = max_tokens_of(part)
         out.update(VARIANT_ENV.get(part, {}))
     return out
 
@@ -305,7 +306,7 @@ def variant_fields(variant: str) -> dict:
         return out
     if variant in VARIANTS:
         return dict(VARIANTS[variant])
-    if uncheckpointed_count(variant) is not None:
+    if uncheckpointed_count(variant) is not None or max_tokens_of(variant) is not None:
         return {}  # an environment setting only (variant_env)
     rest, out = variant, {}
     if rest.startswith("allgc-"):

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import functools
 
-from kubetune.trainer.triton_launch import launch
-
 E4M3_MAX = 448.0
 # cuBLASLt's FP8 products want the inner and output dimensions in multiples of 16.
 ALIGN = 16
@@ -249,8 +247,8 @@ def _launch_rows(triton, kernel, m: int, k: int, inputs: list, outputs: int = 1,
               torch.empty((mp, 1), dtype=torch.float32, device=device)) for _ in range(outputs)]
     if mp:
         block = triton.next_power_of_2(k)
-        launch(kernel, (mp,), *inputs, *(t for pair in pairs for t in pair), m, k, *(t.stride(0) for t in inputs),
-               BLOCK=block, num_warps=num_warps or (16 if block >= 8192 else 8), **constexprs)
+        kernel[(mp,)](*inputs, *(t for pair in pairs for t in pair), m, k, *(t.stride(0) for t in inputs),
+                      BLOCK=block, num_warps=num_warps or (16 if block >= 8192 else 8), **constexprs)
     return pairs[0] if outputs == 1 else pairs
 
 
@@ -275,7 +273,7 @@ def swiglu_backward_kernel_(a, b, dh):
     _, _, kernel, _ = _swiglu_kernels()
     dh = dh.contiguous()
     n = a.numel()
-    launch(kernel, (-(-n // 4096),), a, b, dh, n, BLOCK=4096, num_warps=8)
+    kernel[(-(-n // 4096),)](a, b, dh, n, BLOCK=4096, num_warps=8)
     return a, b
 
 
@@ -367,8 +365,8 @@ def cast_weight(w, amax, transpose: bool = False):
         r, c = src.shape
         q = torch.empty((r, c), dtype=torch.float8_e4m3fn, device=w.device)
         br, bc = 32, 128
-        launch(cast_kernel, (-(-r // br), -(-c // bc)), src, q, amax, r, c, src.stride(0), src.stride(1), BR=br, BC=bc,
-               num_warps=4)
+        cast_kernel[(-(-r // br), -(-c // bc))](src, q, amax, r, c, src.stride(0), src.stride(1), BR=br, BC=bc,
+                                                num_warps=4)
         return q
     amax = amax.clamp_min(1e-12)
     return (src.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
@@ -436,8 +434,9 @@ def quantize_nf4(weight, amax, transpose: bool = False, tiles: dict | None = Non
     data, code, absmax, code2, absmax2, offset, bs2, n, k, nested, round_to = _nf4_args(weight)
     q = torch.empty((k, n) if transpose else (n, k), dtype=torch.float8_e4m3fn, device=data.device)
     t = tiles or (NF4_TILES_T if transpose else NF4_TILES)
-    launch(kernel, (triton.cdiv(n, t["BN"]), k // 64), data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
-           NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=t["BN"], num_warps=t["num_warps"])
+    kernel[(triton.cdiv(n, t["BN"]), k // 64)](data, code, absmax, code2, absmax2, offset, amax, q, n, k, bs2,
+                                               NESTED=nested, TRANSPOSE=transpose, ROUND_TO=round_to, BN=t["BN"],
+                                               num_warps=t["num_warps"])
     return q
 
 

@@ -30,8 +30,6 @@ import functools
 import os
 import weakref
 
-from kubetune.trainer.triton_launch import launch
-
 MAX_RANK = 128
 _COUNTER_LIMIT = 2**31
 
@@ -157,8 +155,8 @@ def lora_a_forward(x2, a, seed: int, p: float, tiles: dict | None = None):
     r = a.shape[0]
     thr, scale = threshold_and_scale(p)
     out = torch.empty((m, r), dtype=x2.dtype, device=x2.device)
-    launch(k.forward_kernel, (triton.cdiv(m, t["BM"]),), x2, a.contiguous(), out, seed, m, kk, r, thr, scale,
-           BR=_rank_block(r), **_launch(t))
+    k.forward_kernel[(triton.cdiv(m, t["BM"]),)](x2, a.contiguous(), out, seed, m, kk, r, thr, scale,
+                                                 BR=_rank_block(r), **_launch(t))
     return out
 
 
@@ -169,8 +167,8 @@ def add_input_grad(dx, dxa, a, seed: int, p: float, tiles: dict | None = None) -
     m, kk = dx.shape
     r = a.shape[0]
     thr, scale = threshold_and_scale(p)
-    launch(k.input_grad_kernel, (triton.cdiv(m, t["BM"]), triton.cdiv(kk, t["BK"])),
-           dx, dxa.contiguous(), a.contiguous(), seed, m, kk, r, thr, scale, BR=_rank_block(r), **_launch(t))
+    k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(kk, t["BK"]))](
+        dx, dxa.contiguous(), a.contiguous(), seed, m, kk, r, thr, scale, BR=_rank_block(r), **_launch(t))
 
 
 def add_product(out, xa, b, scaling: float, tiles: dict | None = None) -> bool:
@@ -186,9 +184,9 @@ def add_product(out, xa, b, scaling: float, tiles: dict | None = None) -> bool:
     t = tiles or INPUT_GRAD  # the same kernel, without its mask
     m, n = out.shape
     r = xa.shape[1]
-    launch(k.input_grad_kernel, (triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BK"])),
-           out, xa.contiguous(), b.t().contiguous(), 0, m, n, r, 0, float(scaling), BR=_rank_block(r), DROP=False,
-           **_launch(t))
+    k.input_grad_kernel[(triton.cdiv(m, t["BM"]), triton.cdiv(n, t["BK"]))](
+        out, xa.contiguous(), b.t().contiguous(), 0, m, n, r, 0, float(scaling), BR=_rank_block(r), DROP=False,
+        **_launch(t))
     return True
 
 
@@ -209,8 +207,8 @@ def a_grad(dxa, x2, seed: int, p: float, splits: int = 0, tiles: dict | None = N
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
     splits = triton.cdiv(m, rows_per_split)
     part = torch.empty((splits, r, kk), dtype=torch.float32, device=x2.device)
-    launch(k.a_grad_kernel, (col_blocks, splits), part, dxa.contiguous(), x2, seed, m, kk, r, thr, scale,
-           rows_per_split, BR=_rank_block(r), **_launch(t))
+    k.a_grad_kernel[(col_blocks, splits)](part, dxa.contiguous(), x2, seed, m, kk, r, thr, scale, rows_per_split,
+                                          BR=_rank_block(r), **_launch(t))
     return part[0] if splits == 1 else part.sum(dim=0)
 
 

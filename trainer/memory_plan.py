@@ -298,7 +298,7 @@ def host_budget_bytes() -> int:
 
 def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None, fused_kernels: bool = False,
                      allow_offload: bool = True, keep_attention: bool = False,
-                     keep_attention_on_host: bool = False) -> MicroBatchPlan:
+                     keep_attention_on_host: bool = False, max_tokens: int = MAX_AUTO_TOKENS) -> MicroBatchPlan:
     """Plan the micro-batch on the current CUDA device, after the model
     (and adapter) are loaded there."""
     import torch
@@ -319,6 +319,7 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None,
         host_budget_bytes=host_budget_bytes() if allow_offload else 0,
         keep_attention=keep_attention,
         keep_attention_on_host=keep_attention_on_host,
+        max_tokens=max_tokens,
         adapted_mlp=adapts_mlp(base),
         adapter_products=adapter_product_bytes_per_token(base) if fused_kernels else 0,
     )
@@ -383,6 +384,20 @@ def forced_uncheckpointed_layers(planned: int, model=None, environ: Optional[dic
     return n
 
 
+MAX_AUTO_TOKENS_ENV = "KUBETUNE_MAX_AUTO_TOKENS"
+
+
+def max_auto_tokens(environ: Optional[dict] = None) -> int:
+    """MAX_AUTO_TOKENS, or the cap KUBETUNE_MAX_AUTO_TOKENS sets (a benchmark knob)."""
+    env = os.environ if environ is None else environ
+    value = env.get(MAX_AUTO_TOKENS_ENV) or ""
+    if not value:
+        return MAX_AUTO_TOKENS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_AUTO_TOKENS_ENV}={value!r}: expected a count of tokens (1 or more)")
+    return int(value)
+
+
 def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
@@ -409,7 +424,7 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
         plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib,
                                 fused_kernels=perf.liger and perf.fused_lora,
                                 allow_offload=not zero3_enabled(cfg.launch.strategy),
-                                keep_attention=on_gpu, keep_attention_on_host=on_host)
+                                keep_attention=on_gpu, keep_attention_on_host=on_host, max_tokens=max_auto_tokens())
         out["per_device_train_batch_size"] = plan.rows
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import functools
 
-from kubetune.trainer.triton_launch import launch
-
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
@@ -54,8 +52,8 @@ def normalize(x2, w, eps: float, rows: bool = False):
         s = torch.empty((grid, 1), dtype=torch.float32, device=x2.device)
     block = triton.next_power_of_2(kk)
     if grid:
-        launch(k.forward_kernel, (grid,), x2, y, w, rstd, q if rows else y, s if rows else rstd, m, kk, x2.stride(0),
-               y.stride(0), float(eps), BLOCK=block, ROWS=rows, num_warps=_warps(block))
+        k.forward_kernel[(grid,)](x2, y, w, rstd, q if rows else y, s if rows else rstd, m, kk, x2.stride(0),
+                                  y.stride(0), float(eps), BLOCK=block, ROWS=rows, num_warps=_warps(block))
     return y, rstd, ((q, s) if rows else None)
 
 
@@ -69,8 +67,8 @@ def normalize_backward(dy2, x2, w, rstd, out=None):
     dx = torch.empty_like(dy2) if out is None else out
     block = triton.next_power_of_2(kk)
     if m:
-        launch(k.backward_kernel, (m,), dy2, dx, x2, w, rstd, kk, dy2.stride(0), dx.stride(0), x2.stride(0), BLOCK=block,
-               num_warps=_warps(block))
+        k.backward_kernel[(m,)](dy2, dx, x2, w, rstd, kk, dy2.stride(0), dx.stride(0), x2.stride(0), BLOCK=block,
+                                num_warps=_warps(block))
     return dx
 
 

@@ -8,8 +8,6 @@ output.uri, and the local run directory is scratch space.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import hashlib
 import json
 import logging
@@ -17,9 +15,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Optional
 
-from kubetune.contract import facts
 from kubetune.contract.facts import LOSS_CURVE_FILE, METRICS_FILE, TENSORBOARD_DIR
 from kubetune.contract.recipe import CUDA_ONLY_OPTIMIZERS
 from kubetune.trainer import artifacts, kernel_warmup
@@ -248,26 +245,6 @@ def set_adapter_base_name(adapter_dir: Path, served_name: str) -> None:
 # ---------------------------------------------------------------- the stage
 
 
-@contextlib.contextmanager
-def freeze_loaded_objects(environ: Mapping[str, str]) -> Iterator[bool]:
-    """While training: every object alive at its start (the model's modules and parameters,
-    the tokenizer, the dataset, the libraries' state) in the cycle collector's permanent
-    generation (`gc.freeze`), given back to it after (`gc.unfreeze`: a process that trains
-    again, as tests do, can still free them). Why: a full collection walks every tracked
-    object, millions after an 8B model and its data are loaded, and the training loop's own
-    garbage (autograd contexts, batches, closures) triggers one every so often, each a pause
-    of the host that feeds the GPU. Off with KUBETUNE_GC_FREEZE=0. Yields whether it froze."""
-    if environ.get(facts.ENV_GC_FREEZE, "1").strip() == "0":
-        yield False
-        return
-    gc.collect()
-    gc.freeze()
-    try:
-        yield True
-    finally:
-        gc.unfreeze()
-
-
 def run_train(cfg: TrainerConfig) -> TrainResult:
     from kubetune.trainer.callbacks import GracefulStop
 
@@ -413,8 +390,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     warmed = kernel_warmup.settle()  # the first step then finds the kernels compiled, and the child's memory free
     if warmed:
         print(warmed, flush=True)
-    with freeze_loaded_objects(os.environ):
-        trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
+    trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     step = trainer.state.global_step
 
     if stop_cb.stopped_at is not None:

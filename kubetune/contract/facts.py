@@ -75,12 +75,6 @@ ENV_MEMORY_BUDGET_GIB = "KUBETUNE_MEMORY_BUDGET_GIB"
 # On unless set to 0: a child process compiles the run's Triton kernels while the trainer
 # imports and loads (trainer/kernel_warmup.py).
 ENV_KERNEL_WARMUP = "KUBETUNE_KERNEL_WARMUP"
-# On unless set to 0: what the trainer loaded is moved out of the cycle collector's reach
-# before training (trainer/train.freeze_loaded_objects).
-ENV_GC_FREEZE = "KUBETUNE_GC_FREEZE"
-# On unless set to 0: the trainer's Triton kernels, once compiled for a specialisation, are
-# launched through their launcher directly (trainer/triton_launch.py).
-ENV_FAST_LAUNCH = "KUBETUNE_FAST_LAUNCH"
 
 # ---------------------------------------------------------------- artifact layout under output.uri
 # A prefix exists for readers only once its MANIFEST.json (written last) does.

@@ -409,6 +409,9 @@ def test_variants_combine_config_fields_and_environment():
     # a set count of uncheckpointed layers: environment only
     assert run.variant_fields("unckpt2+keepattn") == {}
     assert run.variant_env("unckpt2+keepattn") == {"KUBETUNE_UNCHECKPOINTED_LAYERS": "2", "KUBETUNE_KEEP_ATTENTION": "1"}
+    # the plan's token cap: environment only
+    assert run.variant_fields("tok20480") == {} and run.variant_env("tok20480+unckpt3") == {
+        "KUBETUNE_MAX_AUTO_TOKENS": "20480", "KUBETUNE_UNCHECKPOINTED_LAYERS": "3"}
     with pytest.raises(ValueError, match="unknown variant 'nope'"):
         run.variant_fields("b9.6+nope")
     with pytest.raises(ValueError, match="unknown variant 'unckptx'"):

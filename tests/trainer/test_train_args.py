@@ -117,20 +117,3 @@ def test_model_load_arguments(monkeypatch, method, strategy, cuda, device_map, s
     else:
         assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
         assert q.bnb_4bit_compute_dtype == torch.bfloat16 and q.bnb_4bit_quant_storage == getattr(torch, storage)
-
-
-def test_loaded_objects_leave_the_cycle_collector_while_training_and_come_back_after():
-    import gc
-
-    from kubetune.trainer.train import freeze_loaded_objects
-
-    assert gc.get_freeze_count() == 0
-    loaded = [object() for _ in range(10)]  # stands for the model and data alive when training starts
-    with freeze_loaded_objects({}) as froze:
-        assert froze and gc.get_freeze_count() >= len(loaded)
-    assert gc.get_freeze_count() == 0  # a process that trains again can still collect them
-    with pytest.raises(RuntimeError), freeze_loaded_objects({}):
-        raise RuntimeError("a failed step")
-    assert gc.get_freeze_count() == 0
-    with freeze_loaded_objects({"KUBETUNE_GC_FREEZE": "0"}) as froze:
-        assert not froze and gc.get_freeze_count() == 0
