@@ -259,6 +259,30 @@ def gpu_gaps(trace_events: list, top: int = 12, least_us: float = 5.0) -> dict:
             "largest": largest}
 
 
+def host_lead(trace_events: list, bin_ms: float = 50.0) -> list[dict]:
+    """Per `bin_ms` of a profiled window's GPU timeline: how long kernels ran in it, and by how
+    much the host was ahead of the GPU there (the least time from a launch call's return to
+    its kernel's start). A lead near 0 with the GPU short of busy is a host-bound stretch; a
+    lead that stops growing is the launch queue full (the host then waits at each launch)."""
+    gpu = sorted((e for e in trace_events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    if not gpu:
+        return []
+    launch = {e["args"].get("correlation"): e for e in trace_events
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    t0, bins = gpu[0]["ts"], {}
+    for e in gpu:
+        b = bins.setdefault(int((e["ts"] - t0) // (bin_ms * 1000)), {"busy": 0.0, "lead": None})
+        b["busy"] += e["dur"]
+        by = launch.get(e.get("args", {}).get("correlation"))
+        if by is not None:
+            lead = e["ts"] - (by["ts"] + by["dur"])
+            b["lead"] = lead if b["lead"] is None else min(b["lead"], lead)
+    return [{"at_ms": round(i * bin_ms), "gpu_busy_ms": round(b["busy"] / 1000, 1),
+             "host_lead_ms": None if b["lead"] is None else round(max(0.0, b["lead"]) / 1000, 1)}
+            for i, b in sorted(bins.items())]
+
+
 def drop_page_cache() -> bool:
     """Write dirty pages, then drop the page cache (Linux, root); False where refused."""
     os.sync()
@@ -470,7 +494,9 @@ def run_case(args) -> dict:
                     + "\n\nBY INPUT SHAPE\n" + self.prof.key_averages(group_by_input_shape=True).table(
                         sort_by="self_device_time_total", row_limit=40, max_name_column_width=60)
                     + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)
-                    + "\n\nGPU GAPS (>= 5 us between kernels, largest first)\n" + json.dumps(gaps, indent=1))
+                    + "\n\nGPU GAPS (>= 5 us between kernels, largest first)\n" + json.dumps(gaps, indent=1)
+                    + "\n\nHOST LEAD (per 50 ms of the GPU timeline: kernel time in it, least lead of a launch)\n"
+                    + "\n".join(json.dumps(row) for row in host_lead(json.loads(trace).get("traceEvents", []))))
                 # The timeline shows where the GPU waits for the host (chrome://tracing, Perfetto).
                 with gzip.open(str(Path(args.profile_out).with_suffix(".trace.json.gz")), "wb") as dst:
                     dst.write(trace)

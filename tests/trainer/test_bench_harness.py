@@ -399,6 +399,24 @@ def test_gpu_gaps_name_the_kernels_and_host_ops_around_each_idle_interval():
     assert run.gpu_gaps([]) == {"total_us": 0.0, "count": 0, "largest": []}
 
 
+def test_host_lead_shows_where_the_gpu_waited_for_launches():
+    run = _bench_module("run")
+
+    def kernel(ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launched(ts, corr):
+        return {"ph": "X", "cat": "cuda_driver", "name": "cuLaunchKernelEx", "ts": ts, "dur": 10, "args": {"correlation": corr}}
+
+    # first 50 ms: each kernel starts right as its launch returns (host-bound, GPU half idle);
+    # next 50 ms: launched 30 ms ahead, back to back
+    events = [kernel(0, 20_000, 1), launched(-10, 1), kernel(30_000, 20_000, 2), launched(29_990, 2),
+              kernel(50_000, 25_000, 3), launched(20_000, 3), kernel(75_000, 25_000, 4), launched(45_000, 4)]
+    assert run.host_lead(events) == [{"at_ms": 0, "gpu_busy_ms": 40.0, "host_lead_ms": 0.0},
+                                     {"at_ms": 50, "gpu_busy_ms": 50.0, "host_lead_ms": 30.0}]
+    assert run.host_lead([]) == []
+
+
 def test_variants_combine_config_fields_and_environment():
     run = _bench_module("run")
     assert run.variant_fields("b9.6+keepattn") == {"memoryBudgetGiB": 9.6}

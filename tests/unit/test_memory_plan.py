@@ -307,3 +307,18 @@ def test_the_adapters_kept_products_are_planned_with_the_checkpoints():
     planned = memory_plan.plan_micro_batch(LLAMA8B, adapter_products=shape8b_q_k_v_o, **kw)
     assert planned.bytes_per_token == without.bytes_per_token + shape8b_q_k_v_o
     assert (planned.rows, planned.uncheckpointed_layers) == (without.rows, without.uncheckpointed_layers) == (8, 2)
+
+
+def test_the_plans_token_cap_can_be_set_for_a_benchmark():
+    env = memory_plan.MAX_AUTO_TOKENS_ENV
+    assert memory_plan.max_auto_tokens(environ={}) == memory_plan.MAX_AUTO_TOKENS
+    assert memory_plan.max_auto_tokens(environ={env: "18432"}) == 18432
+    for bad in ("0", "lots", "-5"):
+        with pytest.raises(ValueError, match=env):
+            memory_plan.max_auto_tokens(environ={env: bad})
+    # the cap bounds the rows: 9 of 2,048 tokens where 18,432 are allowed and memory holds them
+    shape = memory_plan.ModelShape(4096, 14336, 32, 32, 8, 128256)
+    plan = memory_plan.plan_micro_batch(shape, max_length=2048, budget_bytes=80 * memory_plan.GIB,
+                                        fixed_bytes=6 * memory_plan.GIB, fused_loss=True, fused_kernels=True,
+                                        max_tokens=memory_plan.max_auto_tokens(environ={env: "18432"}))
+    assert plan.rows == 9 and plan.tokens == 18432
