@@ -288,6 +288,12 @@ def apply_fast_paths(model, perf: Resolved) -> None:
         n = frozen_norms(base)
         if n:
             log.info("%d RMSNorm layers with the frozen-weight backward", n)
+        if n and not perf.compile:  # a compiled layer keeps its own forward
+            from kubetune.trainer.rms_norm import use_skip_norms
+
+            n = sum(use_skip_norms(layer) for layer in decoder_layers(base))
+            if n:
+                log.info("%d decoder layers add the residual stream's gradient in their norms' backward", n)
     # Not under ZeRO-3 (resolve turns it off there): a base weight is only gathered when its
     # own module runs its forward (DeepSpeed's hooks), and the fused node reads it directly.
     if perf.fused_lora:

@@ -57,9 +57,10 @@ def normalize(x2, w, eps: float, rows: bool = False):
     return y, rstd, ((q, s) if rows else None)
 
 
-def normalize_backward(dy2, x2, w, rstd, out=None):
+def normalize_backward(dy2, x2, w, rstd, out=None, residual=None):
     """dx (M, K) of the frozen-weight norm from dy2 and its saved x2 (M, K) and rstd (M,);
-    written into `out` (dy2 itself for in place), else a new tensor."""
+    written into `out` (dy2 itself for in place), else a new tensor. With `residual` (M, K),
+    the gradient x2 also gets from elsewhere, added in the same pass."""
     import torch
 
     triton, k = _kernels()
@@ -67,8 +68,9 @@ def normalize_backward(dy2, x2, w, rstd, out=None):
     dx = torch.empty_like(dy2) if out is None else out
     block = triton.next_power_of_2(kk)
     if m:
-        k.backward_kernel[(m,)](dy2, dx, x2, w, rstd, kk, dy2.stride(0), dx.stride(0), x2.stride(0), BLOCK=block,
-                                num_warps=_warps(block))
+        res = dy2 if residual is None else residual
+        k.backward_kernel[(m,)](dy2, dx, x2, w, rstd, res, kk, dy2.stride(0), dx.stride(0), x2.stride(0), res.stride(0),
+                                BLOCK=block, ADD_RES=residual is not None, num_warps=_warps(block))
     return dx
 
 
@@ -96,7 +98,26 @@ def _function():
             dy2 = dy.contiguous().view(-1, x2.shape[1])
             return normalize_backward(dy2, x2, w, rstd, out=dy2).view(ctx.shape), None, None, None
 
-    return FrozenRMSNormFn
+    class FrozenSkipRMSNormFn(torch.autograd.Function):
+        """(x, norm(x)) as one node: x goes on along the residual stream, and the backward
+        adds the stream's gradient into the norm's own (`normalize_backward`'s residual)
+        instead of autograd adding the two in a pass of its own."""
+
+        @staticmethod
+        def forward(ctx, x, w, eps: float, offer_rows: bool):
+            y = FrozenRMSNormFn.forward(ctx, x, w, eps, offer_rows)
+            return x.view_as(x), y
+
+        @staticmethod
+        def backward(ctx, d_pass, dy):
+            if dy is None:
+                return d_pass, None, None, None
+            x2, w, rstd = ctx.saved_tensors
+            dy2 = dy.contiguous().view(-1, x2.shape[1])
+            res = None if d_pass is None else d_pass.contiguous().view(-1, x2.shape[1])
+            return normalize_backward(dy2, x2, w, rstd, out=dy2, residual=res).view(ctx.shape), None, None, None
+
+    return FrozenRMSNormFn, FrozenSkipRMSNormFn
 
 
 def frozen_rms_norm(x, w, eps: float, offer_rows: bool = False):
@@ -104,7 +125,58 @@ def frozen_rms_norm(x, w, eps: float, offer_rows: bool = False):
     `offer_rows`: the output's e4m3 rows, made by the norm's own kernel, are left in
     `fp8.shared_rows` for the FP8 projections that read the output next (the attention's
     q/k/v, the MLP's gate/up): one pass over a 16k x 4096 activation less per norm."""
-    return _function().apply(x, w, float(eps), bool(offer_rows))
+    return _function()[0].apply(x, w, float(eps), bool(offer_rows))
+
+
+def frozen_skip_rms_norm(x, w, eps: float, offer_rows: bool = False):
+    """(x, `frozen_rms_norm` of x) for a tensor of the residual stream that a norm reads:
+    one autograd node for both readers, whose backward adds their gradients in the norm's
+    own pass (`normalize_backward`'s residual). The sum is rounded as autograd's would be."""
+    return _function()[1].apply(x, w, float(eps), bool(offer_rows))
+
+
+def routed(norm) -> bool:
+    """Whether a norm module takes the frozen-weight node now (`use_frozen_backward`, weight frozen)."""
+    return getattr(norm, "_kubetune_frozen_norm", False) and not norm.weight.requires_grad
+
+
+# Decoder layers whose forward is the pre-norm block
+#   h = x + attn(input_layernorm(x)); out = h + mlp(post_attention_layernorm(h))
+# (transformers 5.x; checked against each family's own forward by tests/unit/test_rms_norm.py).
+SKIP_NORM_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def use_skip_norms(layer) -> bool:
+    """Give a pre-norm decoder layer (SKIP_NORM_LAYERS) a forward in which each of its two
+    norms reads the residual stream through `frozen_skip_rms_norm`, while both norms are
+    routed (`routed`, checked at each call; otherwise the layer's own forward runs).
+
+    Why: the residual stream's tensor before each norm has two readers (the norm and the
+    residual add), so autograd adds their two gradients in a pass of its own: on an 8B step
+    of 16k tokens, 64 such adds a step, 0.09 ms each (bench/RESULTS.md, issue 16, tenth
+    round). Here the norm's backward kernel adds the stream's gradient as it writes its own.
+    True if patched; idempotent."""
+    if getattr(layer, "_kubetune_skip_norms", False):
+        return True
+    if type(layer).__name__ not in SKIP_NORM_LAYERS or not all(
+            hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
+        return False
+    own = layer.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        first, second = layer.input_layernorm, layer.post_attention_layernorm
+        if args or not (routed(first) and routed(second)):
+            return own(hidden_states, *args, **kwargs)
+        residual, h = frozen_skip_rms_norm(hidden_states, first.weight, first.variance_epsilon,
+                                           getattr(first, "_kubetune_offer_rows", False))
+        h, _ = layer.self_attn(hidden_states=h, **kwargs)
+        residual, h = frozen_skip_rms_norm(residual + h, second.weight, second.variance_epsilon,
+                                           getattr(second, "_kubetune_offer_rows", False))
+        return residual + layer.mlp(h)
+
+    layer.forward = forward
+    layer._kubetune_skip_norms = True
+    return True
 
 
 def use_frozen_backward(norm) -> bool:

@@ -8,11 +8,14 @@ import triton.language as tl
 
 
 @triton.jit
-def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, K, stride_dy, stride_dx, stride_x,
-                    BLOCK: tl.constexpr):
+def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, K, stride_dy, stride_dx, stride_x, stride_res,
+                    BLOCK: tl.constexpr, ADD_RES: tl.constexpr):
     """dx of one row of y = (x * rstd).to(x's dtype) * w (Llama's casting), w frozen:
     dx = rstd * g - rstd^3 / K * sum(g * x) * x with g = dy * w, in fp32 as Liger's
-    backward computes it, stored in dx's dtype. dx may be dy itself (in place)."""
+    backward computes it, stored in dx's dtype. dx may be dy itself (in place). With
+    ADD_RES, plus the row of res (the gradient x gets from its other reader, the residual
+    stream): dx rounded to its dtype first, then the sum rounded again, the two roundings
+    autograd's own accumulation of the two gradients makes."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < K
@@ -23,7 +26,11 @@ def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, K, stride_dy, stride
     g = dy.to(tl.float32) * w
     dx = rstd * g
     dx += rstd * (-(1 / K) * rstd * rstd * tl.sum(g * x, axis=0) * x)
-    tl.store(dx_ptr + row * stride_dx + offs, dx.to(dx_ptr.dtype.element_ty), mask=m)
+    dx = dx.to(dx_ptr.dtype.element_ty)
+    if ADD_RES:
+        res = tl.load(res_ptr + row * stride_res + offs, mask=m, other=0.0)
+        dx = (dx.to(tl.float32) + res.to(tl.float32)).to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + row * stride_dx + offs, dx, mask=m)
 
 
 @triton.jit(do_not_specialize=["M"])  # the rows of a packed micro-batch change from step to step

@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("forward", "backward", "rows", "routing")
+CHECKS = ("forward", "backward", "rows", "routing", "skip_backward", "skip_layers")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -131,6 +131,98 @@ def check_routing():
         assert fast_paths.mark_fp8_siblings(block) == int(routed)
         assert getattr(block.input_layernorm, "_kubetune_offer_rows", False) is routed
         assert not hasattr(block.post_attention_layernorm, "_kubetune_offer_rows")  # no MLP siblings here
+
+
+def check_skip_backward():
+    """x's gradient through (x, norm(x)) as one node, the residual stream's gradient added in
+    the norm's backward kernel, against the norm's node and autograd adding the two."""
+    import torch
+
+    from kubetune.trainer import rms_norm
+
+    x, w = _inputs(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    dy, dres = (torch.randn(x.shape, generator=gen).bfloat16() for _ in range(2))
+    got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+    passed, y = rms_norm.frozen_skip_rms_norm(got, w, 1e-5)
+    assert torch.equal(passed, x) and passed.requires_grad
+    torch.testing.assert_close(y, rms_norm.frozen_rms_norm(x, w, 1e-5), rtol=0, atol=0)
+    torch.autograd.backward([passed, y], [dres.clone(), dy.clone()])
+    torch.autograd.backward([want * 1, rms_norm.frozen_rms_norm(want, w, 1e-5)], [dres.clone(), dy.clone()])
+    # the same two roundings (to bf16, then the sum to bf16); the interpreter's casts may
+    # truncate where torch's add rounds: within one bf16 ulp of the sum
+    torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2**-7, atol=1e-6)
+    # one reader only: the norm's gradient alone, or the stream's passed through
+    only = x.clone().requires_grad_()
+    rms_norm.frozen_skip_rms_norm(only, w, 1e-5)[1].backward(dy.clone())
+    plain = x.clone().requires_grad_()
+    rms_norm.frozen_rms_norm(plain, w, 1e-5).backward(dy.clone())
+    assert torch.equal(only.grad, plain.grad)
+    stream = x.clone().requires_grad_()
+    rms_norm.frozen_skip_rms_norm(stream, w, 1e-5)[0].backward(dres)
+    assert torch.equal(stream.grad, dres)
+
+
+def _graph_nodes(fn) -> set:
+    seen, todo = set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        todo.extend(g for g, _ in f.next_functions)
+    return {type(f).__name__ for f in seen}
+
+
+def check_skip_layers():
+    """Each family in SKIP_NORM_LAYERS, a tiny random model: its decoder layers with the
+    skip-norm forward give the logits of the layers' own forward (with the same routed norms)
+    exactly, and the same gradients of a trained projection and of the embeddings' output;
+    a norm made trainable sends the layer back to its own forward."""
+    import copy
+
+    import torch
+    import transformers
+
+    from kubetune.trainer import fast_paths, rms_norm
+
+    for name in ("LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config"):
+        cfg = getattr(transformers, name)(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=64)
+        torch.manual_seed(0)
+        # fp32: the kernel's two roundings are then exact, and any difference is the path's
+        own = transformers.AutoModelForCausalLM.from_config(cfg).requires_grad_(False)
+        for m in own.modules():  # the norms as Liger patches them (its attributes), weights frozen
+            if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+                m.casting_mode, m.offset = "llama", 0.0
+        skip = copy.deepcopy(own)
+        for model in (own, skip):
+            # two a layer and the final one (Qwen3's q/k norms too: they are Liger-patched alike)
+            assert fast_paths.frozen_norms(model) == 2 * 2 + 1 + (2 * 2 if name == "Qwen3Config" else 0)
+            model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+        layers = fast_paths.decoder_layers(skip)
+        assert sum(rms_norm.use_skip_norms(layer) for layer in layers) == 2
+        assert all(rms_norm.use_skip_norms(layer) for layer in layers)  # idempotent
+        ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+        outs, grads = [], []
+        for model in (own, skip):
+            emb = model.model.embed_tokens(ids).requires_grad_(True)
+            logits = model(inputs_embeds=emb).logits
+            nodes = _graph_nodes(logits.grad_fn)
+            assert ("FrozenSkipRMSNormFnBackward" in nodes) is (model is skip), name
+            assert "FrozenRMSNormFnBackward" in nodes  # the final norm, and Qwen3's q/k norms
+            (logits.float() ** 2).mean().backward()
+            outs.append(logits)
+            grads.append((model.model.layers[0].self_attn.q_proj.weight.grad, emb.grad))
+        assert torch.equal(outs[0], outs[1]), name
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+        # a trainable norm: the layer's own forward again (Liger's node would run; here its stand-in)
+        layers[0].post_attention_layernorm.weight.requires_grad_(True)
+        assert not rms_norm.routed(layers[0].post_attention_layernorm)
+    gemma = torch.nn.Module()
+    assert not rms_norm.use_skip_norms(gemma)  # not a pre-norm layer this forward reproduces
 
 
 if __name__ == "__main__":
