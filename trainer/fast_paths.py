@@ -288,7 +288,11 @@ def apply_fast_paths(model, perf: Resolved) -> None:
         n = frozen_norms(base)
         if n:
             log.info("%d RMSNorm layers with the frozen-weight backward", n)
-        if n and not perf.compile:  # a compiled layer keeps its own forward
+        # The layer's forward then reads the norms' weights itself, outside the norm modules'
+        # own calls: not under ZeRO-3, whose gather hooks fire per module call (the fused LoRA
+        # node's condition, which resolve turns off there); nor compiled (a compiled layer
+        # keeps its own forward).
+        if n and perf.fused_lora and not perf.compile:
             from kubetune.trainer.rms_norm import use_skip_norms
 
             n = sum(use_skip_norms(layer) for layer in decoder_layers(base))

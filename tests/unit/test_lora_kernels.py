@@ -5,6 +5,7 @@ PEFT's forward; the dtype clean-up; layers left uncheckpointed."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kubetune.trainer import fast_paths, lora_kernels
@@ -173,6 +174,24 @@ def test_apply_fast_paths_does_what_the_resolved_settings_say(monkeypatch):
     fast_paths.apply_fast_paths(on, _resolved(fused_lora=True, fp8=True))
     assert sum(getattr(m.forward, "_kubetune_fused", False) for m in on.modules()) == 2 * 7
     assert sum(getattr(m, "_kubetune_fp8", False) for m in on.modules()) == 2 * 7
+
+
+@pytest.mark.parametrize("switches, skip", [({"fused_lora": True}, True),
+                                           ({"fused_lora": False}, False),  # as under ZeRO-3
+                                           ({"fused_lora": True, "compile": True}, False)])
+def test_the_decoder_layers_take_the_skip_norms_where_their_weights_are_read_directly(monkeypatch, switches, skip):
+    monkeypatch.setattr(fast_paths, "_model_device_is_cuda", lambda model: True)
+    model = _lora(_tiny_llama(), dropout=0.0)
+    base = model.get_base_model()
+    base._kubetune_liger = True  # Liger applied already (it runs on a GPU): its norms' attributes
+    for m in base.modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            m.casting_mode, m.offset = "llama", 0.0
+    fast_paths.apply_fast_paths(model, _resolved(liger=True, **switches))
+    layers = fast_paths.decoder_layers(model)
+    assert len(layers) == 2 and all(getattr(m, "_kubetune_frozen_norm", False) for m in
+                                    (layers[0].input_layernorm, layers[1].post_attention_layernorm))
+    assert [getattr(layer, "_kubetune_skip_norms", False) for layer in layers] == [skip, skip]
 
 
 def test_apply_fast_paths_leaves_a_cpu_model_alone():
