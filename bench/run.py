@@ -215,18 +215,24 @@ def host_waits(events) -> list[str]:
     return waits
 
 
+def _kernels_and_launches(trace_events: list) -> tuple[list, dict]:
+    """A chrome trace's GPU activity in time order, and each launch call by its correlation id."""
+    gpu = sorted((e for e in trace_events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    launch = {e["args"].get("correlation"): e for e in trace_events
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    return gpu, launch
+
+
 def gpu_gaps(trace_events: list, top: int = 12, least_us: float = 5.0) -> dict:
     """Where the GPU idled inside a profiled window (its chrome-trace events): each gap of at
     least `least_us` between the union of kernel intervals, largest first, with the kernels
     either side and the host ops that launched the kernel after it (innermost first) and that
     ran through it. A gap a host op spans is the host being late: a wait, or launch work the
     GPU outran."""
-    gpu = sorted((e for e in trace_events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                 key=lambda e: e["ts"])
+    gpu, launch = _kernels_and_launches(trace_events)
     if not gpu:
         return {"total_us": 0.0, "count": 0, "largest": []}
-    launch = {e["args"].get("correlation"): e for e in trace_events
-              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     ops = sorted((e for e in trace_events if e.get("cat") == "cpu_op" and e.get("ph") == "X"), key=lambda e: e["ts"])
 
     def enclosing(ts: float, tid) -> list[str]:
@@ -264,12 +270,9 @@ def host_lead(trace_events: list, bin_ms: float = 50.0) -> list[dict]:
     much the host was ahead of the GPU there (the least time from a launch call's return to
     its kernel's start). A lead near 0 with the GPU short of busy is a host-bound stretch; a
     lead that stops growing is the launch queue full (the host then waits at each launch)."""
-    gpu = sorted((e for e in trace_events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                 key=lambda e: e["ts"])
+    gpu, launch = _kernels_and_launches(trace_events)
     if not gpu:
         return []
-    launch = {e["args"].get("correlation"): e for e in trace_events
-              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     t0, bins = gpu[0]["ts"], {}
     for e in gpu:
         b = bins.setdefault(int((e["ts"] - t0) // (bin_ms * 1000)), {"busy": 0.0, "lead": None})
@@ -480,7 +483,8 @@ def run_case(args) -> dict:
                 raw = Path(tmp) / "trace.json"
                 self.prof.export_chrome_trace(str(raw))
                 trace = raw.read_bytes()
-            gaps = gpu_gaps(json.loads(trace).get("traceEvents", []))
+            events = json.loads(trace).get("traceEvents", [])
+            gaps = gpu_gaps(events)
             steps = f"steps {args_profile_step}-{args_profile_step + args_profile_span - 1}" if args_profile_span > 1 \
                 else f"step {args_profile_step}"
             marks["profile"] = {"step": args_profile_step, "span": args_profile_span, "wall_s": round(wall, 4),
@@ -496,7 +500,7 @@ def run_case(args) -> dict:
                     + "\n\nBY SELF CPU\n" + ka.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)
                     + "\n\nGPU GAPS (>= 5 us between kernels, largest first)\n" + json.dumps(gaps, indent=1)
                     + "\n\nHOST LEAD (per 50 ms of the GPU timeline: kernel time in it, least lead of a launch)\n"
-                    + "\n".join(json.dumps(row) for row in host_lead(json.loads(trace).get("traceEvents", []))))
+                    + "\n".join(json.dumps(row) for row in host_lead(events)))
                 # The timeline shows where the GPU waits for the host (chrome://tracing, Perfetto).
                 with gzip.open(str(Path(args.profile_out).with_suffix(".trace.json.gz")), "wb") as dst:
                     dst.write(trace)

@@ -74,6 +74,15 @@ def normalize_backward(dy2, x2, w, rstd, out=None, residual=None):
     return dx
 
 
+def _input_grad(ctx, dy, d_pass=None):
+    """x's gradient from the norm output's `dy` (written over it), plus `d_pass`, the gradient
+    x gets along the residual stream, where there is one (`frozen_skip_rms_norm`)."""
+    x2, w, rstd = ctx.saved_tensors
+    dy2 = dy.contiguous().view(-1, x2.shape[1])
+    res = None if d_pass is None else d_pass.contiguous().view(-1, x2.shape[1])
+    return normalize_backward(dy2, x2, w, rstd, out=dy2, residual=res).view(ctx.shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _function():
     import torch
@@ -94,9 +103,7 @@ def _function():
 
         @staticmethod
         def backward(ctx, dy):
-            x2, w, rstd = ctx.saved_tensors
-            dy2 = dy.contiguous().view(-1, x2.shape[1])
-            return normalize_backward(dy2, x2, w, rstd, out=dy2).view(ctx.shape), None, None, None
+            return _input_grad(ctx, dy), None, None, None
 
     class FrozenSkipRMSNormFn(torch.autograd.Function):
         """(x, norm(x)) as one node: x goes on along the residual stream, and the backward
@@ -110,12 +117,7 @@ def _function():
 
         @staticmethod
         def backward(ctx, d_pass, dy):
-            if dy is None:
-                return d_pass, None, None, None
-            x2, w, rstd = ctx.saved_tensors
-            dy2 = dy.contiguous().view(-1, x2.shape[1])
-            res = None if d_pass is None else d_pass.contiguous().view(-1, x2.shape[1])
-            return normalize_backward(dy2, x2, w, rstd, out=dy2, residual=res).view(ctx.shape), None, None, None
+            return (d_pass if dy is None else _input_grad(ctx, dy, d_pass)), None, None, None
 
     return FrozenRMSNormFn, FrozenSkipRMSNormFn
 
