@@ -361,7 +361,7 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
-        from kubetune.trainer.rms_norm import frozen_skip_rms_norm, use_frozen_backward
+        from kubetune.trainer.rms_norm import frozen_add_skip_rms_norm, frozen_skip_rms_norm, use_frozen_backward
 
         x = torch.randn(1, tokens, geo.hidden, device=device, dtype=dt, requires_grad=True)
         norm = LigerRMSNorm(geo.hidden, eps=geo.eps).to(device, dt).requires_grad_(False)
@@ -371,6 +371,9 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         # and as the pre-norm decoder layers call it (`rms_norm.use_skip_norms`): its backward
         # adds the residual stream's gradient
         passed, y = frozen_skip_rms_norm(x * 1.0, norm.weight, norm.variance_epsilon, bool(perf.fp8))
+        loss = loss + (y.float() ** 2).sum() + (passed.float() ** 2).sum()
+        # and the second norm of those layers, with the residual stream's add in its kernel
+        passed, y = frozen_add_skip_rms_norm(x * 1.0, x * 2.0, norm.weight, norm.variance_epsilon, bool(perf.fp8))
         loss = loss + (y.float() ** 2).sum() + (passed.float() ** 2).sum()
         fp8.shared_rows.clear()  # the rows they offered: no projection here takes them
         q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)

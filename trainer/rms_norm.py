@@ -32,10 +32,12 @@ def _warps(block: int) -> int:
     return 16 if block >= 8192 else 8 if block >= 2048 else 4
 
 
-def normalize(x2, w, eps: float, rows: bool = False):
+def normalize(x2, w, eps: float, rows: bool = False, add=None):
     """(y, rstd, y's rows) of Llama's RMSNorm of x2 (M, K) with weight w (K,): y in x2's
     dtype, rstd fp32 (M,); with `rows` also y's `fp8.quantize_rows` (q, scale) from the same
-    kernel (y is not read back for them), else None."""
+    kernel (y is not read back for them), else None. With `add` (M, K, x2's dtype), a
+    tensor (M, K): the norm is of x2 + add (rounded as autograd's add), which the kernel writes
+    there too, and (y, rstd, rows, that sum) is returned."""
     import torch
 
     from kubetune.trainer import fp8
@@ -51,10 +53,14 @@ def normalize(x2, w, eps: float, rows: bool = False):
         q = torch.empty((grid, kk), dtype=torch.float8_e4m3fn, device=x2.device)
         s = torch.empty((grid, 1), dtype=torch.float32, device=x2.device)
     block = triton.next_power_of_2(kk)
+    total = x2 if add is None else torch.empty_like(x2)
+    r = x2 if add is None else add
     if grid:
         k.forward_kernel[(grid,)](x2, y, w, rstd, q if rows else y, s if rows else rstd, m, kk, x2.stride(0),
-                                  y.stride(0), float(eps), BLOCK=block, ROWS=rows, num_warps=_warps(block))
-    return y, rstd, ((q, s) if rows else None)
+                                  y.stride(0), float(eps), r, total, r.stride(0), total.stride(0), BLOCK=block,
+                                  ROWS=rows, ADD_IN=add is not None, num_warps=_warps(block))
+    out = (y, rstd, ((q, s) if rows else None))
+    return out if add is None else (*out, total)
 
 
 def normalize_backward(dy2, x2, w, rstd, out=None, residual=None):
@@ -119,7 +125,31 @@ def _function():
         def backward(ctx, d_pass, dy):
             return (d_pass if dy is None else _input_grad(ctx, dy, d_pass)), None, None, None
 
-    return FrozenRMSNormFn, FrozenSkipRMSNormFn
+    class FrozenAddSkipRMSNormFn(torch.autograd.Function):
+        """(a + b, norm(a + b)) as one node: the residual stream's add and the norm that reads
+        its result in one kernel, which reads a and b and writes the sum and the norm, instead
+        of the add writing the sum and the norm reading it back. The backward is
+        FrozenSkipRMSNormFn's; both summands get the sum's gradient."""
+
+        @staticmethod
+        def forward(ctx, a, b, w, eps: float, offer_rows: bool):
+            from kubetune.trainer import fp8
+
+            a2 = a.contiguous().view(-1, a.shape[-1])
+            y, rstd, rows, total = normalize(a2, w, eps, rows=offer_rows, add=b.contiguous().view(a2.shape))
+            ctx.save_for_backward(total, w, rstd)
+            ctx.shape = a.shape
+            out = y.view(a.shape)
+            if rows is not None:
+                fp8.shared_rows.offer(out, rows)
+            return total.view(a.shape), out
+
+        @staticmethod
+        def backward(ctx, d_pass, dy):
+            d = d_pass if dy is None else _input_grad(ctx, dy, d_pass)
+            return d, d, None, None, None
+
+    return FrozenRMSNormFn, FrozenSkipRMSNormFn, FrozenAddSkipRMSNormFn
 
 
 def frozen_rms_norm(x, w, eps: float, offer_rows: bool = False):
@@ -135,6 +165,16 @@ def frozen_skip_rms_norm(x, w, eps: float, offer_rows: bool = False):
     one autograd node for both readers, whose backward adds their gradients in the norm's
     own pass (`normalize_backward`'s residual). The sum is rounded as autograd's would be."""
     return _function()[1].apply(x, w, float(eps), bool(offer_rows))
+
+
+def frozen_add_skip_rms_norm(a, b, w, eps: float, offer_rows: bool = False):
+    """(a + b, `frozen_rms_norm` of a + b) for the residual stream's add and the norm that
+    reads its result: one kernel writes both (`normalize`'s add), and the backward is
+    `frozen_skip_rms_norm`'s. The sum is rounded as autograd's add would round it. Summands
+    of two dtypes or shapes (which autograd's add would promote or broadcast) take that add."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return frozen_skip_rms_norm(a + b, w, eps, offer_rows)
+    return _function()[2].apply(a, b, w, float(eps), bool(offer_rows))
 
 
 def routed(norm) -> bool:
@@ -172,8 +212,8 @@ def use_skip_norms(layer) -> bool:
         residual, h = frozen_skip_rms_norm(hidden_states, first.weight, first.variance_epsilon,
                                            getattr(first, "_kubetune_offer_rows", False))
         h, _ = layer.self_attn(hidden_states=h, **kwargs)
-        residual, h = frozen_skip_rms_norm(residual + h, second.weight, second.variance_epsilon,
-                                           getattr(second, "_kubetune_offer_rows", False))
+        residual, h = frozen_add_skip_rms_norm(residual, h, second.weight, second.variance_epsilon,
+                                               getattr(second, "_kubetune_offer_rows", False))
         return residual + layer.mlp(h)
 
     layer.forward = forward

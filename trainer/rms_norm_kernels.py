@@ -34,17 +34,23 @@ def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, K, stride_d
 
 
 @triton.jit(do_not_specialize=["M"])  # the rows of a packed micro-batch change from step to step
-def forward_kernel(x_ptr, y_ptr, w_ptr, rstd_ptr, q_ptr, s_ptr, M, K, stride_x, stride_y, eps,
-                   BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def forward_kernel(x_ptr, y_ptr, w_ptr, rstd_ptr, q_ptr, s_ptr, M, K, stride_x, stride_y, eps, r_ptr, sum_ptr,
+                   stride_r, stride_sum, BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD_IN: tl.constexpr):
     """One row of Llama's RMSNorm: rstd = 1 / sqrt(mean(x^2) + eps) in fp32 (kept for the
     backward), y = (x * rstd) rounded to x's dtype, times w, rounded again. With ROWS also y's
     e4m3 row and scale, as `fp8.rows_kernel` makes them from y; the grid then covers the rows
-    up to the grid of 16 too, which get zeros and scale 1."""
+    up to the grid of 16 too, which get zeros and scale 1. With ADD_IN the row normalised is
+    x + r, rounded to x's dtype as autograd's add rounds it, and stored to sum_ptr too."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < K
     inside = row < M
-    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < tl.where(inside, K, 0), other=0.0)  # padding: none
+    here = offs < tl.where(inside, K, 0)  # padding rows: none
+    x = tl.load(x_ptr + row * stride_x + offs, mask=here, other=0.0)
+    if ADD_IN:
+        r = tl.load(r_ptr + row * stride_r + offs, mask=here, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * stride_sum + offs, x, mask=here)
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / K + eps)  # eps an fp32 scalar argument
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)

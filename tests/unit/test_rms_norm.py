@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("forward", "backward", "rows", "routing", "skip_backward", "skip_layers")
+CHECKS = ("forward", "backward", "rows", "routing", "skip_backward", "add_skip", "skip_layers")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -163,6 +163,48 @@ def check_skip_backward():
     assert torch.equal(stream.grad, dres)
 
 
+def check_add_skip():
+    """(a + b, norm(a + b)) from one kernel: the sum as autograd's add makes it, the norm of
+    that sum as the norm's own node makes it (its e4m3 rows too), and both summands' gradients
+    as (a + b) through `frozen_skip_rms_norm` gives them; summands autograd's add would promote
+    take that add."""
+    import torch
+
+    from kubetune.trainer import fp8, rms_norm
+
+    a, w = _inputs(m=21, seed=5)
+    b = _inputs(m=21, seed=6)[0]
+    gen = torch.Generator().manual_seed(7)
+    dy, dres = (torch.randn(a.shape, generator=gen).bfloat16() for _ in range(2))
+    ga, gb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    total, y = rms_norm.frozen_add_skip_rms_norm(ga, gb, w, 1e-5, offer_rows=True)
+    q, s = fp8.shared_rows.rows(y, y.view(-1, 96), fp8.CLOSE)  # the rows the kernel offered
+    # the interpreter's cast may truncate where torch's add rounds: within one bf16 ulp
+    torch.testing.assert_close(total.float(), (a + b).float(), rtol=2**-7, atol=0)
+    torch.testing.assert_close(y, rms_norm.frozen_rms_norm(total.detach(), w, 1e-5), rtol=0, atol=0)
+    rq, rs = fp8.quantize_rows(y.view(-1, 96))
+    assert q.shape == (48, 96) and torch.equal(s, rs)
+    torch.autograd.backward([total, y], [dres.clone(), dy.clone()])
+    # the backward from that sum: `frozen_skip_rms_norm`'s, exactly
+    want = total.detach().clone().requires_grad_()
+    torch.autograd.backward(list(rms_norm.frozen_skip_rms_norm(want, w, 1e-5)), [dres.clone(), dy.clone()])
+    assert torch.equal(ga.grad, want.grad) and torch.equal(gb.grad, want.grad)  # to each summand
+    # the stream alone, or the norm alone
+    sa, sb = a.clone().requires_grad_(), b.clone().requires_grad_()
+    rms_norm.frozen_add_skip_rms_norm(sa, sb, w, 1e-5)[0].backward(dres)
+    assert torch.equal(sa.grad, dres) and torch.equal(sb.grad, dres)
+    na = a.clone().requires_grad_()
+    rms_norm.frozen_add_skip_rms_norm(na, b, w, 1e-5)[1].backward(dy.clone())
+    plain = total.detach().clone().requires_grad_()
+    rms_norm.frozen_rms_norm(plain, w, 1e-5).backward(dy.clone())
+    assert torch.equal(na.grad, plain.grad)
+    # bf16 + fp32: autograd's add (promoting to fp32) and the skip node
+    mixed = rms_norm.frozen_add_skip_rms_norm(a, b.float(), w, 1e-5)[0]
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, a + b.float())
+    assert "FrozenSkipRMSNormFnBackward" in _graph_nodes(
+        rms_norm.frozen_add_skip_rms_norm(a.float().requires_grad_(), b, w.float(), 1e-5)[1].grad_fn)
+
+
 def _graph_nodes(fn) -> set:
     seen, todo = set(), [fn]
     while todo:
@@ -211,6 +253,7 @@ def check_skip_layers():
             logits = model(inputs_embeds=emb).logits
             nodes = _graph_nodes(logits.grad_fn)
             assert ("FrozenSkipRMSNormFnBackward" in nodes) is (model is skip), name
+            assert ("FrozenAddSkipRMSNormFnBackward" in nodes) is (model is skip), name  # the second norm
             assert "FrozenRMSNormFnBackward" in nodes  # the final norm, and Qwen3's q/k norms
             (logits.float() ** 2).mean().backward()
             outs.append(logits)
