@@ -28,12 +28,9 @@ from kubetune.trainer.performance import Resolved
 
 log = logging.getLogger(__name__)
 
-# A micro-batch past this many tokens gains little in throughput on an 8B model (the matrix
-# products are already large) and only costs memory. Measured on one H200 (bench/RESULTS.md,
-# issue 16, eleventh round), 8B QLoRA at 2048 tokens a row and a 15.6 GiB budget: 9 rows with
-# 2 layers uncheckpointed ran 1.4% faster than 8 rows with 2 (the per-micro-batch weight work,
-# the NF4 casts, spread over more tokens), and 10 rows with none 0.4% slower than 8 with 2.
-MAX_AUTO_TOKENS = 18432
+# A micro-batch past this many tokens gains almost nothing in throughput on an
+# 8B model (the matrix products are already large) and only costs memory.
+MAX_AUTO_TOKENS = 16384
 GIB = 2**30
 
 
@@ -87,13 +84,10 @@ def uncheckpointed_layer_bytes_per_token(shape: ModelShape, *, fused_kernels: bo
 
 # With checkpointing, how many layers' worth of activations are live at once besides the
 # checkpoints (the recomputed layer and the gradients flowing through it). Measured on one
-# H200 (bench/RESULTS.md, issue 16): with the fused kernels (Liger, the fused LoRA node, the
-# FP8 SwiGLU rows, the frozen and skip norms) 0.91, 8B at 2048 tokens a row, 2 layers
-# uncheckpointed: 13.72 GiB at 8 rows and 14.74 at 9 (eleventh round), both 5.52 GiB + 1.44
-# GiB per 16k tokens for the second uncheckpointed layer + 0.42 MiB per token; before those
-# kernels 1.17 (12.84 GiB at 16k tokens, 20.23 GiB at 32k); 1.79 on the plain path (14.72
-# GiB at 16k tokens). Planned with a margin over each.
-LIVE_LAYERS_FUSED = 1.0
+# H200 (bench/RESULTS.md, issue 16): 1.17 with the fused kernels (Liger + fused LoRA; 12.84
+# GiB at 16k tokens, 20.23 GiB at 32k, both 5.45 GiB + 0.46 MiB per token), 1.79 on the
+# plain path (14.72 GiB at 16k tokens). Planned with a margin over each.
+LIVE_LAYERS_FUSED = 1.25
 LIVE_LAYERS_PLAIN = 2.0
 # With offloading, the last few offloaded tensors stay on the GPU until their copy is done
 # (OffloadActivations' max_fwd_stash_size; TRL's default 5, the trainer sets this): that many

@@ -34,13 +34,12 @@ def test_plan_grows_with_budget_and_shrinks_with_unfused_loss():
 
 
 def test_plan_leaves_layers_uncheckpointed_only_when_memory_is_left():
-    tight = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(16.2 * GIB), fixed_bytes=int(5.5 * GIB),
+    tight = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.5 * GIB),
                                      fused_loss=True)
     roomy = memory_plan.plan_micro_batch(LLAMA8B, max_length=2048, budget_bytes=72 * GIB, fixed_bytes=int(5.5 * GIB),
                                      fused_loss=True)
     # Not even room for one layer's activations: none (the last layer is free only where it would fit).
     assert tight.uncheckpointed_layers == 0
-    assert tight.rows == memory_plan.MAX_AUTO_TOKENS // 2048
     assert roomy.checkpointing and roomy.rows == tight.rows and 1 < roomy.uncheckpointed_layers < LLAMA8B.layers
     per_layer = (memory_plan.layer_activation_bytes_per_token(LLAMA8B) - LLAMA8B.hidden * 2) * 5 // 4  # with the margin
     assert per_layer == memory_plan.uncheckpointed_layer_bytes_per_token(LLAMA8B, fused_kernels=False) * 5 // 4
