@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 
-from kubetune.trainer import fp8
+from kubetune.trainer import fp8, rms_norm
 from kubetune.trainer.lora_kernels import frozen_linear_fp8, lora_linear, plain_or_4bit_linear
 from kubetune.trainer.performance import Resolved
 
@@ -71,6 +71,7 @@ def _fused_lora_forward(layer, original):
     import torch.nn as nn
 
     def forward(x, *args, **kwargs):
+        x = rms_norm.readers.take(layer, x)
         active = layer.active_adapters
         if args or kwargs or layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A:
             return original(x, *args, **kwargs)
@@ -81,7 +82,7 @@ def _fused_lora_forward(layer, original):
                            layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False),
                            getattr(layer, "_kubetune_fp8_share", None))
 
-    forward._kubetune_fused = True
+    forward._kubetune_fused = forward._kubetune_takes_alias = True
     return forward
 
 
@@ -167,11 +168,12 @@ def _swiglu_down_forward(mlp):
 
     # Decided when called, not when wired: an adapter attached to gate / up later changes it.
     def forward(x, *args, **kwargs):
+        x_up = rms_norm.readers.take(mlp, x)  # an alias of x for up's product, where one is offered
         if getattr(mlp.gate_proj.forward, "_kubetune_fp8", False) and getattr(mlp.up_proj.forward, "_kubetune_fp8", False):
-            return frozen_swiglu_mlp_fp8(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        return swiglu_down_fp8(mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj)
+            return frozen_swiglu_mlp_fp8(x, mlp.gate_proj, mlp.up_proj, mlp.down_proj, x_up)
+        return swiglu_down_fp8(mlp.gate_proj(x), mlp.up_proj(x_up), mlp.down_proj)
 
-    forward._kubetune_swiglu_fp8 = True
+    forward._kubetune_swiglu_fp8 = forward._kubetune_takes_alias = True
     return forward
 
 
@@ -219,9 +221,9 @@ def share_roles(n: int) -> list:
 
 def _fp8_forward(module):
     def forward(x, *args, **kwargs):
-        return frozen_linear_fp8(x, module, getattr(module, "_kubetune_fp8_share", None))
+        return frozen_linear_fp8(rms_norm.readers.take(module, x), module, getattr(module, "_kubetune_fp8_share", None))
 
-    forward._kubetune_fp8 = True
+    forward._kubetune_fp8 = forward._kubetune_takes_alias = True
     return forward
 
 

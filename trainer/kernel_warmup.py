@@ -370,11 +370,14 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
         # and as the pre-norm decoder layers call it (`rms_norm.use_skip_norms`): its backward
         # adds the residual stream's gradient
-        passed, y = frozen_skip_rms_norm(x * 1.0, norm.weight, norm.variance_epsilon, bool(perf.fp8))
-        loss = loss + (y.float() ** 2).sum() + (passed.float() ** 2).sum()
-        # and the second norm of those layers, with the residual stream's add in its kernel
-        passed, y = frozen_add_skip_rms_norm(x * 1.0, x * 2.0, norm.weight, norm.variance_epsilon, bool(perf.fp8))
-        loss = loss + (y.float() ** 2).sum() + (passed.float() ** 2).sum()
+        # and its output's readers' gradients (q / k / v: three) summed in that kernel
+        passed, *ys = frozen_skip_rms_norm(x * 1.0, norm.weight, norm.variance_epsilon, bool(perf.fp8), readers=3)
+        loss = loss + sum((y.float() ** 2).sum() for y in (passed, *ys))
+        # and the second norm of those layers, with the residual stream's add in its kernel (the
+        # MLP's gate and up: two readers)
+        passed, *ys = frozen_add_skip_rms_norm(x * 1.0, x * 2.0, norm.weight, norm.variance_epsilon, bool(perf.fp8),
+                                               readers=2)
+        loss = loss + sum((y.float() ** 2).sum() for y in (passed, *ys))
         fp8.shared_rows.clear()  # the rows they offered: no projection here takes them
         q = torch.randn(1, tokens, geo.heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)
         k = torch.randn(1, tokens, geo.kv_heads, geo.head_dim, device=device, dtype=dt, requires_grad=True)

@@ -268,7 +268,8 @@ def _frozen_gate_up_rows_fn():
         dtype (nothing but the input gradient reads them)."""
 
         @staticmethod
-        def forward(ctx, x, gate, up):
+        def forward(ctx, x, x_up, gate, up):
+            ctx.apart = x_up is not x  # an alias of x for up's product: its gradient goes back apart
             cdt = compute_dtype_of(x)
             x2 = x.reshape(-1, x.shape[-1]).to(cdt)
             rows = fp8.shared_rows.rows(x, x2, fp8.CLOSE)  # the norm's, when it made them (`rms_norm`)
@@ -283,14 +284,17 @@ def _frozen_gate_up_rows_fn():
 
         @staticmethod
         def backward(ctx, dh, _dq, _ds):
-            if dh is None or not ctx.needs_input_grad[0]:
-                return None, None, None
+            if dh is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+                return None, None, None, None
             a2, b2 = ctx.saved_tensors
             gate, up = ctx.bases
             a_rows, b_rows = fp8.swiglu_backward_rows(a2, b2, dh)
             dx = _frozen_input_grad(gate, ctx.cdt, a2, dy_rows=a_rows)
-            dx += _frozen_input_grad(up, ctx.cdt, b2, dy_rows=b_rows)
-            return dx.view(ctx.shape), None, None
+            dx_up = _frozen_input_grad(up, ctx.cdt, b2, dy_rows=b_rows)
+            if ctx.apart:  # summed by the norm's backward (`rms_norm.Readers`)
+                return dx.view(ctx.shape), dx_up.view(ctx.shape), None, None
+            dx += dx_up
+            return dx.view(ctx.shape), None, None, None
 
     return FrozenGateUpRowsFn
 
@@ -325,10 +329,11 @@ def swiglu_down_fp8(gate, up, base):
     return y.view(*gate.shape[:-1], y.shape[-1])
 
 
-def frozen_swiglu_mlp_fp8(x, gate, up, down):
+def frozen_swiglu_mlp_fp8(x, gate, up, down, x_up=None):
     """down(silu(gate(x)) * up(x)) for three frozen linears, every product in FP8
-    (`FrozenGateUpRowsFn`, `FrozenRowsProductFn`)."""
-    h, q, scale = _frozen_gate_up_rows_fn().apply(x, gate, up)
+    (`FrozenGateUpRowsFn`, `FrozenRowsProductFn`). `x_up`: an alias of x standing for up's
+    input (`rms_norm.Readers`), whose gradient is then returned apart from gate's."""
+    h, q, scale = _frozen_gate_up_rows_fn().apply(x, x if x_up is None else x_up, gate, up)
     y = _frozen_rows_product_fn().apply(h, q, scale, down)
     return y.view(*x.shape[:-1], y.shape[-1])
 

@@ -63,30 +63,53 @@ def normalize(x2, w, eps: float, rows: bool = False, add=None):
     return out if add is None else (*out, total)
 
 
-def normalize_backward(dy2, x2, w, rstd, out=None, residual=None):
+def normalize_backward(dy2, x2, w, rstd, out=None, residual=None, more=()):
     """dx (M, K) of the frozen-weight norm from dy2 and its saved x2 (M, K) and rstd (M,);
     written into `out` (dy2 itself for in place), else a new tensor. With `residual` (M, K),
-    the gradient x2 also gets from elsewhere, added in the same pass."""
+    the gradient x2 also gets from elsewhere, added in the same pass. `more`: up to two
+    further output gradients (M, K), of the output's other readers, added to dy2 in the pass."""
     import torch
 
     triton, k = _kernels()
     m, kk = x2.shape
     dx = torch.empty_like(dy2) if out is None else out
     block = triton.next_power_of_2(kk)
+    if len(more) > 2:
+        raise ValueError(f"at most 3 output gradients, got {1 + len(more)}")
     if m:
         res = dy2 if residual is None else residual
+        dy2b, dy3 = (*more, dy2, dy2)[:2]
         k.backward_kernel[(m,)](dy2, dx, x2, w, rstd, res, kk, dy2.stride(0), dx.stride(0), x2.stride(0), res.stride(0),
-                                BLOCK=block, ADD_RES=residual is not None, num_warps=_warps(block))
+                                dy2b, dy3, dy2b.stride(0), dy3.stride(0), BLOCK=block, ADD_RES=residual is not None,
+                                N_DY=1 + len(more), num_warps=_warps(block))
     return dx
 
 
-def _input_grad(ctx, dy, d_pass=None):
-    """x's gradient from the norm output's `dy` (written over it), plus `d_pass`, the gradient
-    x gets along the residual stream, where there is one (`frozen_skip_rms_norm`)."""
+def _input_grad(ctx, dy, d_pass=None, more=()):
+    """x's gradient from the norm output's `dy` (written over it) and its other readers'
+    gradients `more` (aliases of the output, `frozen_skip_rms_norm`'s readers), plus `d_pass`,
+    the gradient x gets along the residual stream, where there is one."""
     x2, w, rstd = ctx.saved_tensors
     dy2 = dy.contiguous().view(-1, x2.shape[1])
     res = None if d_pass is None else d_pass.contiguous().view(-1, x2.shape[1])
-    return normalize_backward(dy2, x2, w, rstd, out=dy2, residual=res).view(ctx.shape)
+    more = tuple(d.contiguous().view(-1, x2.shape[1]) for d in more)
+    return normalize_backward(dy2, x2, w, rstd, out=dy2, residual=res, more=more).view(ctx.shape)
+
+
+def _skip_input_grad(ctx, d_pass, dys):
+    """The input gradient of the skip nodes: the stream's `d_pass` plus the norm's from its
+    readers' gradients `dys` (None where a reader sent none; gradients are not materialised)."""
+    dys = [d for d in dys if d is not None]
+    if not dys:
+        return d_pass
+    return _input_grad(ctx, dys[0], d_pass, tuple(dys[1:]))
+
+
+def _aliases(y, readers: int) -> tuple:
+    # One more output per further reader, each y's storage: autograd hands the node each
+    # reader's gradient apart, and the norm's kernel sums them (`normalize_backward`'s more).
+    # Detached, not views: autograd would send a view's gradient through y's (and add them).
+    return tuple(y.detach() for _ in range(readers - 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,13 +140,14 @@ def _function():
         instead of autograd adding the two in a pass of its own."""
 
         @staticmethod
-        def forward(ctx, x, w, eps: float, offer_rows: bool):
+        def forward(ctx, x, w, eps: float, offer_rows: bool, readers: int):
             y = FrozenRMSNormFn.forward(ctx, x, w, eps, offer_rows)
-            return x.view_as(x), y
+            ctx.set_materialize_grads(False)
+            return x.view_as(x), y, *_aliases(y, readers)
 
         @staticmethod
-        def backward(ctx, d_pass, dy):
-            return (d_pass if dy is None else _input_grad(ctx, dy, d_pass)), None, None, None
+        def backward(ctx, d_pass, *dys):
+            return _skip_input_grad(ctx, d_pass, dys), None, None, None, None
 
     class FrozenAddSkipRMSNormFn(torch.autograd.Function):
         """(a + b, norm(a + b)) as one node: the residual stream's add and the norm that reads
@@ -132,22 +156,23 @@ def _function():
         FrozenSkipRMSNormFn's; both summands get the sum's gradient."""
 
         @staticmethod
-        def forward(ctx, a, b, w, eps: float, offer_rows: bool):
+        def forward(ctx, a, b, w, eps: float, offer_rows: bool, readers: int):
             from kubetune.trainer import fp8
 
             a2 = a.contiguous().view(-1, a.shape[-1])
             y, rstd, rows, total = normalize(a2, w, eps, rows=offer_rows, add=b.contiguous().view(a2.shape))
             ctx.save_for_backward(total, w, rstd)
             ctx.shape = a.shape
+            ctx.set_materialize_grads(False)
             out = y.view(a.shape)
             if rows is not None:
                 fp8.shared_rows.offer(out, rows)
-            return total.view(a.shape), out
+            return total.view(a.shape), out, *_aliases(out, readers)
 
         @staticmethod
-        def backward(ctx, d_pass, dy):
-            d = d_pass if dy is None else _input_grad(ctx, dy, d_pass)
-            return d, d, None, None, None
+        def backward(ctx, d_pass, *dys):
+            d = _skip_input_grad(ctx, d_pass, dys)
+            return d, d, None, None, None, None
 
     return FrozenRMSNormFn, FrozenSkipRMSNormFn, FrozenAddSkipRMSNormFn
 
@@ -160,21 +185,74 @@ def frozen_rms_norm(x, w, eps: float, offer_rows: bool = False):
     return _function()[0].apply(x, w, float(eps), bool(offer_rows))
 
 
-def frozen_skip_rms_norm(x, w, eps: float, offer_rows: bool = False):
+def frozen_skip_rms_norm(x, w, eps: float, offer_rows: bool = False, readers: int = 1):
     """(x, `frozen_rms_norm` of x) for a tensor of the residual stream that a norm reads:
     one autograd node for both readers, whose backward adds their gradients in the norm's
-    own pass (`normalize_backward`'s residual). The sum is rounded as autograd's would be."""
-    return _function()[1].apply(x, w, float(eps), bool(offer_rows))
+    own pass (`normalize_backward`'s residual). The sum is rounded as autograd's would be.
+    `readers` (1-3): the norm's output comes as that many tensors (the output and aliases
+    of it), one per module reading it (`Readers`); their gradients are summed in the same pass."""
+    return _function()[1].apply(x, w, float(eps), bool(offer_rows), _readers(readers))
 
 
-def frozen_add_skip_rms_norm(a, b, w, eps: float, offer_rows: bool = False):
+def _readers(n) -> int:
+    if not 1 <= int(n) <= 3:
+        raise ValueError(f"readers must be 1, 2 or 3, got {n}")
+    return int(n)
+
+
+def frozen_add_skip_rms_norm(a, b, w, eps: float, offer_rows: bool = False, readers: int = 1):
     """(a + b, `frozen_rms_norm` of a + b) for the residual stream's add and the norm that
     reads its result: one kernel writes both (`normalize`'s add), and the backward is
-    `frozen_skip_rms_norm`'s. The sum is rounded as autograd's add would round it. Summands
-    of two dtypes or shapes (which autograd's add would promote or broadcast) take that add."""
+    `frozen_skip_rms_norm`'s (`readers` as there). The sum is rounded as autograd's add would
+    round it. Summands of two dtypes or shapes (which autograd's add would promote or
+    broadcast) take that add."""
     if a.dtype != b.dtype or a.shape != b.shape:
-        return frozen_skip_rms_norm(a + b, w, eps, offer_rows)
-    return _function()[2].apply(a, b, w, float(eps), bool(offer_rows))
+        return frozen_skip_rms_norm(a + b, w, eps, offer_rows, readers)
+    return _function()[2].apply(a, b, w, float(eps), bool(offer_rows), _readers(readers))
+
+
+class Readers:
+    """Which module reads which alias of a norm's output (`frozen_skip_rms_norm`'s readers),
+    for the span of one call of the block that reads it. A module's forward (`fast_paths`'
+    wrappers) asks `take` for its input: the alias offered to it when that input is the
+    offered output itself, else the input unchanged; so a module called elsewhere, or a
+    block that calls its modules on some other tensor, reads what it was given."""
+
+    def __init__(self) -> None:
+        self._out = None
+        self._aliases: dict = {}
+
+    def offer(self, out, aliases: dict) -> None:
+        self._out, self._aliases = out, dict(aliases)
+
+    def take(self, module, x):
+        if x is self._out and module in self._aliases:
+            return self._aliases.pop(module)
+        return x
+
+    def clear(self) -> None:
+        self._out, self._aliases = None, {}
+
+
+readers = Readers()
+
+
+def _alias_takers(layer) -> tuple[list, list]:
+    """The modules of a decoder layer that take an alias of their norm's output (`Readers`)
+    besides the one reading the output itself: the attention's k_proj and v_proj (q_proj
+    reads the output); for the MLP, the whole MLP where it is the frozen FP8 node (it reads
+    its input once for gate and once for up), else up_proj."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attention = [m for m in (getattr(attn, "k_proj", None), getattr(attn, "v_proj", None)) if takes_alias(m)]
+    if takes_alias(mlp):
+        return attention, [mlp]
+    up = getattr(mlp, "up_proj", None)
+    return attention, [up] if takes_alias(up) else []
+
+
+def takes_alias(module) -> bool:
+    """Whether a module's forward asks `readers.take` for its input (`fast_paths` marks them)."""
+    return module is not None and getattr(getattr(module, "forward", None), "_kubetune_takes_alias", False)
 
 
 def routed(norm) -> bool:
@@ -209,12 +287,23 @@ def use_skip_norms(layer) -> bool:
         first, second = layer.input_layernorm, layer.post_attention_layernorm
         if args or not (routed(first) and routed(second)):
             return own(hidden_states, *args, **kwargs)
-        residual, h = frozen_skip_rms_norm(hidden_states, first.weight, first.variance_epsilon,
-                                           getattr(first, "_kubetune_offer_rows", False))
-        h, _ = layer.self_attn(hidden_states=h, **kwargs)
-        residual, h = frozen_add_skip_rms_norm(residual, h, second.weight, second.variance_epsilon,
-                                               getattr(second, "_kubetune_offer_rows", False))
-        return residual + layer.mlp(h)
+        attention_takers, mlp_takers = _alias_takers(layer)
+        residual, h, *aliases = frozen_skip_rms_norm(hidden_states, first.weight, first.variance_epsilon,
+                                                   getattr(first, "_kubetune_offer_rows", False),
+                                                   1 + len(attention_takers))
+        readers.offer(h, zip(attention_takers, aliases))
+        try:
+            h, _ = layer.self_attn(hidden_states=h, **kwargs)
+        finally:
+            readers.clear()
+        residual, h, *aliases = frozen_add_skip_rms_norm(residual, h, second.weight, second.variance_epsilon,
+                                                       getattr(second, "_kubetune_offer_rows", False),
+                                                       1 + len(mlp_takers))
+        readers.offer(h, zip(mlp_takers, aliases))
+        try:
+            return residual + layer.mlp(h)
+        finally:
+            readers.clear()
 
     layer.forward = forward
     layer._kubetune_skip_norms = True

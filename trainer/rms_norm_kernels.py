@@ -9,17 +9,25 @@ import triton.language as tl
 
 @triton.jit
 def backward_kernel(dy_ptr, dx_ptr, x_ptr, w_ptr, rstd_ptr, res_ptr, K, stride_dy, stride_dx, stride_x, stride_res,
-                    BLOCK: tl.constexpr, ADD_RES: tl.constexpr):
+                    dy2_ptr, dy3_ptr, stride_dy2, stride_dy3, BLOCK: tl.constexpr, ADD_RES: tl.constexpr,
+                    N_DY: tl.constexpr):
     """dx of one row of y = (x * rstd).to(x's dtype) * w (Llama's casting), w frozen:
     dx = rstd * g - rstd^3 / K * sum(g * x) * x with g = dy * w, in fp32 as Liger's
     backward computes it, stored in dx's dtype. dx may be dy itself (in place). With
     ADD_RES, plus the row of res (the gradient x gets from its other reader, the residual
     stream): dx rounded to its dtype first, then the sum rounded again, the two roundings
-    autograd's own accumulation of the two gradients makes."""
+    autograd's own accumulation of the two gradients makes. With N_DY of 2 or 3, dy is the
+    sum of the rows of dy, dy2 (and dy3), the gradients of y's readers, summed in fp32 and
+    rounded once to dy's dtype, where autograd would have added them in a pass of their own."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < K
     dy = tl.load(dy_ptr + row * stride_dy + offs, mask=m, other=0.0)
+    if N_DY > 1:
+        dys = dy.to(tl.float32) + tl.load(dy2_ptr + row * stride_dy2 + offs, mask=m, other=0.0).to(tl.float32)
+        if N_DY > 2:
+            dys += tl.load(dy3_ptr + row * stride_dy3 + offs, mask=m, other=0.0).to(tl.float32)
+        dy = dys.to(dy.dtype)
     x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)

@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("rows_bf16", "rows_fp16_odd", "backward", "backward_rows")
+CHECKS = ("rows_bf16", "rows_fp16_odd", "backward", "backward_rows", "frozen_mlp_alias")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -77,6 +77,30 @@ def check_backward():
     for got, ref in ((da, af.grad), (db, bf.grad)):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-5)
+
+
+def check_frozen_mlp_alias():
+    """The frozen FP8 MLP node with an alias of its input for up's product (`rms_norm.Readers`):
+    the same output, and the two input gradients returned apart (gate's to x, up's to the
+    alias), which sum to the gradient the node returns summed itself."""
+    import torch
+
+    from kubetune.trainer import lora_kernels
+
+    torch.manual_seed(2)
+    gate, up, down = (torch.nn.Linear(i, o, bias=False).bfloat16().requires_grad_(False)
+                      for i, o in ((64, 128), (64, 128), (128, 64)))
+    x = torch.randn(2, 21, 64).bfloat16()
+    one, apart = x.clone().requires_grad_(), x.clone().requires_grad_()
+    alias = apart.detach().requires_grad_()  # the same storage, its own gradient
+    y_one = lora_kernels.frozen_swiglu_mlp_fp8(one, gate, up, down)
+    y_apart = lora_kernels.frozen_swiglu_mlp_fp8(apart, gate, up, down, alias)
+    assert torch.equal(y_one, y_apart)
+    dh = torch.randn(y_one.shape).bfloat16()
+    y_one.backward(dh)
+    y_apart.backward(dh)
+    assert not torch.equal(apart.grad, one.grad) and not torch.equal(alias.grad, one.grad)
+    torch.testing.assert_close((apart.grad.float() + alias.grad.float()).bfloat16(), one.grad, rtol=2**-7, atol=1e-6)
 
 
 def check_backward_rows():

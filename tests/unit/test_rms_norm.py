@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script in the child
 from interpreted import main, run_check  # noqa: E402
 
-CHECKS = ("forward", "backward", "rows", "routing", "skip_backward", "add_skip", "skip_layers")
+CHECKS = ("forward", "backward", "rows", "routing", "skip_backward", "add_skip", "reader_aliases", "skip_layers",
+          "skip_layers_aliases")
 
 
 @pytest.mark.parametrize("check", CHECKS)
@@ -203,6 +204,120 @@ def check_add_skip():
     assert mixed.dtype == torch.float32 and torch.equal(mixed, a + b.float())
     assert "FrozenSkipRMSNormFnBackward" in _graph_nodes(
         rms_norm.frozen_add_skip_rms_norm(a.float().requires_grad_(), b, w.float(), 1e-5)[1].grad_fn)
+
+
+def check_reader_aliases():
+    """The skip nodes with 2 or 3 readers: the norm's output and aliases of it, whose
+    gradients the norm's kernel sums (rounded once) where autograd would add them; a reader
+    that sends no gradient is left out; `Readers` hands each module its alias only for the
+    offered output."""
+    import torch
+
+    from kubetune.trainer import rms_norm
+
+    x, w = _inputs(seed=8)
+    gen = torch.Generator().manual_seed(9)
+    dys = [torch.randn(x.shape, generator=gen).bfloat16() for _ in range(4)]
+    for readers, node in ((3, rms_norm.frozen_skip_rms_norm), (2, lambda a, *r, **k: rms_norm.frozen_add_skip_rms_norm(
+            a, torch.zeros_like(a), *r, **k))):
+        got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
+        passed, *ys = node(got, w, 1e-5, readers=readers)
+        assert len(ys) == readers and all(torch.equal(y, ys[0]) for y in ys)
+        ref_passed, ref_y = node(want, w, 1e-5)
+        torch.autograd.backward([passed, *ys], [dys[0].clone(), *(d.clone() for d in dys[1:readers + 1])])
+        torch.autograd.backward([ref_passed, *(ref_y for _ in ys)],
+                                [dys[0].clone(), *(d.clone() for d in dys[1:readers + 1])])
+        # one rounding of the readers' sum where autograd makes one per add: the sum within a
+        # bf16 ulp, which moves each input gradient by up to an ulp of the largest
+        scale = 2**-7 * float(want.grad.abs().max())
+        torch.testing.assert_close(got.grad.float(), want.grad.float(), rtol=2**-7, atol=scale)
+        # the first reader silent: the others' gradients alone
+        some = x.clone().requires_grad_()
+        passed, *ys = node(some, w, 1e-5, readers=readers)
+        torch.autograd.backward([passed, *ys[1:]], [dys[0].clone(), *(d.clone() for d in dys[2:readers + 1])])
+        alone = x.clone().requires_grad_()
+        ref_passed, ref_y = node(alone, w, 1e-5)
+        torch.autograd.backward([ref_passed, *(ref_y for _ in ys[1:])],
+                                [dys[0].clone(), *(d.clone() for d in dys[2:readers + 1])])
+        torch.testing.assert_close(some.grad.float(), alone.grad.float(), rtol=2**-7,
+                                   atol=2**-7 * float(alone.grad.abs().max()))
+    with pytest.raises(ValueError, match="readers"):
+        rms_norm.frozen_skip_rms_norm(x, w, 1e-5, readers=4)
+    # Readers: the alias for the offered output only, once
+    out, other = x.clone(), x.clone()
+    k_proj, v_proj = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    alias = out.detach()
+    rms_norm.readers.offer(out, {k_proj: alias})
+    assert rms_norm.readers.take(v_proj, out) is out and rms_norm.readers.take(k_proj, other) is other
+    assert rms_norm.readers.take(k_proj, out) is alias and rms_norm.readers.take(k_proj, out) is out
+    rms_norm.readers.clear()
+
+
+def check_skip_layers_aliases():
+    """A tiny Llama with LoRA on every projection, the fused LoRA node on each: with the
+    skip-norm forward, k_proj and v_proj read aliases of the first norm's output and up_proj
+    one of the second's (the norms' nodes then have 3 and 2 readers), and logits and
+    gradients are the layers' own forward's."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune.trainer import fast_paths, rms_norm
+
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64)
+
+    def make():  # twice from one seed (a deep copy would keep the first model's wrapped forwards)
+        torch.manual_seed(0)
+        base = transformers.AutoModelForCausalLM.from_config(cfg)
+        for m in base.modules():  # the norms as Liger patches them
+            if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon"):
+                m.casting_mode, m.offset = "llama", 0.0
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        assert fast_paths.fuse_lora_layers(model) == 2 * 7
+        assert fast_paths.frozen_norms(model) == 2 * 2 + 1
+        return model
+
+    own, skip = make(), make()
+    layers = fast_paths.decoder_layers(skip)
+    assert all(rms_norm.use_skip_norms(layer) for layer in layers)
+    ids = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for model in (own, skip):
+        emb = model.get_base_model().model.embed_tokens(ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=emb).logits
+        if model is skip:
+            used = _outputs_read(logits.grad_fn)
+            assert used["FrozenSkipRMSNormFnBackward"] == {0, 1, 2, 3}, used  # stream, q, k, v
+            assert used["FrozenAddSkipRMSNormFnBackward"] == {0, 1, 2}, used  # stream, gate, up
+        (logits.float() ** 2).mean().backward()
+        outs.append(logits)
+        lora = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        assert len(lora) == 2 * 7 * 2 and all(g is not None for g in lora)
+        grads.append((*lora, emb.grad))
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+    assert rms_norm.readers._out is None  # nothing kept after the layer
+
+
+def _outputs_read(fn) -> dict:
+    """For each node type, which of its outputs some node of the graph reads."""
+    out, seen, todo = {}, set(), [fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        for g, nr in f.next_functions:
+            if g is not None:
+                out.setdefault(type(g).__name__, set()).add(nr)
+                todo.append(g)
+    return out
 
 
 def _graph_nodes(fn) -> set:
