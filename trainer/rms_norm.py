@@ -35,9 +35,9 @@ def _warps(block: int) -> int:
 def normalize(x2, w, eps: float, rows: bool = False, add=None):
     """(y, rstd, y's rows) of Llama's RMSNorm of x2 (M, K) with weight w (K,): y in x2's
     dtype, rstd fp32 (M,); with `rows` also y's `fp8.quantize_rows` (q, scale) from the same
-    kernel (y is not read back for them), else None. With `add` (M, K, x2's dtype), a
-    tensor (M, K): the norm is of x2 + add (rounded as autograd's add), which the kernel writes
-    there too, and (y, rstd, rows, that sum) is returned."""
+    kernel (y is not read back for them), else None. With `add`, a tensor (M, K) of x2's
+    dtype: the norm is of x2 + add (rounded as autograd's add rounds it), a sum the kernel
+    also writes to a new tensor, returned fourth: (y, rstd, rows, the sum)."""
     import torch
 
     from kubetune.trainer import fp8
