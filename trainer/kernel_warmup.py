@@ -369,8 +369,7 @@ def libraries_step(geo: Geometry, perf, device, tokens: int) -> None:
         norm._kubetune_offer_rows = bool(perf.fp8)  # and marks them (`fast_paths.mark_fp8_siblings`)
         loss = loss + (norm(x * 1.0).float() ** 2).sum()  # in place on its input: not on the leaf
         # and as the pre-norm decoder layers call it (`rms_norm.use_skip_norms`): its backward
-        # adds the residual stream's gradient
-        # and its output's readers' gradients (q / k / v: three) summed in that kernel
+        # adds the residual stream's gradient and sums its output's readers' (q / k / v: three)
         passed, *ys = frozen_skip_rms_norm(x * 1.0, norm.weight, norm.variance_epsilon, bool(perf.fp8), readers=3)
         loss = loss + sum((y.float() ** 2).sum() for y in (passed, *ys))
         # and the second norm of those layers, with the residual stream's add in its kernel (the
