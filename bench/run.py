@@ -576,6 +576,8 @@ def run_case(args) -> dict:
                                                  if type(c).__name__ == "SelectiveCheckpointing")
             marks["kept_attention_layers"] = sum(getattr(c, "kept_attention", 0) for c in (callbacks or [])
                                                  if type(c).__name__ == "SelectiveCheckpointing")
+            marks["kept_attention_on_host"] = any(getattr(c, "kept_on_host", False) for c in (callbacks or [])
+                                                  if type(c).__name__ == "SelectiveCheckpointing")
 
     train_mod.load_model, dataset_mod.prepare, trl.SFTTrainer = load_model, prepare, BenchSFTTrainer
 
@@ -614,6 +616,7 @@ def run_case(args) -> dict:
         "peak_gib_reserved": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else 0,
         "uncheckpointed_layers": marks.get("uncheckpointed_layers", 0),
         "kept_attention_layers": marks.get("kept_attention_layers", 0),
+        "kept_attention_on_host": marks.get("kept_attention_on_host", False),
         "attention": marks.get("attn"),
         "steps": len(ends),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -1093,7 +1096,7 @@ def main() -> int:
         r["model_dir_changes"] = model_changes(model_fp, fingerprint(args.model_dir))
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
-              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without, {r.get('kept_attention_layers', 0)} keeping attention), "
+              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without, {r.get('kept_attention_layers', 0)} keeping attention{' on the host' if r.get('kept_attention_on_host') else ''}), "
               f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
 
     def run_reference(name: str, cmd: list[str], env: dict, cwd: Path, model_dir: Path) -> tuple[str, dict]:

@@ -217,8 +217,7 @@ class SelectiveCheckpointing(TrainerCallback):
     """Leaves the last `layers` decoder layers uncheckpointed (fast_paths.uncheckpoint_last_layers),
     once the Trainer has switched checkpointing on for all of them at the start of train(), and
     lets `kept_attention` checkpointed layers keep their attention output for the recompute
-    (fast_paths.keep_attention_outputs), in host memory with `kept_on_host` (the plan offloads
-    the checkpoints too)."""
+    (fast_paths.keep_attention_outputs), in host memory with `kept_on_host`."""
 
     def __init__(self, layers: int, kept_attention: int = 0, kept_on_host: bool = False):
         self.layers, self.kept_attention, self.kept_on_host = layers, kept_attention, kept_on_host

@@ -146,10 +146,11 @@ class MicroBatchPlan:
     uncheckpointed_layers: int = 0
     # The checkpointed layer inputs live in host memory (one row did not fit otherwise).
     offload: bool = False
-    host_bytes: int = 0  # what the offloaded checkpoints take on the host
-    # With checkpointing and `keep_attention`: how many checkpointed layers keep their
-    # attention output for the recompute, in the memory left after the above.
+    host_bytes: int = 0  # what the plan puts in host memory: offloaded checkpoints, kept attention outputs
+    # With checkpointing: how many checkpointed layers keep their attention output for the
+    # recompute, in host memory (`kept_attention_on_host`) or the GPU memory left after the above.
     kept_attention_layers: int = 0
+    kept_attention_on_host: bool = False
 
 
 def plan_micro_batch(
@@ -184,8 +185,9 @@ def plan_micro_batch(
     (`adapter_product_bytes_per_token`). `keep_attention`: the memory left after all
     that goes to checkpointed layers that keep their attention output for the recompute
     (`kept_attention_layers`; the attention kernel can, `packed_attention.KeptAttention`).
-    `keep_attention_on_host`: with the checkpoints on the host, every layer keeps its
-    attention output there too when host and GPU have room (`packed_attention.HostKeptAttention`).
+    `keep_attention_on_host`: every checkpointed layer keeps its attention output in host
+    memory when host and GPU have room (`packed_attention.HostKeptAttention`), beside the
+    checkpoints wherever they are; where it does, `keep_attention` is not needed.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -217,9 +219,17 @@ def plan_micro_batch(
         skip = 0
         if allow_no_checkpointing and spare >= kept_by_one:
             skip = int(min(shape.layers, 1 + spare // extra))
-        kept = (_kept_attention(shape, spare - max(0, skip - 1) * extra, int(rows) * max_length, shape.layers - skip)
-                if keep_attention else 0)
-        return MicroBatchPlan(int(rows), int(rows) * max_length, True, per_tok, budget_bytes, fixed_bytes, skip,
+        spare -= max(0, skip - 1) * extra
+        tokens = int(rows) * max_length
+        # Kept on the host first: every checkpointed layer's, for the GPU memory of one in flight.
+        if keep_attention_on_host and skip < shape.layers and _host_kept_attention_fits(
+                shape, spare, host_budget_bytes, tokens, shape.layers - skip):
+            kept = shape.layers - skip
+            return MicroBatchPlan(int(rows), tokens, True, per_tok, budget_bytes, fixed_bytes, skip,
+                                  host_bytes=tokens * kept * attention_output_bytes_per_token(shape),
+                                  kept_attention_layers=kept, kept_attention_on_host=True)
+        kept = _kept_attention(shape, spare, tokens, shape.layers - skip) if keep_attention else 0
+        return MicroBatchPlan(int(rows), tokens, True, per_tok, budget_bytes, fixed_bytes, skip,
                               kept_attention_layers=kept)
     # Not one row: the checkpoints to the host, one row at a time (a long-context run).
     off_tok = activation_bytes_per_token(shape, checkpointing=True, fused_loss=fused_loss, fused_kernels=fused_kernels,
@@ -229,10 +239,10 @@ def plan_micro_batch(
         # The checkpoints on the host: so are the kept attention outputs, for every layer or none.
         kept = 0
         if keep_attention_on_host and _host_kept_attention_fits(shape, free - off_tok * max_length, host_budget_bytes - host,
-                                                        max_length):
+                                                                max_length, shape.layers):
             kept, host = shape.layers, host + max_length * shape.layers * attention_output_bytes_per_token(shape)
         return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host,
-                              kept_attention_layers=kept)
+                              kept_attention_layers=kept, kept_attention_on_host=kept > 0)
     host_note = (f"; with the checkpoints in host memory it would need {off_tok * max_length / GIB:.1f} GiB here and "
                  f"{host / GIB:.1f} GiB of the host's {host_budget_bytes / GIB:.1f} GiB") if host_budget_bytes else ""
     raise MemoryError(
@@ -249,14 +259,14 @@ def _kept_attention(shape: ModelShape, spare: int, tokens: int, checkpointed: in
     return int(min(checkpointed, max(0, spare // per_layer)))
 
 
-def _host_kept_attention_fits(shape: ModelShape, spare: int, host_spare: int, tokens: int) -> bool:
-    """Whether every layer can keep its attention output in host memory
+def _host_kept_attention_fits(shape: ModelShape, spare: int, host_spare: int, tokens: int, layers: int) -> bool:
+    """Whether `layers` layers can keep their attention output in host memory
     (`packed_attention.HostKeptAttention`): the outputs and their statistics fit the host,
     and the GPU holds the next layer's while it is fetched (the one in use stands in for
     the output the recompute would have made, already counted): what one layer kept on the
     GPU costs, with the same quarter over the estimate."""
     per_layer = tokens * attention_output_bytes_per_token(shape)
-    return per_layer * 5 // 4 <= spare and shape.layers * per_layer <= host_spare
+    return per_layer * 5 // 4 <= spare and layers * per_layer <= host_spare
 
 
 def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = None) -> int:
@@ -268,10 +278,12 @@ def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = N
     return min(int(budget_gib * GIB), device_total_bytes)
 
 
-def host_budget_bytes() -> int:
-    """Host memory offloaded checkpoints may take: half of what is available now (the
-    container's cgroup limit where it is lower than the machine's), leaving the rest to the
-    data loader, pinned staging buffers and the page cache."""
+def host_budget_bytes(environ: Optional[dict] = None) -> int:
+    """Host memory this process's offloaded checkpoints and kept attention outputs may take:
+    half of what is available now (the container's cgroup limit where it is lower than the
+    machine's), leaving the rest to the data loader, pinned staging buffers and the page
+    cache, shared with the node's other ranks (LOCAL_WORLD_SIZE, set by the launcher), which
+    plan at the same time from the same figure."""
     avail = 0
     try:
         with open("/proc/meminfo") as f:
@@ -293,7 +305,9 @@ def host_budget_bytes() -> int:
             break
         except (OSError, ValueError):
             continue
-    return max(0, avail // 2)
+    env = os.environ if environ is None else environ
+    ranks = env.get("LOCAL_WORLD_SIZE") or "1"
+    return max(0, avail // 2 // (int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1))
 
 
 def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None, fused_kernels: bool = False,
@@ -351,9 +365,9 @@ KEEP_ATTENTION_ENV = "KUBETUNE_KEEP_ATTENTION"
 
 def kept_attention_modes(perf: Resolved, environ: Optional[dict] = None) -> tuple[bool, bool]:
     """Where checkpointed layers may keep their attention output for the recompute:
-    (in the GPU memory the plan leaves over, in host memory where the plan offloads the
-    checkpoints). Only with the varlen kernel, whose autograd node can reuse them.
-    KUBETUNE_KEEP_ATTENTION: unset, the host only; "1", both; "0", neither."""
+    (in the GPU memory the plan leaves over, in host memory). Only with the varlen kernel,
+    whose autograd node can reuse them. KUBETUNE_KEEP_ATTENTION: unset, the host only; "1",
+    both (the GPU where the host has no room); "0", neither."""
     env = os.environ if environ is None else environ
     value = env.get(KEEP_ATTENTION_ENV) or ""
     if value not in ("", "0", "1"):
@@ -398,7 +412,7 @@ def max_auto_tokens(environ: Optional[dict] = None) -> int:
     return int(value)
 
 
-def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int]:
+def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int, bool]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
     dataset.maxLength tokens) and whether to checkpoint activations come from
@@ -412,9 +426,10 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
     `perf.selective_checkpointing` (off under ZeRO-3, where partitioned weights
     make the measured memory meaningless; `performance.resolve`); and how many checkpointed
     layers keep their attention output for the recompute (`keep_attention_outputs`; 0
-    unless `kept_attention_modes` allows it)."""
+    unless `kept_attention_modes` allows it), and whether they keep it in host memory."""
     out = dict(kwargs)
     skip = kept = 0
+    on_host = False
     t = cfg.training
     if t.batch_size == "auto":
         from kubetune.trainer.deepspeed import zero3_enabled
@@ -431,17 +446,17 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
         if plan.checkpointing and perf.selective_checkpointing:
             skip = forced_uncheckpointed_layers(plan.uncheckpointed_layers, model)
         if plan.checkpointing:
-            kept = plan.kept_attention_layers
+            kept, on_host = plan.kept_attention_layers, plan.kept_attention_on_host
         if plan.offload:
             out["activation_offloading"] = True  # trl.SFTConfig: saved tensors to pinned host memory, side stream
         log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, %d keeping their "
-                 "attention output, checkpoints %s (%.1f of %.1f GiB budget fixed)", plan.rows, cfg.dataset.max_length,
-                 out["gradient_checkpointing"], skip, kept,
-                 f"offloaded to the host ({plan.host_bytes / GIB:.1f} GiB)" if plan.offload else "on the GPU",
-                 plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
+                 "attention output (%s), checkpoints %s, %.1f GiB of host memory (%.1f of %.1f GiB budget fixed)",
+                 plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip, kept,
+                 "on the host" if on_host else "on the GPU", "offloaded to the host" if plan.offload else "on the GPU",
+                 plan.host_bytes / GIB, plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return out, skip, kept
+    return out, skip, kept, on_host
 
 
 def use_offload_stash(trainer, layers: int = OFFLOAD_STASH_LAYERS) -> bool:

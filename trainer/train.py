@@ -349,12 +349,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
     uncheckpointed = kept_attention = 0
+    kept_on_host = False
     perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
     if cuda:
         from kubetune.trainer.memory_plan import tune_sft_arguments
 
         # micro-batch and (selective) checkpointing for this GPU's memory, within training.performance
-        sft_kwargs, uncheckpointed, kept_attention = tune_sft_arguments(sft_kwargs, model, cfg, perf)
+        sft_kwargs, uncheckpointed, kept_attention, kept_on_host = tune_sft_arguments(sft_kwargs, model, cfg, perf)
     args = SFTConfig(**sft_kwargs)
 
     reporter = None
@@ -368,9 +369,7 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
     if uncheckpointed or kept_attention:
-        # Where the checkpoints go to the host, so do the kept attention outputs (memory_plan).
-        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention,
-                                                kept_on_host=bool(sft_kwargs.get("activation_offloading"))))
+        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention, kept_on_host=kept_on_host))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
     if kernels is not None and state.is_main_process:

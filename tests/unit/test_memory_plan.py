@@ -90,13 +90,13 @@ def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expecte
                         "output": {"uri": "/o"}, "launch": {"strategy": strategy},
                         "training": {"performance": {"memoryBudgetGiB": 15.6}}})
     perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, env=env)
-    out, skip, kept = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+    out, skip, kept, on_host = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
     assert seen == {"max_length": 2048, "budget_gib": 15.6}  # the config's budget reaches the planner
     assert out["per_device_train_batch_size"] == 6 and out["gradient_checkpointing"] is True
     assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    assert skip == expected_skip and kept == 0  # kept attention outputs are opt-in
+    assert skip == expected_skip and kept == 0 and not on_host  # the plan kept no attention outputs
     explicit = parse_config({**cfg.to_dict(), "training": {"batchSize": 3}})
-    fixed, skip, kept = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
+    fixed, skip, kept, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
     assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's
 
 
@@ -161,10 +161,13 @@ def test_long_row_that_does_not_fit_offloads_its_checkpoints_when_the_host_has_r
         memory_plan.plan_micro_batch(LLAMA8B, max_length=131072, host_budget_bytes=64 * GIB, **kw)
 
 
-def test_host_budget_is_half_of_what_is_available():
-    b = memory_plan.host_budget_bytes()
+def test_host_budget_is_half_of_what_is_available_shared_by_the_nodes_ranks():
+    b = memory_plan.host_budget_bytes({})
     avail = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemAvailable:"))
     assert 0 < b <= avail // 2
+    # four ranks on the node plan at once, each from the same available memory: a quarter each
+    four = memory_plan.host_budget_bytes({"LOCAL_WORLD_SIZE": "4"})
+    assert 0 < four <= avail // 2 // 4 and abs(four - b // 4) < b // 8
 
 
 def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
@@ -184,7 +187,7 @@ def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
         cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 32768},
                             "output": {"uri": "/o"}, "launch": {"strategy": strategy}})
         perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, liger_installed=True)
-        out, _, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        out, _, _, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
         assert out["activation_offloading"] is True and out["per_device_train_batch_size"] == 1
         assert seen["allow_offload"] is offload_allowed
         assert seen["fused_kernels"] is (perf.liger and perf.fused_lora)
@@ -246,6 +249,64 @@ def test_kept_attention_outputs_take_the_memory_left_over():
         **{**common, "max_length": 16384,
            "budget_bytes": common["fixed_bytes"] + 16384 * plain.bytes_per_token + gpu_need - 1})
     assert tight_gpu.offload and tight_gpu.kept_attention_layers == 0
+
+
+def test_checkpointed_layers_keep_their_attention_output_on_the_host_beside_gpu_checkpoints():
+    """8B at 8 x 2,048 under 15.6 GiB: the checkpoints stay on the GPU, and every checkpointed
+    layer's attention output goes to the host for its recompute, for one layer's output in
+    flight on the GPU (issue 16, thirteenth round)."""
+    shape = memory_plan.ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+    common = dict(max_length=2048, budget_bytes=int(15.6 * GIB), fixed_bytes=int(5.0 * GIB), fused_loss=True,
+                  fused_kernels=True)
+    off = memory_plan.plan_micro_batch(shape, **common)
+    host = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB, **common)
+    assert not off.kept_attention_on_host and off.kept_attention_layers == 0 and off.host_bytes == 0
+    assert (host.rows, host.uncheckpointed_layers, host.offload) == (off.rows, off.uncheckpointed_layers, False)
+    assert host.uncheckpointed_layers > 0 and host.kept_attention_on_host
+    assert host.kept_attention_layers == 32 - host.uncheckpointed_layers  # every checkpointed layer, no more
+    assert host.host_bytes == 16384 * host.kept_attention_layers * (4096 * 2 + 32 * 4)
+    # allowed on the GPU too: the host still takes them all (one in flight instead of many kept)
+    both = memory_plan.plan_micro_batch(shape, keep_attention=True, keep_attention_on_host=True,
+                                        host_budget_bytes=64 * GIB, **common)
+    assert both == host
+    # a host without room: none there; on the GPU only where allowed, in what is left over
+    small_host = host.host_bytes - 1
+    none = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=small_host, **common)
+    assert none == off
+    gpu = memory_plan.plan_micro_batch(shape, keep_attention=True, keep_attention_on_host=True,
+                                       host_budget_bytes=small_host, **common)
+    assert gpu == memory_plan.plan_micro_batch(shape, keep_attention=True, **common)
+    assert 0 < gpu.kept_attention_layers < host.kept_attention_layers and not gpu.kept_attention_on_host
+    # a GPU without room for the output in flight: none kept
+    further = off.tokens * memory_plan.uncheckpointed_layer_bytes_per_token(shape, fused_kernels=True) * 5 // 4
+    left = off.budget_bytes - off.fixed_bytes - off.tokens * off.bytes_per_token - (off.uncheckpointed_layers - 1) * further
+    in_flight = off.tokens * memory_plan.attention_output_bytes_per_token(shape) * 5 // 4
+    assert left >= in_flight  # this budget has room for it
+    tight = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
+                                         **{**common, "budget_bytes": common["budget_bytes"] - (left - in_flight) - 1})
+    assert tight.uncheckpointed_layers == off.uncheckpointed_layers and tight.kept_attention_layers == 0
+    # every layer uncheckpointed: nothing to keep
+    roomy = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
+                                         **{**common, "budget_bytes": 200 * GIB})
+    assert not roomy.checkpointing and roomy.kept_attention_layers == 0 and roomy.host_bytes == 0
+
+
+def test_tune_sft_arguments_says_where_the_outputs_are_kept(monkeypatch):
+    from kubetune.trainer.config import parse_config
+    from kubetune.trainer.performance import resolve
+
+    seen = {}
+    for on_host in (True, False):
+        plan = memory_plan.MicroBatchPlan(rows=8, tokens=16384, checkpointing=True, bytes_per_token=1, budget_bytes=2,
+                                          fixed_bytes=1, uncheckpointed_layers=2, kept_attention_layers=30,
+                                          kept_attention_on_host=on_host)
+        monkeypatch.setattr(memory_plan, "auto_micro_batch", lambda model, max_length, budget_gib, **kw: seen.update(kw) or plan)
+        cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 2048},
+                            "output": {"uri": "/o"}})
+        perf = resolve(cfg.training.performance, method=cfg.method, strategy="ddp", cuda=True, liger_installed=True)
+        _, skip, kept, where = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        assert (skip, kept, where) == (2, 30, on_host)
+        assert seen["keep_attention_on_host"] is (perf.attention == "varlen")
 
 
 def test_kept_attention_goes_to_the_host_by_default_and_needs_the_varlen_kernel():
