@@ -332,19 +332,40 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool = False) -> int:
+def host_copies_pinned_ahead(model, layers: int, tokens: int):
+    """A `packed_attention.HostCopies` that starts pinning, now and in the background, the host
+    buffers of `layers` layers' attention outputs and log-sum-exps for micro-batches of up to
+    `tokens` tokens (for `keep_attention_outputs(..., copies=...)`)."""
+    import torch
+
+    from kubetune.trainer.packed_attention import HostCopies
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    embed = base.get_input_embeddings().weight  # the activations' dtype, so the outputs'
+    copies = HostCopies()
+    cuda = embed.device.type == "cuda"
+    copies.reserve(layers, [(tokens * heads * head_dim, embed.dtype), (heads * tokens, torch.float32)], pin=cuda,
+                   device=embed.device if cuda else None)
+    return copies
+
+
+def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool = False, copies=None) -> int:
     """The `n` checkpointed decoder layers nearest the end (before the `uncheckpointed`
     last ones) keep their attention output for the recompute (`packed_attention.KeptAttention`,
     read by the varlen kernel); the others drop a slot an earlier call gave them. Nearest
     the end, because the backward reaches them, and frees their outputs, first. `on_host`:
     the outputs wait in host memory (`HostKeptAttention`), each layer's fetched back while
-    the backward runs through the layer after it. Returns how many keep one."""
+    the backward runs through the layer after it, through `copies` where given (buffers
+    pinned ahead: `host_copies_pinned_ahead`). Returns how many keep one."""
     from kubetune.trainer.packed_attention import KEPT_ATTR, HostCopies, HostKeptAttention, KeptAttention
 
     layers = decoder_layers(model)
     checkpointed = layers[:max(0, len(layers) - uncheckpointed)]
     chosen = checkpointed[len(checkpointed) - min(max(n, 0), len(checkpointed)):] if n > 0 else []
-    copies, previous = (HostCopies() if on_host else None), None
+    copies, previous = ((copies or HostCopies()) if on_host else None), None
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
         if attn is None:

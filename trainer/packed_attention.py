@@ -327,6 +327,42 @@ class HostCopies:
         self.stream = None
         self.in_flight = in_flight
         self._copying: list = []  # (GPU tensor, copy done) on their way to the host
+        self._reserved = None  # queue of buffer sets pinned ahead (`reserve`)
+        self._unclaimed = 0
+
+    def reserve(self, count: int, sizes: list, pin: bool = True, device=None) -> None:
+        """Allocates `count` sets of flat host buffers, one per (numel, dtype) of `sizes`, on
+        a background thread, for the layers' first `keep`s to claim in order (`claim`).
+
+        Why: pinning host memory is slow (about 2 s for 30 layers' outputs at 16k tokens on
+        8B, bench/RESULTS.md, issue 16, thirteenth round) and the first step would otherwise
+        do it layer by layer; started when the plan is known, it runs while the Trainer is
+        set up. A set that could not be allocated is None: its layer allocates its own."""
+        import queue
+        import threading
+
+        import torch
+
+        self._reserved, self._unclaimed = queue.Queue(), count
+
+        def pin_all():
+            if device is not None:
+                torch.cuda.set_device(device)
+            for _ in range(count):
+                try:
+                    bufs = [torch.empty(n, dtype=dtype, pin_memory=pin) for n, dtype in sizes]
+                except (RuntimeError, MemoryError):
+                    bufs = None
+                self._reserved.put(bufs)
+
+        threading.Thread(target=pin_all, name="kubetune-pin-host", daemon=True).start()
+
+    def claim(self):
+        """The next set `reserve` pinned (waiting for it), or None once all are claimed."""
+        if self._unclaimed <= 0:
+            return None
+        self._unclaimed -= 1
+        return self._reserved.get()
 
     def to_host(self, t, buf):
         """`t` copied into `buf` (a flat host buffer, reused while it is large enough; pinned
@@ -399,10 +435,11 @@ class HostKeptAttention(KeptAttention):
     """A kept attention output and its log-sum-exp that wait in pinned host memory
     (`HostCopies`) instead of the GPU; the kernel's random state stays there.
 
-    Why: where the checkpoints themselves go to the host (long rows under a tight budget),
-    the GPU has no room for the outputs (130 MiB a layer at 16k tokens on 8B), but the host
-    has, and the copy (about 2.5 ms a layer over PCIe, on a side stream) is shorter than the
-    attention forward it saves (about 5 ms a layer at 16k tokens, more as rows grow).
+    Why: the GPU has no room for every checkpointed layer's output (130 MiB a layer at 16k
+    tokens on 8B), but the host has. Each copy (about 2.5 ms a layer over PCIe) runs on a
+    side stream while the GPU goes on with the layer, so the attention forward it saves is
+    all gain: about 0.6 ms a layer in rows of 2,048 (+1.6% on the 8B step), 5 ms in one row
+    of 16k, more as rows grow (bench/RESULTS.md, issue 16, fourth and thirteenth rounds).
     Taking one output starts fetching the output of `previous`, the layer whose recompute
     the backward reaches next, so the copy runs behind this layer's backward: the GPU holds
     one layer's output in flight, what one layer kept there would cost."""
@@ -416,6 +453,8 @@ class HostKeptAttention(KeptAttention):
         self._fetched = None
 
     def keep(self, cu, value) -> None:
+        if self._bufs[0] is None:  # this layer's first output: buffers pinned ahead, if any
+            self._bufs = list(self.copies.claim() or self._bufs)
         views = []
         for i, t in enumerate(value[: self.MOVED]):
             self._bufs[i], view = self.copies.to_host(t, self._bufs[i])

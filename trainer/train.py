@@ -369,7 +369,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
     if uncheckpointed or kept_attention:
-        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention, kept_on_host=kept_on_host))
+        copies = None
+        if kept_on_host:  # the host buffers pinned while the Trainer is set up, not in the first step
+            from kubetune.trainer.fast_paths import host_copies_pinned_ahead
+
+            copies = host_copies_pinned_ahead(model, kept_attention,
+                                              args.per_device_train_batch_size * cfg.dataset.max_length)
+        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention, kept_on_host=kept_on_host, copies=copies))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
     if kernels is not None and state.is_main_process:

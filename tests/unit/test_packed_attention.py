@@ -364,6 +364,54 @@ def test_keep_attention_outputs_picks_checkpointed_layers_nearest_the_end():
     assert len({id(s.copies) for s in chain}) == 1
 
 
+def test_host_buffers_pinned_ahead_are_claimed_in_order_and_reused():
+    """`HostCopies.reserve` makes the buffer sets on a thread; each layer's first keep claims
+    the next set and copies into it; a set too small, or one that failed, is replaced by the
+    layer's own; once all are claimed, later layers make their own."""
+    copies = pa.HostCopies()
+    copies.reserve(2, [(6, torch.float32), (4, torch.float32)], pin=False)
+    first, second, third = (pa.HostKeptAttention(copies) for _ in range(3))
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    out, lse = torch.arange(6.0).view(3, 2), torch.ones(2, 2)
+    first.keep(cu, (out, lse, "rng"))
+    reserved = list(first._bufs)
+    assert [b.numel() for b in reserved] == [6, 4]
+    back, back_lse, _ = first.take(cu)
+    assert torch.equal(back, out) and torch.equal(back_lse, lse)
+    first.keep(cu, (out * 2, lse, "rng"))  # the next step: the same buffers again
+    assert all(a is b for a, b in zip(first._bufs, reserved))
+    assert torch.equal(first.take(cu)[0], out * 2)
+    big = torch.zeros(4, 2)  # more tokens than reserved for: a buffer of its own, the reserved lse kept
+    second.keep(cu, (big, lse, "rng"))
+    assert second._bufs[0].numel() == 8 and second._bufs[1].numel() == 4
+    third.keep(cu, (out, lse, "rng"))  # nothing left reserved: its own, the sizes it needs
+    assert [b.numel() for b in third._bufs] == [6, 4] and copies.claim() is None
+    # an allocation that fails leaves its set to the layer
+    failing = pa.HostCopies()
+    failing.reserve(1, [(-1, torch.float32)], pin=False)
+    assert failing.claim() is None
+    slot = pa.HostKeptAttention(failing)
+    slot.keep(cu, (out, lse, "rng"))
+    assert torch.equal(slot.take(cu)[0], out)
+
+
+def test_host_copies_pinned_ahead_fit_the_models_outputs():
+    from kubetune.trainer import fast_paths
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)).to(torch.bfloat16)
+    copies = fast_paths.host_copies_pinned_ahead(model, 2, 24)
+    sets = [copies.claim() for _ in range(2)]
+    assert copies.claim() is None
+    for bufs in sets:  # 24 tokens x 4 heads x head_dim 16 in the activations' dtype; fp32 per head and token
+        assert [(b.numel(), b.dtype) for b in bufs] == [(24 * 4 * 16, torch.bfloat16), (4 * 24, torch.float32)]
+    assert fast_paths.keep_attention_outputs(model, 2, uncheckpointed=1, on_host=True, copies=copies) == 2
+    slots = [getattr(layer.self_attn, pa.KEPT_ATTR) for layer in fast_paths.decoder_layers(model)]
+    assert slots[0].copies is copies and slots[1].copies is copies and slots[2] is None
+
+
 def test_host_kept_attention_serves_each_recompute_and_fetches_the_next(cpu_flash):
     """Three checkpointed layers keep their outputs on the host: each recompute takes its
     own (no second kernel call), taking one fetches the layer before it, gradients equal
