@@ -138,6 +138,9 @@ VARIANTS = {
     "keepattn": {},
     # the same case with no kept attention outputs at all (not even on the host, the default)
     "nokeep": {},
+    # the same case with the attention outputs kept on the host without the output projections'
+    # outputs beside them (the default since the thirteenth round keeps both)
+    "nokeepout": {},
     # the same case with the SwiGLU product quantised where it is made, and with the forward
     # FP8 products' fast accumulation (each opt-in when measured in issue 16's fifth round,
     # the default since); "noswiglu" and "noacc" turn them off
@@ -171,6 +174,7 @@ VARIANT_ENV = {
     "expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     "keepattn": {"KUBETUNE_KEEP_ATTENTION": "1"},
     "nokeep": {"KUBETUNE_KEEP_ATTENTION": "0"},
+    "nokeepout": {"KUBETUNE_KEEP_OUTPUT": "0"},
     "swiglu": {"KUBETUNE_FP8_SWIGLU": "1"},
     "fastacc": {"KUBETUNE_FP8_FAST_ACCUM": "1"},
     "noswiglu": {"KUBETUNE_FP8_SWIGLU": "0"},
@@ -578,6 +582,8 @@ def run_case(args) -> dict:
                                                  if type(c).__name__ == "SelectiveCheckpointing")
             marks["kept_attention_on_host"] = any(getattr(c, "kept_on_host", False) for c in (callbacks or [])
                                                   if type(c).__name__ == "SelectiveCheckpointing")
+            marks["kept_output_on_host"] = any(getattr(c, "kept_output", False) for c in (callbacks or [])
+                                               if type(c).__name__ == "SelectiveCheckpointing")
 
     train_mod.load_model, dataset_mod.prepare, trl.SFTTrainer = load_model, prepare, BenchSFTTrainer
 
@@ -617,6 +623,7 @@ def run_case(args) -> dict:
         "uncheckpointed_layers": marks.get("uncheckpointed_layers", 0),
         "kept_attention_layers": marks.get("kept_attention_layers", 0),
         "kept_attention_on_host": marks.get("kept_attention_on_host", False),
+        "kept_output_on_host": marks.get("kept_output_on_host", False),
         "attention": marks.get("attn"),
         "steps": len(ends),
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
@@ -1096,7 +1103,7 @@ def main() -> int:
         r["model_dir_changes"] = model_changes(model_fp, fingerprint(args.model_dir))
         results.append(r)
         print(f"case {spec}: {r['tokens_per_s']} tok/s, MFU {r['mfu_4N']:.3f}, peak train {r['peak_gib_train']} GiB "
-              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without, {r.get('kept_attention_layers', 0)} keeping attention{' on the host' if r.get('kept_attention_on_host') else ''}), "
+              f"(load {r['peak_gib_load']}), micro-batch {r['micro_batch_rows']}x{r['max_length']} gc={r['gradient_checkpointing']} (last {r['uncheckpointed_layers']} layers without, {r.get('kept_attention_layers', 0)} keeping attention{' on the host' if r.get('kept_attention_on_host') else ''}{' with o_proj' if r.get('kept_output_on_host') else ''}), "
               f"first step after {r['ttfs']['process_start_to_first_step_s']}s, loss {list(r['loss'].values())[-1:]}", flush=True)
 
     def run_reference(name: str, cmd: list[str], env: dict, cwd: Path, model_dir: Path) -> tuple[str, dict]:

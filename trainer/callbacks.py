@@ -214,21 +214,24 @@ class SaveKernelCache(TrainerCallback):
 
 
 class SelectiveCheckpointing(TrainerCallback):
-    """Leaves the last `layers` decoder layers uncheckpointed (fast_paths.uncheckpoint_last_layers),
-    once the Trainer has switched checkpointing on for all of them at the start of train(), and
-    lets `kept_attention` checkpointed layers keep their attention output for the recompute
+    """Applies the plan's `memory_plan.LayerChoices`: leaves the last `layers` decoder layers
+    uncheckpointed (fast_paths.uncheckpoint_last_layers), once the Trainer has switched
+    checkpointing on for all of them at the start of train(), and lets `kept_attention`
+    checkpointed layers keep their attention output for the recompute
     (fast_paths.keep_attention_outputs), in host memory with `kept_on_host` (through `copies`,
-    whose buffers are pinned ahead, where given)."""
+    whose buffers are pinned ahead, where given), the output projection's beside it with
+    `kept_output`."""
 
-    def __init__(self, layers: int, kept_attention: int = 0, kept_on_host: bool = False, copies=None):
-        self.layers, self.kept_attention, self.kept_on_host, self.copies = layers, kept_attention, kept_on_host, copies
+    def __init__(self, choices, copies=None):
+        self.layers, self.kept_attention, self.kept_on_host, self.kept_output = choices
+        self.copies = copies
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and args.gradient_checkpointing:
             uncheckpoint_last_layers(model, self.layers)
             if self.kept_attention:
                 keep_attention_outputs(model, self.kept_attention, uncheckpointed=self.layers,
-                                       on_host=self.kept_on_host, copies=self.copies)
+                                       on_host=self.kept_on_host, copies=self.copies, with_output=self.kept_output)
 
 
 class ReportProgress(TrainerCallback):

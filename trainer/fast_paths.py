@@ -28,6 +28,7 @@ import logging
 
 from kubetune.trainer import fp8, rms_norm
 from kubetune.trainer.lora_kernels import frozen_linear_fp8, lora_linear, plain_or_4bit_linear
+from kubetune.trainer.packed_attention import KEPT_OUTPUT_ATTR
 from kubetune.trainer.performance import Resolved
 
 log = logging.getLogger(__name__)
@@ -80,9 +81,9 @@ def _fused_lora_forward(layer, original):
         p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
         return lora_linear(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.get_base_layer(),
                            layer.scaling[name], p, getattr(layer, "_kubetune_fp8", False),
-                           getattr(layer, "_kubetune_fp8_share", None))
+                           getattr(layer, "_kubetune_fp8_share", None), getattr(layer, KEPT_OUTPUT_ATTR, None))
 
-    forward._kubetune_fused = forward._kubetune_takes_alias = True
+    forward._kubetune_fused = forward._kubetune_takes_alias = forward._kubetune_keeps_output = True
     return forward
 
 
@@ -221,9 +222,10 @@ def share_roles(n: int) -> list:
 
 def _fp8_forward(module):
     def forward(x, *args, **kwargs):
-        return frozen_linear_fp8(rms_norm.readers.take(module, x), module, getattr(module, "_kubetune_fp8_share", None))
+        return frozen_linear_fp8(rms_norm.readers.take(module, x), module, getattr(module, "_kubetune_fp8_share", None),
+                                 getattr(module, KEPT_OUTPUT_ATTR, None))
 
-    forward._kubetune_fp8 = forward._kubetune_takes_alias = True
+    forward._kubetune_fp8 = forward._kubetune_takes_alias = forward._kubetune_keeps_output = True
     return forward
 
 
@@ -332,10 +334,11 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def host_copies_pinned_ahead(model, layers: int, tokens: int):
+def host_copies_pinned_ahead(model, layers: int, tokens: int, with_output: bool = True):
     """A `packed_attention.HostCopies` that starts pinning, now and in the background, the host
-    buffers of `layers` layers' attention outputs and log-sum-exps for micro-batches of up to
-    `tokens` tokens (for `keep_attention_outputs(..., copies=...)`)."""
+    buffers of `layers` layers' attention outputs, log-sum-exps and (`with_output`) output
+    projections' outputs for micro-batches of up to `tokens` tokens (for
+    `keep_attention_outputs(..., copies=...)`)."""
     import torch
 
     from kubetune.trainer.packed_attention import HostCopies
@@ -347,19 +350,23 @@ def host_copies_pinned_ahead(model, layers: int, tokens: int):
     embed = base.get_input_embeddings().weight  # the activations' dtype, so the outputs'
     copies = HostCopies()
     cuda = embed.device.type == "cuda"
-    copies.reserve(layers, [(tokens * heads * head_dim, embed.dtype), (heads * tokens, torch.float32)], pin=cuda,
-                   device=embed.device if cuda else None)
+    sizes = [(tokens * heads * head_dim, embed.dtype), (heads * tokens, torch.float32)]
+    if with_output:
+        sizes.append((tokens * config.hidden_size, embed.dtype))
+    copies.reserve(layers, sizes, pin=cuda, device=embed.device if cuda else None)
     return copies
 
 
-def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool = False, copies=None) -> int:
+def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool = False, copies=None,
+                           with_output: bool = False) -> int:
     """The `n` checkpointed decoder layers nearest the end (before the `uncheckpointed`
     last ones) keep their attention output for the recompute (`packed_attention.KeptAttention`,
     read by the varlen kernel); the others drop a slot an earlier call gave them. Nearest
     the end, because the backward reaches them, and frees their outputs, first. `on_host`:
     the outputs wait in host memory (`HostKeptAttention`), each layer's fetched back while
     the backward runs through the layer after it, through `copies` where given (buffers
-    pinned ahead: `host_copies_pinned_ahead`). Returns how many keep one."""
+    pinned ahead: `host_copies_pinned_ahead`), and with `with_output` so does the output
+    projection's output where its node can keep it. Returns how many keep one."""
     from kubetune.trainer.packed_attention import KEPT_ATTR, HostCopies, HostKeptAttention, KeptAttention
 
     layers = decoder_layers(model)
@@ -374,6 +381,11 @@ def keep_attention_outputs(model, n: int, uncheckpointed: int = 0, on_host: bool
         if layer in chosen:
             slot = previous = HostKeptAttention(copies, previous) if on_host else KeptAttention()
         setattr(attn, KEPT_ATTR, slot)
+        # The output projection keeps its output in the slot too, where its node can (the fused
+        # LoRA node, the frozen FP8 one): on the host only (`HostKeptAttention.keep_output`).
+        o_proj = getattr(attn, "o_proj", None)
+        if o_proj is not None and getattr(o_proj.forward, "_kubetune_keeps_output", False):
+            setattr(o_proj, KEPT_OUTPUT_ATTR, slot if on_host and with_output else None)
     return sum(1 for layer in chosen if getattr(layer, "self_attn", None) is not None)
 
 

@@ -83,16 +83,21 @@ def _lora_linear_fn():
 
     class LoraLinearFn(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, use_fp8: bool, share):
+        def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, use_fp8: bool, share, kept):
             cdt = compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
-            if use_fp8:
+            # A recompute whose layer kept this output (`packed_attention.KeptAttention.keep_output`):
+            # the first forward's, adapter included; only what the backward saves is made again.
+            given = kept.take_output() if kept is not None else None
+            if given is not None:
+                y = given.view(x2.shape[0], -1)
+            elif use_fp8:
                 wq, scale = fp8_weight(base, cdt)
                 y = fp8.linear(x2, None, cdt, w_scale=scale, x_rows=_fp8_rows(x, x2, share), wq=wq)
             else:
                 y = x2 @ dense_weight(base, cdt).t()
-            if getattr(base, "bias", None) is not None:
+            if given is None and getattr(base, "bias", None) is not None:
                 y += base.bias.to(cdt)
             a, b = lora_a.to(cdt), lora_b.to(cdt)
             ctx.seed = None
@@ -105,8 +110,11 @@ def _lora_linear_fn():
             else:
                 xd, mask = dropout_with_mask(x2, p) if p > 0 else (x2, None)
                 xa = xd @ a.t()
-            if not lora_dropout.add_product(y, xa, b, scaling):  # one pass over y (`add_product`)
-                y.addmm_(xa, b.t(), alpha=scaling)
+            if given is None:
+                if not lora_dropout.add_product(y, xa, b, scaling):  # one pass over y (`add_product`)
+                    y.addmm_(xa, b.t(), alpha=scaling)
+                if kept is not None:
+                    kept.keep_output(y)
             ctx.save_for_backward(xd, xa, lora_a, lora_b, mask)
             ctx.base, ctx.scaling, ctx.cdt, ctx.shape, ctx.p, ctx.fp8 = base, scaling, cdt, shape, p, use_fp8
             return y.view(*shape[:-1], y.shape[-1])
@@ -139,16 +147,20 @@ def _lora_linear_fn():
                 else:
                     dx.add_(torch.ops.aten.native_dropout_backward(dxa @ a, mask, 1.0 / (1.0 - ctx.p)))
                 dx = dx.view(ctx.shape)
-            return dx, d_a, d_b, None, None, None, None, None
+            return dx, d_a, d_b, None, None, None, None, None, None
 
     return LoraLinearFn
 
 
-def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0, use_fp8: bool = False, share=None):
+def lora_linear(x, lora_a, lora_b, base, scaling: float, p: float = 0.0, use_fp8: bool = False, share=None,
+                kept=None):
     """base(x) + scaling * dropout_p(x) @ A^T @ B^T as one autograd node; with
     use_fp8 the base product (forward and input gradient) runs in FP8 (`fp8`),
-    and `share` (fp8.OPEN/USE/CLOSE) reuses a sibling projection's quantised input."""
-    return _lora_linear_fn().apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8), share)
+    and `share` (fp8.OPEN/USE/CLOSE) reuses a sibling projection's quantised input.
+    `kept` (a layer's `packed_attention.KeptAttention`, for its output projection): the
+    output goes to it in a first forward and comes back from it in the recompute."""
+    return _lora_linear_fn().apply(x, lora_a, lora_b, base, float(scaling), float(p), bool(use_fp8), share,
+                                   kept if share is None else None)
 
 
 def compute_dtype_of(x):
@@ -170,17 +182,23 @@ def _frozen_linear_fn():
         FP8; saves nothing (the weight is re-read in the backward, as bitsandbytes does)."""
 
         @staticmethod
-        def forward(ctx, x, base, share):
+        def forward(ctx, x, base, share, kept):
             cdt = compute_dtype_of(x)
             shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(cdt)
-            y = _frozen_product(base, cdt, x2, _fp8_rows(x, x2, share))
+            given = kept.take_output() if kept is not None else None  # as in LoraLinearFn
+            if given is not None:
+                y = given.view(x2.shape[0], -1)
+            else:
+                y = _frozen_product(base, cdt, x2, _fp8_rows(x, x2, share))
+                if kept is not None:
+                    kept.keep_output(y)
             ctx.base, ctx.cdt, ctx.shape = base, cdt, shape
             return y.view(*shape[:-1], y.shape[-1])
 
         @staticmethod
         def backward(ctx, dy):
-            return _frozen_input_grad(ctx.base, ctx.cdt, dy).view(ctx.shape), None, None
+            return _frozen_input_grad(ctx.base, ctx.cdt, dy).view(ctx.shape), None, None, None
 
     return FrozenLinearFn
 
@@ -202,10 +220,10 @@ def _frozen_input_grad(base, cdt, dy, dy_rows=None):
                                  dy_rows=dy_rows)
 
 
-def frozen_linear_fp8(x, base, share=None):
-    """A frozen linear layer's forward with its product in FP8 (`fp8`); `share`
+def frozen_linear_fp8(x, base, share=None, kept=None):
+    """A frozen linear layer's forward with its product in FP8 (`fp8`); `share` and `kept`
     as in `lora_linear`."""
-    return _frozen_linear_fn().apply(x, base, share)
+    return _frozen_linear_fn().apply(x, base, share, kept if share is None else None)
 
 
 # The SwiGLU product h = silu(gate) * up never exists in the compute dtype on the fused paths:

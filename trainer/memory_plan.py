@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from kubetune.trainer.performance import Resolved
 
@@ -108,6 +108,14 @@ def attention_output_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2
     return shape.hidden * bytes_per_value + shape.heads * 4
 
 
+def host_kept_bytes_per_token(shape: ModelShape, bytes_per_value: int = 2) -> int:
+    """What one layer keeping its attention output in host memory moves there per token: the
+    output and its statistics, and the output projection's output (hidden-sized), which the
+    recompute takes too (`packed_attention.HostKeptAttention.keep_output`). The GPU holds as
+    much for the layer being fetched."""
+    return attention_output_bytes_per_token(shape, bytes_per_value) + shape.hidden * bytes_per_value
+
+
 def activation_bytes_per_token(shape: ModelShape, *, checkpointing: bool, fused_loss: bool, bytes_per_value: int = 2,
                                fused_kernels: bool = False, offload: bool = False) -> int:
     """Estimated training memory per token of a micro-batch (bf16 activations).
@@ -151,6 +159,8 @@ class MicroBatchPlan:
     # recompute, in host memory (`kept_attention_on_host`) or the GPU memory left after the above.
     kept_attention_layers: int = 0
     kept_attention_on_host: bool = False
+    # On the host, the output projection's output is kept beside it (its recompute skipped).
+    kept_output_on_host: bool = False
 
 
 def plan_micro_batch(
@@ -222,12 +232,13 @@ def plan_micro_batch(
         spare -= max(0, skip - 1) * extra
         tokens = int(rows) * max_length
         # Kept on the host first: every checkpointed layer's, for the GPU memory of one in flight.
-        if keep_attention_on_host and skip < shape.layers and _host_kept_attention_fits(
-                shape, spare, host_budget_bytes, tokens, shape.layers - skip):
-            kept = shape.layers - skip
+        kept = shape.layers - skip
+        moved = _host_kept_per_token(shape, spare, host_budget_bytes, tokens, kept) if keep_attention_on_host else 0
+        if kept and moved:
             return MicroBatchPlan(int(rows), tokens, True, per_tok, budget_bytes, fixed_bytes, skip,
-                                  host_bytes=tokens * kept * attention_output_bytes_per_token(shape),
-                                  kept_attention_layers=kept, kept_attention_on_host=True)
+                                  host_bytes=tokens * kept * moved, kept_attention_layers=kept,
+                                  kept_attention_on_host=True,
+                                  kept_output_on_host=moved == host_kept_bytes_per_token(shape))
         kept = _kept_attention(shape, spare, tokens, shape.layers - skip) if keep_attention else 0
         return MicroBatchPlan(int(rows), tokens, True, per_tok, budget_bytes, fixed_bytes, skip,
                               kept_attention_layers=kept)
@@ -237,12 +248,13 @@ def plan_micro_batch(
     host = max_length * checkpoint_bytes_per_token(shape)
     if free >= off_tok * max_length and host <= host_budget_bytes:
         # The checkpoints on the host: so are the kept attention outputs, for every layer or none.
-        kept = 0
-        if keep_attention_on_host and _host_kept_attention_fits(shape, free - off_tok * max_length, host_budget_bytes - host,
-                                                                max_length, shape.layers):
-            kept, host = shape.layers, host + max_length * shape.layers * attention_output_bytes_per_token(shape)
-        return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True, host_bytes=host,
-                              kept_attention_layers=kept, kept_attention_on_host=kept > 0)
+        moved = (_host_kept_per_token(shape, free - off_tok * max_length, host_budget_bytes - host, max_length,
+                                      shape.layers) if keep_attention_on_host else 0)
+        kept = shape.layers if moved else 0
+        return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True,
+                              host_bytes=host + max_length * kept * moved, kept_attention_layers=kept,
+                              kept_attention_on_host=kept > 0,
+                              kept_output_on_host=kept > 0 and moved == host_kept_bytes_per_token(shape))
     host_note = (f"; with the checkpoints in host memory it would need {off_tok * max_length / GIB:.1f} GiB here and "
                  f"{host / GIB:.1f} GiB of the host's {host_budget_bytes / GIB:.1f} GiB") if host_budget_bytes else ""
     raise MemoryError(
@@ -259,14 +271,18 @@ def _kept_attention(shape: ModelShape, spare: int, tokens: int, checkpointed: in
     return int(min(checkpointed, max(0, spare // per_layer)))
 
 
-def _host_kept_attention_fits(shape: ModelShape, spare: int, host_spare: int, tokens: int, layers: int) -> bool:
-    """Whether `layers` layers can keep their attention output in host memory
-    (`packed_attention.HostKeptAttention`): the outputs and their statistics fit the host,
-    and the GPU holds the next layer's while it is fetched (the one in use stands in for
-    the output the recompute would have made, already counted): what one layer kept on the
-    GPU costs, with the same quarter over the estimate."""
-    per_layer = tokens * attention_output_bytes_per_token(shape)
-    return per_layer * 5 // 4 <= spare and layers * per_layer <= host_spare
+def _host_kept_per_token(shape: ModelShape, spare: int, host_spare: int, tokens: int, layers: int) -> int:
+    """What `layers` layers keeping their attention output in host memory
+    (`packed_attention.HostKeptAttention`) move there per token and layer: with the output
+    projection's output (`host_kept_bytes_per_token`) where that fits, else the attention's
+    alone, else 0. Fits: the host holds every layer's, and the GPU the next layer's while it
+    is fetched (the one in use stands in for what the recompute would have made, already
+    counted): what one layer kept on the GPU costs, with the same quarter over the estimate."""
+    for per_token in (host_kept_bytes_per_token(shape), attention_output_bytes_per_token(shape)):
+        per_layer = tokens * per_token
+        if per_layer * 5 // 4 <= spare and layers * per_layer <= host_spare:
+            return per_token
+    return 0
 
 
 def memory_budget_bytes(device_total_bytes: int, budget_gib: Optional[float] = None) -> int:
@@ -363,6 +379,11 @@ def adapts_mlp(model) -> bool:
 KEEP_ATTENTION_ENV = "KUBETUNE_KEEP_ATTENTION"
 
 
+# "0": the output projections' outputs are not kept beside the attention's on the host (a
+# benchmark knob, for what keeping them gains: bench/run.py's "nokeepout" variant).
+KEEP_OUTPUT_ENV = "KUBETUNE_KEEP_OUTPUT"
+
+
 def kept_attention_modes(perf: Resolved, environ: Optional[dict] = None) -> tuple[bool, bool]:
     """Where checkpointed layers may keep their attention output for the recompute:
     (in the GPU memory the plan leaves over, in host memory). Only with the varlen kernel,
@@ -412,7 +433,19 @@ def max_auto_tokens(environ: Optional[dict] = None) -> int:
     return int(value)
 
 
-def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, int, int, bool]:
+class LayerChoices(NamedTuple):
+    """What the plan chose per decoder layer (`callbacks.SelectiveCheckpointing` applies it):
+    how many of the last layers run without checkpointing, how many checkpointed layers keep
+    their attention output for the recompute, whether in host memory, and whether the output
+    projection's output is kept beside it there."""
+
+    uncheckpointed: int = 0
+    kept_attention: int = 0
+    on_host: bool = False
+    kept_output: bool = False
+
+
+def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[dict, LayerChoices]:
     """Adjust trl.SFTConfig keyword arguments to this GPU, after the model is
     loaded: with `training.batchSize: auto`, the micro-batch (rows of
     dataset.maxLength tokens) and whether to checkpoint activations come from
@@ -420,16 +453,16 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
     left alone. Checkpointing always uses the non-reentrant implementation (no
     need for inputs that require grad, works with frozen embeddings).
 
-    Returns the arguments and how many of the last decoder layers should run
-    without checkpointing (`uncheckpoint_last_layers`, after the Trainer has
-    turned checkpointing on): 0 unless the plan leaves memory for them and
+    Returns the arguments and the `LayerChoices`: how many of the last decoder layers should
+    run without checkpointing (`uncheckpoint_last_layers`, after the Trainer has turned
+    checkpointing on): 0 unless the plan leaves memory for them and
     `perf.selective_checkpointing` (off under ZeRO-3, where partitioned weights
     make the measured memory meaningless; `performance.resolve`); and how many checkpointed
     layers keep their attention output for the recompute (`keep_attention_outputs`; 0
-    unless `kept_attention_modes` allows it), and whether they keep it in host memory."""
+    unless `kept_attention_modes` allows it), and where."""
     out = dict(kwargs)
     skip = kept = 0
-    on_host = False
+    on_host = kept_output = False
     t = cfg.training
     if t.batch_size == "auto":
         from kubetune.trainer.deepspeed import zero3_enabled
@@ -447,16 +480,18 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
             skip = forced_uncheckpointed_layers(plan.uncheckpointed_layers, model)
         if plan.checkpointing:
             kept, on_host = plan.kept_attention_layers, plan.kept_attention_on_host
+            kept_output = plan.kept_output_on_host and os.environ.get(KEEP_OUTPUT_ENV) != "0"
         if plan.offload:
             out["activation_offloading"] = True  # trl.SFTConfig: saved tensors to pinned host memory, side stream
         log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, %d keeping their "
                  "attention output (%s), checkpoints %s, %.1f GiB of host memory (%.1f of %.1f GiB budget fixed)",
                  plan.rows, cfg.dataset.max_length, out["gradient_checkpointing"], skip, kept,
-                 "on the host" if on_host else "on the GPU", "offloaded to the host" if plan.offload else "on the GPU",
+                 ("on the host, with the output projection's" if kept_output else "on the host") if on_host
+                 else "on the GPU", "offloaded to the host" if plan.offload else "on the GPU",
                  plan.host_bytes / GIB, plan.fixed_bytes / GIB, plan.budget_bytes / GIB)
     if out.get("gradient_checkpointing"):
         out["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return out, skip, kept, on_host
+    return out, LayerChoices(skip, kept, on_host, kept_output)
 
 
 def use_offload_stash(trainer, layers: int = OFFLOAD_STASH_LAYERS) -> bool:

@@ -279,6 +279,8 @@ def flash_varlen_gqa(q, k, v, cu, max_len: int, scale: Optional[float], kept: "K
 
 
 KEPT_ATTR = "_kubetune_kept_attention"
+# On a layer's output projection: its layer's kept attention slot (`KeptAttention.keep_output`).
+KEPT_OUTPUT_ATTR = "_kubetune_kept_output"
 
 
 class KeptAttention:
@@ -308,6 +310,14 @@ class KeptAttention:
         value = self._value if self._cu is cu else None
         self._cu = self._value = None
         return value
+
+    def keep_output(self, y) -> None:
+        """The layer's output projection's output too (only `HostKeptAttention` keeps it)."""
+
+    def take_output(self):
+        """The output projection's output kept beside the attention's, once the recompute has
+        taken the attention's (`take`): its node then skips its product. Else None."""
+        return None
 
 
 class HostCopies:
@@ -445,22 +455,42 @@ class HostKeptAttention(KeptAttention):
     one layer's output in flight, what one layer kept there would cost."""
 
     MOVED = 2  # the output and the log-sum-exp; the rest of the kept value is a few bytes
+    OUTPUT = 2  # where the output projection's output goes, when its node keeps it (`keep_output`)
 
     def __init__(self, copies: HostCopies, previous: "HostKeptAttention | None" = None) -> None:
         super().__init__()
         self.copies, self.previous = copies, previous
-        self._bufs: list = [None] * self.MOVED
+        self._bufs: list = [None] * (self.OUTPUT + 1)
         self._fetched = None
+        self._output = None
 
     def keep(self, cu, value) -> None:
         if self._bufs[0] is None:  # this layer's first output: buffers pinned ahead, if any
-            self._bufs = list(self.copies.claim() or self._bufs)
+            claimed = list(self.copies.claim() or [])
+            self._bufs = claimed + [None] * (self.OUTPUT + 1 - len(claimed))
         views = []
         for i, t in enumerate(value[: self.MOVED]):
             self._bufs[i], view = self.copies.to_host(t, self._bufs[i])
             views.append(view)
         self._drop_fetched()
+        self._output = None
         super().keep(cu, (views, value[0].device, value[self.MOVED:]))
+
+    def keep_output(self, y) -> None:
+        """Called by the output projection's node in the forward that kept the attention's output
+        (`lora_kernels`): its output goes to the host beside it, and comes back with it.
+
+        Why: in the recompute the projection is then not run again (an 8B layer's o_proj: a
+        16k x 4,096 x 4,096 FP8 product, its input's quantisation and the adapter's add, about
+        0.5 ms); its backward needs only its input, the attention's output, already here."""
+        if self._value is None or len(self._value[0]) != self.MOVED:
+            return  # no attention output kept in this forward, or this one's already kept
+        self._bufs[self.OUTPUT], view = self.copies.to_host(y, self._bufs[self.OUTPUT])
+        self._value[0].append(view)
+
+    def take_output(self):
+        y, self._output = self._output, None
+        return y
 
     def prefetch(self) -> None:
         if self._value is not None and self._fetched is None:
@@ -476,15 +506,22 @@ class HostKeptAttention(KeptAttention):
     def take(self, cu):
         value = super().take(cu)
         self.copies.settle()
+        self._output = None
         if value is None:
             self._drop_fetched()
             return None
         fetched, self._fetched = self._fetched, None
         views, device, rest = value
+        if fetched is not None and len(fetched) < len(views):  # prefetched before the output was kept
+            for f in fetched:
+                self.copies.ready(*f)
+            fetched = None
         moved = [self.copies.ready(*f) for f in (fetched or [self.copies.to_device(v, device) for v in views])]
+        if len(moved) > self.OUTPUT:
+            self._output = moved[self.OUTPUT]
         if self.previous is not None:
             self.previous.prefetch()
-        return (*moved, *rest)
+        return (*moved[: self.MOVED], *rest)
 
 
 def varlen_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):

@@ -348,14 +348,13 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
         print("stopped on SIGTERM before training started", flush=True)
         return TrainResult(EXIT_PREEMPTED, resume_step or 0, stopped_by_signal=True, is_main=state.is_main_process)
     sft_kwargs = sft_arguments(cfg, hf_dir, cuda=cuda, precision=precision, has_eval=eval_ds is not None)
-    uncheckpointed = kept_attention = 0
-    kept_on_host = False
+    layer_choices = None
     perf = resolve_performance(cfg, cuda=cuda, local_rank=state.local_process_index)
     if cuda:
         from kubetune.trainer.memory_plan import tune_sft_arguments
 
         # micro-batch and (selective) checkpointing for this GPU's memory, within training.performance
-        sft_kwargs, uncheckpointed, kept_attention, kept_on_host = tune_sft_arguments(sft_kwargs, model, cfg, perf)
+        sft_kwargs, layer_choices = tune_sft_arguments(sft_kwargs, model, cfg, perf)
     args = SFTConfig(**sft_kwargs)
 
     reporter = None
@@ -368,14 +367,15 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     tokens = CountTokens()
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
-    if uncheckpointed or kept_attention:
+    if layer_choices is not None and (layer_choices.uncheckpointed or layer_choices.kept_attention):
         copies = None
-        if kept_on_host:  # the host buffers pinned while the Trainer is set up, not in the first step
+        if layer_choices.on_host:  # the host buffers pinned while the Trainer is set up, not in the first step
             from kubetune.trainer.fast_paths import host_copies_pinned_ahead
 
-            copies = host_copies_pinned_ahead(model, kept_attention,
-                                              args.per_device_train_batch_size * cfg.dataset.max_length)
-        callbacks.append(SelectiveCheckpointing(uncheckpointed, kept_attention, kept_on_host=kept_on_host, copies=copies))
+            copies = host_copies_pinned_ahead(model, layer_choices.kept_attention,
+                                              args.per_device_train_batch_size * cfg.dataset.max_length,
+                                              with_output=layer_choices.kept_output)
+        callbacks.append(SelectiveCheckpointing(layer_choices, copies=copies))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
     if kernels is not None and state.is_main_process:

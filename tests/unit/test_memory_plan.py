@@ -90,13 +90,14 @@ def test_tune_sft_arguments_applies_the_plan(monkeypatch, env, strategy, expecte
                         "output": {"uri": "/o"}, "launch": {"strategy": strategy},
                         "training": {"performance": {"memoryBudgetGiB": 15.6}}})
     perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, env=env)
-    out, skip, kept, on_host = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+    out, (skip, kept, on_host, kept_output) = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(),
+                                                                             cfg, perf)
     assert seen == {"max_length": 2048, "budget_gib": 15.6}  # the config's budget reaches the planner
     assert out["per_device_train_batch_size"] == 6 and out["gradient_checkpointing"] is True
     assert out["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
-    assert skip == expected_skip and kept == 0 and not on_host  # the plan kept no attention outputs
+    assert skip == expected_skip and kept == 0 and not on_host and not kept_output  # the plan kept no attention outputs
     explicit = parse_config({**cfg.to_dict(), "training": {"batchSize": 3}})
-    fixed, skip, kept, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
+    fixed, (skip, kept, _, _) = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 3}, object(), explicit, perf)
     assert fixed["per_device_train_batch_size"] == 3 and skip == 0  # an explicit batch size is the user's
 
 
@@ -187,7 +188,7 @@ def test_tune_sft_arguments_turns_offloading_on_with_the_plan(monkeypatch):
         cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 32768},
                             "output": {"uri": "/o"}, "launch": {"strategy": strategy}})
         perf = resolve(cfg.training.performance, method=cfg.method, strategy=strategy, cuda=True, liger_installed=True)
-        out, _, _, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        out, _ = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
         assert out["activation_offloading"] is True and out["per_device_train_batch_size"] == 1
         assert seen["allow_offload"] is offload_allowed
         assert seen["fused_kernels"] is (perf.liger and perf.fused_lora)
@@ -237,7 +238,8 @@ def test_kept_attention_outputs_take_the_memory_left_over():
     long = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
                                         **{**common, "max_length": 16384, "budget_bytes": int(9.6 * GIB)})
     assert plain.offload and long.offload and long.kept_attention_layers == 32
-    assert long.host_bytes - plain.host_bytes == 16384 * 32 * (4096 * 2 + 32 * 4)  # outputs and statistics, 4 GiB
+    # outputs and statistics, and the output projections' outputs: 8 GiB
+    assert long.host_bytes - plain.host_bytes == 16384 * 32 * (4096 * 2 + 32 * 4 + 4096 * 2) and long.kept_output_on_host
     assert long.bytes_per_token == plain.bytes_per_token  # the GPU's share (the output being fetched) fits what is left
     # a host without room for the outputs, or a GPU without room for the statistics: none kept
     tight_host = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=plain.host_bytes + GIB,
@@ -249,6 +251,14 @@ def test_kept_attention_outputs_take_the_memory_left_over():
         **{**common, "max_length": 16384,
            "budget_bytes": common["fixed_bytes"] + 16384 * plain.bytes_per_token + gpu_need - 1})
     assert tight_gpu.offload and tight_gpu.kept_attention_layers == 0
+    # room on the GPU for one attention output in flight but not for the projection's beside it:
+    # the attention's alone
+    attention_only = memory_plan.plan_micro_batch(
+        shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
+        **{**common, "max_length": 16384,
+           "budget_bytes": common["fixed_bytes"] + 16384 * plain.bytes_per_token + gpu_need})
+    assert attention_only.kept_attention_layers == 32 and not attention_only.kept_output_on_host
+    assert attention_only.host_bytes - plain.host_bytes == 16384 * 32 * (4096 * 2 + 32 * 4)
 
 
 def test_checkpointed_layers_keep_their_attention_output_on_the_host_beside_gpu_checkpoints():
@@ -264,13 +274,20 @@ def test_checkpointed_layers_keep_their_attention_output_on_the_host_beside_gpu_
     assert (host.rows, host.uncheckpointed_layers, host.offload) == (off.rows, off.uncheckpointed_layers, False)
     assert host.uncheckpointed_layers > 0 and host.kept_attention_on_host
     assert host.kept_attention_layers == 32 - host.uncheckpointed_layers  # every checkpointed layer, no more
-    assert host.host_bytes == 16384 * host.kept_attention_layers * (4096 * 2 + 32 * 4)
+    assert host.kept_output_on_host  # the output projections' outputs beside them
+    assert host.host_bytes == 16384 * host.kept_attention_layers * (4096 * 2 + 32 * 4 + 4096 * 2)
     # allowed on the GPU too: the host still takes them all (one in flight instead of many kept)
     both = memory_plan.plan_micro_batch(shape, keep_attention=True, keep_attention_on_host=True,
                                         host_budget_bytes=64 * GIB, **common)
     assert both == host
+    # a host with room for the attention's outputs only: those alone
+    attention_bytes = 16384 * host.kept_attention_layers * (4096 * 2 + 32 * 4)
+    alone = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=host.host_bytes - 1,
+                                         **common)
+    assert alone.kept_attention_layers == host.kept_attention_layers and alone.kept_attention_on_host
+    assert not alone.kept_output_on_host and alone.host_bytes == attention_bytes
     # a host without room: none there; on the GPU only where allowed, in what is left over
-    small_host = host.host_bytes - 1
+    small_host = attention_bytes - 1
     none = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=small_host, **common)
     assert none == off
     gpu = memory_plan.plan_micro_batch(shape, keep_attention=True, keep_attention_on_host=True,
@@ -280,7 +297,7 @@ def test_checkpointed_layers_keep_their_attention_output_on_the_host_beside_gpu_
     # a GPU without room for the output in flight: none kept
     further = off.tokens * memory_plan.uncheckpointed_layer_bytes_per_token(shape, fused_kernels=True) * 5 // 4
     left = off.budget_bytes - off.fixed_bytes - off.tokens * off.bytes_per_token - (off.uncheckpointed_layers - 1) * further
-    in_flight = off.tokens * memory_plan.attention_output_bytes_per_token(shape) * 5 // 4
+    in_flight = off.tokens * (4096 * 2 + 32 * 4) * 5 // 4  # the attention's output alone
     assert left >= in_flight  # this budget has room for it
     tight = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=64 * GIB,
                                          **{**common, "budget_bytes": common["budget_bytes"] - (left - in_flight) - 1})
@@ -299,13 +316,13 @@ def test_tune_sft_arguments_says_where_the_outputs_are_kept(monkeypatch):
     for on_host in (True, False):
         plan = memory_plan.MicroBatchPlan(rows=8, tokens=16384, checkpointing=True, bytes_per_token=1, budget_bytes=2,
                                           fixed_bytes=1, uncheckpointed_layers=2, kept_attention_layers=30,
-                                          kept_attention_on_host=on_host)
+                                          kept_attention_on_host=on_host, kept_output_on_host=on_host)
         monkeypatch.setattr(memory_plan, "auto_micro_batch", lambda model, max_length, budget_gib, **kw: seen.update(kw) or plan)
         cfg = parse_config({"baseModel": {"uri": "/m"}, "dataset": {"uri": "/d.jsonl", "maxLength": 2048},
                             "output": {"uri": "/o"}})
         perf = resolve(cfg.training.performance, method=cfg.method, strategy="ddp", cuda=True, liger_installed=True)
-        _, skip, kept, where = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
-        assert (skip, kept, where) == (2, 30, on_host)
+        _, choices = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+        assert choices == (2, 30, on_host, on_host)
         assert seen["keep_attention_on_host"] is (perf.attention == "varlen")
 
 

@@ -364,6 +364,77 @@ def test_keep_attention_outputs_picks_checkpointed_layers_nearest_the_end():
     assert len({id(s.copies) for s in chain}) == 1
 
 
+def test_output_projection_kept_beside_the_attention_is_not_recomputed(cpu_flash, monkeypatch):
+    """The output projection's node (the fused LoRA one, with a bias) keeps its output in its
+    layer's host slot in the first forward and takes it back in the recompute: its base
+    product runs in the forward and the backward only, and every gradient equals the one
+    without kept values."""
+    from torch.utils.checkpoint import checkpoint
+
+    from kubetune.trainer import lora_kernels
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(24, 4, 16, generator=g)
+    k0, v0 = torch.randn(24, 2, 16, generator=g), torch.randn(24, 2, 16, generator=g)
+    a0, b0 = torch.randn(4, 64, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1
+    cu = torch.tensor([0, 7, 20, 24], dtype=torch.int32)
+    base = torch.nn.Linear(64, 64)
+    base.requires_grad_(False)
+    products = []
+    dense = lora_kernels.dense_weight
+    monkeypatch.setattr(lora_kernels, "dense_weight", lambda b, dtype: products.append(1) or dense(b, dtype))
+
+    def run(slots):
+        x, k, v, a, b = (t.clone().requires_grad_() for t in (x0, k0, v0, a0, b0))
+
+        def layer(h, k, v, a, b, slot):
+            o = pa.flash_varlen_gqa(h.tanh(), k, v, cu, 13, 0.25, slot)
+            return h + lora_kernels.lora_linear(o.reshape(24, 64), a, b, base, 0.5, kept=slot).view(24, 4, 16)
+
+        h = x
+        for slot in slots:
+            h = checkpoint(layer, h, k, v, a, b, slot, use_reentrant=False)
+        (h * h).sum().backward()
+        return [t.grad for t in (x, k, v, a, b)]
+
+    products.clear()
+    plain = run([None, None])
+    assert len(products) == 6  # two forwards, two recomputes, two backwards
+    copies = pa.HostCopies()
+    first = pa.HostKeptAttention(copies)
+    chain = [first, pa.HostKeptAttention(copies, first)]
+    products.clear()
+    cpu_flash.clear()
+    kept = run(chain)
+    assert len(products) == 4 and len(cpu_flash) == 2  # no product, no attention in the recompute
+    for got, want in zip(kept, plain):
+        torch.testing.assert_close(got, want)
+    assert all(s.take_output() is None for s in chain)  # each taken once, nothing left
+
+
+def test_host_slot_keeps_the_output_projections_output_only_beside_an_attention_output():
+    copies = pa.HostCopies()
+    slot = pa.HostKeptAttention(copies)
+    cu, other = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32)
+    slot.keep_output(torch.ones(3, 4))  # no attention output kept in this forward: nothing
+    assert slot._value is None
+    out, lse, y = torch.zeros(3, 2), torch.ones(2, 3), torch.full((3, 4), 5.0)
+    slot.keep(cu, (out, lse, "rng"))
+    slot.keep_output(y)
+    slot.keep_output(torch.zeros(3, 4))  # one per forward: the first stays
+    assert slot.take_output() is None  # before the recompute's attention: nothing to give
+    back = slot.take(cu)
+    assert torch.equal(back[0], out) and torch.equal(back[1], lse) and back[2] == "rng"
+    assert torch.equal(slot.take_output(), y) and slot.take_output() is None
+    slot.keep(cu, (out, lse, "rng"))
+    slot.keep_output(y)
+    assert slot.take(other) is None and slot.take_output() is None  # another batch: dropped with it
+    plain = pa.KeptAttention()  # on the GPU: the attention's output only
+    plain.keep(cu, (out, lse))
+    plain.keep_output(y)
+    assert plain.take(cu) == (out, lse) and plain.take_output() is None
+
+
 def test_host_buffers_pinned_ahead_are_claimed_in_order_and_reused():
     """`HostCopies.reserve` makes the buffer sets on a thread; each layer's first keep claims
     the next set and copies into it; a set too small, or one that failed, is replaced by the
@@ -374,8 +445,8 @@ def test_host_buffers_pinned_ahead_are_claimed_in_order_and_reused():
     cu = torch.tensor([0, 3], dtype=torch.int32)
     out, lse = torch.arange(6.0).view(3, 2), torch.ones(2, 2)
     first.keep(cu, (out, lse, "rng"))
-    reserved = list(first._bufs)
-    assert [b.numel() for b in reserved] == [6, 4]
+    reserved = first._bufs[:2]
+    assert [b.numel() for b in reserved] == [6, 4] and first._bufs[2] is None  # no output projection's here
     back, back_lse, _ = first.take(cu)
     assert torch.equal(back, out) and torch.equal(back_lse, lse)
     first.keep(cu, (out * 2, lse, "rng"))  # the next step: the same buffers again
@@ -385,7 +456,7 @@ def test_host_buffers_pinned_ahead_are_claimed_in_order_and_reused():
     second.keep(cu, (big, lse, "rng"))
     assert second._bufs[0].numel() == 8 and second._bufs[1].numel() == 4
     third.keep(cu, (out, lse, "rng"))  # nothing left reserved: its own, the sizes it needs
-    assert [b.numel() for b in third._bufs] == [6, 4] and copies.claim() is None
+    assert [b.numel() for b in third._bufs[:2]] == [6, 4] and copies.claim() is None
     # an allocation that fails leaves its set to the layer
     failing = pa.HostCopies()
     failing.reserve(1, [(-1, torch.float32)], pin=False)
@@ -405,11 +476,35 @@ def test_host_copies_pinned_ahead_fit_the_models_outputs():
     copies = fast_paths.host_copies_pinned_ahead(model, 2, 24)
     sets = [copies.claim() for _ in range(2)]
     assert copies.claim() is None
-    for bufs in sets:  # 24 tokens x 4 heads x head_dim 16 in the activations' dtype; fp32 per head and token
-        assert [(b.numel(), b.dtype) for b in bufs] == [(24 * 4 * 16, torch.bfloat16), (4 * 24, torch.float32)]
+    for bufs in sets:  # 24 tokens x 4 heads x head_dim 16 in the activations' dtype; fp32 per head and
+        # token; the output projection's output, 24 x hidden 32
+        assert [(b.numel(), b.dtype) for b in bufs] == [(24 * 4 * 16, torch.bfloat16), (4 * 24, torch.float32),
+                                                        (24 * 32, torch.bfloat16)]
+    alone = fast_paths.host_copies_pinned_ahead(model, 1, 24, with_output=False)
+    assert len(alone.claim()) == 2
     assert fast_paths.keep_attention_outputs(model, 2, uncheckpointed=1, on_host=True, copies=copies) == 2
     slots = [getattr(layer.self_attn, pa.KEPT_ATTR) for layer in fast_paths.decoder_layers(model)]
     assert slots[0].copies is copies and slots[1].copies is copies and slots[2] is None
+
+
+def test_fused_output_projections_get_their_layers_slot_with_output_kept_on_the_host():
+    from kubetune.trainer import fast_paths
+    from tests.unit.test_lora_kernels import _lora
+
+    model = _lora(_tiny_llama(), 0.0)
+    assert fast_paths.fuse_lora_layers(model) > 0
+    layers = fast_paths.decoder_layers(model)
+
+    def slots(attr):
+        return [getattr(layer.self_attn.o_proj if attr == pa.KEPT_OUTPUT_ATTR else layer.self_attn, attr, None)
+                for layer in layers]
+
+    fast_paths.keep_attention_outputs(model, 1, uncheckpointed=1, on_host=True, with_output=True)
+    assert slots(pa.KEPT_OUTPUT_ATTR) == slots(pa.KEPT_ATTR) and slots(pa.KEPT_ATTR)[0] is not None
+    assert slots(pa.KEPT_ATTR)[1] is None  # the uncheckpointed layer keeps nothing
+    for on_host, with_output in ((True, False), (False, True)):  # the output goes to the host only, when asked
+        fast_paths.keep_attention_outputs(model, 1, uncheckpointed=1, on_host=on_host, with_output=with_output)
+        assert slots(pa.KEPT_OUTPUT_ATTR) == [None, None] and slots(pa.KEPT_ATTR)[0] is not None
 
 
 def test_host_kept_attention_serves_each_recompute_and_fetches_the_next(cpu_flash):
