@@ -14,7 +14,7 @@ from typing import Optional
 from transformers import TrainerCallback
 
 from kubetune.trainer import artifacts
-from kubetune.trainer.fast_paths import keep_attention_outputs, uncheckpoint_last_layers
+from kubetune.trainer.fast_paths import host_copies_pinned_ahead, keep_attention_outputs, uncheckpoint_last_layers
 from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.storage import Store
 
@@ -218,20 +218,41 @@ class SelectiveCheckpointing(TrainerCallback):
     uncheckpointed (fast_paths.uncheckpoint_last_layers), once the Trainer has switched
     checkpointing on for all of them at the start of train(), and lets `kept_attention`
     checkpointed layers keep their attention output for the recompute
-    (fast_paths.keep_attention_outputs), in host memory with `kept_on_host` (through `copies`,
-    whose buffers are pinned ahead, where given), the output projection's beside it with
-    `kept_output`."""
+    (fast_paths.keep_attention_outputs), in host memory with `kept_on_host`, the output
+    projection's beside it with `kept_output`.
 
-    def __init__(self, choices, copies=None):
+    In host memory, from the step after the host buffers are pinned: given `tokens` (the
+    micro-batch's), they are pinned on a thread started after the first step
+    (`packed_attention.HostCopies.reserve`), so that neither the Trainer's setup nor the
+    first step waits for them."""
+
+    def __init__(self, choices, tokens: int = 0):
         self.layers, self.kept_attention, self.kept_on_host, self.kept_output = choices
-        self.copies = copies
+        self.tokens = tokens
+        self.copies = None
+        self._waiting = False  # host slots not given yet: their buffers are being pinned
+
+    def _keep(self, model, copies=None) -> None:
+        keep_attention_outputs(model, self.kept_attention, uncheckpointed=self.layers, on_host=self.kept_on_host,
+                               copies=copies, with_output=self.kept_output)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and args.gradient_checkpointing:
             uncheckpoint_last_layers(model, self.layers)
             if self.kept_attention:
-                keep_attention_outputs(model, self.kept_attention, uncheckpointed=self.layers,
-                                       on_host=self.kept_on_host, copies=self.copies, with_output=self.kept_output)
+                if self.kept_on_host and self.tokens:
+                    self._waiting = True
+                else:
+                    self._keep(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self._waiting or model is None:
+            return
+        if self.copies is None:
+            self.copies = host_copies_pinned_ahead(model, self.kept_attention, self.tokens, with_output=self.kept_output)
+        if self.copies.pinned():
+            self._keep(model, self.copies)
+            self._waiting = False
 
 
 class ReportProgress(TrainerCallback):

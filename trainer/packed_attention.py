@@ -331,41 +331,63 @@ class HostCopies:
     its copy before using it. Freed memory then goes straight back to the compute stream's
     pool: with `record_stream` the allocator reserved about 3 GiB more at 16k tokens and 7
     GiB more at 32k on 8B than without kept outputs, for 0.1-0.3 GiB more allocated
-    (bench/RESULTS.md, issue 16, fourth round)."""
+    (bench/RESULTS.md, issue 16, fourth round). `in_flight` is two layers' worth (the
+    attention's output and log-sum-exp, the output projection's output): with fewer, the
+    compute stream would wait for a layer's attention output to reach the host while the
+    layer's output projection runs."""
 
-    def __init__(self, in_flight: int = 2) -> None:
+    def __init__(self, in_flight: int = 6) -> None:
+        import threading
+
         self.stream = None
         self.in_flight = in_flight
         self._copying: list = []  # (GPU tensor, copy done) on their way to the host
         self._reserved = None  # queue of buffer sets pinned ahead (`reserve`)
         self._unclaimed = 0
+        self._pinned = threading.Event()
+        self._pinned.set()  # nothing reserved: nothing to wait for
 
     def reserve(self, count: int, sizes: list, pin: bool = True, device=None) -> None:
         """Allocates `count` sets of flat host buffers, one per (numel, dtype) of `sizes`, on
-        a background thread, for the layers' first `keep`s to claim in order (`claim`).
+        a background thread, for the layers' first `keep`s to claim in order (`claim`);
+        `pinned()` says when all are there.
 
-        Why: pinning host memory is slow (about 2 s for 30 layers' outputs at 16k tokens on
-        8B, bench/RESULTS.md, issue 16, thirteenth round) and the first step would otherwise
-        do it layer by layer; started when the plan is known, it runs while the Trainer is
-        set up. A set that could not be allocated is None: its layer allocates its own."""
+        Why: pinning host memory is slow: 2 s for 30 layers' attention outputs at 16k tokens
+        on 8B, layer by layer in the first step; on a thread beside the Trainer's setup it
+        slowed the setup by 3-4 s (bench/RESULTS.md, issue 16, thirteenth round). So the
+        layers start keeping once the buffers are pinned, on this thread, after the first
+        step (`callbacks.SelectiveCheckpointing`). A set that could not be allocated is None:
+        its layer allocates its own."""
         import queue
         import threading
 
         import torch
 
         self._reserved, self._unclaimed = queue.Queue(), count
+        self._pinned.clear()
 
         def pin_all():
-            if device is not None:
-                torch.cuda.set_device(device)
-            for _ in range(count):
-                try:
-                    bufs = [torch.empty(n, dtype=dtype, pin_memory=pin) for n, dtype in sizes]
-                except (RuntimeError, MemoryError):
-                    bufs = None
-                self._reserved.put(bufs)
+            made = 0
+            try:
+                if device is not None:
+                    torch.cuda.set_device(device)
+                for _ in range(count):
+                    try:
+                        bufs = [torch.empty(n, dtype=dtype, pin_memory=pin) for n, dtype in sizes]
+                    except (RuntimeError, MemoryError):
+                        bufs = None
+                    self._reserved.put(bufs)
+                    made += 1
+            finally:
+                for _ in range(count - made):  # whatever failed: every claim still gets an answer
+                    self._reserved.put(None)
+                self._pinned.set()
 
         threading.Thread(target=pin_all, name="kubetune-pin-host", daemon=True).start()
+
+    def pinned(self, timeout: float = 0.0) -> bool:
+        """Whether every buffer set `reserve` started is allocated (waiting up to `timeout` s)."""
+        return self._pinned.wait(timeout)
 
     def claim(self):
         """The next set `reserve` pinned (waiting for it), or None once all are claimed."""

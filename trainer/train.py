@@ -368,14 +368,8 @@ def _train(cfg: TrainerConfig, stop) -> TrainResult:
     callbacks = [stop_cb, tokens, UploadCheckpoints(store, run_dir, reporter, cfg.training.keep_checkpoints, state.is_main_process,
                                                      run=artifacts.run_record(cfg))]
     if layer_choices is not None and (layer_choices.uncheckpointed or layer_choices.kept_attention):
-        copies = None
-        if layer_choices.on_host:  # the host buffers pinned while the Trainer is set up, not in the first step
-            from kubetune.trainer.fast_paths import host_copies_pinned_ahead
-
-            copies = host_copies_pinned_ahead(model, layer_choices.kept_attention,
-                                              args.per_device_train_batch_size * cfg.dataset.max_length,
-                                              with_output=layer_choices.kept_output)
-        callbacks.append(SelectiveCheckpointing(layer_choices, copies=copies))
+        callbacks.append(SelectiveCheckpointing(layer_choices,
+                                                tokens=args.per_device_train_batch_size * cfg.dataset.max_length))
     if reporter is not None:
         callbacks.append(ReportProgress(reporter))
     if kernels is not None and state.is_main_process:

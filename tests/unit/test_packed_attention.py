@@ -507,6 +507,43 @@ def test_fused_output_projections_get_their_layers_slot_with_output_kept_on_the_
         assert slots(pa.KEPT_OUTPUT_ATTR) == [None, None] and slots(pa.KEPT_ATTR)[0] is not None
 
 
+def test_selective_checkpointing_gives_host_slots_once_their_buffers_are_pinned():
+    """The callback applies the plan's choices: the uncheckpointed layers at the start, the host
+    slots only after the first step, once the buffers pinned on a thread are all there; slots
+    on the GPU at the start."""
+    import types
+
+    from kubetune.trainer import fast_paths
+    from kubetune.trainer.callbacks import SelectiveCheckpointing
+    from kubetune.trainer.memory_plan import LayerChoices
+    from tests.unit.test_lora_kernels import _lora
+
+    model = _lora(_tiny_llama(), 0.0)
+    fast_paths.fuse_lora_layers(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = fast_paths.decoder_layers(model)
+    args = types.SimpleNamespace(gradient_checkpointing=True)
+
+    def slots():
+        return [getattr(layer.self_attn, pa.KEPT_ATTR, None) for layer in layers]
+
+    cb = SelectiveCheckpointing(LayerChoices(1, 1, True, True), tokens=24)
+    cb.on_train_begin(args, None, None, model=model)
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False] and slots() == [None, None]
+    cb.on_step_end(args, None, None, model=model)  # after the first step: the pinning starts
+    assert cb.copies is not None and cb.copies.pinned(timeout=30)
+    cb.on_step_end(args, None, None, model=model)
+    kept = slots()[0]
+    assert isinstance(kept, pa.HostKeptAttention) and kept.copies is cb.copies and slots()[1] is None
+    assert getattr(layers[0].self_attn.o_proj, pa.KEPT_OUTPUT_ATTR) is kept
+    assert [b.numel() for b in cb.copies.claim()] == [24 * 64, 4 * 24, 24 * 64]  # pinned for this model's shape
+    cb.on_step_end(args, None, None, model=model)  # given once
+    assert slots()[0] is kept
+    on_gpu = SelectiveCheckpointing(LayerChoices(1, 1, False, False), tokens=24)
+    on_gpu.on_train_begin(args, None, None, model=model)
+    assert type(slots()[0]) is pa.KeptAttention and on_gpu.copies is None
+
+
 def test_host_kept_attention_serves_each_recompute_and_fetches_the_next(cpu_flash):
     """Three checkpointed layers keep their outputs on the host: each recompute takes its
     own (no second kernel call), taking one fetches the layer before it, gradients equal
