@@ -10,7 +10,10 @@ checkpoints and leaves as many of the last layers uncheckpointed as the
 spare memory holds (selective checkpointing). When not even one row fits with
 checkpointing (long context under a tight budget), the checkpointed layer
 inputs go to host memory (TRL's activation offloading, on a side stream): one
-row then needs about half the GPU memory, as long as the host has room.
+row then needs about half the GPU memory, as long as the host has room. Either way the
+checkpointed layers keep their attention outputs (and their output projections') in host
+memory for the recompute where the host has room and the GPU has room for one layer's in
+flight (`plan_micro_batch`, `keep_attention_on_host`).
 
 `plan_micro_batch` is pure arithmetic on the model's shape, unit tested on a
 CPU; `auto_micro_batch` feeds it the device's numbers (torch is imported
