@@ -112,6 +112,24 @@ def _aliases(y, readers: int) -> tuple:
     return tuple(y.detach() for _ in range(readers - 1))
 
 
+def _norm_forward(ctx, x, w, eps: float, offer_rows: bool, add=None):
+    """The norm nodes' shared forward: (norm of x, x) or, with `add`, (norm of x + add, the
+    sum), in x's shape. Saves what `_input_grad` reads (the normalised input, w, rstd) and
+    offers the output's e4m3 rows where asked (`fp8.shared_rows`)."""
+    from kubetune.trainer import fp8
+
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    made = normalize(x2, w, eps, rows=offer_rows, add=None if add is None else add.contiguous().view(x2.shape))
+    y, rstd, rows = made[:3]
+    normalised = x2 if add is None else made[3]
+    ctx.save_for_backward(normalised, w, rstd)
+    ctx.shape = x.shape
+    out = y.view(x.shape)
+    if rows is not None:
+        fp8.shared_rows.offer(out, rows)
+    return out, normalised.view(x.shape)
+
+
 @functools.lru_cache(maxsize=None)
 def _function():
     import torch
@@ -119,16 +137,7 @@ def _function():
     class FrozenRMSNormFn(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w, eps: float, offer_rows: bool):
-            from kubetune.trainer import fp8
-
-            x2 = x.contiguous().view(-1, x.shape[-1])
-            y, rstd, rows = normalize(x2, w, eps, rows=offer_rows)
-            ctx.save_for_backward(x2, w, rstd)
-            ctx.shape = x.shape
-            out = y.view(x.shape)
-            if rows is not None:
-                fp8.shared_rows.offer(out, rows)
-            return out
+            return _norm_forward(ctx, x, w, eps, offer_rows)[0]
 
         @staticmethod
         def backward(ctx, dy):
@@ -157,17 +166,9 @@ def _function():
 
         @staticmethod
         def forward(ctx, a, b, w, eps: float, offer_rows: bool, readers: int):
-            from kubetune.trainer import fp8
-
-            a2 = a.contiguous().view(-1, a.shape[-1])
-            y, rstd, rows, total = normalize(a2, w, eps, rows=offer_rows, add=b.contiguous().view(a2.shape))
-            ctx.save_for_backward(total, w, rstd)
-            ctx.shape = a.shape
+            out, total = _norm_forward(ctx, a, w, eps, offer_rows, add=b)
             ctx.set_materialize_grads(False)
-            out = y.view(a.shape)
-            if rows is not None:
-                fp8.shared_rows.offer(out, rows)
-            return total.view(a.shape), out, *_aliases(out, readers)
+            return total, out, *_aliases(out, readers)
 
         @staticmethod
         def backward(ctx, d_pass, *dys):
