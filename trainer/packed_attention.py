@@ -534,10 +534,6 @@ class HostKeptAttention(KeptAttention):
             return None
         fetched, self._fetched = self._fetched, None
         views, device, rest = value
-        if fetched is not None and len(fetched) < len(views):  # prefetched before the output was kept
-            for f in fetched:
-                self.copies.ready(*f)
-            fetched = None
         moved = [self.copies.ready(*f) for f in (fetched or [self.copies.to_device(v, device) for v in views])]
         if len(moved) > self.OUTPUT:
             self._output = moved[self.OUTPUT]
