@@ -179,6 +179,7 @@ def plan_micro_batch(
     host_budget_bytes: int = 0,
     keep_attention: bool = False,
     keep_attention_on_host: bool = False,
+    keep_output_on_host: bool = True,
     adapted_mlp: bool = True,
     adapter_products: int = 0,
 ) -> MicroBatchPlan:
@@ -201,6 +202,8 @@ def plan_micro_batch(
     `keep_attention_on_host`: every checkpointed layer keeps its attention output in host
     memory when host and GPU have room (`packed_attention.HostKeptAttention`), beside the
     checkpoints wherever they are; where it does, `keep_attention` is not needed.
+    `keep_output_on_host`: the output projection's output goes there beside it where both fit
+    (`kept_output_on_host`); False, the attention's alone.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
@@ -236,7 +239,8 @@ def plan_micro_batch(
         tokens = int(rows) * max_length
         # Kept on the host first: every checkpointed layer's, for the GPU memory of one in flight.
         kept = shape.layers - skip
-        moved = _host_kept_per_token(shape, spare, host_budget_bytes, tokens, kept) if keep_attention_on_host else 0
+        moved = (_host_kept_per_token(shape, spare, host_budget_bytes, tokens, kept, keep_output_on_host)
+                 if keep_attention_on_host else 0)
         if kept and moved:
             return MicroBatchPlan(int(rows), tokens, True, per_tok, budget_bytes, fixed_bytes, skip,
                                   host_bytes=tokens * kept * moved, kept_attention_layers=kept,
@@ -252,7 +256,7 @@ def plan_micro_batch(
     if free >= off_tok * max_length and host <= host_budget_bytes:
         # The checkpoints on the host: so are the kept attention outputs, for every layer or none.
         moved = (_host_kept_per_token(shape, free - off_tok * max_length, host_budget_bytes - host, max_length,
-                                      shape.layers) if keep_attention_on_host else 0)
+                                      shape.layers, keep_output_on_host) if keep_attention_on_host else 0)
         kept = shape.layers if moved else 0
         return MicroBatchPlan(1, max_length, True, off_tok, budget_bytes, fixed_bytes, 0, offload=True,
                               host_bytes=host + max_length * kept * moved, kept_attention_layers=kept,
@@ -274,14 +278,16 @@ def _kept_attention(shape: ModelShape, spare: int, tokens: int, checkpointed: in
     return int(min(checkpointed, max(0, spare // per_layer)))
 
 
-def _host_kept_per_token(shape: ModelShape, spare: int, host_spare: int, tokens: int, layers: int) -> int:
+def _host_kept_per_token(shape: ModelShape, spare: int, host_spare: int, tokens: int, layers: int,
+                         with_output: bool = True) -> int:
     """What `layers` layers keeping their attention output in host memory
     (`packed_attention.HostKeptAttention`) move there per token and layer: with the output
-    projection's output (`host_kept_bytes_per_token`) where that fits, else the attention's
-    alone, else 0. Fits: the host holds every layer's, and the GPU the next layer's while it
+    projection's output (`host_kept_bytes_per_token`) where that fits and `with_output`, else
+    the attention's alone, else 0. Fits: the host holds every layer's, and the GPU the next layer's while it
     is fetched (the one in use stands in for what the recompute would have made, already
     counted): what one layer kept on the GPU costs, with the same quarter over the estimate."""
-    for per_token in (host_kept_bytes_per_token(shape), attention_output_bytes_per_token(shape)):
+    tried = (host_kept_bytes_per_token(shape),) if with_output else ()
+    for per_token in (*tried, attention_output_bytes_per_token(shape)):
         per_layer = tokens * per_token
         if per_layer * 5 // 4 <= spare and layers * per_layer <= host_spare:
             return per_token
@@ -331,7 +337,8 @@ def host_budget_bytes(environ: Optional[dict] = None) -> int:
 
 def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None, fused_kernels: bool = False,
                      allow_offload: bool = True, keep_attention: bool = False,
-                     keep_attention_on_host: bool = False, max_tokens: int = MAX_AUTO_TOKENS) -> MicroBatchPlan:
+                     keep_attention_on_host: bool = False, keep_output_on_host: bool = True,
+                     max_tokens: int = MAX_AUTO_TOKENS) -> MicroBatchPlan:
     """Plan the micro-batch on the current CUDA device, after the model
     (and adapter) are loaded there."""
     import torch
@@ -352,6 +359,7 @@ def auto_micro_batch(model, max_length: int, budget_gib: Optional[float] = None,
         host_budget_bytes=host_budget_bytes() if allow_offload else 0,
         keep_attention=keep_attention,
         keep_attention_on_host=keep_attention_on_host,
+        keep_output_on_host=keep_output_on_host,
         max_tokens=max_tokens,
         adapted_mlp=adapts_mlp(base),
         adapter_products=adapter_product_bytes_per_token(base) if fused_kernels else 0,
@@ -399,6 +407,16 @@ def kept_attention_modes(perf: Resolved, environ: Optional[dict] = None) -> tupl
     if perf.attention != "varlen":
         return False, False
     return value == "1", value != "0"
+
+
+def keeps_output_on_host(environ: Optional[dict] = None) -> bool:
+    """Whether the plan may keep the output projections' outputs beside the attention's on
+    the host: yes unless KUBETUNE_KEEP_OUTPUT is "0"."""
+    env = os.environ if environ is None else environ
+    value = env.get(KEEP_OUTPUT_ENV) or ""
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{KEEP_OUTPUT_ENV}={value!r}: expected 0 (the attention's outputs alone) or 1 (the default)")
+    return value != "0"
 
 
 # A set count of uncheckpointed layers in place of the plan's, for measuring what each one
@@ -475,7 +493,8 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
         plan = auto_micro_batch(model, cfg.dataset.max_length, perf.memory_budget_gib,
                                 fused_kernels=perf.liger and perf.fused_lora,
                                 allow_offload=not zero3_enabled(cfg.launch.strategy),
-                                keep_attention=on_gpu, keep_attention_on_host=on_host, max_tokens=max_auto_tokens())
+                                keep_attention=on_gpu, keep_attention_on_host=on_host,
+                                keep_output_on_host=keeps_output_on_host(), max_tokens=max_auto_tokens())
         out["per_device_train_batch_size"] = plan.rows
         out["per_device_eval_batch_size"] = plan.rows
         out["gradient_checkpointing"] = bool(plan.checkpointing or t.gradient_checkpointing)
@@ -483,7 +502,7 @@ def tune_sft_arguments(kwargs: dict, model, cfg: Any, perf: Resolved) -> tuple[d
             skip = forced_uncheckpointed_layers(plan.uncheckpointed_layers, model)
         if plan.checkpointing:
             kept, on_host = plan.kept_attention_layers, plan.kept_attention_on_host
-            kept_output = plan.kept_output_on_host and os.environ.get(KEEP_OUTPUT_ENV) != "0"
+            kept_output = plan.kept_output_on_host
         if plan.offload:
             out["activation_offloading"] = True  # trl.SFTConfig: saved tensors to pinned host memory, side stream
         log.info("micro-batch plan: %d x %d tokens, checkpointing=%s, %d last layers without, %d keeping their "

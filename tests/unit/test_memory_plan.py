@@ -286,6 +286,10 @@ def test_checkpointed_layers_keep_their_attention_output_on_the_host_beside_gpu_
                                          **common)
     assert alone.kept_attention_layers == host.kept_attention_layers and alone.kept_attention_on_host
     assert not alone.kept_output_on_host and alone.host_bytes == attention_bytes
+    # not asked to keep the output projections' outputs: the attention's alone, and only their bytes counted
+    unasked = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, keep_output_on_host=False,
+                                           host_budget_bytes=64 * GIB, **common)
+    assert unasked == alone
     # a host without room: none there; on the GPU only where allowed, in what is left over
     small_host = attention_bytes - 1
     none = memory_plan.plan_micro_batch(shape, keep_attention_on_host=True, host_budget_bytes=small_host, **common)
@@ -324,6 +328,18 @@ def test_tune_sft_arguments_says_where_the_outputs_are_kept(monkeypatch):
         _, choices = memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
         assert choices == (2, 30, on_host, on_host)
         assert seen["keep_attention_on_host"] is (perf.attention == "varlen")
+        assert seen["keep_output_on_host"] is True  # KUBETUNE_KEEP_OUTPUT unset
+    monkeypatch.setenv("KUBETUNE_KEEP_OUTPUT", "0")
+    memory_plan.tune_sft_arguments({"per_device_train_batch_size": 8}, object(), cfg, perf)
+    assert seen["keep_output_on_host"] is False  # the plan itself leaves them out (and their host bytes)
+
+
+def test_keeping_the_output_projections_outputs_is_on_unless_turned_off():
+    assert memory_plan.keeps_output_on_host({}) is True
+    assert memory_plan.keeps_output_on_host({"KUBETUNE_KEEP_OUTPUT": "1"}) is True
+    assert memory_plan.keeps_output_on_host({"KUBETUNE_KEEP_OUTPUT": "0"}) is False
+    with pytest.raises(ValueError, match="KUBETUNE_KEEP_OUTPUT='no'"):
+        memory_plan.keeps_output_on_host({"KUBETUNE_KEEP_OUTPUT": "no"})
 
 
 def test_kept_attention_goes_to_the_host_by_default_and_needs_the_varlen_kernel():
