@@ -576,14 +576,12 @@ def run_case(args) -> dict:
             marks["micro_batch"] = self.args.per_device_train_batch_size
             marks["gradient_checkpointing"] = self.args.gradient_checkpointing
             marks["activation_offloading"] = bool(getattr(self.args, "activation_offloading", False))
-            marks["uncheckpointed_layers"] = sum(getattr(c, "layers", 0) for c in (callbacks or [])
-                                                 if type(c).__name__ == "SelectiveCheckpointing")
-            marks["kept_attention_layers"] = sum(getattr(c, "kept_attention", 0) for c in (callbacks or [])
-                                                 if type(c).__name__ == "SelectiveCheckpointing")
-            marks["kept_attention_on_host"] = any(getattr(c, "kept_on_host", False) for c in (callbacks or [])
-                                                  if type(c).__name__ == "SelectiveCheckpointing")
-            marks["kept_output_on_host"] = any(getattr(c, "kept_output", False) for c in (callbacks or [])
-                                               if type(c).__name__ == "SelectiveCheckpointing")
+            # The plan's layer choices, as the trainer applies them (train.py adds at most one).
+            chosen = next((c for c in callbacks or [] if type(c).__name__ == "SelectiveCheckpointing"), None)
+            marks["uncheckpointed_layers"] = getattr(chosen, "layers", 0)
+            marks["kept_attention_layers"] = getattr(chosen, "kept_attention", 0)
+            marks["kept_attention_on_host"] = bool(getattr(chosen, "kept_on_host", False))
+            marks["kept_output_on_host"] = bool(getattr(chosen, "kept_output", False))
 
     train_mod.load_model, dataset_mod.prepare, trl.SFTTrainer = load_model, prepare, BenchSFTTrainer
 
