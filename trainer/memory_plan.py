@@ -283,9 +283,10 @@ def _host_kept_per_token(shape: ModelShape, spare: int, host_spare: int, tokens:
     """What `layers` layers keeping their attention output in host memory
     (`packed_attention.HostKeptAttention`) move there per token and layer: with the output
     projection's output (`host_kept_bytes_per_token`) where that fits and `with_output`, else
-    the attention's alone, else 0. Fits: the host holds every layer's, and the GPU the next layer's while it
-    is fetched (the one in use stands in for what the recompute would have made, already
-    counted): what one layer kept on the GPU costs, with the same quarter over the estimate."""
+    the attention's alone, else 0. Fits: the host holds every layer's, and the GPU the next
+    layer's while it is fetched (the one in use stands in for what the recompute would have
+    made, already counted): what one layer kept on the GPU costs, with the same quarter over
+    the estimate."""
     tried = (host_kept_bytes_per_token(shape),) if with_output else ()
     for per_token in (*tried, attention_output_bytes_per_token(shape)):
         per_layer = tokens * per_token
